@@ -1,0 +1,34 @@
+"""asgo: ASGO (Adaptive Structured Gradient Optimization) written once in array-API code.
+
+The core is framework-free: it imports array_api_compat and the standard library only.
+Adapters for PyTorch, optax and CuPy/NumPy live in asgo_core.adapters.
+"""
+
+from asgo_core.config import ASGOConfig, DASGOConfig
+from asgo_core.layout import BlockLayout, block_layout, matrix_view_shape
+from asgo_core.solvers import inverse_root
+from asgo_core.step import (
+    FALLBACK_LEVELS,
+    ASGOState,
+    DASGOState,
+    init_state,
+    needs_root_refresh,
+    statistics_dtype,
+    step,
+)
+
+__all__ = [
+    "ASGOConfig",
+    "DASGOConfig",
+    "ASGOState",
+    "DASGOState",
+    "BlockLayout",
+    "FALLBACK_LEVELS",
+    "block_layout",
+    "init_state",
+    "inverse_root",
+    "matrix_view_shape",
+    "needs_root_refresh",
+    "statistics_dtype",
+    "step",
+]

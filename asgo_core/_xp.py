@@ -1,0 +1,55 @@
+"""Small array-API helpers shared by the core: namespace lookup, batched eye, norms."""
+
+from __future__ import annotations
+
+import array_api_compat
+
+from asgo_core.backends import backend_for
+
+
+def namespace(*arrays):
+    return array_api_compat.array_namespace(*arrays)
+
+
+def backend_function(xp, name: str):
+    """The backend's fast version of `name` for namespace `xp`, or None (use the generic one)."""
+    backend = backend_for(xp)
+    return getattr(backend, name, None) if backend is not None else None
+
+
+def device(x):
+    return array_api_compat.device(x)
+
+
+def eye_like(x, xp):
+    """Identity matrices broadcastable against the (..., k, k) array x."""
+    k = x.shape[-1]
+    return xp.eye(k, dtype=x.dtype, device=device(x))
+
+
+def transpose(x, xp):
+    return xp.matrix_transpose(x) if hasattr(xp, "matrix_transpose") else xp.permute_dims(
+        x, (*range(x.ndim - 2), x.ndim - 1, x.ndim - 2))
+
+
+def frobenius_norm(x, xp):
+    """‖x‖_F over the last two axes, keeping them as size-1 axes for broadcasting."""
+    return xp.sqrt(xp.sum(x * x, axis=(-2, -1), keepdims=True))
+
+
+def all_finite(x, xp, axes):
+    """True where every element along `axes` is finite (no NaN, no inf)."""
+    return xp.all(xp.isfinite(x), axis=axes)
+
+
+def smallest_normal(x, xp) -> float:
+    return float(xp.finfo(x.dtype).smallest_normal)
+
+
+def supports_float64(xp, x) -> bool:
+    """Whether casting x to float64 really gives float64 (JAX without x64 silently does not)."""
+    try:
+        probe = xp.astype(x[..., :1, :1], xp.float64)
+    except Exception:
+        return False
+    return probe.dtype == xp.float64

@@ -1,0 +1,110 @@
+"""How a stack of (m, n) matrices is cut into the square blocks that get one preconditioner each.
+
+The preconditioned side (SPEC §2) is turned into the rows ("canonical" orientation: the
+gradient itself for the left side, its transpose for the right side). Those k rows are split
+first into `num_heads` equal head blocks (SPEC §4), then each head into blocks of at most
+`max_precond_dim` rows: as many full blocks as fit, plus one remainder block. Blocks of equal
+size form a group that is processed as one batched array of shape (count, size, other).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from asgo_core import _xp
+from asgo_core.config import ASGOConfig
+
+
+def matrix_view_shape(shape) -> tuple[int, int]:
+    """The (out, rest) matrix an N-D parameter is treated as (conv kernels: out × in·kh·kw)."""
+    if len(shape) < 2:
+        raise ValueError(f"a parameter of shape {tuple(shape)} is not a matrix; it needs at least 2 dims")
+    return int(shape[0]), math.prod(int(d) for d in shape[1:])
+
+
+def resolve_side(m: int, n: int, config: ASGOConfig) -> str:
+    """"left" preconditions the m rows, "right" the n columns; "auto" picks the smaller
+    (right for a square matrix, as the reference code does); head blocks force the left."""
+    if config.side != "auto":
+        return config.side
+    if config.num_heads is not None:
+        return "left"
+    return "left" if m < n else "right"
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    side: str
+    num_matrices: int          # B, the flattened leading (stack) dimensions
+    heads: int
+    head_rows: int             # rows of one head block (k / heads)
+    block_size: int            # rows of a full block
+    full_blocks: int           # full blocks per head
+    remainder: int             # rows of the remainder block per head (0: none)
+    other: int                 # length of the non-preconditioned side
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Block size of each group: the full blocks, then the remainder block if any."""
+        sizes = (self.block_size,) if self.full_blocks else ()
+        return sizes + ((self.remainder,) if self.remainder else ())
+
+    @property
+    def group_counts(self) -> tuple[int, ...]:
+        """Blocks per matrix in each group, matching group_sizes."""
+        counts = (self.heads * self.full_blocks,) if self.full_blocks else ()
+        return counts + ((self.heads,) if self.remainder else ())
+
+    def split(self, stack, xp):
+        """(B, m, n) → one (B·blocks, size, other) array per group, in matrix-major order."""
+        rows = self._canonical(stack, xp)
+        rows = xp.reshape(rows, (self.num_matrices * self.heads, self.head_rows, self.other))
+        groups = []
+        full_rows = self.full_blocks * self.block_size
+        if self.full_blocks:
+            full = rows[:, :full_rows, :]
+            groups.append(xp.reshape(full, (-1, self.block_size, self.other)))
+        if self.remainder:
+            groups.append(rows[:, full_rows:, :])
+        return groups
+
+    def merge(self, groups, xp):
+        """Inverse of split: the per-group block arrays back to the (B, m, n) stack."""
+        rows_per_head = [rows for rows in (self.full_blocks * self.block_size, self.remainder) if rows]
+        parts = [xp.reshape(group, (self.num_matrices * self.heads, rows, self.other))
+                 for rows, group in zip(rows_per_head, groups)]
+        rows = xp.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+        rows = xp.reshape(rows, (self.num_matrices, self.heads * self.head_rows, self.other))
+        return self._canonical(rows, xp)
+
+    def per_block(self, values, group_index: int, xp):
+        """Repeat a per-matrix (B,) array to the blocks of one group."""
+        count = self.group_counts[group_index]
+        expanded = xp.broadcast_to(values[:, None], (self.num_matrices, count))
+        return xp.reshape(expanded, (self.num_matrices * count,))
+
+    def per_matrix_sum(self, values, group_index: int, xp):
+        """Sum a per-block array of one group over each matrix's blocks → (B,)."""
+        count = self.group_counts[group_index]
+        return xp.sum(xp.reshape(values, (self.num_matrices, count)), axis=1, dtype=values.dtype)
+
+    def _canonical(self, stack, xp):
+        return stack if self.side == "left" else _xp.transpose(stack, xp)
+
+
+def block_layout(shape, config: ASGOConfig) -> BlockLayout:
+    """The layout of a (..., m, n) stack under config; errors name the offending option."""
+    *lead, m, n = shape
+    side = resolve_side(m, n, config)
+    k, other = (m, n) if side == "left" else (n, m)
+    heads = config.num_heads or 1
+    if k % heads:
+        raise ValueError(f"num_heads={heads} does not divide the preconditioned dimension {k} "
+                         f"of a ({m}, {n}) matrix; accepted: a divisor of {k}")
+    head_rows = k // heads
+    block_size = min(head_rows, config.max_precond_dim or head_rows)
+    return BlockLayout(
+        side=side, num_matrices=math.prod(lead), heads=heads, head_rows=head_rows,
+        block_size=block_size, full_blocks=head_rows // block_size,
+        remainder=head_rows % block_size, other=other)

@@ -1,0 +1,243 @@
+"""One ASGO / DASGO step on a stack of same-shaped matrices: (grad, state, param) → (update, state).
+
+The parameter rule is W ← W − lr·update, where update = U + weight_decay·W and U is the
+preconditioned, RMS-normalised momentum (SPEC §2, §3). Pure functions: the state goes in and a
+new state comes out, so the same code serves JAX (immutable) and the mutating adapters.
+
+Numerics contract (SPEC §6): statistics in float32 or wider; a matrix whose gradient is not
+finite is skipped (zero update, state untouched, counted); a failed root falls back
+iterative → eigh → eigh in float64 → previous root, each level counted; a zero gradient gives a
+zero update. No Python branch looks at array values except through the backend's `run_if`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from asgo_core import _xp
+from asgo_core.config import ASGOConfig, DASGOConfig
+from asgo_core.layout import BlockLayout, block_layout
+from asgo_core.solvers import damping_shift, eigh_root, resolve_method, solve_root
+
+FALLBACK_LEVELS = ("eigh", "eigh_float64", "kept_previous_root")
+
+
+class ASGOState(NamedTuple):
+    """State of one stack of matrices with leading shape L (a JAX pytree as it is).
+
+    momentum: (*L, m, n). gram, root: one (blocks, size, size) array per block group.
+    count: steps taken (0-d int). skipped: (*L,) steps skipped for a non-finite gradient.
+    fallbacks: (*L, 3) blocks that needed each FALLBACK_LEVELS entry, summed over steps.
+    """
+    momentum: Any
+    gram: tuple
+    root: tuple
+    count: Any
+    skipped: Any
+    fallbacks: Any
+
+
+class DASGOState(NamedTuple):
+    """momentum: (*L, m, n); second_moment: (*L, n); count, skipped as in ASGOState."""
+    momentum: Any
+    second_moment: Any
+    count: Any
+    skipped: Any
+
+
+def statistics_dtype(dtype, xp):
+    """float32 for 16-bit parameters, the parameter's own dtype when it is wider."""
+    return xp.result_type(dtype, xp.float32)
+
+
+def init_state(param, config):
+    """Zero state for a parameter stack of shape (..., m, n) under an ASGO or DASGO config."""
+    xp = _xp.namespace(param)
+    dtype = statistics_dtype(param.dtype, xp)
+    device = _xp.device(param)
+    lead = tuple(param.shape[:-2])
+    zeros = lambda shape, dt=dtype: xp.zeros(shape, dtype=dt, device=device)  # noqa: E731
+    momentum = zeros(param.shape)
+    count = zeros((), xp.int32)
+    skipped = zeros(lead, xp.int32)
+    if isinstance(config, DASGOConfig):
+        return DASGOState(momentum, zeros(lead + (param.shape[-1],)), count, skipped)
+    _check_config(config)
+    layout = block_layout(param.shape, config)
+    blocks = [(layout.num_matrices * c, s) for c, s in zip(layout.group_counts, layout.group_sizes)]
+    gram = tuple(zeros((count_, size, size)) for count_, size in blocks)
+    root = tuple(zeros((count_, size, size)) for count_, size in blocks)
+    return ASGOState(momentum, gram, root, count, skipped, zeros(lead + (len(FALLBACK_LEVELS),), xp.int32))
+
+
+def needs_root_refresh(step_count: int, config: ASGOConfig) -> bool:
+    """Whether step number `step_count` (0-based) recomputes the root: every τ-th step."""
+    return step_count % config.precondition_frequency == 0
+
+
+def step(grad, state, param, config, *, refresh_root: bool | None = None):
+    """One optimizer step for a stack of matrices; returns (update, new_state).
+
+    grad, param: (..., m, n) arrays of one namespace (param may be None when
+    weight_decay = 0). refresh_root: whether this step recomputes the ASGO root; None reads
+    it from state.count (a host read: adapters on GPUs pass it explicitly). Ignored by DASGO,
+    which has no root. The update has the parameter's dtype (the gradient's if param is None).
+    """
+    if param is None and config.weight_decay != 0.0:
+        raise ValueError("param is required when weight_decay != 0 (the update carries weight_decay·W)")
+    xp = _xp.namespace(grad, state.momentum)
+    lead = tuple(grad.shape[:-2])
+    G = _flatten_lead(xp.astype(grad, state.momentum.dtype), xp)
+    finite = _finite_gradients(G, config, xp)
+    G = xp.where(finite[:, None, None], G, xp.zeros_like(G))
+    old_momentum = _flatten_lead(state.momentum, xp)
+    momentum = _lerp(old_momentum, G, config.beta1)
+    if isinstance(config, DASGOConfig):
+        direction, new_state = _dasgo_direction(G, momentum, finite, state, config, xp)
+    else:
+        if refresh_root is None:
+            refresh_root = needs_root_refresh(int(state.count), config)
+        direction, new_state = _asgo_direction(G, momentum, finite, state, config, refresh_root, xp)
+    update = _normalise(direction, config.update_rms, xp)
+    out_dtype = (param if param is not None else grad).dtype
+    if config.weight_decay != 0.0:
+        update = update + config.weight_decay * _flatten_lead(xp.astype(param, update.dtype), xp)
+    update = xp.where(finite[:, None, None], update, xp.zeros_like(update))
+    momentum = xp.where(finite[:, None, None], momentum, old_momentum)
+    new_state = new_state._replace(
+        momentum=xp.reshape(momentum, state.momentum.shape),
+        count=state.count + 1,
+        skipped=state.skipped + xp.reshape(xp.astype(~finite, xp.int32), lead))
+    return xp.astype(xp.reshape(update, grad.shape), out_dtype), new_state
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, (ASGOConfig, DASGOConfig)):
+        raise TypeError(f"config must be an ASGOConfig or DASGOConfig; got {type(config).__name__}")
+
+
+def _flatten_lead(x, xp):
+    return xp.reshape(x, (-1, *x.shape[-2:]))
+
+
+def _finite_gradients(G, config, xp):
+    finite = _xp.all_finite(G, xp, axes=(-2, -1))
+    if config.nonfinite == "raise" and not bool(xp.all(finite)):
+        raise FloatingPointError("non-finite gradient (nonfinite='raise'); no state was changed")
+    return finite
+
+
+def _lerp(old, new, beta: float):
+    """beta·old + (1 − beta)·new, the EMA used for momentum."""
+    return beta * old + (1.0 - beta) * new
+
+
+def _statistics_weights(config) -> tuple[float, float]:
+    """(decay, weight) with statistics ← decay·old + weight·new: an EMA, or a beta2-decayed
+    plain sum (Algorithm 1 at beta2 = 1)."""
+    return config.beta2, 1.0 if config.accumulate == "sum" else 1.0 - config.beta2
+
+
+def _gram_update(V, G_blocks, config, xp):
+    decay, weight = _statistics_weights(config)
+    fused = _xp.backend_function(xp, "gram_update")
+    if fused is not None:
+        return fused(V, G_blocks, decay, weight)
+    return decay * V + weight * xp.matmul(G_blocks, _xp.transpose(G_blocks, xp))
+
+
+def _asgo_direction(G, momentum, finite, state, config, refresh_root, xp):
+    layout = block_layout(G.shape, config)
+    G_blocks = layout.split(G, xp)
+    M_blocks = layout.split(momentum, xp)
+    grams, roots, directions = [], [], []
+    fallback_counts = xp.zeros((layout.num_matrices, len(FALLBACK_LEVELS)), dtype=xp.int32,
+                               device=_xp.device(G))
+    for index, (V_old, R_old, G_b, M_b) in enumerate(zip(state.gram, state.root, G_blocks, M_blocks)):
+        keep = ~layout.per_block(finite, index, xp)[:, None, None]
+        V = xp.where(keep, V_old, _gram_update(V_old, G_b, config, xp))
+        R = R_old
+        if refresh_root:
+            R, failed_levels = robust_root(V, R_old, config, xp)
+            failed_levels = xp.where(keep[:, :, 0], xp.zeros_like(failed_levels), failed_levels)
+            R = xp.where(keep, R_old, R)
+            fallback_counts = fallback_counts + xp.stack(
+                [layout.per_matrix_sum(failed_levels[:, level], index, xp)
+                 for level in range(len(FALLBACK_LEVELS))], axis=1)
+        grams.append(V)
+        roots.append(R)
+        directions.append(xp.matmul(R, M_b))
+    lead = state.skipped.shape
+    new_state = state._replace(
+        gram=tuple(grams), root=tuple(roots),
+        fallbacks=state.fallbacks + xp.reshape(fallback_counts, lead + (len(FALLBACK_LEVELS),)))
+    return layout.merge(directions, xp), new_state
+
+
+def robust_root(V, previous_root, config: ASGOConfig, xp):
+    """(V + δI)^{-1/2} with the fallback chain; returns (root, per-block int flags (N, 3)).
+
+    Flag column j is 1 where the block needed FALLBACK_LEVELS[j]. Each fallback level is
+    computed only when some block of the batch still needs it (backend `run_if`).
+    """
+    delta = damping_shift(V, config.eps, config.damping, xp)
+    method = resolve_method(config.root_method, V, xp)
+    root, residual = solve_root(V, delta, method, config.root_steps, config.root_tolerance, xp)
+    ok = _acceptable(root, residual, config, xp)
+    flags = []
+    if method != "eigh":
+        flags.append(~ok)
+        root, ok = _retry_failed(root, ok, lambda: eigh_root(V, delta, xp), config, xp)
+    else:
+        flags.append(xp.zeros_like(ok))
+    if V.dtype != xp.float64 and _xp.supports_float64(xp, V):
+        flags.append(~ok)
+        wide = lambda: xp.astype(eigh_root(xp.astype(V, xp.float64), xp.astype(delta, xp.float64), xp), V.dtype)  # noqa: E731
+        root, ok = _retry_failed(root, ok, wide, config, xp)
+    else:
+        flags.append(xp.zeros_like(ok))
+    flags.append(~ok)
+    root = xp.where(ok[:, None, None], root, previous_root)
+    return root, xp.astype(xp.stack(flags, axis=1), xp.int32)
+
+
+def _acceptable(root, residual, config, xp):
+    return _xp.all_finite(root, xp, axes=(-2, -1)) & (residual <= config.residual_tolerance)
+
+
+def _retry_failed(root, ok, compute_fallback, config, xp):
+    """Replace the failed blocks' roots by compute_fallback(), computed only if any failed."""
+    def fallback():
+        candidate = compute_fallback()
+        accepted = _xp.all_finite(candidate, xp, axes=(-2, -1))
+        use = (~ok & accepted)[:, None, None]
+        return xp.where(use, candidate, root), ok | accepted
+
+    run_if = _xp.backend_function(xp, "run_if") or _run_if_generic
+    return run_if(xp.any(~ok), fallback, lambda: (root, ok))
+
+
+def _run_if_generic(predicate, compute, otherwise):
+    return compute() if bool(predicate) else otherwise()
+
+
+def _dasgo_direction(G, momentum, finite, state, config, xp):
+    lead = state.skipped.shape
+    old_v = xp.reshape(state.second_moment, (-1, G.shape[-1]))
+    decay, weight = _statistics_weights(config)
+    v = xp.where(finite[:, None], decay * old_v + weight * xp.sum(G * G, axis=-2), old_v)
+    direction = momentum / xp.sqrt(v + config.eps)[:, None, :]
+    return direction, state._replace(second_moment=xp.reshape(v, lead + (G.shape[-1],)))
+
+
+def _normalise(direction, update_rms, xp):
+    """Rescale each matrix to RMS update_rms (ρ·√(mn)/‖D‖_F); a zero matrix stays zero."""
+    if update_rms is None:
+        return direction
+    m, n = direction.shape[-2:]
+    norm = _xp.frobenius_norm(direction, xp)
+    target = update_rms * math.sqrt(m * n)
+    positive = norm > 0
+    scale = xp.where(positive, target / xp.where(positive, norm, xp.ones_like(norm)), xp.zeros_like(norm))
+    return direction * scale
