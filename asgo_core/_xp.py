@@ -37,6 +37,13 @@ def frobenius_norm(x, xp):
     return xp.sqrt(xp.sum(x * x, axis=(-2, -1), keepdims=True))
 
 
+def safe_frobenius_norm(x, xp):
+    """‖x‖_F computed as max|x|·‖x/max|x|‖_F, so squaring can neither underflow nor overflow."""
+    largest = xp.max(xp.abs(x), axis=(-2, -1), keepdims=True)
+    divisor = xp.where(largest > 0, largest, xp.ones_like(largest))
+    return largest * frobenius_norm(x / divisor, xp)
+
+
 def all_finite(x, xp, axes):
     """True where every element along `axes` is finite (no NaN, no inf)."""
     return xp.all(xp.isfinite(x), axis=axes)

@@ -44,7 +44,7 @@ def damping_shift(A, eps: float, damping: str, xp):
     """
     if damping not in DAMPING_MODES:
         raise ValueError(f"damping={damping!r} is invalid; accepted: " + " | ".join(map(repr, DAMPING_MODES)))
-    scale = _xp.frobenius_norm(A, xp)
+    scale = _xp.safe_frobenius_norm(A, xp)
     if eps == 0.0:
         return xp.zeros_like(scale)
     if damping == "absolute":
@@ -88,7 +88,7 @@ def coupled_polynomial_root(A, delta, method: str, steps: int, xp):
     step_fn = _xp.backend_function(xp, "coupled_step")
     identity = _xp.eye_like(A, xp)
     shifted = A + delta * identity
-    normaliser = _NORMALISER_MARGIN * _xp.frobenius_norm(shifted, xp)
+    normaliser = _NORMALISER_MARGIN * _xp.safe_frobenius_norm(shifted, xp)
     Y = shifted / normaliser
     Z = xp.broadcast_to(identity, A.shape)
     for a, b, c in polynomial_schedule(method, steps):
@@ -108,7 +108,7 @@ def coupled_newton_root(A, delta, steps: int, tolerance: float | None, xp):
         tolerance = 1000 * float(xp.finfo(A.dtype).eps)
     identity = _xp.eye_like(A, xp)
     shifted = A + delta * identity
-    normaliser = _NORMALISER_MARGIN * _xp.frobenius_norm(shifted, xp)
+    normaliser = _NORMALISER_MARGIN * _xp.safe_frobenius_norm(shifted, xp)
     M = shifted / normaliser
     X = xp.broadcast_to(identity, A.shape)
     residual = _normalised_distance_to_identity(M, identity, xp)

@@ -1,0 +1,273 @@
+"""The core step against the independent re-derivation, its limits, and the numerics contract."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from asgo_core import ASGOConfig, DASGOConfig, FALLBACK_LEVELS, init_state, step
+from conftest import relative_error, tolerance
+from reference import reference_asgo, reference_dasgo
+
+LR = 0.05
+
+
+def gradient_sequence(shape, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape) for _ in range(steps)]
+
+
+def run_core(backend, W0, grads, config, dtype="float64"):
+    """Apply `step` to the (stack of) matrices W0 for every gradient; returns (W, state) as NumPy."""
+    W = backend.asarray(W0, dtype)
+    state = init_state(W, config)
+    for G in grads:
+        update, state = step(backend.asarray(G, dtype), state, W, config)
+        W = W - LR * update
+    return backend.to_numpy(W), state
+
+
+STEP_OPTIONS = list(itertools.product(
+    [(6, 10), (10, 6), (8, 8)],          # left side, right side, square (right)
+    [1, 3],                              # precondition_frequency
+    [0.2, None],                         # update_rms
+    ["ema", "sum"],                      # accumulate
+))
+
+
+@pytest.mark.parametrize("shape, tau, rho, accumulate", STEP_OPTIONS)
+def test_ten_steps_match_the_reference_float64(shape, tau, rho, accumulate):
+    check_against_reference(BackendNumpy, shape, tau, rho, accumulate)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_every_backend_matches_the_reference_float64(backend, shape):
+    check_against_reference(backend, shape, tau=3, rho=0.2, accumulate="ema")
+
+
+def check_against_reference(backend, shape, tau, rho, accumulate):
+    grads = gradient_sequence(shape, 10)
+    W0 = np.random.default_rng(9).standard_normal(shape)
+    config = ASGOConfig(precondition_frequency=tau, update_rms=rho, accumulate=accumulate,
+                        beta2=0.8 if accumulate == "ema" else 0.9)
+    W, state = run_core(backend, W0, grads, config)
+    W_ref, M_ref, V_ref, R_ref = reference_asgo(
+        W0, grads, lr=LR, beta2=config.beta2, tau=tau, update_rms=rho, accumulate=accumulate)
+    assert relative_error(W, W_ref) < tolerance("float64")
+    assert relative_error(backend.to_numpy(state.momentum), M_ref) < tolerance("float64")
+    assert relative_error(backend.to_numpy(state.gram[0])[0], V_ref) < tolerance("float64")
+    assert relative_error(backend.to_numpy(state.root[0])[0], R_ref) < 1e-8
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_explicit_side_and_absolute_damping_match_the_reference(side):
+    grads = gradient_sequence((7, 9), 10, seed=1)
+    W0 = np.random.default_rng(2).standard_normal((7, 9))
+    config = ASGOConfig(side=side, damping="absolute", eps=1e-3, weight_decay=0.0)
+    W, _ = run_core(BackendNumpy, W0, grads, config)
+    W_ref, *_ = reference_asgo(W0, grads, lr=LR, side=side, damping="absolute", eps=1e-3, weight_decay=0.0)
+    assert relative_error(W, W_ref) < tolerance("float64")
+
+
+def test_float32_stays_close_to_the_float64_reference(backend):
+    grads = gradient_sequence((12, 20), 10, seed=3)
+    W0 = np.random.default_rng(4).standard_normal((12, 20))
+    config = ASGOConfig(eps=1e-4)
+    W, state = run_core(backend, W0, grads, config, dtype="float32")
+    assert str(state.gram[0].dtype).endswith("float32")
+    W_ref, *_ = reference_asgo(W0, grads, lr=LR, eps=1e-4)
+    assert relative_error(W, W_ref) < tolerance("float32")
+
+
+@pytest.mark.parametrize("root_method", ["eigh", "newton_schulz", "polar_express", "coupled_newton"])
+def test_stack_of_matrices_matches_each_matrix_alone(root_method):
+    grads = gradient_sequence((3, 5, 16), 4, seed=5)
+    W0 = np.random.default_rng(6).standard_normal((3, 5, 16))
+    config = ASGOConfig(root_method=root_method)
+    W_stack, _ = run_core(BackendNumpy, W0, grads, config)
+    for i in range(3):
+        W_ref, *_ = reference_asgo(W0[i], [G[i] for G in grads], lr=LR)
+        assert relative_error(W_stack[i], W_ref) < 1e-8
+
+
+def test_muon_limit_gives_the_scaled_polar_factor():
+    """β1 = β2 = 0 and no damping: V^{-1/2}·G = U·Vᵀ for G = U·Σ·Vᵀ, rescaled to RMS ρ."""
+    G = np.random.default_rng(7).standard_normal((6, 15))
+    config = ASGOConfig(beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, update_rms=0.3)
+    update, _ = step(G, init_state(G, config), G, config)
+    U, _, Vt = np.linalg.svd(G, full_matrices=False)
+    polar = U @ Vt
+    expected = polar * 0.3 * np.sqrt(G.size) / np.linalg.norm(polar)
+    assert relative_error(update, expected) < 1e-10
+
+
+def test_dasgo_without_memory_normalises_columns():
+    G = np.random.default_rng(8).standard_normal((9, 5))
+    config = DASGOConfig(beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, update_rms=None)
+    update, _ = step(G, init_state(G, config), G, config)
+    assert relative_error(update, G / np.linalg.norm(G, axis=0)) < 1e-12
+
+
+@pytest.mark.parametrize("accumulate", ["ema", "sum"])
+def test_dasgo_matches_the_reference(accumulate, backend):
+    grads = gradient_sequence((6, 11), 10, seed=10)
+    W0 = np.random.default_rng(11).standard_normal((6, 11))
+    config = DASGOConfig(accumulate=accumulate)
+    W, state = run_core(backend, W0, grads, config)
+    W_ref, M_ref, v_ref = reference_dasgo(W0, grads, lr=LR, accumulate=accumulate)
+    assert relative_error(W, W_ref) < tolerance("float64")
+    assert relative_error(backend.to_numpy(state.second_moment), v_ref) < tolerance("float64")
+
+
+@pytest.mark.parametrize("rho", [0.2, None])
+def test_rank_one_gradient_gives_a_finite_bounded_update(rho):
+    rng = np.random.default_rng(12)
+    G = np.outer(rng.standard_normal(16), rng.standard_normal(40))
+    config = ASGOConfig(weight_decay=0.0, update_rms=rho)
+    update, state = step(G, init_state(G, config), G, config)
+    assert np.all(np.isfinite(update))
+    # Along G's single direction the damped root is exact; the update is G's unit direction scaled.
+    rms = np.sqrt(np.mean(update**2))
+    assert rms == pytest.approx(0.2) if rho else rms < 10.0 / np.sqrt(G.size)
+    assert int(np.sum(state.fallbacks)) == 0
+
+
+def test_zero_gradient_gives_zero_update():
+    G = np.zeros((2, 4, 7))
+    for config in (ASGOConfig(weight_decay=0.0), DASGOConfig(weight_decay=0.0)):
+        update, state = step(G, init_state(G, config), G, config)
+        assert np.array_equal(update, np.zeros_like(G))
+        assert int(np.sum(state.skipped)) == 0
+
+
+@pytest.mark.parametrize("config", [ASGOConfig(), ASGOConfig(max_precond_dim=3), DASGOConfig()],
+                         ids=["asgo", "asgo-blocked", "dasgo"])
+def test_nan_gradient_skips_only_that_matrix(config, backend):
+    rng = np.random.default_rng(13)
+    W = backend.asarray(rng.standard_normal((3, 5, 8)), "float64")
+    state = init_state(W, config)
+    _, state = step(backend.asarray(rng.standard_normal((3, 5, 8)), "float64"), state, W, config)
+    bad = rng.standard_normal((3, 5, 8))
+    bad[1, 2, 3] = np.nan
+    bad[2, 0, 0] = np.inf
+    update, new_state = step(backend.asarray(bad, "float64"), state, W, config)
+    update = backend.to_numpy(update)
+    assert np.all(np.isfinite(update))
+    assert np.array_equal(update[1:], np.zeros_like(update[1:]))
+    assert np.any(update[0] != 0)
+    assert backend.to_numpy(new_state.skipped).tolist() == [0, 1, 1]
+    for old, new in zip(_flat_arrays(state), _flat_arrays(new_state)):
+        old, new = backend.to_numpy(old), backend.to_numpy(new)
+        if old.ndim >= 3 and old.shape[0] == 3:  # per-matrix leaves: matrices 1, 2 untouched
+            assert np.array_equal(old[1:], new[1:])
+
+
+def test_nonfinite_raise_policy_raises():
+    config = ASGOConfig(nonfinite="raise")
+    G = np.full((4, 6), np.nan)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        step(G, init_state(G, config), G, config)
+
+
+def test_root_is_recomputed_every_tau_steps():
+    grads = gradient_sequence((5, 9), 7, seed=14)
+    config = ASGOConfig(precondition_frequency=3)
+    W = np.zeros((5, 9))
+    state = init_state(W, config)
+    roots = []
+    for G in grads:
+        _, state = step(G, state, W, config)
+        roots.append(state.root[0].copy())
+    changed = [not np.array_equal(roots[i], roots[i - 1]) for i in range(1, 7)]
+    assert changed == [False, False, True, False, False, True]
+
+
+def test_failed_iterative_root_falls_back_to_eigh_and_counts_it():
+    grads = gradient_sequence((6, 30), 1, seed=15)
+    iterative = ASGOConfig(root_method="newton_schulz", root_steps=1, weight_decay=0.0)  # cannot converge
+    exact = ASGOConfig(root_method="eigh", weight_decay=0.0)
+    _, state = step(grads[0], init_state(grads[0], iterative), None, iterative)
+    _, exact_state = step(grads[0], init_state(grads[0], exact), None, exact)
+    assert state.fallbacks.tolist() == [1, 0, 0]
+    assert relative_error(state.root[0], exact_state.root[0]) < 1e-12
+
+
+def test_unsolvable_root_keeps_the_previous_one_and_counts_it():
+    """No damping and V = 0: every solver yields inf; the previous root is kept, never the identity."""
+    config = ASGOConfig(eps=0.0, root_method="polar_express", weight_decay=0.0)
+    G = np.random.default_rng(16).standard_normal((4, 10))
+    _, state = step(G, init_state(G, config), None, config)
+    good_root = state.root[0].copy()
+    tiny_state = state._replace(gram=(np.zeros_like(state.gram[0]),))
+    update, state = step(np.zeros_like(G), tiny_state, None, config)
+    assert np.array_equal(state.root[0], good_root)
+    # polar_express failed, eigh failed; float64 input has no wider retry; the old root was kept
+    assert state.fallbacks.tolist() == [1, 0, 1]
+    assert np.all(np.isfinite(update))
+    assert list(FALLBACK_LEVELS) == ["eigh", "eigh_float64", "kept_previous_root"]
+
+
+@pytest.mark.parametrize("max_precond_dim", [4, 5, 12])
+def test_blocks_equal_running_each_block_alone(max_precond_dim):
+    """Left side, 12 rows in blocks: each block's update is that row slice's own ASGO step."""
+    grads = gradient_sequence((12, 30), 5, seed=17)
+    config = ASGOConfig(max_precond_dim=max_precond_dim, update_rms=None, weight_decay=0.0)
+    W_blocked, _ = run_core(BackendNumpy, np.zeros((12, 30)), grads, config)
+    alone = ASGOConfig(update_rms=None, weight_decay=0.0, side="left")
+    for start in range(0, 12, max_precond_dim):
+        rows = slice(start, start + max_precond_dim)
+        W_alone, _ = run_core(BackendNumpy, np.zeros((12, 30))[rows], [G[rows] for G in grads], alone)
+        assert relative_error(W_blocked[rows], W_alone) < 1e-10
+
+
+def test_heads_equal_running_each_head_alone():
+    """A (h·d_h) × d Q/K weight with num_heads: each head's rows get their own left root."""
+    grads = gradient_sequence((4, 16, 16), 5, seed=18)  # a stack of 4 square 16×16 (4 heads of 4)
+    config = ASGOConfig(num_heads=4, update_rms=None, weight_decay=0.0)
+    W_heads, state = run_core(BackendNumpy, np.zeros((4, 16, 16)), grads, config)
+    assert state.root[0].shape == (16, 4, 4)
+    alone = ASGOConfig(update_rms=None, weight_decay=0.0, side="left")
+    for head in range(4):
+        rows = slice(4 * head, 4 * head + 4)
+        W_alone, _ = run_core(BackendNumpy, np.zeros((4, 16, 16))[:, rows], [G[:, rows] for G in grads], alone)
+        assert relative_error(W_heads[:, rows], W_alone) < 1e-10
+
+
+def test_num_heads_must_divide_the_rows():
+    with pytest.raises(ValueError, match="num_heads"):
+        init_state(np.zeros((10, 8)), ASGOConfig(num_heads=3))
+
+
+def test_bfloat16_parameters_get_float32_statistics_and_bfloat16_updates():
+    import torch
+    W = torch.ones(4, 6, dtype=torch.bfloat16)
+    G = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    config = ASGOConfig()
+    update, state = step(G, init_state(W, config), W, config)
+    assert state.momentum.dtype == torch.float32 and state.gram[0].dtype == torch.float32
+    assert update.dtype == torch.bfloat16 and bool(torch.isfinite(update).all())
+
+
+class _NumpyOnly:
+    name = "numpy"
+
+    @staticmethod
+    def asarray(array, dtype):
+        return np.asarray(array, dtype=dtype)
+
+    @staticmethod
+    def to_numpy(x):
+        return np.asarray(x)
+
+
+BackendNumpy = _NumpyOnly()
+
+
+def _flat_arrays(state):
+    for leaf in state:
+        if isinstance(leaf, tuple):
+            yield from leaf
+        else:
+            yield leaf
