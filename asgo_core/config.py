@@ -27,8 +27,8 @@ def _fail(field_name: str, value, accepted: str) -> None:
 
 
 def _check_unit_interval(name: str, value: float, *, closed_right: bool) -> None:
-    upper_ok = value <= 1.0 if closed_right else value < 1.0
-    if not (isinstance(value, (int, float)) and 0.0 <= value and upper_ok):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and 0.0 <= value and (value <= 1.0 if closed_right else value < 1.0)):
         _fail(name, value, "a number in [0, 1]" if closed_right else "a number in [0, 1)")
 
 
