@@ -1,0 +1,568 @@
+"""ASGO and DASGO for training loops written directly on arrays: CuPy on a GPU, NumPy on a CPU.
+
+    from asgo_core.adapters.cupy import ASGO, DASGO
+    params = {"W1": W1, "b1": b1, "W2": W2}          # or a list [W1, b1, W2]
+    opt = ASGO(params, lr=1e-2)
+    opt.step({"W1": dW1, "b1": db1, "W2": dW2})      # updates the arrays in place
+
+Arrays: NumPy, CuPy, or any array-API array that supports in-place updates (JAX arrays are
+rejected: they are immutable; use asgo_core.adapters.optax). CuPy is imported only when
+CuPy arrays arrive, through the namespace of the arrays (array_api_compat.array_namespace).
+
+Keys: every array has a key, its name (dict params) or its position in the order the arrays
+were given (list params; groups concatenated). `step(grads)` takes a dict by key or a list by
+position. Arrays with two or more dims are matrices (N-D kernels viewed as (out, rest)) and get
+the matrix algorithm; the others get the built-in AdamW (torch.optim.AdamW's arithmetic).
+
+Param groups: a list of dicts {"params": dict-or-list, "<option>": value, ...} overrides the
+constructor's options for those arrays, e.g. a smaller lr for some matrices, num_heads for
+attention Q/K, or algorithm="adamw" for an embedding. Every option can be changed between steps
+through `opt.param_groups[i][name] = value` (a learning-rate schedule is just that, once per
+step) except the layout options side, max_precond_dim and num_heads, which shape the state.
+
+Batching: matrices with the same group, algorithm, (m, n) view, dtype, device and namespace form
+a bucket stepped by one `asgo_core.step` call. The step counter is a Python int, so choosing a
+root-refresh step reads no device value; `step` never copies device values to the host unless
+nonfinite="raise" asks it to check. A step is atomic: every bucket is computed before any array
+is written, so an error leaves params and state as they were.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from asgo_core import ASGOConfig, ASGOState, DASGOConfig, DASGOState, init_state, needs_root_refresh
+from asgo_core import step as core_step
+from asgo_core.backends import backend_for
+from asgo_core.config import config_field_names
+from asgo_core.layout import matrix_view_shape
+
+__all__ = ["ASGO", "DASGO"]
+
+ALGORITHMS = ("asgo", "dasgo", "adamw")
+_CONFIG_TYPES = {"asgo": ASGOConfig, "dasgo": DASGOConfig}
+_LAYOUT_OPTIONS = ("side", "max_precond_dim", "num_heads")
+_ADAMW_OPTIONS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
+
+
+def _fail(name: str, value, accepted: str):
+    raise ValueError(f"{name}={value!r} is invalid; accepted: {accepted}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_non_negative(name: str, value) -> None:
+    if not (_is_number(value) and math.isfinite(value) and value >= 0.0):
+        _fail(name, value, "a finite number >= 0")
+
+
+def _check_betas(name: str, betas, *, closed_right: bool) -> None:
+    upper = (lambda b: b <= 1.0) if closed_right else (lambda b: b < 1.0)
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_is_number(b) and 0.0 <= b and upper(b) for b in betas)):
+        _fail(name, betas, "a pair (beta1, beta2) with beta1 in [0, 1) and beta2 in "
+              + ("[0, 1]" if closed_right else "[0, 1)"))
+
+
+def _check_group_options(group: dict) -> None:
+    """The adapter's own options; the matrix options are checked by the core's configs."""
+    _check_non_negative("lr", group["lr"])
+    _check_betas("betas", group["betas"], closed_right=True)
+    if group["adamw_lr"] is not None:
+        _check_non_negative("adamw_lr", group["adamw_lr"])
+    _check_betas("adamw_betas", group["adamw_betas"], closed_right=False)
+    _check_non_negative("adamw_eps", group["adamw_eps"])
+    _check_non_negative("adamw_weight_decay", group["adamw_weight_decay"])
+    if not isinstance(group["maximize"], bool):
+        _fail("maximize", group["maximize"], "True | False")
+    if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
+        _fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
+
+
+def _group_config(group: dict, algorithm: str):
+    """The validated ASGOConfig / DASGOConfig of one group's options."""
+    config_type = _CONFIG_TYPES[algorithm]
+    beta1, beta2 = group["betas"]
+    options = {name: group[name] for name in config_field_names(config_type)
+               if name in group and name not in ("beta1", "beta2")}
+    return config_type(beta1=beta1, beta2=beta2, **options)
+
+
+@dataclass
+class _Bucket:
+    """Same-shaped matrices of one group and algorithm: one core call per step."""
+    group_index: int
+    algorithm: str
+    keys: list
+    matrix_shape: tuple
+    state: Any = None
+
+
+@dataclass
+class _AdamWSlot:
+    """One array on the built-in AdamW: state exp_avg, exp_avg_sq, skipped."""
+    group_index: int
+    key: Any
+    state: dict
+
+
+class _ArrayOptimizer:
+    """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm and defaults."""
+
+    matrix_algorithm: str
+
+    def __init__(self, params, defaults: dict):
+        self.defaults = dict(defaults)
+        self.param_groups = [dict(self.defaults, **overrides, params=arrays)
+                             for overrides, arrays in _split_groups(params, self.defaults)]
+        self._params = {key: array for group in self.param_groups
+                        for key, array in group["params"].items()}
+        for index, group in enumerate(self.param_groups):
+            self._with_group_context(index, self._validate_group, group)
+        self._layouts = [self._layout_options(group) for group in self.param_groups]
+        self._buckets, self._adamw_slots = self._build_state()
+        self._step_count = 0
+
+    # ---- public API -------------------------------------------------------------------
+    def step(self, grads) -> None:
+        """One step: grads (dict by key or list by position, like params) updates in place."""
+        grads = self._keyed_grads(grads)
+        settings = [self._with_group_context(i, self._group_settings, g)
+                    for i, g in enumerate(self.param_groups)]
+        planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
+        self._check_adamw_finite(grads, settings)
+        for bucket, (update, new_state) in zip(self._buckets, planned):
+            self._apply_matrix_update(bucket, update, settings[bucket.group_index]["lr"])
+            bucket.state = new_state
+        for slot in self._adamw_slots:
+            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index])
+        self._step_count += 1
+
+    def state_dict(self) -> dict:
+        """{"step": int, "param_groups": [options + "params": keys], "state": {str(key): {...}}}.
+
+        Arrays are copies in the arrays' own namespace; options whose value is None are left
+        out (array stores cannot hold None) and read back as None.
+        """
+        state = {}
+        for bucket in self._buckets:
+            for index, key in enumerate(bucket.keys):
+                state[str(key)] = _copy_all(_bucket_entry(bucket, index))
+        for slot in self._adamw_slots:
+            state[str(slot.key)] = _copy_all(slot.state)
+        groups = [{name: value for name, value in group.items() if name != "params" and value is not None}
+                  | {"params": [str(key) for key in group["params"]]} for group in self.param_groups]
+        return {"step": self._step_count, "param_groups": groups, "state": state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a state_dict() (also after a round trip through numpy.savez); all checks run
+        before anything changes."""
+        groups = self._loaded_groups(state_dict["param_groups"])
+        saved = state_dict["state"]
+        new_bucket_states = [self._loaded_bucket_state(bucket, saved) for bucket in self._buckets]
+        new_slot_states = [self._loaded_slot_state(slot, saved) for slot in self._adamw_slots]
+        for group, options in zip(self.param_groups, groups):
+            group.update(options)
+        for bucket, state in zip(self._buckets, new_bucket_states):
+            bucket.state = state
+        for slot, state in zip(self._adamw_slots, new_slot_states):
+            slot.state = state
+        self._step_count = int(_to_python(state_dict["step"]))
+
+    # ---- construction -----------------------------------------------------------------
+    def _with_group_context(self, index, function, group):
+        try:
+            return function(group)
+        except ValueError as error:
+            if len(self.param_groups) == 1:
+                raise
+            raise ValueError(f"param_groups[{index}]: {error}") from None
+
+    def _validate_group(self, group: dict) -> None:
+        unknown = set(group) - set(self.defaults) - {"params"}
+        if unknown:
+            _fail("param_groups", sorted(unknown), "option names of " + type(self).__name__)
+        self._group_settings(group)
+        for key, array in group["params"].items():
+            self._validate_param(key, array, group)
+
+    def _validate_param(self, key, array, group) -> None:
+        if not array_api_compat.is_array_api_obj(array) or not array_api_compat.is_writeable_array(array):
+            _fail(f"params[{key!r}]", type(array).__name__,
+                  "a writeable array-API array (NumPy, CuPy, ...); JAX arrays are immutable")
+        xp = array_api_compat.array_namespace(array)
+        if not xp.isdtype(array.dtype, "real floating"):
+            _fail(f"params[{key!r}]", array.dtype, "a real floating-point array")
+        algorithm = self._algorithm_of(array, group)
+        if algorithm != "adamw" and array.ndim < 2:
+            _fail("algorithm", algorithm, f"'adamw' or None for an array of shape {tuple(array.shape)} "
+                  "(ASGO/DASGO need at least 2 dims)")
+
+    def _algorithm_of(self, array, group) -> str:
+        if group["algorithm"] is not None:
+            return group["algorithm"]
+        return self.matrix_algorithm if array.ndim >= 2 else "adamw"
+
+    def _group_settings(self, group: dict) -> dict:
+        """Validated options of one group: lr, configs per matrix algorithm, AdamW options."""
+        _check_group_options(group)
+        configs = {name: _group_config(group, name) for name in self._matrix_algorithms()}
+        return {"lr": group["lr"], "configs": configs, "maximize": group["maximize"],
+                "adamw": {name: group[name] for name in _ADAMW_OPTIONS} | {
+                    "adamw_lr": group["lr"] if group["adamw_lr"] is None else group["adamw_lr"],
+                    "nonfinite": group["nonfinite"]}}
+
+    def _matrix_algorithms(self) -> tuple:
+        return ("asgo", "dasgo") if "precondition_frequency" in self.defaults else ("dasgo",)
+
+    def _layout_options(self, group: dict) -> tuple:
+        return tuple(group.get(name) for name in _LAYOUT_OPTIONS)
+
+    def _build_state(self):
+        buckets, slots, by_signature = [], [], {}
+        for group_index, group in enumerate(self.param_groups):
+            for key, array in group["params"].items():
+                algorithm = self._algorithm_of(array, group)
+                if algorithm == "adamw":
+                    slots.append(_AdamWSlot(group_index, key, _adamw_zero_state(array)))
+                    continue
+                signature = (group_index, algorithm, matrix_view_shape(array.shape), str(array.dtype),
+                             str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
+                if signature not in by_signature:
+                    by_signature[signature] = _Bucket(group_index, algorithm, [], signature[2])
+                    buckets.append(by_signature[signature])
+                by_signature[signature].keys.append(key)
+        for bucket in buckets:
+            config = self._group_settings(self.param_groups[bucket.group_index])["configs"][bucket.algorithm]
+            bucket.state = init_state(self._stacked_params(bucket), config)
+        return buckets, slots
+
+    # ---- one step -----------------------------------------------------------------------
+    def _keyed_grads(self, grads) -> dict:
+        keys = list(self._params)
+        if isinstance(grads, dict):
+            missing = [key for key in keys if key not in grads]
+            extra = [key for key in grads if key not in self._params]
+            if missing or extra:
+                _fail("grads", f"dict missing {missing}, unexpected {extra}", "a dict with the params' keys")
+        elif isinstance(grads, (list, tuple)):
+            if len(grads) != len(keys):
+                _fail("grads", f"a sequence of {len(grads)} arrays", f"{len(keys)} arrays, one per param")
+            grads = dict(zip(keys, grads))
+        else:
+            _fail("grads", type(grads).__name__, "a dict or list shaped like params")
+        for key in keys:
+            _check_grad(key, grads[key], self._params[key])
+        return grads
+
+    def _stacked(self, bucket, arrays_by_key, xp):
+        return xp.stack([xp.reshape(arrays_by_key[key], bucket.matrix_shape) for key in bucket.keys])
+
+    def _stacked_params(self, bucket):
+        xp = array_api_compat.array_namespace(self._params[bucket.keys[0]])
+        return self._stacked(bucket, self._params, xp)
+
+    def _plan_bucket(self, bucket, grads, settings):
+        """(update, new_state) of one bucket; nothing is written yet."""
+        group_settings = settings[bucket.group_index]
+        config = group_settings["configs"][bucket.algorithm]
+        if bucket.algorithm == "asgo" and self._layout_options(self.param_groups[bucket.group_index]) \
+                != self._layouts[bucket.group_index]:
+            _fail("param_groups", "a changed side / max_precond_dim / num_heads",
+                  "the layout options the state was built with")
+        xp = array_api_compat.array_namespace(bucket.state.momentum)
+        G = self._stacked(bucket, grads, xp)
+        if group_settings["maximize"]:
+            G = -G
+        W = self._stacked_params(bucket) if config.weight_decay != 0.0 else None
+        refresh = bucket.algorithm == "asgo" and needs_root_refresh(self._step_count, config)
+        return core_step(G, bucket.state, W, config, refresh_root=refresh)
+
+    def _check_adamw_finite(self, grads, settings) -> None:
+        for slot in self._adamw_slots:
+            if settings[slot.group_index]["adamw"]["nonfinite"] == "raise":
+                grad = grads[slot.key]
+                xp = array_api_compat.array_namespace(grad)
+                if not bool(xp.all(xp.isfinite(grad))):
+                    raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
+                                             "no state was changed")
+
+    def _apply_matrix_update(self, bucket, update, lr) -> None:
+        xp = array_api_compat.array_namespace(update)
+        fused = getattr(backend_for(xp), "apply_update", None)
+        for index, key in enumerate(bucket.keys):
+            param = self._params[key]
+            step_update = xp.reshape(update[index, ...], param.shape)
+            if fused is not None:
+                fused(param, step_update, lr)
+            else:
+                param -= lr * step_update
+
+    def _apply_adamw(self, slot, grad, settings) -> None:
+        param = self._params[slot.key]
+        xp = array_api_compat.array_namespace(param)
+        if settings["maximize"]:
+            grad = -grad
+        fused = getattr(backend_for(xp), "adamw_update", None)
+        hyper = _adamw_hyper(settings["adamw"], self._step_count + 1)
+        if fused is not None:
+            fused(param, grad, slot.state, **hyper)
+        else:
+            _adamw_update(param, grad, slot.state, xp, **hyper)
+
+    # ---- loading --------------------------------------------------------------------------
+    def _loaded_groups(self, saved_groups) -> list:
+        if len(saved_groups) != len(self.param_groups):
+            _fail("state_dict", f"{len(saved_groups)} param groups", f"{len(self.param_groups)}")
+        loaded = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            saved_keys = [str(_to_python(key)) for key in _to_python(saved["params"])]
+            if saved_keys != [str(key) for key in group["params"]]:
+                _fail("state_dict", f"param_groups[{index}] keys {saved_keys}", "the optimizer's keys")
+            options = {name: _to_python(saved.get(name)) for name in self.defaults}
+            candidate = dict(group, **options)
+            self._with_group_context(index, self._group_settings, candidate)
+            if self._layout_options(candidate) != self._layouts[index]:
+                _fail("state_dict", f"param_groups[{index}] layout options", "the optimizer's")
+            loaded.append(options)
+        return loaded
+
+    def _loaded_bucket_state(self, bucket, saved: dict):
+        current = bucket.state
+        entries = [_saved_entry(saved, key) for key in bucket.keys]
+        if isinstance(current, ASGOState):
+            groups = range(len(current.gram))
+            values = dict(
+                momentum=_stack_like(current.momentum, [e["momentum"] for e in entries], "momentum"),
+                gram=tuple(_concat_like(current.gram[g], [e[f"gram_{g}"] for e in entries], f"gram_{g}")
+                           for g in groups),
+                root=tuple(_concat_like(current.root[g], [e[f"root_{g}"] for e in entries], f"root_{g}")
+                           for g in groups),
+                fallbacks=_stack_like(current.fallbacks, [e["fallbacks"] for e in entries], "fallbacks"))
+        else:
+            values = dict(
+                momentum=_stack_like(current.momentum, [e["momentum"] for e in entries], "momentum"),
+                second_moment=_stack_like(current.second_moment, [e["second_moment"] for e in entries],
+                                          "second_moment"))
+        values["skipped"] = _stack_like(current.skipped, [e["skipped"] for e in entries], "skipped")
+        values["count"] = _as_like(current.count, entries[0]["count"], "count")
+        return current._replace(**values)
+
+    def _loaded_slot_state(self, slot, saved: dict) -> dict:
+        entry = _saved_entry(saved, slot.key)
+        return {name: _as_like(value, entry[name], name) for name, value in slot.state.items()}
+
+
+class ASGO(_ArrayOptimizer):
+    """ASGO (asgo_core.ASGOConfig) on arrays, updated in place; <2-D arrays → built-in AdamW.
+
+    Options (names and defaults shared with the torch and optax adapters): lr; betas =
+    (beta1, beta2); eps, weight_decay, precondition_frequency, update_rms, root_method,
+    root_steps, side, max_precond_dim, num_heads, accumulate, damping, root_tolerance,
+    residual_tolerance, nonfinite as in ASGOConfig; adamw_lr (None: lr), adamw_betas, adamw_eps,
+    adamw_weight_decay for the AdamW arrays; maximize (ascend instead); algorithm (per group:
+    None = by dims, or "asgo" | "dasgo" | "adamw").
+    """
+
+    matrix_algorithm = "asgo"
+
+    def __init__(self, params, lr=1e-2, betas=(ASGOConfig.beta1, ASGOConfig.beta2), *,
+                 eps=ASGOConfig.eps, weight_decay=ASGOConfig.weight_decay,
+                 precondition_frequency=ASGOConfig.precondition_frequency,
+                 update_rms=ASGOConfig.update_rms, root_method=ASGOConfig.root_method,
+                 root_steps=ASGOConfig.root_steps, side=ASGOConfig.side,
+                 max_precond_dim=ASGOConfig.max_precond_dim, num_heads=ASGOConfig.num_heads,
+                 accumulate=ASGOConfig.accumulate, damping=ASGOConfig.damping,
+                 root_tolerance=ASGOConfig.root_tolerance,
+                 residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
+                 adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
+                 maximize=False, algorithm=None):
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency, update_rms=update_rms,
+            root_method=root_method, root_steps=root_steps, side=side,
+            max_precond_dim=max_precond_dim, num_heads=num_heads, accumulate=accumulate,
+            damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
+            nonfinite=nonfinite, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay, maximize=maximize, algorithm=algorithm))
+
+
+class DASGO(_ArrayOptimizer):
+    """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing as ASGO."""
+
+    matrix_algorithm = "dasgo"
+
+    def __init__(self, params, lr=1e-2, betas=(DASGOConfig.beta1, DASGOConfig.beta2), *,
+                 eps=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
+                 update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
+                 nonfinite=DASGOConfig.nonfinite, adamw_lr=None, adamw_betas=(0.9, 0.95),
+                 adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None):
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_rms=update_rms,
+            accumulate=accumulate, nonfinite=nonfinite, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            algorithm=algorithm))
+
+    def _validate_group(self, group: dict) -> None:
+        if group["algorithm"] == "asgo":
+            _fail("algorithm", "asgo", "None | 'dasgo' | 'adamw' (DASGO has no ASGO options)")
+        super()._validate_group(group)
+
+
+# ---- params and grads ---------------------------------------------------------------------
+def _split_groups(params, defaults: dict):
+    """[(overrides, {key: array})] from a dict, a list of arrays, or a list of group dicts."""
+    if isinstance(params, dict):
+        groups = [({}, params)]
+    elif isinstance(params, (list, tuple)) and params and all(isinstance(p, dict) for p in params):
+        for index, group in enumerate(params):
+            if "params" not in group:
+                _fail(f"params[{index}]", sorted(group), "a group dict with a 'params' entry")
+        groups = [({k: v for k, v in group.items() if k != "params"}, group["params"]) for group in params]
+    elif isinstance(params, (list, tuple)):
+        groups = [({}, params)]
+    else:
+        _fail("params", type(params).__name__, "a dict name → array, a list of arrays, or a list of group dicts")
+    keyed, position, seen = [], 0, set()
+    for overrides, arrays in groups:
+        if isinstance(arrays, dict):
+            if not all(isinstance(key, str) for key in arrays):
+                _fail("params", list(arrays), "string names as dict keys")
+            items = dict(arrays)
+        else:
+            items = {position + offset: array for offset, array in enumerate(arrays)}
+        position += len(items)
+        for key, array in items.items():
+            if key in seen or any(array is other for other in _flat_arrays(keyed)):
+                _fail("params", key, "each array and each name once")
+            seen.add(key)
+        keyed.append((overrides, items))
+    if not seen:
+        _fail("params", params, "at least one array")
+    return keyed
+
+
+def _flat_arrays(keyed):
+    return [array for _, items in keyed for array in items.values()]
+
+
+def _check_grad(key, grad, param) -> None:
+    if not array_api_compat.is_array_api_obj(grad):
+        _fail(f"grads[{key!r}]", type(grad).__name__, "an array")
+    if tuple(grad.shape) != tuple(param.shape):
+        _fail(f"grads[{key!r}]", f"shape {tuple(grad.shape)}", f"the param's shape {tuple(param.shape)}")
+    try:
+        xp = array_api_compat.array_namespace(grad, param)
+    except TypeError:
+        _fail(f"grads[{key!r}]", type(grad).__name__, f"an array of the param's namespace ({type(param).__name__})")
+    if not xp.isdtype(grad.dtype, "real floating"):
+        _fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
+
+
+# ---- AdamW --------------------------------------------------------------------------------
+def _adamw_zero_state(param) -> dict:
+    xp = array_api_compat.array_namespace(param)
+    dtype = xp.result_type(param.dtype, xp.float32)
+    device = array_api_compat.device(param)
+    return {"exp_avg": xp.zeros(param.shape, dtype=dtype, device=device),
+            "exp_avg_sq": xp.zeros(param.shape, dtype=dtype, device=device),
+            "skipped": xp.zeros((), dtype=xp.int32, device=device)}
+
+
+def _adamw_hyper(options: dict, step: int) -> dict:
+    """Python scalars of one AdamW step (torch.optim.AdamW's bias correction at `step`)."""
+    beta1, beta2 = options["adamw_betas"]
+    return dict(lr=options["adamw_lr"], beta1=beta1, beta2=beta2, eps=options["adamw_eps"],
+                weight_decay=options["adamw_weight_decay"], step_size=options["adamw_lr"] / (1 - beta1 ** step),
+                bias_correction2_sqrt=math.sqrt(1 - beta2 ** step))
+
+
+def _adamw_update(param, grad, state, xp, *, lr, beta1, beta2, eps, weight_decay, step_size,
+                  bias_correction2_sqrt) -> None:
+    """torch.optim.AdamW's step in array-API code; a non-finite grad leaves everything as it was
+    (selected on the device, no host read) and is counted in state["skipped"]."""
+    dtype = state["exp_avg"].dtype
+    g = xp.astype(grad, dtype)
+    finite = xp.all(xp.isfinite(g))
+    g = xp.where(finite, g, xp.zeros_like(g))
+    exp_avg = beta1 * state["exp_avg"] + (1 - beta1) * g
+    exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * (g * g)
+    denom = xp.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    decayed = xp.astype(param, dtype) * (1 - lr * weight_decay)
+    new_param = decayed - step_size * (exp_avg / denom)
+    param[...] = xp.astype(xp.where(finite, new_param, xp.astype(param, dtype)), param.dtype)
+    state["exp_avg"] = xp.where(finite, exp_avg, state["exp_avg"])
+    state["exp_avg_sq"] = xp.where(finite, exp_avg_sq, state["exp_avg_sq"])
+    state["skipped"] = state["skipped"] + xp.astype(~finite, xp.int32)
+
+
+# ---- state_dict helpers ---------------------------------------------------------------------
+def _bucket_entry(bucket, index: int) -> dict:
+    """The per-array slice of a bucket's stacked core state."""
+    state = bucket.state
+    entry = {"momentum": state.momentum[index, ...], "count": state.count, "skipped": state.skipped[index, ...]}
+    if isinstance(state, DASGOState):
+        entry["second_moment"] = state.second_moment[index, ...]
+        return entry
+    for g, (gram, root) in enumerate(zip(state.gram, state.root)):
+        blocks = gram.shape[0] // len(bucket.keys)
+        entry[f"gram_{g}"] = gram[index * blocks:(index + 1) * blocks, ...]
+        entry[f"root_{g}"] = root[index * blocks:(index + 1) * blocks, ...]
+    entry["fallbacks"] = state.fallbacks[index, ...]
+    return entry
+
+
+def _copy_all(entry: dict) -> dict:
+    copied = {}
+    for name, value in entry.items():
+        xp = array_api_compat.array_namespace(value)
+        copied[name] = xp.asarray(value, copy=True)
+    return copied
+
+
+def _saved_entry(saved: dict, key) -> dict:
+    if str(key) not in saved:
+        _fail("state_dict", f"no state for {key!r}", "an entry per param key")
+    return saved[str(key)]
+
+
+def _as_like(reference, value, name: str):
+    """value converted to reference's namespace, dtype and device, with its shape checked."""
+    xp = array_api_compat.array_namespace(reference)
+    if tuple(getattr(value, "shape", ())) != tuple(reference.shape):
+        _fail(f"state_dict {name}", f"shape {tuple(getattr(value, 'shape', ()))}", f"{tuple(reference.shape)}")
+    if array_api_compat.is_cupy_array(reference) or array_api_compat.is_numpy_array(reference):
+        value = _host_or_same(value)
+    return xp.asarray(value, dtype=reference.dtype, device=array_api_compat.device(reference), copy=True)
+
+
+def _host_or_same(value):
+    """NumPy and CuPy accept each other's arrays only through the host: CuPy arrays are
+    brought there with .get() (load time, not a step)."""
+    return value.get() if array_api_compat.is_cupy_array(value) else value
+
+
+def _stack_like(reference, values, name: str):
+    xp = array_api_compat.array_namespace(reference)
+    parts = [_as_like(reference[index, ...], value, name) for index, value in enumerate(values)]
+    return xp.stack(parts)
+
+
+def _concat_like(reference, values, name: str):
+    xp = array_api_compat.array_namespace(reference)
+    blocks = reference.shape[0] // len(values)
+    parts = [_as_like(reference[i * blocks:(i + 1) * blocks, ...], value, name) for i, value in enumerate(values)]
+    return xp.concat(parts, axis=0)
+
+
+def _to_python(value):
+    """Options read back from an array store: 0-d arrays → scalars, 1-d arrays and lists → tuples."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return tuple(value) if isinstance(value, list) else value
