@@ -4,6 +4,7 @@ The core is framework-free: it imports array_api_compat and the standard library
 Adapters for PyTorch, optax and CuPy/NumPy live in asgo_core.adapters.
 """
 
+from asgo_core.checkpoint import CheckpointError, load_state, save_state
 from asgo_core.config import ASGOConfig, DASGOConfig
 from asgo_core.layout import BlockLayout, block_layout, matrix_view_shape
 from asgo_core.solvers import inverse_root
@@ -23,12 +24,15 @@ __all__ = [
     "ASGOState",
     "DASGOState",
     "BlockLayout",
+    "CheckpointError",
     "FALLBACK_LEVELS",
     "block_layout",
     "init_state",
     "inverse_root",
+    "load_state",
     "matrix_view_shape",
     "needs_root_refresh",
+    "save_state",
     "statistics_dtype",
     "step",
 ]

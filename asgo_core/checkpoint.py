@@ -1,0 +1,151 @@
+"""Portable, framework-neutral optimizer checkpoints.
+
+A *portable state* is a plain dict every adapter can export to and import from:
+
+    {"format": "asgo-portable-state", "version": 1,
+     "params": [                         # one entry per parameter, in the optimizer's order
+        {"name": str, "algorithm": "asgo" | "dasgo" | "adamw", "shape": [int, ...],
+         "step": int,                    # steps this parameter has taken
+         "config": {option: value},      # the core config's fields; AdamW: betas, eps, ...
+         "arrays": {key: numpy.ndarray}},  # per-parameter state, keys per algorithm below
+        ...]}
+
+Array keys: asgo: "momentum" (m, n), "gram/<g>" and "root/<g>" (blocks, size, size) per block
+group g of asgo_core.layout, "skipped" (), "fallbacks" (3,); dasgo: "momentum",
+"second_moment" (n,), "skipped"; adamw: "exp_avg", "exp_avg_sq" (the parameter's shape).
+
+On disk it is one .npz file (a zip archive): the arrays as "<index>/<key>" members and the rest
+as JSON in a "metadata.json" member. The zip format stores a CRC-32 of every member, so a
+corrupted file fails its check, and a truncated one loses its central directory; `load_state`
+reads and verifies every member before returning anything, so it never loads partially.
+safetensors was the other candidate: it keeps no checksum and needs an extra dependency.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+
+FORMAT = "asgo-portable-state"
+VERSION = 1
+ALGORITHM_ARRAYS = {
+    "asgo": ("momentum", "skipped", "fallbacks"),  # plus gram/<g> and root/<g>
+    "dasgo": ("momentum", "second_moment", "skipped"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+}
+_METADATA_MEMBER = "metadata.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or one that does not fit the optimizer."""
+
+
+def save_state(path, optimizer_or_state) -> None:
+    """Write a portable checkpoint: an adapter's optimizer (anything with `portable_state()`)
+    or a portable-state dict. The file is written to a temporary name and renamed into place,
+    so an interrupted save never leaves a half-written checkpoint at `path`."""
+    import numpy as np
+
+    portable = _as_portable(optimizer_or_state)
+    validate_portable_state(portable)
+    metadata = {"format": FORMAT, "version": VERSION, "params": []}
+    arrays = {}
+    for index, entry in enumerate(portable["params"]):
+        metadata["params"].append({key: value for key, value in entry.items() if key != "arrays"})
+        for key, value in entry["arrays"].items():
+            arrays[f"{index}/{key}"] = np.asarray(value)
+    arrays[_METADATA_MEMBER] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
+    temporary = f"{os.fspath(path)}.partial"
+    with open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(temporary, path)
+
+
+def load_state(path) -> dict:
+    """Read a portable checkpoint written by save_state; raises CheckpointError when the file
+    is truncated, corrupted or not an asgo checkpoint. Hand the result to an adapter's
+    `load_portable_state` (torch, cupy) or `asgo_core.adapters.optax.state_from_portable`."""
+    members = _read_verified_members(path)
+    if _METADATA_MEMBER not in members:
+        raise CheckpointError(f"{path}: not an asgo checkpoint (no {_METADATA_MEMBER})")
+    metadata = json.loads(members.pop(_METADATA_MEMBER).tobytes().decode())
+    if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format {metadata.get('format')!r} version "
+                              f"{metadata.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+    for index, entry in enumerate(metadata["params"]):
+        prefix = f"{index}/"
+        entry["arrays"] = {name[len(prefix):]: members.pop(name) for name in list(members)
+                           if name.startswith(prefix)}
+    if members:
+        raise CheckpointError(f"{path}: arrays that belong to no parameter: {sorted(members)}")
+    validate_portable_state(metadata)
+    return metadata
+
+
+def _read_verified_members(path) -> dict:
+    import numpy as np
+
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read()
+        with zipfile.ZipFile(io.BytesIO(content)) as archive:
+            bad_member = archive.testzip()  # reads every member and checks its CRC-32
+            if bad_member is not None:
+                raise CheckpointError(f"{path}: member {bad_member!r} fails its CRC check (corrupted)")
+        with np.load(io.BytesIO(content), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as error:
+        raise CheckpointError(f"{path}: unreadable asgo checkpoint (truncated or corrupted): {error}") from error
+
+
+def validate_portable_state(portable: dict) -> None:
+    """Check the structure of a portable-state dict; raises CheckpointError naming what is wrong."""
+    entries = portable.get("params")
+    if not isinstance(entries, list):
+        raise CheckpointError("portable state: 'params' must be a list of per-parameter entries")
+    for index, entry in enumerate(entries):
+        missing = {"name", "algorithm", "shape", "step", "config", "arrays"} - set(entry)
+        if missing:
+            raise CheckpointError(f"portable state: parameter {index} lacks {sorted(missing)}")
+        algorithm = entry["algorithm"]
+        if algorithm not in ALGORITHM_ARRAYS:
+            raise CheckpointError(f"portable state: parameter {index} has algorithm={algorithm!r}; "
+                                  f"accepted: {' | '.join(ALGORITHM_ARRAYS)}")
+        absent = set(ALGORITHM_ARRAYS[algorithm]) - set(entry["arrays"])
+        if absent:
+            raise CheckpointError(f"portable state: parameter {index} ({entry['name']}) lacks arrays {sorted(absent)}")
+
+
+def check_entry_matches(entry: dict, *, name: str, algorithm: str, shape, config: dict) -> None:
+    """Raise CheckpointError unless a checkpoint entry fits a parameter of this optimizer:
+    the same algorithm, shape and math-changing options (an adapter calls this for every
+    parameter before it changes anything, so a mismatch leaves the optimizer untouched)."""
+    where = f"checkpoint parameter {entry['name']!r} vs. optimizer parameter {name!r}"
+    if entry["algorithm"] != algorithm:
+        raise CheckpointError(f"{where}: algorithm {entry['algorithm']!r} != {algorithm!r}")
+    if list(entry["shape"]) != list(shape):
+        raise CheckpointError(f"{where}: shape {tuple(entry['shape'])} != {tuple(shape)}")
+    differing = {key: (entry["config"].get(key), value) for key, value in config.items()
+                 if _normalise(entry["config"].get(key)) != _normalise(value)}
+    if differing:
+        details = ", ".join(f"{key}: checkpoint {old!r} != optimizer {new!r}" for key, (old, new) in differing.items())
+        raise CheckpointError(f"{where}: config differs ({details})")
+
+
+def _normalise(value):
+    """JSON turns tuples into lists; compare both as lists."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _as_portable(optimizer_or_state) -> dict:
+    if isinstance(optimizer_or_state, dict):
+        return optimizer_or_state
+    export = getattr(optimizer_or_state, "portable_state", None)
+    if export is None:
+        raise TypeError("save_state takes a portable-state dict or an asgo optimizer with "
+                        f"portable_state(); got {type(optimizer_or_state).__name__}")
+    return export()

@@ -1,0 +1,82 @@
+"""Portable checkpoint files: round trip, and truncated / corrupted / foreign files rejected whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asgo_core import CheckpointError, load_state, save_state
+from asgo_core.checkpoint import check_entry_matches
+
+
+def portable_state():
+    rng = np.random.default_rng(0)
+    return {"params": [
+        {"name": "layer.weight", "algorithm": "asgo", "shape": [4, 6], "step": 3,
+         "config": {"beta2": 0.8, "side": "auto"},
+         "arrays": {"momentum": rng.standard_normal((4, 6)), "gram/0": rng.standard_normal((1, 4, 4)),
+                    "root/0": rng.standard_normal((1, 4, 4)), "skipped": np.array(0),
+                    "fallbacks": np.array([0, 1, 0])}},
+        {"name": "layer.bias", "algorithm": "adamw", "shape": [4], "step": 3,
+         "config": {"betas": [0.9, 0.95]},
+         "arrays": {"exp_avg": rng.standard_normal(4).astype(np.float32),
+                    "exp_avg_sq": rng.random(4).astype(np.float32)}},
+    ]}
+
+
+def test_round_trip_keeps_every_value_and_dtype(tmp_path):
+    original = portable_state()
+    save_state(tmp_path / "state.npz", original)
+    loaded = load_state(tmp_path / "state.npz")
+    assert [e["name"] for e in loaded["params"]] == ["layer.weight", "layer.bias"]
+    for before, after in zip(original["params"], loaded["params"]):
+        assert after["step"] == before["step"] and after["config"] == before["config"]
+        assert set(after["arrays"]) == set(before["arrays"])
+        for key, value in before["arrays"].items():
+            assert after["arrays"][key].dtype == np.asarray(value).dtype
+            assert np.array_equal(after["arrays"][key], value)
+
+
+def test_truncated_file_raises(tmp_path):
+    path = tmp_path / "state.npz"
+    save_state(path, portable_state())
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_state(path)
+
+
+def test_corrupted_array_bytes_fail_the_crc_check(tmp_path):
+    path = tmp_path / "state.npz"
+    save_state(path, portable_state())
+    content = bytearray(path.read_bytes())
+    position = content.index(b"\x93NUMPY") + 200  # inside the first array's data
+    content[position] ^= 0xFF
+    path.write_bytes(bytes(content))
+    with pytest.raises(CheckpointError):
+        load_state(path)
+
+
+def test_a_plain_npz_is_not_a_checkpoint(tmp_path):
+    np.savez(tmp_path / "other.npz", x=np.ones(3))
+    with pytest.raises(CheckpointError, match="not an asgo checkpoint"):
+        load_state(tmp_path / "other.npz")
+
+
+def test_incomplete_entry_is_rejected_before_writing(tmp_path):
+    state = portable_state()
+    del state["params"][0]["arrays"]["momentum"]
+    with pytest.raises(CheckpointError, match="momentum"):
+        save_state(tmp_path / "state.npz", state)
+    assert not (tmp_path / "state.npz").exists()
+
+
+def test_entry_mismatch_names_the_difference():
+    entry = portable_state()["params"][0]
+    check_entry_matches(entry, name="w", algorithm="asgo", shape=(4, 6), config={"beta2": 0.8, "side": "auto"})
+    with pytest.raises(CheckpointError, match="shape"):
+        check_entry_matches(entry, name="w", algorithm="asgo", shape=(6, 4), config={})
+    with pytest.raises(CheckpointError, match="beta2"):
+        check_entry_matches(entry, name="w", algorithm="asgo", shape=(4, 6), config={"beta2": 0.9})
+    with pytest.raises(CheckpointError, match="algorithm"):
+        check_entry_matches(entry, name="w", algorithm="dasgo", shape=(4, 6), config={})
