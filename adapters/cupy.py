@@ -429,7 +429,7 @@ def _split_groups(params, defaults: dict):
         groups = [({}, params)]
     else:
         _fail("params", type(params).__name__, "a dict name → array, a list of arrays, or a list of group dicts")
-    keyed, position, seen = [], 0, set()
+    keyed, position, seen_keys, seen_arrays = [], 0, set(), set()
     for overrides, arrays in groups:
         if isinstance(arrays, dict):
             if not all(isinstance(key, str) for key in arrays):
@@ -439,17 +439,14 @@ def _split_groups(params, defaults: dict):
             items = {position + offset: array for offset, array in enumerate(arrays)}
         position += len(items)
         for key, array in items.items():
-            if key in seen or any(array is other for other in _flat_arrays(keyed)):
+            if key in seen_keys or id(array) in seen_arrays:
                 _fail("params", key, "each array and each name once")
-            seen.add(key)
+            seen_keys.add(key)
+            seen_arrays.add(id(array))
         keyed.append((overrides, items))
-    if not seen:
+    if not seen_keys:
         _fail("params", params, "at least one array")
     return keyed
-
-
-def _flat_arrays(keyed):
-    return [array for _, items in keyed for array in items.values()]
 
 
 def _check_grad(key, grad, param) -> None:
