@@ -56,18 +56,19 @@ def _check_lr(name: str, lr) -> None:
         _fail(name, lr, "a finite number >= 0 (or a one-element tensor holding one)")
 
 
-def _check_betas(name: str, betas, *, closed_right: bool) -> None:
-    upper = (lambda b: b <= 1.0) if closed_right else (lambda b: b < 1.0)
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(_is_number(b) and 0.0 <= b and upper(b) for b in betas)):
+def _check_betas(name: str, betas, *, beta2_may_be_one: bool) -> None:
+    """beta1 in [0, 1); beta2 in [0, 1], or [0, 1) when beta2 = 1 has no meaning."""
+    pair = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_number, betas))
+    if not (pair and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1]
+            and (betas[1] <= 1.0 if beta2_may_be_one else betas[1] < 1.0)):
         _fail(name, betas, "a pair (beta1, beta2) with beta1 in [0, 1) and beta2 in "
-              + ("[0, 1]" if closed_right else "[0, 1)"))
+              + ("[0, 1]" if beta2_may_be_one else "[0, 1)"))
 
 
 def _check_adamw_options(group: dict) -> None:
     if group["adamw_lr"] is not None:
         _check_lr("adamw_lr", group["adamw_lr"])
-    _check_betas("adamw_betas", group["adamw_betas"], closed_right=False)
+    _check_betas("adamw_betas", group["adamw_betas"], beta2_may_be_one=False)
     for name in ("adamw_eps", "adamw_weight_decay"):
         value = group[name]
         if not (_is_number(value) and math.isfinite(value) and value >= 0.0):
@@ -137,7 +138,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             _fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
         if not isinstance(group["maximize"], bool):
             _fail("maximize", group["maximize"], "True | False")
-        _check_betas("betas", group["betas"], closed_right=True)
+        _check_betas("betas", group["betas"], beta2_may_be_one=True)
         _check_adamw_options(group)
         for param in group["params"]:
             self._validate_param(param, group)

@@ -1,0 +1,253 @@
+"""Optimizer step time on a GPT-2-style model in PyTorch: AdamW, Muon, ASGO (τ = 1, 10), DASGO,
+and a naive per-parameter re-implementation of the reference ASGO code.
+
+The model has d_model 384 and 6 layers: per layer qkv 1152×384, attention projection 384×384,
+MLP fc 1536×384, MLP projection 384×1536 (nn.Linear's (out, in) weights), two LayerNorms and
+the biases; plus a token embedding (vocab × 384; vocab 8192 by default instead of GPT-2's 50257
+to keep the run short — it goes to AdamW in every optimizer, so it weighs the same in all),
+learned positions (256 × 384) and a final LayerNorm. Gradients are fixed random tensors.
+
+Embeddings, positions and <2-D parameters go to AdamW in Muon, ASGO, DASGO and the reference
+baseline alike. Time is measured in rounds of τ steps (one root period; τ = 1 for the others)
+after a warm-up step; the table shows the median over rounds of the mean step time per round,
+so ASGO τ = 10 pays its root refresh. All optimizers run in this one process.
+
+    python benchmarks/step_time.py [--device cpu|cuda] [--rounds 5] [--threads 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
+from asgo_core.solvers import POLAR_EXPRESS_COEFFICIENTS
+
+LR = 1e-2
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.mlp_proj = nn.Linear(4 * d_model, d_model)
+
+
+class GPT(nn.Module):
+    """Only the parameters of a GPT-2-style model (no forward pass is needed here)."""
+
+    def __init__(self, vocab: int, d_model: int = 384, layers: int = 6, positions: int = 256):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d_model)
+        self.wpe = nn.Embedding(positions, d_model)
+        self.blocks = nn.ModuleList(Block(d_model) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d_model)
+
+
+def _is_hidden_matrix(model: GPT, param) -> bool:
+    return param.ndim >= 2 and param is not model.wte.weight and param is not model.wpe.weight
+
+
+class ReferenceStyleASGO(torch.optim.Optimizer):
+    """The reference code's algorithm as it is written there: one matrix at a time, the
+    PolarExpress root (10 steps) every step, host reads (.item()) for the norms."""
+
+    def __init__(self, params, lr=LR, beta1=0.9, beta2=0.8, eps=1e-10, weight_decay=0.1, rms=0.2):
+        super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                      weight_decay=weight_decay, rms=rms))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                G = p.grad if p.shape[0] <= p.shape[1] else p.grad.T
+                state = self.state[p]
+                if not state:
+                    state["M"] = torch.zeros_like(G)
+                    state["V"] = torch.zeros(G.shape[0], G.shape[0], dtype=G.dtype, device=G.device)
+                state["M"].lerp_(G, 1 - group["beta1"])
+                state["V"].mul_(group["beta2"]).add_(G @ G.T, alpha=1 - group["beta2"])
+                root = self._polar_express_inverse_root(state["V"], group["eps"])
+                D = root @ state["M"]
+                scale = group["rms"] * math.sqrt(D.numel()) / (D.norm().item() + 1e-12)
+                D = D if p.shape[0] <= p.shape[1] else D.T
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(D, alpha=-group["lr"] * scale)
+
+    @staticmethod
+    def _polar_express_inverse_root(V, eps):
+        normaliser = V.norm().item() * 1.01 + eps
+        Y = V / normaliser
+        Z = torch.eye(V.shape[0], dtype=V.dtype, device=V.device)
+        for a, b, c in POLAR_EXPRESS_COEFFICIENTS + POLAR_EXPRESS_COEFFICIENTS[-1:] * 2:
+            T = Z @ Y
+            B = b * T + c * (T @ T)
+            Y, Z = a * Y + Y @ B, a * Z + B @ Z
+        return Z / math.sqrt(normaliser)
+
+
+class MuonFloat32(torch.optim.Optimizer):
+    """torch.optim.Muon's update with its Newton–Schulz iteration in float32 instead of
+    bfloat16: Muon at the precision ASGO's statistics use, for comparison only."""
+
+    def __init__(self, params, lr=LR, momentum=0.95, weight_decay=0.1, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        a, b, c = 3.4445, -4.7750, 2.0315
+        for group in self.param_groups:
+            for p in group["params"]:
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buffer.lerp_(p.grad, 1 - group["momentum"])
+                X = p.grad.lerp(buffer, group["momentum"])
+                X = X.T if p.shape[0] > p.shape[1] else X
+                X = X / X.norm().clamp(min=1e-7)
+                for _ in range(group["ns_steps"]):
+                    A = X @ X.T
+                    X = a * X + (b * A + c * A @ A) @ X
+                X = X.T if p.shape[0] > p.shape[1] else X
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(X, alpha=-group["lr"])
+
+
+class Combined:
+    """Several optimizers stepped as one (Muon and the reference need AdamW for the rest)."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def state(self) -> dict:
+        return {param: state for opt in self.optimizers for param, state in opt.state.items()}
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+
+def build_optimizers(model: GPT) -> dict:
+    matrices = [p for p in model.parameters() if _is_hidden_matrix(model, p)]
+    rest = [p for p in model.parameters() if not _is_hidden_matrix(model, p)]
+    adamw_rest = lambda: torch.optim.AdamW(rest, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)  # noqa: E731
+    return {
+        "AdamW": lambda: torch.optim.AdamW(model.parameters(), lr=LR),
+        "Muon + AdamW": lambda: Combined(torch.optim.Muon(matrices, lr=LR), adamw_rest()),
+        "Muon fp32 + AdamW": lambda: Combined(MuonFloat32(matrices), adamw_rest()),
+        "ASGO τ=1": lambda: ASGO(asgo_param_groups(model), lr=LR, precondition_frequency=1),
+        "ASGO τ=10": lambda: ASGO(asgo_param_groups(model), lr=LR, precondition_frequency=10),
+        "DASGO": lambda: DASGO(asgo_param_groups(model), lr=LR),
+        "reference-style": lambda: Combined(ReferenceStyleASGO(matrices), adamw_rest()),
+    }
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of the distinct tensor storages held in the optimizer state."""
+    storages = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    visit(list(optimizer.state.values()))
+    return sum(storages.values())
+
+
+def time_optimizers(makers: dict, model: GPT, rounds: int, device) -> dict:
+    """name → (median over rounds of the mean step time over one root period in s, state bytes).
+
+    The optimizers take turns round by round, so a change in machine load during the run
+    affects all of them alike. They share the parameters and the fixed random gradients.
+    """
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    optimizers = {name: make() for name, make in makers.items()}
+    for optimizer in optimizers.values():
+        optimizer.step()  # state initialisation is not timed
+    round_means = {name: [] for name in optimizers}
+    for _ in range(rounds):
+        for name, optimizer in optimizers.items():
+            period = 10 if "τ=10" in name else 1
+            sync()
+            start = time.perf_counter()
+            for _ in range(period):
+                optimizer.step()
+            sync()
+            round_means[name].append((time.perf_counter() - start) / period)
+    return {name: (statistics.median(means), state_bytes(optimizers[name]))
+            for name, means in round_means.items()}
+
+
+def asgo_state_bound(model: GPT) -> int:
+    """(params + 2·k² per matrix) × 4 bytes + AdamW's 2 × 4 bytes per other parameter."""
+    total = 0
+    for p in model.parameters():
+        if _is_hidden_matrix(model, p):
+            total += 4 * (p.numel() + 2 * min(p.shape) ** 2)
+        else:
+            total += 8 * p.numel()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--only", nargs="*", help="names of optimizers to time (default all)")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = GPT(args.vocab).to(device)
+
+    makers = {name: make for name, make in build_optimizers(model).items()
+              if not args.only or name in args.only}
+    results = {name: {"step_ms": seconds * 1e3, "state_bytes": nbytes}
+               for name, (seconds, nbytes) in time_optimizers(makers, model, args.rounds, device).items()}
+    report(results, model, args, device)
+
+
+def report(results: dict, model: GPT, args, device) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\nstep time, GPT-2-style d_model 384 × 6 layers, {params / 1e6:.1f} M params, "
+          f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"median of {args.rounds} rounds\n")
+    print(f"{'optimizer':<18}{'step ms':>10}{'× Muon':>9}{'× AdamW':>9}{'state MiB':>11}")
+    muon = results.get("Muon + AdamW", {}).get("step_ms")
+    adamw = results.get("AdamW", {}).get("step_ms")
+    ratio = lambda ms, base: f"{ms / base:.2f}" if base else "-"  # noqa: E731
+    for name, row in results.items():
+        ms = row["step_ms"]
+        print(f"{name:<18}{ms:>10.1f}{ratio(ms, muon):>9}{ratio(ms, adamw):>9}"
+              f"{row['state_bytes'] / 2**20:>11.2f}")
+    print(f"\nASGO state bound (params + 2·k² per matrix)·4 B + AdamW state: "
+          f"{asgo_state_bound(model) / 2**20:.2f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                       "state_bound_bytes": asgo_state_bound(model), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
