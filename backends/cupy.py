@@ -1,7 +1,8 @@
 """CuPy fast paths: cuSOLVER eigh, cuBLAS batched matmuls, fused element-wise kernels.
 
 Imported by the backend registry only when CuPy arrays reach the core, so importing CuPy here
-is safe. Nothing in this module copies a device value to the host.
+is safe. Nothing in this module copies a device value to the host, except `run_if` on
+root-refresh steps (below).
 
 What is fused and what is not:
 - The core's "scalar·X + product" forms (Gram EMA, the coupled-iteration steps) become one
@@ -13,10 +14,11 @@ What is fused and what is not:
   them as separate array expressions and exposes no hook for them, so fusing them would need a
   change to asgo_core.step.
 
-Fallbacks without host synchronisation: `run_if` computes the fallback and selects it with
-cupy.where (CuPy has no device-side branch). The eigh fallback therefore runs on every root
-refresh whatever the primary method, which is why root_method="auto" resolves to "eigh" here:
-an iterative primary method would add its cost on top of an eigh that runs anyway.
+Fallbacks: CuPy has no device-side branch, so `run_if` reads its one-element predicate — one
+host read per fallback level and bucket, on root-refresh steps only (every τ steps), the same
+policy as the torch backend on CUDA. The alternative, computing the fallback and selecting with
+cupy.where, would run an eigh (which syncs itself to check cuSOLVER's status) on every refresh
+and erase the iteration's advantage for large k.
 """
 
 from __future__ import annotations
@@ -68,19 +70,18 @@ def gram_update(V, G, decay, weight):
     return _scale_add(V, cupy.matmul(G, cupy.swapaxes(G, -1, -2)), decay, weight)
 
 
+# cuSOLVER's eigh is slow for large k while the iteration is matmul-bound; the same threshold
+# as the torch backend on CUDA (not yet measured on a GPU by this project).
+_ITERATION_MIN_K = 512
+
+
 def choose_root_method(k, dtype, device):
-    """Always eigh: with compute-and-select fallbacks (see the module docstring) the eigh
-    fallback runs on every refresh, so any other primary method only adds work."""
-    return "eigh"
+    return "polar_express" if k >= _ITERATION_MIN_K else "eigh"
 
 
 def run_if(predicate, compute, otherwise):
-    """compute() where the 0-d bool `predicate` holds, else otherwise(), with no host read:
-    both run and cupy.where selects (tuples element by element)."""
-    computed, kept = compute(), otherwise()
-    if isinstance(computed, tuple):
-        return tuple(cupy.where(predicate, new, old) for new, old in zip(computed, kept))
-    return cupy.where(predicate, computed, kept)
+    """compute() if the 0-d bool predicate holds, else otherwise(): one host read (see above)."""
+    return compute() if bool(predicate) else otherwise()
 
 
 def apply_update(param, update, lr):
