@@ -28,8 +28,9 @@ with seed 0 for --sweep-steps steps (half the run by default) at every lr of its
 with the lowest final validation loss is stored under the config name ("quick" or "full").
 Grids (peak lr):
     adamw               3e-4, 1e-3, 3e-3, 1e-2
-    muon                1e-3, 3e-3, 1e-2, 3e-2
-    asgo_tau1/10, dasgo 1e-3, 3e-3, 1e-2, 3e-2   (the ASGO reference uses 1e-2)
+    muon, asgo_tau1, asgo_tau10, dasgo   3e-3, 1e-2, 3e-2, 1e-1
+(Muon with match_rms_adamw and ASGO/DASGO with their update RMS 0.2 take the same lr scale; the
+ASGO reference uses 1e-2. A quick sweep put Muon's best at the top of 1e-3..3e-2, hence the range.)
 --lr NAME=VALUE overrides a stored choice (or stands in for a missing one).
 
 Usage:
@@ -62,17 +63,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 PRESETS = {
-    "quick": dict(n_layer=2, n_head=4, d_model=128, block_size=64, batch_size=16,
+    "quick": dict(n_layer=2, n_head=4, d_model=128, block_size=64, batch_size=32,
                   steps=300, eval_every=25, seeds=1),
     "full": dict(n_layer=4, n_head=4, d_model=128, block_size=128, batch_size=32,
                  steps=1000, eval_every=50, seeds=3),
 }
 LR_GRIDS = {
     "adamw": [3e-4, 1e-3, 3e-3, 1e-2],
-    "muon": [1e-3, 3e-3, 1e-2, 3e-2],
-    "asgo_tau1": [1e-3, 3e-3, 1e-2, 3e-2],
-    "asgo_tau10": [1e-3, 3e-3, 1e-2, 3e-2],
-    "dasgo": [1e-3, 3e-3, 1e-2, 3e-2],
+    "muon": [3e-3, 1e-2, 3e-2, 1e-1],
+    "asgo_tau1": [3e-3, 1e-2, 3e-2, 1e-1],
+    "asgo_tau10": [3e-3, 1e-2, 3e-2, 1e-1],
+    "dasgo": [3e-3, 1e-2, 3e-2, 1e-1],
 }
 ALL_OPTIMIZERS = list(LR_GRIDS)
 ASGO_OPTIMIZERS = {"asgo_tau1", "asgo_tau10", "dasgo"}
@@ -195,14 +196,11 @@ def build_model(args: argparse.Namespace, seed: int) -> GPT:
 
 # ----------------------------------------------------------------------------------- optimizers
 
-def adamw_groups(params: list[nn.Parameter], matrix_decay: float) -> list[dict]:
-    """Weight decay on 2-D params only."""
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": matrix_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def make_adamw(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
-    groups = adamw_groups(list(model.parameters()), WEIGHT_DECAY)
+    """Weight decay on the 2-D params only."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return [torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS)]
 
 
@@ -284,7 +282,8 @@ def train_run(args: argparse.Namespace, name: str, lr: float, seed: int, steps: 
     device = torch.device(args.device)
     model = build_model(args, seed)
     optimizers = OPTIMIZER_FACTORIES[name](model, lr)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps)) for opt in optimizers]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+                  for opt in optimizers]
     batches = torch.Generator().manual_seed(seed)
     curve, step_times, optimizer_times, interval_losses = [], [], [], []
     train_seconds, diverged = 0.0, False
@@ -343,10 +342,13 @@ def run_sweep(args: argparse.Namespace, train_data: torch.Tensor, val_batches: l
         best_lr = min(val_by_lr, key=lambda lr: val_by_lr[lr]
                       if math.isfinite(val_by_lr[lr]) else math.inf)
         config_choices[name] = {"lr": best_lr, "sweep_steps": args.sweep_steps, "seed": 0,
-                                "final_val_loss_by_lr": {f"{lr:g}": v for lr, v in val_by_lr.items()},
+                                "final_val_loss_by_lr": {f"{lr:g}": loss
+                                                         for lr, loss in val_by_lr.items()},
                                 "model": model_config(args)}
         LR_CHOICES_PATH.write_text(json.dumps(choices, indent=2) + "\n")
-        print(f"{name}: chose lr {best_lr:g} (written to {LR_CHOICES_PATH})")
+        at_edge = best_lr in (LR_GRIDS[name][0], LR_GRIDS[name][-1])
+        print(f"{name}: chose lr {best_lr:g} (written to {LR_CHOICES_PATH})"
+              + (" -- at the edge of the grid, consider widening it" if at_edge else ""))
 
 
 def resolve_lrs(args: argparse.Namespace) -> dict[str, float]:
@@ -460,7 +462,15 @@ def zoomed_top(summary: dict[str, dict]) -> float:
 def machine_info() -> dict:
     return {"platform": platform.platform(), "machine": platform.machine(),
             "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg()}
+
+
+def warn_if_busy() -> None:
+    """Timings mean little when other processes compete for the cores."""
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores before starting; "
+              f"step times will be inflated by other processes")
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -524,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"text: {source}, {len(data):,} bytes ({len(train_data):,} train / "
           f"{len(val_data):,} val); config {args.config_name}: {model_config(args)}, "
           f"{args.steps} steps, {args.seeds} seed(s), {torch.get_num_threads()} threads")
+    warn_if_busy()
     if args.sweep:
         run_sweep(args, train_data, val_batches)
         return
