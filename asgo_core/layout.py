@@ -45,6 +45,11 @@ class BlockLayout:
     other: int                 # length of the non-preconditioned side
 
     @property
+    def is_single_block(self) -> bool:
+        """One preconditioner per matrix: no heads, no splitting."""
+        return self.heads == 1 and self.full_blocks == 1 and not self.remainder
+
+    @property
     def group_sizes(self) -> tuple[int, ...]:
         """Block size of each group: the full blocks, then the remainder block if any."""
         sizes = (self.block_size,) if self.full_blocks else ()
@@ -59,6 +64,8 @@ class BlockLayout:
     def split(self, stack, xp):
         """(B, m, n) → one (B·blocks, size, other) array per group, in matrix-major order."""
         rows = self._canonical(stack, xp)
+        if self.is_single_block:
+            return [rows]  # a view: no reshape, which would copy a transposed (right-side) stack
         rows = xp.reshape(rows, (self.num_matrices * self.heads, self.head_rows, self.other))
         groups = []
         full_rows = self.full_blocks * self.block_size
@@ -71,6 +78,8 @@ class BlockLayout:
 
     def merge(self, groups, xp):
         """Inverse of split: the per-group block arrays back to the (B, m, n) stack."""
+        if self.is_single_block:
+            return self._canonical(groups[0], xp)
         rows_per_head = [rows for rows in (self.full_blocks * self.block_size, self.remainder) if rows]
         parts = [xp.reshape(group, (self.num_matrices * self.heads, rows, self.other))
                  for rows, group in zip(rows_per_head, groups)]

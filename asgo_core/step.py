@@ -83,33 +83,39 @@ def step(grad, state, param, config, *, refresh_root: bool | None = None):
     weight_decay = 0). refresh_root: whether this step recomputes the ASGO root; None reads
     it from state.count (a host read: adapters on GPUs pass it explicitly). Ignored by DASGO,
     which has no root. The update has the parameter's dtype (the gradient's if param is None).
+
+    A gradient is non-finite when its Gram matrix (ASGO) or column energies (DASGO) are: that
+    catches every NaN/inf entry without an extra pass over the gradient, and also treats a
+    gradient whose squares overflow the statistics dtype as non-finite.
     """
     if param is None and config.weight_decay != 0.0:
         raise ValueError("param is required when weight_decay != 0 (the update carries weight_decay·W)")
     xp = _xp.namespace(grad, state.momentum)
     lead = tuple(grad.shape[:-2])
-    G = _flatten_lead(xp.astype(grad, state.momentum.dtype), xp)
-    finite = _finite_gradients(G, config, xp)
-    G = xp.where(finite[:, None, None], G, xp.zeros_like(G))
+    G = _flatten_lead(xp.astype(grad, state.momentum.dtype, copy=False), xp)
     old_momentum = _flatten_lead(state.momentum, xp)
-    momentum = _lerp(old_momentum, G, config.beta1)
+    new_momentum = _ema(old_momentum, G, config.beta1, xp)
     if isinstance(config, DASGOConfig):
-        direction, new_state = _dasgo_direction(G, momentum, finite, state, config, xp)
+        statistics = _dasgo_statistics(G, state, config, xp)
+    else:
+        statistics = _asgo_statistics(G, state, config, xp)
+    finite = statistics.finite
+    if config.nonfinite == "raise" and not bool(xp.all(finite)):
+        raise FloatingPointError("non-finite gradient (nonfinite='raise'); no state was changed")
+    momentum = xp.where(finite[:, None, None], new_momentum, old_momentum)
+    if isinstance(config, DASGOConfig):
+        direction, new_state = _dasgo_direction(momentum, statistics, state, config, xp)
     else:
         if refresh_root is None:
             refresh_root = needs_root_refresh(int(state.count), config)
-        direction, new_state = _asgo_direction(G, momentum, finite, state, config, refresh_root, xp)
-    update = _normalise(direction, config.update_rms, xp)
-    out_dtype = (param if param is not None else grad).dtype
-    if config.weight_decay != 0.0:
-        update = update + config.weight_decay * _flatten_lead(xp.astype(param, update.dtype), xp)
-    update = xp.where(finite[:, None, None], update, xp.zeros_like(update))
-    momentum = xp.where(finite[:, None, None], momentum, old_momentum)
+        direction, new_state = _asgo_direction(momentum, statistics, state, config, refresh_root, xp)
+    update = _update(direction, finite, param, config, xp)
     new_state = new_state._replace(
         momentum=xp.reshape(momentum, state.momentum.shape),
         count=state.count + 1,
         skipped=state.skipped + xp.reshape(xp.astype(~finite, xp.int32), lead))
-    return xp.astype(xp.reshape(update, grad.shape), out_dtype), new_state
+    out_dtype = (param if param is not None else grad).dtype
+    return xp.astype(xp.reshape(update, grad.shape), out_dtype, copy=False), new_state
 
 
 def _check_config(config) -> None:
@@ -121,22 +127,23 @@ def _flatten_lead(x, xp):
     return xp.reshape(x, (-1, *x.shape[-2:]))
 
 
-def _finite_gradients(G, config, xp):
-    finite = _xp.all_finite(G, xp, axes=(-2, -1))
-    if config.nonfinite == "raise" and not bool(xp.all(finite)):
-        raise FloatingPointError("non-finite gradient (nonfinite='raise'); no state was changed")
-    return finite
-
-
-def _lerp(old, new, beta: float):
-    """beta·old + (1 − beta)·new, the EMA used for momentum."""
-    return beta * old + (1.0 - beta) * new
+def _ema(old, new, beta: float, xp):
+    """beta·old + (1 − beta)·new, the EMA used for momentum (one fused pass where the backend has it)."""
+    fused = _xp.backend_function(xp, "ema")
+    return fused(old, new, beta) if fused is not None else beta * old + (1.0 - beta) * new
 
 
 def _statistics_weights(config) -> tuple[float, float]:
     """(decay, weight) with statistics ← decay·old + weight·new: an EMA, or a beta2-decayed
     plain sum (Algorithm 1 at beta2 = 1)."""
     return config.beta2, 1.0 if config.accumulate == "sum" else 1.0 - config.beta2
+
+
+class _Statistics(NamedTuple):
+    """This step's candidate statistics, before non-finite matrices are masked out."""
+    finite: Any       # (B,) bool: the matrix's gradient is finite
+    values: Any       # ASGO: tuple of per-group Gram stacks; DASGO: (B, n) column energies EMA
+    layout: Any       # ASGO: the BlockLayout; DASGO: None
 
 
 def _gram_update(V, G_blocks, config, xp):
@@ -147,16 +154,26 @@ def _gram_update(V, G_blocks, config, xp):
     return decay * V + weight * xp.matmul(G_blocks, _xp.transpose(G_blocks, xp))
 
 
-def _asgo_direction(G, momentum, finite, state, config, refresh_root, xp):
+def _asgo_statistics(G, state, config, xp) -> _Statistics:
     layout = block_layout(G.shape, config)
-    G_blocks = layout.split(G, xp)
-    M_blocks = layout.split(momentum, xp)
+    grams = tuple(_gram_update(V, G_b, config, xp) for V, G_b in zip(state.gram, layout.split(G, xp)))
+    nonfinite_blocks = xp.zeros((layout.num_matrices,), dtype=xp.int32, device=_xp.device(G))
+    for index, V in enumerate(grams):
+        trace = xp.sum(xp.linalg.diagonal(V), axis=-1)
+        nonfinite_blocks = nonfinite_blocks + layout.per_matrix_sum(
+            xp.astype(~xp.isfinite(trace), xp.int32), index, xp)
+    return _Statistics(nonfinite_blocks == 0, grams, layout)
+
+
+def _asgo_direction(momentum, statistics, state, config, refresh_root, xp):
+    layout = statistics.layout
     grams, roots, directions = [], [], []
     fallback_counts = xp.zeros((layout.num_matrices, len(FALLBACK_LEVELS)), dtype=xp.int32,
-                               device=_xp.device(G))
-    for index, (V_old, R_old, G_b, M_b) in enumerate(zip(state.gram, state.root, G_blocks, M_blocks)):
-        keep = ~layout.per_block(finite, index, xp)[:, None, None]
-        V = xp.where(keep, V_old, _gram_update(V_old, G_b, config, xp))
+                               device=_xp.device(momentum))
+    blocks = zip(state.gram, statistics.values, state.root, layout.split(momentum, xp))
+    for index, (V_old, V_new, R_old, M_b) in enumerate(blocks):
+        keep = ~layout.per_block(statistics.finite, index, xp)[:, None, None]
+        V = xp.where(keep, V_old, V_new)
         R = R_old
         if refresh_root:
             R, failed_levels = robust_root(V, R_old, config, xp)
@@ -222,22 +239,37 @@ def _run_if_generic(predicate, compute, otherwise):
     return compute() if bool(predicate) else otherwise()
 
 
-def _dasgo_direction(G, momentum, finite, state, config, xp):
-    lead = state.skipped.shape
-    old_v = xp.reshape(state.second_moment, (-1, G.shape[-1]))
+def _dasgo_statistics(G, state, config, xp) -> _Statistics:
     decay, weight = _statistics_weights(config)
-    v = xp.where(finite[:, None], decay * old_v + weight * xp.sum(G * G, axis=-2), old_v)
+    old_v = xp.reshape(state.second_moment, (-1, G.shape[-1]))
+    column_energy = xp.sum(G * G, axis=-2)
+    finite = xp.all(xp.isfinite(column_energy), axis=-1)
+    return _Statistics(finite, decay * old_v + weight * column_energy, None)
+
+
+def _dasgo_direction(momentum, statistics, state, config, xp):
+    lead = state.skipped.shape
+    old_v = xp.reshape(state.second_moment, statistics.values.shape)
+    v = xp.where(statistics.finite[:, None], statistics.values, old_v)
     direction = momentum / xp.sqrt(v + config.eps)[:, None, :]
-    return direction, state._replace(second_moment=xp.reshape(v, lead + (G.shape[-1],)))
+    return direction, state._replace(second_moment=xp.reshape(v, lead + (v.shape[-1],)))
 
 
-def _normalise(direction, update_rms, xp):
-    """Rescale each matrix to RMS update_rms (ρ·√(mn)/‖D‖_F); a zero matrix stays zero."""
-    if update_rms is None:
-        return direction
-    m, n = direction.shape[-2:]
-    norm = _xp.frobenius_norm(direction, xp)
-    target = update_rms * math.sqrt(m * n)
-    positive = norm > 0
-    scale = xp.where(positive, target / xp.where(positive, norm, xp.ones_like(norm)), xp.zeros_like(norm))
-    return direction * scale
+def _update(direction, finite, param, config, xp):
+    """update = scale·D + weight_decay·W per matrix, scale = ρ·√(mn)/‖D‖_F (1 when ρ is None),
+    and 0 for skipped matrices. D is finite here (skipped matrices carry their old momentum),
+    so one multiply masks them; a zero D stays zero."""
+    mask = xp.astype(finite, direction.dtype)[:, None, None]
+    if config.update_rms is None:
+        scale = mask
+    else:
+        m, n = direction.shape[-2:]
+        norm = xp.linalg.vector_norm(direction, axis=(-2, -1), keepdims=True)
+        positive = (norm > 0) & (mask > 0)
+        target = config.update_rms * math.sqrt(m * n)
+        scale = xp.where(positive, target / xp.where(positive, norm, xp.ones_like(norm)), xp.zeros_like(norm))
+    update = direction * scale
+    if config.weight_decay != 0.0:
+        weights = _flatten_lead(xp.astype(param, update.dtype, copy=False), xp)
+        update = update + weights * (config.weight_decay * mask)
+    return update

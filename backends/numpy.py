@@ -62,3 +62,10 @@ def gram_update(V, G, decay, weight):
     gram *= weight
     gram += decay * V
     return gram
+
+
+def ema(old, new, beta):
+    """beta·old + (1 − beta)·new with one temporary."""
+    result = old * beta
+    result += (1.0 - beta) * new
+    return result

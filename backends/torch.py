@@ -75,3 +75,8 @@ def run_if(predicate, compute, otherwise):
 
 def _capturing(predicate) -> bool:
     return predicate.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def ema(old, new, beta):
+    """beta·old + (1 − beta)·new in one pass (torch.lerp)."""
+    return torch.lerp(old, new, 1.0 - beta)
