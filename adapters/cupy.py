@@ -365,7 +365,7 @@ class ASGO(_ArrayOptimizer):
     Options (names and defaults shared with the torch and optax adapters): lr; betas =
     (beta1, beta2); eps, weight_decay, precondition_frequency, update_rms, root_method,
     root_steps, side, max_precond_dim, num_heads, accumulate, damping, root_tolerance,
-    residual_tolerance, nonfinite as in ASGOConfig; adamw_lr (None: lr), adamw_betas, adamw_eps,
+    residual_tolerance, nonfinite, matmul_dtype as in ASGOConfig; adamw_lr (None: lr), adamw_betas, adamw_eps,
     adamw_weight_decay for the AdamW arrays; maximize (ascend instead); algorithm (per group:
     None = by dims, or "asgo" | "dasgo" | "adamw").
     """
@@ -381,6 +381,7 @@ class ASGO(_ArrayOptimizer):
                  accumulate=ASGOConfig.accumulate, damping=ASGOConfig.damping,
                  root_tolerance=ASGOConfig.root_tolerance,
                  residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
+                 matmul_dtype=ASGOConfig.matmul_dtype,
                  adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
                  maximize=False, algorithm=None):
         super().__init__(params, dict(
@@ -389,8 +390,9 @@ class ASGO(_ArrayOptimizer):
             root_method=root_method, root_steps=root_steps, side=side,
             max_precond_dim=max_precond_dim, num_heads=num_heads, accumulate=accumulate,
             damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-            nonfinite=nonfinite, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay, maximize=maximize, algorithm=algorithm))
+            nonfinite=nonfinite, matmul_dtype=matmul_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            algorithm=algorithm))
 
 
 class DASGO(_ArrayOptimizer):

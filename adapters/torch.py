@@ -311,6 +311,7 @@ class ASGO(_MatrixOptimizer):
                  accumulate=ASGOConfig.accumulate, damping=ASGOConfig.damping,
                  root_tolerance=ASGOConfig.root_tolerance,
                  residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
+                 matmul_dtype=ASGOConfig.matmul_dtype,
                  adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
                  maximize=False, algorithm=None):
         defaults = dict(
@@ -319,8 +320,9 @@ class ASGO(_MatrixOptimizer):
             root_method=root_method, root_steps=root_steps, side=side,
             max_precond_dim=max_precond_dim, num_heads=num_heads, accumulate=accumulate,
             damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-            nonfinite=nonfinite, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay, maximize=maximize, algorithm=algorithm)
+            nonfinite=nonfinite, matmul_dtype=matmul_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+            algorithm=algorithm)
         super().__init__(params, defaults)
 
 

@@ -15,6 +15,7 @@ ROOT_METHODS = ("auto", "eigh", "newton_schulz", "polar_express", "coupled_newto
 ACCUMULATE_MODES = ("ema", "sum")
 DAMPING_MODES = ("relative", "absolute")
 NONFINITE_POLICIES = ("skip", "raise")
+MATMUL_DTYPES = (None, "bfloat16")
 
 # Steps each iterative solver runs when `root_steps` is None. PolarExpress reaches
 # normalised eigenvalues down to ~1e-8 in ten steps (SPEC §5); Newton–Schulz lifts small
@@ -94,6 +95,11 @@ class ASGOConfig:
     num_heads: split the preconditioned (left, output) side into this many equal head blocks
         (SPEC §4: attention Q/K); None disables it.
     nonfinite: "skip" a matrix whose gradient is not finite (counted), or "raise".
+    matmul_dtype: None, or "bfloat16": the inputs of the Gram G·Gᵀ and of the apply R·M are
+        rounded to bfloat16 (products accumulate in float32 where the backend does so) while V,
+        R and the solve stay in the statistics dtype. About three significant digits of S and D
+        for 2–4× faster GEMMs on bf16 hardware, the trade torch.optim.Muon makes for its whole
+        iteration. Needs a namespace with bfloat16 (torch, JAX); None (default) keeps full precision.
     """
 
     beta1: float = 0.9
@@ -112,9 +118,11 @@ class ASGOConfig:
     max_precond_dim: Optional[int] = None
     num_heads: Optional[int] = None
     nonfinite: str = "skip"
+    matmul_dtype: Optional[str] = None
 
     def __post_init__(self):
         _check_common(self)
+        _check_choice("matmul_dtype", self.matmul_dtype, MATMUL_DTYPES)
         _check_choice("damping", self.damping, DAMPING_MODES)
         _check_positive_int("precondition_frequency", self.precondition_frequency, allow_none=False)
         _check_choice("side", self.side, SIDES)

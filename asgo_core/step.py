@@ -151,12 +151,25 @@ def _gram_update(V, G_blocks, config, xp):
     fused = _xp.backend_function(xp, "gram_update")
     if fused is not None:
         return fused(V, G_blocks, decay, weight)
-    return decay * V + weight * xp.matmul(G_blocks, _xp.transpose(G_blocks, xp))
+    gram = xp.matmul(G_blocks, _xp.transpose(G_blocks, xp))
+    return decay * V + weight * xp.astype(gram, V.dtype, copy=False)
+
+
+def _matmul_input(x, config, xp):
+    """x rounded to config.matmul_dtype for a GEMM input (unchanged when it is None)."""
+    if config.matmul_dtype is None:
+        return x
+    low = getattr(xp, config.matmul_dtype, None)
+    if low is None:
+        raise ValueError(f"matmul_dtype={config.matmul_dtype!r} is not supported by the "
+                         f"{xp.__name__} namespace; accepted there: None")
+    return xp.astype(x, low)
 
 
 def _asgo_statistics(G, state, config, xp) -> _Statistics:
     layout = block_layout(G.shape, config)
-    grams = tuple(_gram_update(V, G_b, config, xp) for V, G_b in zip(state.gram, layout.split(G, xp)))
+    G_blocks = layout.split(_matmul_input(G, config, xp), xp)
+    grams = tuple(_gram_update(V, G_b, config, xp) for V, G_b in zip(state.gram, G_blocks))
     nonfinite_blocks = xp.zeros((layout.num_matrices,), dtype=xp.int32, device=_xp.device(G))
     for index, V in enumerate(grams):
         trace = xp.sum(xp.linalg.diagonal(V), axis=-1)
@@ -170,7 +183,8 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, xp):
     grams, roots, directions = [], [], []
     fallback_counts = xp.zeros((layout.num_matrices, len(FALLBACK_LEVELS)), dtype=xp.int32,
                                device=_xp.device(momentum))
-    blocks = zip(state.gram, statistics.values, state.root, layout.split(momentum, xp))
+    blocks = zip(state.gram, statistics.values, state.root,
+                 layout.split(_matmul_input(momentum, config, xp), xp))
     for index, (V_old, V_new, R_old, M_b) in enumerate(blocks):
         keep = ~layout.per_block(statistics.finite, index, xp)[:, None, None]
         V = xp.where(keep, V_old, V_new)
@@ -184,12 +198,12 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, xp):
                  for level in range(len(FALLBACK_LEVELS))], axis=1)
         grams.append(V)
         roots.append(R)
-        directions.append(xp.matmul(R, M_b))
+        directions.append(xp.matmul(xp.astype(R, M_b.dtype, copy=False), M_b))
     lead = state.skipped.shape
     new_state = state._replace(
         gram=tuple(grams), root=tuple(roots),
         fallbacks=state.fallbacks + xp.reshape(fallback_counts, lead + (len(FALLBACK_LEVELS),)))
-    return layout.merge(directions, xp), new_state
+    return xp.astype(layout.merge(directions, xp), momentum.dtype, copy=False), new_state
 
 
 def robust_root(V, previous_root, config: ASGOConfig, xp):

@@ -37,7 +37,7 @@ def coupled_step(Y, Z, a, b, c):
 
 def gram_update(V, G, decay, weight):
     """decay·V + weight·G·Gᵀ for a (..., k, other) stack G."""
-    gram = jnp.einsum("...ij,...kj->...ik", G, G, precision=_HIGHEST)
+    gram = jnp.einsum("...ij,...kj->...ik", G, G, precision=_HIGHEST, preferred_element_type=V.dtype)
     return decay * V + weight * gram
 
 

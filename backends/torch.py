@@ -45,7 +45,10 @@ def coupled_step(Y, Z, a, b, c):
 
 
 def gram_update(V, G, decay, weight):
-    """decay·V + weight·G·Gᵀ in one baddbmm."""
+    """decay·V + weight·G·Gᵀ in one baddbmm; a lower-precision G (matmul_dtype) gets its own
+    GEMM, whose result is added to V in V's dtype."""
+    if G.dtype != V.dtype:
+        return torch.add(V * decay, torch.matmul(G, G.mT), alpha=weight)
     return _gemm(V, G, G.mT, beta=decay, alpha=weight)
 
 

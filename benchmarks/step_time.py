@@ -7,6 +7,10 @@ the biases; plus a token embedding (vocab × 384; vocab 8192 by default instead 
 to keep the run short — it goes to AdamW in every optimizer, so it weighs the same in all),
 learned positions (256 × 384) and a final LayerNorm. Gradients are fixed random tensors.
 
+"bf16mm" rows run ASGO with matmul_dtype="bfloat16": bf16 inputs to the Gram and apply GEMMs,
+statistics and root in float32 — the precision torch.optim.Muon uses for its whole iteration.
+"Muon fp32" is Muon's update with its iteration in float32, for comparison at equal precision.
+
 Embeddings, positions and <2-D parameters go to AdamW in Muon, ASGO, DASGO and the reference
 baseline alike. Time is measured in rounds of τ steps (one root period; τ = 1 for the others)
 after a warm-up step; the table shows the median over rounds of the mean step time per round,
@@ -145,6 +149,10 @@ def build_optimizers(model: GPT) -> dict:
         "Muon fp32 + AdamW": lambda: Combined(MuonFloat32(matrices), adamw_rest()),
         "ASGO τ=1": lambda: ASGO(asgo_param_groups(model), lr=LR, precondition_frequency=1),
         "ASGO τ=10": lambda: ASGO(asgo_param_groups(model), lr=LR, precondition_frequency=10),
+        "ASGO τ=1 bf16mm": lambda: ASGO(asgo_param_groups(model), lr=LR, precondition_frequency=1,
+                                        matmul_dtype="bfloat16"),
+        "ASGO τ=10 bf16mm": lambda: ASGO(asgo_param_groups(model), lr=LR, precondition_frequency=10,
+                                         matmul_dtype="bfloat16"),
         "DASGO": lambda: DASGO(asgo_param_groups(model), lr=LR),
         "reference-style": lambda: Combined(ReferenceStyleASGO(matrices), adamw_rest()),
     }

@@ -26,6 +26,7 @@ BAD_ASGO_VALUES = {
     "max_precond_dim": [0, -4],
     "num_heads": [0],
     "nonfinite": ["ignore"],
+    "matmul_dtype": ["float16", "bf16"],
 }
 
 BAD_DASGO_VALUES = {

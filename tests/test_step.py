@@ -271,3 +271,28 @@ def _flat_arrays(state):
             yield from leaf
         else:
             yield leaf
+
+
+def test_bfloat16_matmul_inputs_stay_close_to_full_precision():
+    import torch
+    rng = np.random.default_rng(19)
+    W0, grads = rng.standard_normal((2, 24, 40)), gradient_sequence((2, 24, 40), 5, seed=20)
+    results = {}
+    for matmul_dtype in (None, "bfloat16"):
+        config = ASGOConfig(matmul_dtype=matmul_dtype)
+        W = torch.tensor(W0, dtype=torch.float32)
+        state = init_state(W, config)
+        for G in grads:
+            update, state = step(torch.tensor(G, dtype=torch.float32), state, W, config)
+            W = W - LR * update
+        assert state.gram[0].dtype == torch.float32 and W.dtype == torch.float32
+        results[matmul_dtype] = W.numpy() - W0
+    difference = relative_error(results["bfloat16"], results[None])
+    assert 1e-6 < difference < 2e-2  # really rounded, yet close
+
+
+def test_bfloat16_matmul_on_a_namespace_without_bfloat16_raises():
+    config = ASGOConfig(matmul_dtype="bfloat16")
+    G = np.ones((3, 5))
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        step(G, init_state(G, config), G, config)
