@@ -15,7 +15,7 @@ a parameter without a gradient on its owner is sent unchanged, and a rank that o
 (more ranks than parameters) sends padding only. No rank waits on a value another rank lacks.
 
 Gradients must be identical on all ranks (DDP guarantees it); the owner's gradient is the one
-used. Parameters must be replicated (DDP), not sharded (FSDP2: see `FSDPASGO` when available).
+used. Parameters must be replicated (DDP), not sharded (FSDP2: see `FSDPASGO` below).
 
 State (matrix and AdamW alike) lives only on the owner. `state_dict()` is a collective — call it
 on every rank — that gathers the full state to every rank as CPU tensors, in exactly the layout
@@ -32,11 +32,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from asgo_core import matrix_view_shape
+from asgo_core import _xp, block_layout, matrix_view_shape
+from asgo_core.layout import resolve_side
+from asgo_core.step import FALLBACK_LEVELS, needs_root_refresh, robust_root
 
-from .torch import ASGO, DASGO, Bucket, _algorithm_of, _to_device
+from .torch import ASGO, DASGO, Bucket, _algorithm_of, _to_device, group_config
 
-__all__ = ["DistributedASGO", "DistributedDASGO", "parameter_cost", "assign_owners"]
+__all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "assign_owners"]
 
 _ADAMW_FLOPS_PER_ELEMENT = 12
 _DASGO_FLOPS_PER_ELEMENT = 8
@@ -207,3 +209,127 @@ class DistributedASGO(_OwnerSplit, ASGO):
 
 class DistributedDASGO(_OwnerSplit, DASGO):
     """`DASGO` with each parameter stepped on one owner rank (see the module docstring)."""
+
+
+class FSDPASGO(ASGO):
+    """ASGO for FSDP2 (`fully_shard`) models: DTensor parameters sharded on dim 0 (rows).
+
+    Sharded-Gram path — a bucket whose preconditioned side is the columns (side "right": the
+    default for m >= n) with no head or size blocks: the column Gram GᵀG is the sum of the
+    shards' Grams, so each step all-reduces one (bucket, n, n) stack, every rank computes the
+    same root, applies it to its own momentum rows, and one more all-reduce of the (bucket,)
+    squared norms gives the global ‖D‖_F of the RMS normalisation. No gradient is gathered;
+    momentum stays sharded like the parameter, Gram and root (n×n) are replicated.
+
+    Every other bucket (rows preconditioned, head blocks, max_precond_dim blocks) gathers the
+    full gradient and parameter on every rank and runs the single-process step there; its
+    state is then full-size on every rank. Parameters with fewer than 2 dims take AdamW on
+    their local shards. state_dict() is this rank's shard of the state (save one per rank).
+
+    Not done yet: owner split of the gathered buckets, side="auto_sharded" (choosing the
+    unsharded side), torch.distributed.checkpoint integration of the sharded state.
+    """
+
+    def _bucket_step(self, bucket: Bucket) -> None:
+        group = self.param_groups[bucket.group_index]
+        config = group_config(group, bucket.algorithm)
+        if _is_row_sharded(bucket.params[0]) and _uses_sharded_gram(bucket, config):
+            self._sharded_gram_step(bucket, group, config)
+        else:
+            self._gathered_step(bucket)
+
+    def _gathered_step(self, bucket: Bucket) -> None:
+        """The single-process step on full tensors, keeping this rank's rows of the result."""
+        params = bucket.params
+        locals_ = [p.to_local() if _is_dtensor(p) else p for p in params]
+        full = [_full(p) for p in params]
+        full_params = [torch.nn.Parameter(f) for f in full]
+        for full_param, param in zip(full_params, params):
+            full_param.grad = _full(param.grad)
+            self.state[full_param] = self.state.pop(param, {})
+        super()._bucket_step(Bucket(bucket.group_index, bucket.algorithm, tuple(full_params)))
+        for full_param, param, local in zip(full_params, params, locals_):
+            self.state[param] = self.state.pop(full_param)
+            local.copy_(_my_rows(full_param.detach(), param))
+
+    def _sharded_gram_step(self, bucket: Bucket, group: dict, config) -> None:
+        params, mesh_group = bucket.params, bucket.params[0].device_mesh.get_group()
+        m, n = bucket.matrix_shape
+        weights = torch.stack([p.to_local().reshape(-1, n) for p in params])
+        statistics_dtype = torch.promote_types(weights.dtype, torch.float32)
+        grads = torch.stack([p.grad.to_local().reshape(-1, n) for p in params]).to(statistics_dtype)
+        if group["maximize"]:
+            grads = -grads
+        states = [self._sharded_state(p, weights[0].to(statistics_dtype), n) for p in params]
+        momentum_old = torch.stack([s["momentum"] for s in states])
+        gram_old = torch.stack([s["gram"] for s in states])
+        column_gram = grads.mT @ grads
+        dist.all_reduce(column_gram, group=mesh_group)
+        decay, weight = config.beta2, 1.0 if config.accumulate == "sum" else 1.0 - config.beta2
+        gram_new = decay * gram_old + weight * column_gram
+        finite = torch.isfinite(gram_new.diagonal(dim1=-2, dim2=-1).sum(-1))
+        keep = ~finite[:, None, None]
+        momentum = torch.where(keep, momentum_old, torch.lerp(momentum_old, grads, 1.0 - config.beta1))
+        gram = torch.where(keep, gram_old, gram_new)
+        root = torch.stack([s["root"] for s in states])
+        fallbacks = torch.zeros(len(params), len(FALLBACK_LEVELS), dtype=torch.int32)
+        if needs_root_refresh(states[0]["step"], config):
+            new_root, fallbacks = robust_root(gram, root, config, _xp.namespace(gram))
+            root = torch.where(keep, root, new_root)
+            fallbacks = torch.where(keep[:, :, 0], 0, fallbacks)
+        direction = momentum @ root
+        update = self._normalised(direction, mesh_group, m * n, config) * finite[:, None, None]
+        update = update + config.weight_decay * weights.to(statistics_dtype) * finite[:, None, None]
+        for index, (param, state) in enumerate(zip(params, states)):
+            state.update(step=state["step"] + 1, momentum=momentum[index], gram=gram[index],
+                         root=root[index], skipped=state["skipped"] + (~finite[index]).int(),
+                         fallbacks=state["fallbacks"] + fallbacks[index])
+            local = param.to_local()
+            local.sub_((group["lr"] * update[index]).to(local.dtype).view(local.shape))
+
+    @staticmethod
+    def _normalised(direction, mesh_group, numel: int, config):
+        """D·ρ·sqrt(m·n)/‖D‖_F with the global norm (one all-reduce); ρ = None: D itself."""
+        if config.update_rms is None:
+            return direction
+        squared_norm = direction.square().sum(dim=(-2, -1))
+        dist.all_reduce(squared_norm, group=mesh_group)
+        norm = squared_norm.sqrt()
+        scale = torch.where(norm > 0, config.update_rms * numel ** 0.5 / norm.clamp_min(1e-30), 0.0)
+        return direction * scale[:, None, None]
+
+    def _sharded_state(self, param, local_rows, n: int) -> dict:
+        state = self.state[param]
+        if not state:
+            zeros = lambda *shape: local_rows.new_zeros(shape)  # noqa: E731
+            state.update(step=0, momentum=zeros(*local_rows.shape), gram=zeros(n, n),
+                         root=zeros(n, n), skipped=torch.zeros((), dtype=torch.int32),
+                         fallbacks=torch.zeros(len(FALLBACK_LEVELS), dtype=torch.int32))
+        return state
+
+
+def _is_dtensor(tensor) -> bool:
+    return hasattr(tensor, "placements") and hasattr(tensor, "to_local")
+
+
+def _is_row_sharded(param) -> bool:
+    return (_is_dtensor(param) and len(param.placements) == 1
+            and param.placements[0].is_shard(dim=0))
+
+
+def _uses_sharded_gram(bucket: Bucket, config) -> bool:
+    m, n = bucket.matrix_shape
+    single_block = block_layout((len(bucket.params), m, n), config).is_single_block
+    return resolve_side(m, n, config) == "right" and single_block
+
+
+def _full(tensor):
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _my_rows(full, param):
+    """This rank's dim-0 shard of `full`, as FSDP2 lays it out (torch.chunk order)."""
+    if not _is_dtensor(param):
+        return full
+    mesh = param.device_mesh
+    return full.chunk(mesh.size(), dim=0)[mesh.get_local_rank()]

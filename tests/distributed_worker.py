@@ -1,7 +1,7 @@
 """One rank of the distributed tests, launched torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT in the environment) by tests/test_distributed.py:
 
-    python tests/distributed_worker.py ddp OUT_DIR
+    python tests/distributed_worker.py ddp|fsdp OUT_DIR
 
 Trains `TinyTransformer` for STEPS steps on rank-specific batches and saves, per rank,
 OUT_DIR/rank{r}.pt: the final parameters, the optimizer's full state_dict and the gradients
@@ -24,6 +24,9 @@ STEPS = 10
 RELOAD_AT_STEP = 5
 VOCAB, WIDTH, HEADS, SEQUENCE, BATCH = 32, 16, 2, 8, 4
 OPTIONS = dict(lr=0.05, precondition_frequency=2)
+# The sharded Gram sums per-rank Grams in another order; eps=1e-3 keeps those float32 rounding
+# differences from being amplified by the default eps=1e-6's condition number (up to 1e6).
+FSDP_OPTIONS = dict(OPTIONS, eps=1e-3)
 
 
 class Block(nn.Module):
@@ -106,12 +109,41 @@ def train_ddp(out_dir: str) -> None:
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+def train_fsdp(out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    rank = dist.get_rank()
+    model = make_model()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = FSDPASGO(make_param_groups(model), **FSDP_OPTIONS)
+    grads_per_step = []
+    for step in range(STEPS):
+        tokens = batch(step, rank)
+        logits = model(tokens[:, :-1], use_rank0_layer=False)
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads_per_step.append({name: None if p.grad is None else p.grad.full_tensor()
+                               for name, p in model.named_parameters()})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sharded_gram_state = {name: optimizer.state[p] for name, p in model.named_parameters()
+                          if isinstance(optimizer.state[p].get("gram"), torch.Tensor)}
+    torch.save({"params": {name: p.full_tensor() for name, p in model.named_parameters()},
+                "grads": grads_per_step, "sharded_gram_state": sharded_gram_state},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        {"ddp": train_ddp}[mode](out_dir)
+        {"ddp": train_ddp, "fsdp": train_fsdp}[mode](out_dir)
     finally:
         dist.destroy_process_group()
 

@@ -44,20 +44,21 @@ def launch(mode: str, world_size: int, out_dir) -> list[dict]:
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
-def single_process_replay(grads_per_step: list[dict]):
-    """The plain ASGO on the gradients the distributed run saw, with its mid-run reload."""
+def single_process_replay(grads_per_step: list[dict], options=worker.OPTIONS, reload_at=None):
+    """The plain ASGO on the gradients the distributed run saw (with a state_dict reload)."""
     model = worker.make_model()
     params = dict(model.named_parameters())
-    optimizer = ASGO(worker.make_param_groups(model), **worker.OPTIONS)
+    optimizer = ASGO(worker.make_param_groups(model), **options)
     for step, grads in enumerate(grads_per_step):
-        if step == worker.RELOAD_AT_STEP:
+        if step == reload_at:
             saved = optimizer.state_dict()
-            optimizer = ASGO(worker.make_param_groups(model), **worker.OPTIONS)
+            optimizer = ASGO(worker.make_param_groups(model), **options)
             optimizer.load_state_dict(saved)
         for name, grad in grads.items():
             params[name].grad = grad
         optimizer.step()
-    return {name: p.detach() for name, p in params.items()}, optimizer.state_dict()
+    state_by_name = {name: optimizer.state.get(p) for name, p in params.items()}
+    return {name: p.detach() for name, p in params.items()}, optimizer.state_dict(), state_by_name
 
 
 def assert_same(actual, expected, where="state"):
@@ -92,11 +93,35 @@ def test_ddp_owner_split_equals_single_process_bitwise(world_size, tmp_path):
     assert grads[0]["unused.weight"] is None and grads[0]["rank0_only.weight"] is not None
     owners = {name: rank for rank, saved in enumerate(ranks) for name in saved["owned"]}
     assert sorted(owners) == sorted(ranks[0]["params"]) and len(set(owners.values())) == world_size
-    expected_params, expected_state = single_process_replay(grads)
+    expected_params, expected_state, _ = single_process_replay(grads, reload_at=worker.RELOAD_AT_STEP)
     for rank, saved in enumerate(ranks):
         assert_same(saved["grads"], grads, f"rank {rank} grads")  # DDP gave every rank the same
         assert_same(saved["params"], expected_params, f"rank {rank} params")
         assert_same(saved["state_dict"], expected_state, f"rank {rank} state_dict")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_equals_single_process(world_size, tmp_path):
+    """Gathered buckets (rows preconditioned, head blocks) and AdamW are bitwise; the sharded
+    Gram sums per-rank partial Grams, so those matrices agree to float32 rounding."""
+    ranks = launch("fsdp", world_size, tmp_path)
+    grads = ranks[0]["grads"]
+    expected_params, _, expected_state = single_process_replay(grads, worker.FSDP_OPTIONS)
+    sharded = ranks[0]["sharded_gram_state"]
+    assert {"blocks.0.v_proj.weight", "blocks.0.fc1.weight", "head.weight"} <= set(sharded)
+    assert "blocks.0.fc2.weight" not in sharded and "blocks.0.q_proj.weight" not in sharded
+    for rank, saved in enumerate(ranks):
+        for name in expected_params:
+            difference = (saved["params"][name] - expected_params[name]).abs().max().item()
+            if name in sharded:
+                assert difference < 1e-5, (rank, name, difference)
+            else:
+                assert difference == 0.0, (rank, name, difference)
+        for name, state in saved["sharded_gram_state"].items():
+            rows = expected_params[name].shape[0] // world_size
+            assert state["momentum"].shape[0] == rows  # momentum stays sharded like the weight
+            expected_gram = expected_state[name]["gram"][0][0]  # block group 0, block 0
+            torch.testing.assert_close(state["gram"], expected_gram, rtol=1e-5, atol=1e-6)
 
 
 def test_jax_sharded_over_a_mesh_equals_unsharded():
