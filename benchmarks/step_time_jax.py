@@ -1,0 +1,130 @@
+"""Jitted optimizer step time on GPT-2-style parameters: optax.adamw, optax.contrib.muon, ASGO, DASGO.
+
+The parameter tree is a GPT-2 "small-ish" model with d_model 384 and 6 layers, stored the JAX
+way (x @ W, so W is (in, out)): per layer qkv 384×1152, attention projection 384×384, MLP fc
+384×1536, MLP projection 1536×384, two LayerNorms (gain and bias) and the biases; plus a token
+embedding (vocab × 384; vocab 8192 by default instead of GPT-2's 50304 to keep the run short
+on a small CPU — it goes to AdamW in every optimizer, so it weighs the same in all), learned
+positions (256 × 384) and a final LayerNorm. Embeddings and positions go to AdamW for muon,
+ASGO and DASGO alike (the reference recipe), via weight_dimension_numbers None.
+
+Each optimizer's `update + apply_updates` is one jitted function; after two compile/warm-up
+calls, --steps timed calls (block_until_ready each) give a median. Ratios are to muon.
+
+    python benchmarks/step_time_jax.py [--steps 20] [--vocab 8192] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import os
+
+# jaxlib's CPU eigh calls LAPACK in scipy's OpenBLAS; XLA runs independent eigh calls in parallel,
+# and each one's own OpenBLAS threads then oversubscribe the cores (measured on this 2-core
+# machine: 4 concurrent batched eighs went from 0.24 s to over 60 s). One BLAS thread per call.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from asgo_core.adapters.optax import MuonDimensionNumbers, asgo, dasgo  # noqa: E402
+
+D_MODEL, LAYERS, CONTEXT = 384, 6, 256
+
+
+def gpt2_params(vocab: int, key) -> dict:
+    shapes = {"token_embedding": (vocab, D_MODEL), "position_embedding": (CONTEXT, D_MODEL),
+              "final_norm": {"gain": (D_MODEL,), "bias": (D_MODEL,)}}
+    for layer in range(LAYERS):
+        shapes[f"layer{layer}"] = {
+            "norm1": {"gain": (D_MODEL,), "bias": (D_MODEL,)},
+            "qkv": {"w": (D_MODEL, 3 * D_MODEL), "b": (3 * D_MODEL,)},
+            "attn_proj": {"w": (D_MODEL, D_MODEL), "b": (D_MODEL,)},
+            "norm2": {"gain": (D_MODEL,), "bias": (D_MODEL,)},
+            "fc": {"w": (D_MODEL, 4 * D_MODEL), "b": (4 * D_MODEL,)},
+            "mlp_proj": {"w": (4 * D_MODEL, D_MODEL), "b": (D_MODEL,)},
+        }
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    arrays = [0.02 * jax.random.normal(k, shape, jnp.float32) for k, shape in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, arrays)
+
+
+def matrix_dimension_numbers(params) -> dict:
+    """Hidden 2-D weights are matrices; embeddings and every 1-D leaf go to AdamW (None)."""
+    def spec(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return MuonDimensionNumbers() if leaf.ndim == 2 and "embedding" not in name else None
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def optimizers(dimension_numbers) -> dict:
+    lr = 1e-3
+    return {
+        "adamw": optax.adamw(lr, b1=0.9, b2=0.95),
+        "muon": optax.contrib.muon(lr, muon_weight_dimension_numbers=dimension_numbers),
+        "asgo_tau1": asgo(lr, precondition_frequency=1, weight_dimension_numbers=dimension_numbers),
+        "asgo_tau10": asgo(lr, precondition_frequency=10, weight_dimension_numbers=dimension_numbers),
+        "dasgo": dasgo(lr, weight_dimension_numbers=dimension_numbers),
+    }
+
+
+def time_optimizer(tx, params, grads, steps: int) -> float:
+    """Median seconds of one jitted update + apply, over `steps` calls after warm-up."""
+    @jax.jit
+    def train_step(params, state, grads):  # grads as an argument: not folded in as constants
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(2):  # compile, then one more warm-up call
+        params, state = jax.block_until_ready(train_step(params, state, grads))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        params, state = jax.block_until_ready(train_step(params, state, grads))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps per optimizer (τ = 10 needs ≥ 10 to average its refreshes)")
+    parser.add_argument("--vocab", type=int, default=8192, help="token-embedding rows (GPT-2: 50304)")
+    parser.add_argument("--json", type=str, default=None, help="write the results to this path")
+    args = parser.parse_args()
+
+    params = gpt2_params(args.vocab, jax.random.PRNGKey(0))
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+    medians = {name: time_optimizer(tx, params, grads, args.steps)
+               for name, tx in optimizers(matrix_dimension_numbers(params)).items()}
+
+    print(f"jax {jax.__version__} optax {optax.__version__} on {jax.devices()[0].device_kind} "
+          f"({platform.processor() or platform.machine()}), d_model {D_MODEL}, {LAYERS} layers, "
+          f"vocab {args.vocab}, median of {args.steps} jitted steps")
+    print(f"{'optimizer':<12}{'ms/step':>10}{'× muon':>9}{'× adamw':>9}")
+    for name, seconds in medians.items():
+        print(f"{name:<12}{1e3 * seconds:>10.1f}{seconds / medians['muon']:>9.2f}"
+              f"{seconds / medians['adamw']:>9.2f}")
+    targets = {"asgo_tau10 <= 0.5 x muon": medians["asgo_tau10"] <= 0.5 * medians["muon"],
+               "asgo_tau1 <= 1.25 x muon": medians["asgo_tau1"] <= 1.25 * medians["muon"]}
+    for target, met in targets.items():
+        print(f"target {target}: {'met' if met else 'MISSED'}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"jax": jax.__version__, "optax": optax.__version__,
+                       "device": jax.devices()[0].device_kind, "vocab": args.vocab,
+                       "steps": args.steps, "median_seconds": medians,
+                       "ratio_to_muon": {k: v / medians["muon"] for k, v in medians.items()},
+                       "targets_met": targets}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
