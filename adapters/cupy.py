@@ -29,6 +29,7 @@ is written, so an error leaves params and state as they were.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,8 @@ import array_api_compat
 from asgo_core import ASGOConfig, ASGOState, DASGOConfig, DASGOState, init_state, needs_root_refresh
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
+from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
+                                  stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import config_field_names
 from asgo_core.layout import matrix_view_shape
 
@@ -174,6 +177,62 @@ class _ArrayOptimizer:
         for slot, state in zip(self._adamw_slots, new_slot_states):
             slot.state = state
         self._step_count = int(_to_python(state_dict["step"]))
+
+    # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
+    def portable_state(self, names=None) -> dict:
+        """This optimizer's state in the framework-neutral format of asgo_core.checkpoint.
+        names: one string per array in key order; None uses str(key)."""
+        arrays = {}
+        for bucket in self._buckets:
+            per_key = stacked_state_entries(bucket.state, [1] * len(bucket.keys), _to_numpy)
+            arrays.update(zip(bucket.keys, per_key))
+        for slot in self._adamw_slots:
+            arrays[slot.key] = {name: _to_numpy(value) for name, value in slot.state.items()}
+        entries = []
+        for key, name in zip(self._params, self._entry_names(names)):
+            algorithm, config = self._portable_identity(key)
+            entries.append({"name": name, "algorithm": algorithm, "shape": list(self._params[key].shape),
+                            "step": self._step_count, "config": config, "arrays": arrays[key]})
+        return {"format": "asgo-portable-state", "version": 1, "params": entries}
+
+    def load_portable_state(self, portable: dict, names=None) -> None:
+        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
+        Every entry is checked (algorithm, shape, math-changing options, array shapes) before
+        anything changes; a mismatch raises asgo_core.CheckpointError. Arrays keep this
+        optimizer's namespace, dtype and device. names: as in portable_state."""
+        entries = dict(zip(self._params, entries_in_order(portable, self._entry_names(names))))
+        for key, entry in entries.items():
+            algorithm, config = self._portable_identity(key)
+            check_entry_matches(entry, name=entry["name"], algorithm=algorithm,
+                                shape=self._params[key].shape, config=config)
+        step_count = common_step(list(entries.values()))
+        convert = lambda array, like: _as_like(like, array, "checkpoint array")  # noqa: E731
+        bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.keys],
+                                                    [1] * len(bucket.keys), convert)
+                         for bucket in self._buckets]
+        slot_states = [_adamw_state_from_entry(slot.state, entries[slot.key]) for slot in self._adamw_slots]
+        for bucket, state in zip(self._buckets, bucket_states):
+            bucket.state = state
+        for slot, state in zip(self._adamw_slots, slot_states):
+            slot.state = state
+        self._step_count = step_count
+
+    def _entry_names(self, names) -> list:
+        if names is None:
+            return [str(key) for key in self._params]
+        names = [str(name) for name in names]
+        if len(names) != len(self._params):
+            _fail("names", f"{len(names)} names", f"one per array ({len(self._params)})")
+        return names
+
+    def _portable_identity(self, key) -> tuple:
+        """(algorithm, the options a checkpoint must share); lr is left out: schedules change it."""
+        group = next(g for g in self.param_groups if key in g["params"])
+        algorithm = self._algorithm_of(self._params[key], group)
+        if algorithm == "adamw":
+            return algorithm, {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
+                               "weight_decay": group["adamw_weight_decay"]}
+        return algorithm, dataclasses.asdict(_group_config(group, algorithm))
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -558,6 +617,26 @@ def _concat_like(reference, values, name: str):
     blocks = reference.shape[0] // len(values)
     parts = [_as_like(reference[i * blocks:(i + 1) * blocks, ...], value, name) for i, value in enumerate(values)]
     return xp.concat(parts, axis=0)
+
+
+def _to_numpy(value):
+    import numpy as np
+    return np.asarray(_host_or_same(value))
+
+
+def _adamw_state_from_entry(current: dict, entry: dict) -> dict:
+    """AdamW state from a checkpoint entry; "skipped" (this adapter's own counter) is optional."""
+    state = {}
+    for name, like in current.items():
+        if name not in entry["arrays"]:  # validate_portable_state ensured the others are present
+            state[name] = like * 0
+            continue
+        value = entry["arrays"][name]
+        if tuple(value.shape) != tuple(like.shape):
+            raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {name} has shape "
+                                  f"{tuple(value.shape)}, expected {tuple(like.shape)}")
+        state[name] = _as_like(like, value, name)
+    return state
 
 
 def _to_python(value):

@@ -20,6 +20,7 @@ AdamW parameters carry torch.optim.AdamW's own state ("step", "exp_avg", "exp_av
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from asgo_core import (ASGOConfig, ASGOState, DASGOConfig, DASGOState, block_lay
                        matrix_view_shape, needs_root_refresh)
 from asgo_core import step as core_step
 from asgo_core.config import config_field_names
+from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order,
+                                  stacked_state_entries, stacked_state_from_entries)
 
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 
@@ -222,10 +225,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         """torch.optim.AdamW's state layout, so its arithmetic is reproduced bit for bit."""
         state = self.state[param]
         if not state:
-            scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-            state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state.update(_fresh_adamw_state(param))
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -239,6 +239,78 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             if saved_id in saved_state:
                 self.state[param] = _to_device(saved_state[saved_id], param.device)
 
+    # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
+    def portable_state(self, names=None) -> dict:
+        """This optimizer's state in the framework-neutral format of asgo_core.checkpoint.
+
+        names: one string per parameter, in param-group order (e.g. the names of
+        model.named_parameters()); None names them "<group>.<index>"."""
+        entries = []
+        for (param, group), name in zip(self._params_and_groups(), self._entry_names(names)):
+            algorithm, config = self._portable_identity(param, group)
+            state = self.state[param]
+            if algorithm == "adamw":
+                state = state or _fresh_adamw_state(param)
+                step = int(state["step"])
+                arrays = {key: state[key].detach().cpu().numpy() for key in ("exp_avg", "exp_avg_sq")}
+            else:
+                step = state.get("step", 0)
+                core_state = _stack_state([state], step) if step else self._fresh_core_state(param, group, algorithm)
+                arrays = stacked_state_entries(core_state, [1], lambda t: t.detach().cpu().numpy())[0]
+            entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
+                            "step": step, "config": config, "arrays": arrays})
+        return {"format": "asgo-portable-state", "version": 1, "params": entries}
+
+    def load_portable_state(self, portable: dict, names=None) -> None:
+        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
+        Every entry is checked (algorithm, shape, math-changing options, array shapes) before
+        anything changes; a mismatch raises asgo_core.CheckpointError. Statistics keep this
+        optimizer's dtype and device. names: as in portable_state."""
+        pairs = self._params_and_groups()
+        entries = entries_in_order(portable, self._entry_names(names))
+        for (param, group), entry in zip(pairs, entries):
+            algorithm, config = self._portable_identity(param, group)
+            check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=param.shape, config=config)
+        new_states = [self._state_from_entry(param, group, entry) for (param, group), entry in zip(pairs, entries)]
+        for (param, _), state in zip(pairs, new_states):
+            self.state[param] = state
+
+    def _params_and_groups(self) -> list:
+        return [(param, group) for group in self.param_groups for param in group["params"]]
+
+    def _entry_names(self, names) -> list:
+        default = [f"{g}.{i}" for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))]
+        if names is None:
+            return default
+        names = [str(name) for name in names]
+        if len(names) != len(default):
+            _fail("names", f"{len(names)} names", f"one per parameter ({len(default)})")
+        return names
+
+    def _portable_identity(self, param, group) -> tuple:
+        """(algorithm, the options a checkpoint must share); lr is left out: schedules change it."""
+        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+        if algorithm == "adamw":
+            return algorithm, {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
+                               "weight_decay": group["adamw_weight_decay"]}
+        return algorithm, dataclasses.asdict(group_config(group, algorithm))
+
+    def _fresh_core_state(self, param, group, algorithm):
+        m, n = matrix_view_shape(param.shape)
+        return init_state(param.detach().reshape(1, m, n), group_config(group, algorithm))
+
+    def _state_from_entry(self, param, group, entry) -> dict:
+        if entry["algorithm"] == "adamw":
+            template = self.state[param] or _fresh_adamw_state(param)
+            state = {key: _tensor_like(entry, key, template[key]) for key in ("exp_avg", "exp_avg_sq")}
+            state["step"] = torch.tensor(float(entry["step"]), dtype=template["step"].dtype)
+            return state
+        template = self._fresh_core_state(param, group, entry["algorithm"])
+        core_state = stacked_state_from_entries(template, [entry], [1], _tensor_from_numpy)
+        state: dict = {}
+        _unstack_state([state], core_state, int(entry["step"]))
+        return state
+
 
 def _to_device(value, device):
     if isinstance(value, torch.Tensor):
@@ -248,6 +320,25 @@ def _to_device(value, device):
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(item, device) for item in value)
     return value
+
+
+def _fresh_adamw_state(param: torch.Tensor) -> dict:
+    scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return {"step": torch.tensor(0.0, dtype=scalar_dtype),
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+
+
+def _tensor_from_numpy(array, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(array).to(dtype=like.dtype, device=like.device).clone()
+
+
+def _tensor_like(entry: dict, key: str, like: torch.Tensor) -> torch.Tensor:
+    array = entry["arrays"][key]
+    if tuple(array.shape) != tuple(like.shape):
+        raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
+                              f"{tuple(array.shape)}, expected {tuple(like.shape)}")
+    return _tensor_from_numpy(array, like)
 
 
 def _params_with_grad(group: dict):

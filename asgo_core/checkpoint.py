@@ -149,3 +149,92 @@ def _as_portable(optimizer_or_state) -> dict:
         raise TypeError("save_state takes a portable-state dict or an asgo optimizer with "
                         f"portable_state(); got {type(optimizer_or_state).__name__}")
     return export()
+
+
+# ---- helpers shared by the adapters ----------------------------------------------------------
+# Per-matrix arrays lose their leading matrix axis when a parameter is one matrix (every
+# parameter of the torch and CuPy/NumPy adapters); gram/root always keep their block axis.
+_PER_MATRIX_KEYS = ("momentum", "second_moment", "skipped", "fallbacks")
+
+
+def entries_in_order(portable: dict, names) -> list:
+    """The checkpoint entries for the optimizer's parameter `names`, in that order; raises
+    CheckpointError when a name has no entry or an entry belongs to no parameter."""
+    validate_portable_state(portable)
+    by_name = {entry["name"]: entry for entry in portable["params"]}
+    if len(by_name) != len(portable["params"]) or len(set(names)) != len(names):
+        raise CheckpointError("portable state: parameter names must be unique on both sides")
+    missing = [name for name in names if name not in by_name]
+    unused = [name for name in by_name if name not in set(names)]
+    if missing or unused:
+        raise CheckpointError(f"checkpoint does not fit the optimizer: no entry for {missing}, "
+                              f"entries for no parameter {unused} (pass names= to line them up)")
+    return [by_name[name] for name in names]
+
+
+def common_step(entries: list) -> int:
+    """The one step count of entries that an adapter steps together."""
+    steps = {int(entry["step"]) for entry in entries}
+    if len(steps) > 1:
+        raise CheckpointError(f"checkpoint parameters stepped together have different steps {sorted(steps)}")
+    return steps.pop() if steps else 0
+
+
+def _state_arrays(state) -> dict:
+    """The portable keys of a core ASGOState / DASGOState and their (stacked) arrays."""
+    arrays = {"momentum": state.momentum, "skipped": state.skipped}
+    if hasattr(state, "second_moment"):
+        arrays["second_moment"] = state.second_moment
+        return arrays
+    arrays["fallbacks"] = state.fallbacks
+    for group, (gram, root) in enumerate(zip(state.gram, state.root)):
+        arrays[f"gram/{group}"] = gram
+        arrays[f"root/{group}"] = root
+    return arrays
+
+
+def stacked_state_entries(state, matrices_per_param, to_numpy) -> list:
+    """Split a core state whose stack holds the matrices of several parameters (in order,
+    `matrices_per_param` each) into one portable `arrays` dict per parameter."""
+    total = sum(matrices_per_param)
+    per_param = [{} for _ in matrices_per_param]
+    for key, value in _state_arrays(state).items():
+        rows = value.shape[0] // total
+        start = 0
+        for arrays, count in zip(per_param, matrices_per_param):
+            part = to_numpy(value[start * rows:(start + count) * rows, ...])
+            arrays[key] = part[0] if count == 1 and key in _PER_MATRIX_KEYS else part
+            start += count
+    return per_param
+
+
+def stacked_state_from_entries(template, entries, matrices_per_param, convert):
+    """The inverse of stacked_state_entries: a core state shaped like `template` (a fresh
+    init_state of the stack) filled from the entries' arrays; convert(numpy_array, like)
+    gives an array of like's kind, dtype and device. Raises CheckpointError on a wrong shape."""
+    import numpy as np
+
+    total = sum(matrices_per_param)
+    values = {}
+    for key, like in _state_arrays(template).items():
+        rows = like.shape[0] // total
+        parts = []
+        for entry, count in zip(entries, matrices_per_param):
+            if key not in entry["arrays"]:
+                raise CheckpointError(f"checkpoint parameter {entry['name']!r} lacks array {key!r}")
+            part = np.asarray(entry["arrays"][key])
+            part = part[None] if count == 1 and key in _PER_MATRIX_KEYS else part
+            expected = (count * rows, *like.shape[1:])
+            if part.shape != expected:
+                raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
+                                      f"{part.shape}, expected {expected}")
+            parts.append(part)
+        values[key] = convert(np.concatenate(parts), like)
+    step = common_step(entries)
+    replaced = {key: values[key] for key in _PER_MATRIX_KEYS if key in values}
+    replaced["count"] = convert(np.asarray(step), template.count)
+    if "fallbacks" in values:
+        groups = range(len(template.gram))
+        replaced["gram"] = tuple(values[f"gram/{g}"] for g in groups)
+        replaced["root"] = tuple(values[f"root/{g}"] for g in groups)
+    return template._replace(**replaced)
