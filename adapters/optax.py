@@ -28,7 +28,7 @@ optax scale_by_* gives the direction only); asgo/dasgo default to the core's 0.1
 jit. The root refresh every `precondition_frequency` steps is a `lax.cond` on the step count,
 so a training loop compiles once. `nonfinite="raise"` needs a host read and is refused. The
 ASGO options other than learning rates, `weight_decay` and the `adam_*` numbers are static
-Python values: with optax.inject_hyperparams list any you pass in `static_args`.
+Python values: with optax.inject_hyperparams pass `static_args=STATIC_ARGS`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import asgo_core
 from asgo_core.config import ASGOConfig, DASGOConfig
 
 __all__ = [
+    "STATIC_ARGS",
     "MuonDimensionNumbers",
     "ScaleByASGOState",
     "ScaleByDASGOState",
@@ -56,6 +57,13 @@ __all__ = [
     "scale_by_asgo",
     "scale_by_dasgo",
 ]
+
+# Options that must be Python values, not arrays: optax.inject_hyperparams injects every numeric
+# argument unless it is named in static_args, so use
+# optax.inject_hyperparams(asgo, static_args=STATIC_ARGS)(learning_rate=...). The learning rates,
+# weight_decay and the adam_* numbers may be injected.
+STATIC_ARGS = ("b1", "b2", "eps", "precondition_frequency", "update_rms", "root_steps",
+               "root_tolerance", "residual_tolerance", "max_precond_dim", "num_heads")
 
 # optax's names for the core's options, where they differ.
 _OPTAX_NAMES = {"beta1": "b1", "beta2": "b2"}
@@ -169,7 +177,7 @@ class _Stack:
 
     def per_matrix(self, per_leaf_values):
         """A (matrices,) array repeating each leaf's value over its batch."""
-        return jnp.concatenate([jnp.full((view.stack_shape[0],), per_leaf_values[i])
+        return jnp.concatenate([jnp.full((view.stack_shape[0],), per_leaf_values[i], jnp.float32)
                                 for i, view in zip(self.leaf_indices, self.views)])
 
 
@@ -191,6 +199,11 @@ def _plan(leaves, dimension_numbers, transformation: str) -> tuple:
 
 def _core_config(config_type, options: dict):
     """Build the core config, reporting a bad option under its optax name."""
+    for name, value in options.items():
+        if hasattr(value, "shape"):
+            raise ValueError(f"{name}={value!r} is invalid; accepted: a Python value (it shapes the "
+                             "traced program). With optax.inject_hyperparams pass "
+                             "static_args=asgo_core.adapters.optax.STATIC_ARGS")
     core_options = {("beta1" if k == "b1" else "beta2" if k == "b2" else k): v for k, v in options.items()}
     try:
         return config_type(weight_decay=0.0, **core_options)
@@ -228,11 +241,12 @@ def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mas
 
     def init_fn(params):
         leaves, plan = plan_for(params)
-        stacks = tuple(
-            asgo_core.init_state(jnp.zeros((sum(v.stack_shape[0] for v in s.views),
-                                            *s.views[0].stack_shape[1:]),
-                                           leaves[s.leaf_indices[0]].dtype), config)
-            for s in plan)
+        stack_shapes = [((sum(v.stack_shape[0] for v in s.views), *s.views[0].stack_shape[1:]),
+                         leaves[s.leaf_indices[0]].dtype) for s in plan]
+        # Built under jit, so the arrays are placed like optax's own state (not committed to a
+        # device); a committed/uncommitted mix would make the first jitted step compile twice.
+        stacks = jax.jit(lambda: tuple(asgo_core.init_state(jnp.zeros(shape, dtype), config)
+                                       for shape, dtype in stack_shapes))()
         return state_type(count=jnp.zeros((), jnp.int32), stacks=stacks)
 
     def core_steps(grads, stack_states, refresh_root: bool):
@@ -275,8 +289,9 @@ def _with_weight_decay(direction, stack: _Stack, params, weight_decay, decay_mas
                          "(the update carries weight_decay·W)")
     weights = stack.gather(jax.tree.leaves(params))
     per_matrix = stack.per_matrix([1.0 if selected else 0.0 for selected in decay_mask])
-    decay = (jnp.asarray(weight_decay, jnp.float32) * per_matrix).astype(direction.dtype)
-    return direction + decay[:, None, None] * weights.astype(direction.dtype)
+    wide = jnp.promote_types(direction.dtype, jnp.float32)  # as the core: decay in float32 or wider
+    decay = jnp.asarray(weight_decay, wide) * per_matrix.astype(wide)
+    return (direction.astype(wide) + decay[:, None, None] * weights.astype(wide)).astype(direction.dtype)
 
 
 def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: str = "relative",

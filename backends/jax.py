@@ -25,7 +25,7 @@ def _matmul(a, b):
 
 
 def eigh(A):
-    return jnp.linalg.eigh(A)
+    return jnp.linalg.eigh(A, symmetrize_input=False)
 
 
 def coupled_step(Y, Z, a, b, c):
