@@ -28,9 +28,11 @@ with seed 0 for --sweep-steps steps (half the run by default) at every lr of its
 with the lowest final validation loss is stored under the config name ("quick" or "full").
 Grids (peak lr):
     adamw               3e-4, 1e-3, 3e-3, 1e-2
-    muon, asgo_tau1, asgo_tau10, dasgo   3e-3, 1e-2, 3e-2, 1e-1
+    muon, asgo_tau1, asgo_tau10          1e-3, 3e-3, 1e-2, 3e-2, 1e-1
+    dasgo                                3e-4, 1e-3, 3e-3, 1e-2, 3e-2
 (Muon with match_rms_adamw and ASGO/DASGO with their update RMS 0.2 take the same lr scale; the
-ASGO reference uses 1e-2. A quick sweep put Muon's best at the top of 1e-3..3e-2, hence the range.)
+ASGO reference uses 1e-2. DASGO's grid sits one step lower because its quick-sweep optimum was
+at 1e-3, the bottom of the shared grid.)
 --lr NAME=VALUE overrides a stored choice (or stands in for a missing one).
 
 Usage:
@@ -66,14 +68,14 @@ PRESETS = {
     "quick": dict(n_layer=2, n_head=4, d_model=128, block_size=64, batch_size=32,
                   steps=300, eval_every=25, seeds=1),
     "full": dict(n_layer=4, n_head=4, d_model=128, block_size=128, batch_size=32,
-                 steps=1000, eval_every=50, seeds=3),
+                 steps=600, eval_every=50, seeds=3),
 }
 LR_GRIDS = {
     "adamw": [3e-4, 1e-3, 3e-3, 1e-2],
-    "muon": [3e-3, 1e-2, 3e-2, 1e-1],
-    "asgo_tau1": [3e-3, 1e-2, 3e-2, 1e-1],
-    "asgo_tau10": [3e-3, 1e-2, 3e-2, 1e-1],
-    "dasgo": [3e-3, 1e-2, 3e-2, 1e-1],
+    "muon": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    "asgo_tau1": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    "asgo_tau10": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    "dasgo": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
 }
 ALL_OPTIMIZERS = list(LR_GRIDS)
 ASGO_OPTIMIZERS = {"asgo_tau1", "asgo_tau10", "dasgo"}
