@@ -1,0 +1,183 @@
+"""Run one seeded gradient sequence through the core and every adapter, same hyperparameters.
+
+Every runner returns (params, state): params {name: numpy array} after the steps, state
+{name: {key: numpy array}} in the portable-checkpoint layout (asgo_core.checkpoint), so that
+any two runs compare array by array. Parameters use the torch layout (out, in, ...); JAX
+leaves get dimension numbers that read it (reduction axes 1.., output axis 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from asgo_core import ASGOConfig, DASGOConfig, init_state, needs_root_refresh, step
+from asgo_core.checkpoint import stacked_state_entries
+from asgo_core.layout import matrix_view_shape
+
+STEPS = 20
+SHAPES = {"wide": (6, 10), "tall": (10, 6), "conv": (4, 2, 3, 3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration: core options (core names), the algorithm, a schedule, the shapes."""
+    options: tuple = ()
+    algorithm: str = "asgo"
+    schedule: bool = False
+    shapes: tuple = tuple(SHAPES.items())
+
+    @property
+    def config(self):
+        config_type = ASGOConfig if self.algorithm == "asgo" else DASGOConfig
+        return config_type(**dict(self.options))
+
+    def learning_rates(self) -> list:
+        """A warmup-then-decay schedule, or a constant; Python floats, the same everywhere."""
+        if not self.schedule:
+            return [0.02] * STEPS
+        return [0.02 * min(1.0, (t + 1) / 5) * (1 - t / (2 * STEPS)) for t in range(STEPS)]
+
+
+def problem(case: Case, dtype: str, seed: int = 0):
+    """Initial params and the gradient sequence, drawn once in NumPy."""
+    rng = np.random.default_rng(seed)
+    params = {name: rng.standard_normal(shape).astype(dtype) for name, shape in case.shapes}
+    grads = [{name: (rng.standard_normal(shape) * 10.0 ** rng.uniform(-1, 1)).astype(dtype)
+              for name, shape in case.shapes} for _ in range(STEPS)]
+    return params, grads
+
+
+def adapter_options(case: Case) -> dict:
+    """The case's options under the torch / CuPy-NumPy adapters' names (betas pair)."""
+    options = dataclasses.asdict(case.config)
+    options["betas"] = (options.pop("beta1"), options.pop("beta2"))
+    return options
+
+
+def _state_arrays(portable: dict) -> dict:
+    return {entry["name"]: entry["arrays"] for entry in portable["params"]}
+
+
+# ----------------------------------------------------------------------------- the core
+
+def run_core(case: Case, dtype: str, xp=None):
+    """asgo_core.step directly, one parameter at a time (NumPy unless xp is given)."""
+    import array_api_compat.numpy as np_xp
+    xp = xp or np_xp
+    params, grads = problem(case, dtype)
+    config = case.config
+    weights = {name: xp.asarray(value.reshape(1, *matrix_view_shape(value.shape))) for name, value in params.items()}
+    states = {name: init_state(W, config) for name, W in weights.items()}
+    for t, (lr, grad) in enumerate(zip(case.learning_rates(), grads)):
+        refresh = case.algorithm == "asgo" and needs_root_refresh(t, config)
+        for name, W in weights.items():
+            G = xp.asarray(grad[name].reshape(W.shape))
+            update, states[name] = step(G, states[name], W, config, refresh_root=refresh)
+            weights[name] = W - lr * update
+    to_numpy = lambda x: np.asarray(x.astype("float32") if str(x.dtype) == "bfloat16" else x)  # noqa: E731
+    out_params = {name: to_numpy(W).reshape(params[name].shape) for name, W in weights.items()}
+    out_state = {name: stacked_state_entries(state, [1], to_numpy)[0] for name, state in states.items()}
+    return out_params, out_state
+
+
+# ----------------------------------------------------------------------------- adapters
+
+def run_torch(case: Case, dtype: str, device: str = "cpu"):
+    import torch
+    from asgo_core.adapters.torch import ASGO, DASGO
+
+    params, grads = problem(case, dtype)
+    tensors = {name: torch.nn.Parameter(torch.tensor(value, device=device)) for name, value in params.items()}
+    optimizer_type = ASGO if case.algorithm == "asgo" else DASGO
+    optimizer = optimizer_type(list(tensors.values()), lr=0.0, **adapter_options(case))
+    for lr, grad in zip(case.learning_rates(), grads):
+        optimizer.param_groups[0]["lr"] = lr
+        for name, tensor in tensors.items():
+            tensor.grad = torch.tensor(grad[name], device=device)
+        optimizer.step()
+    out_params = {name: tensor.detach().cpu().numpy() for name, tensor in tensors.items()}
+    return out_params, _state_arrays(optimizer.portable_state(names=list(tensors)))
+
+
+def run_array_adapter(case: Case, dtype: str, module=np):
+    """The CuPy/NumPy adapter on `module`'s arrays (numpy, or cupy on a GPU)."""
+    from asgo_core.adapters.cupy import ASGO, DASGO
+
+    params, grads = problem(case, dtype)
+    arrays = {name: module.asarray(value) for name, value in params.items()}
+    optimizer_type = ASGO if case.algorithm == "asgo" else DASGO
+    optimizer = optimizer_type(arrays, lr=0.0, **adapter_options(case))
+    for lr, grad in zip(case.learning_rates(), grads):
+        optimizer.param_groups[0]["lr"] = lr
+        optimizer.step({name: module.asarray(value) for name, value in grad.items()})
+    out_params = {name: np.asarray(value.get() if hasattr(value, "get") else value) for name, value in arrays.items()}
+    return out_params, _state_arrays(optimizer.portable_state())
+
+
+def optax_options(case: Case) -> dict:
+    """The case's options under optax's names (b1, b2)."""
+    options = dataclasses.asdict(case.config)
+    options["b1"], options["b2"] = options.pop("beta1"), options.pop("beta2")
+    return options
+
+
+def torch_layout_dimension_numbers(params: dict) -> dict:
+    from asgo_core.adapters.optax import MuonDimensionNumbers
+    return {name: MuonDimensionNumbers(reduction_axis=tuple(range(1, np.ndim(value))), output_axis=0)
+            if np.ndim(value) >= 2 else None for name, value in params.items()}
+
+
+def run_optax(case: Case, dtype: str, device=None):
+    """The optax adapter (asgo()/dasgo()), eagerly; float64 needs JAX x64 (the caller's)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from asgo_core.adapters.optax import asgo, dasgo, portable_state
+
+    params, grads = problem(case, dtype)
+    lrs = case.learning_rates()
+    schedule = lambda count: jnp.asarray(lrs, dtype)[count]  # noqa: E731  (a table: exact values)
+    numbers = torch_layout_dimension_numbers(params)
+    make = asgo if case.algorithm == "asgo" else dasgo
+    options = optax_options(case)
+    options.pop("matmul_dtype", None)  # not an option of the optax adapter
+    tx = make(schedule, weight_dimension_numbers=numbers, **options)
+    put = lambda value: jax.device_put(jnp.asarray(value), device)  # noqa: E731
+    leaves = {name: put(value) for name, value in params.items()}
+    state = tx.init(leaves)
+
+    @jax.jit  # one compilation per case; eager lax.cond (tau > 1) would compile every step
+    def train_step(leaves, state, grad):
+        updates, state = tx.update(grad, state, leaves)
+        return optax.apply_updates(leaves, updates), state
+
+    for grad in grads:
+        leaves, state = train_step(leaves, state, {name: put(value) for name, value in grad.items()})
+    portable = portable_state(state, leaves, case.config, weight_dimension_numbers=numbers)
+    return {name: np.asarray(value) for name, value in leaves.items()}, _state_arrays(portable)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def worst_relative_difference(run_a, run_b) -> tuple[float, str]:
+    """The largest norm-wise relative difference over params and float state arrays, and where;
+    integer counters (skipped, fallbacks) must be equal (infinite difference otherwise)."""
+    (params_a, state_a), (params_b, state_b) = run_a, run_b
+    worst, where = 0.0, ""
+    pairs = [(f"param {name}", params_a[name], params_b[name]) for name in params_a]
+    pairs += [(f"{name}/{key}", state_a[name][key], state_b[name][key])
+              for name in state_a for key in state_a[name]]
+    for label, a, b in pairs:
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            return float("inf"), f"{label}: shape {a.shape} vs {b.shape}"
+        if np.issubdtype(a.dtype, np.integer):
+            difference = 0.0 if np.array_equal(a, b) else float("inf")
+        else:
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            difference = float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-300))
+        if difference > worst:
+            worst, where = difference, label
+    return worst, where
