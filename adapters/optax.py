@@ -409,3 +409,4 @@ def numerics_counters(opt_state) -> dict:
                  for level in range(len(asgo_core.FALLBACK_LEVELS))]
     return {"skipped": int(sum(jnp.sum(s.skipped) for s in stacks)),
             "fallbacks": dict(zip(asgo_core.FALLBACK_LEVELS, fallbacks))}
+from .optax_portable import portable_state, state_from_portable  # noqa: E402,F401  (portable checkpoints)
