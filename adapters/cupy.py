@@ -41,60 +41,14 @@ from asgo_core import step as core_step
 from asgo_core.backends import backend_for
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
                                   stacked_state_entries, stacked_state_from_entries)
-from asgo_core.config import config_field_names
+from asgo_core.config import fail
+from asgo_core.options import check_group_options, group_config
 from asgo_core.layout import matrix_view_shape
 
 __all__ = ["ASGO", "DASGO"]
 
-ALGORITHMS = ("asgo", "dasgo", "adamw")
-_CONFIG_TYPES = {"asgo": ASGOConfig, "dasgo": DASGOConfig}
 _LAYOUT_OPTIONS = ("side", "max_precond_dim", "num_heads")
 _ADAMW_OPTIONS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
-
-
-def _fail(name: str, value, accepted: str):
-    raise ValueError(f"{name}={value!r} is invalid; accepted: {accepted}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_non_negative(name: str, value) -> None:
-    if not (_is_number(value) and math.isfinite(value) and value >= 0.0):
-        _fail(name, value, "a finite number >= 0")
-
-
-def _check_betas(name: str, betas, *, closed_right: bool) -> None:
-    upper = (lambda b: b <= 1.0) if closed_right else (lambda b: b < 1.0)
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(_is_number(b) and 0.0 <= b and upper(b) for b in betas)):
-        _fail(name, betas, "a pair (beta1, beta2) with beta1 in [0, 1) and beta2 in "
-              + ("[0, 1]" if closed_right else "[0, 1)"))
-
-
-def _check_group_options(group: dict) -> None:
-    """The adapter's own options; the matrix options are checked by the core's configs."""
-    _check_non_negative("lr", group["lr"])
-    _check_betas("betas", group["betas"], closed_right=True)
-    if group["adamw_lr"] is not None:
-        _check_non_negative("adamw_lr", group["adamw_lr"])
-    _check_betas("adamw_betas", group["adamw_betas"], closed_right=False)
-    _check_non_negative("adamw_eps", group["adamw_eps"])
-    _check_non_negative("adamw_weight_decay", group["adamw_weight_decay"])
-    if not isinstance(group["maximize"], bool):
-        _fail("maximize", group["maximize"], "True | False")
-    if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
-        _fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
-
-
-def _group_config(group: dict, algorithm: str):
-    """The validated ASGOConfig / DASGOConfig of one group's options."""
-    config_type = _CONFIG_TYPES[algorithm]
-    beta1, beta2 = group["betas"]
-    options = {name: group[name] for name in config_field_names(config_type)
-               if name in group and name not in ("beta1", "beta2")}
-    return config_type(beta1=beta1, beta2=beta2, **options)
 
 
 @dataclass
@@ -222,7 +176,7 @@ class _ArrayOptimizer:
             return [str(key) for key in self._params]
         names = [str(name) for name in names]
         if len(names) != len(self._params):
-            _fail("names", f"{len(names)} names", f"one per array ({len(self._params)})")
+            fail("names", f"{len(names)} names", f"one per array ({len(self._params)})")
         return names
 
     def _portable_identity(self, key) -> tuple:
@@ -232,7 +186,7 @@ class _ArrayOptimizer:
         if algorithm == "adamw":
             return algorithm, {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
                                "weight_decay": group["adamw_weight_decay"]}
-        return algorithm, dataclasses.asdict(_group_config(group, algorithm))
+        return algorithm, dataclasses.asdict(group_config(group, algorithm))
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -246,21 +200,21 @@ class _ArrayOptimizer:
     def _validate_group(self, group: dict) -> None:
         unknown = set(group) - set(self.defaults) - {"params"}
         if unknown:
-            _fail("param_groups", sorted(unknown), "option names of " + type(self).__name__)
+            fail("param_groups", sorted(unknown), "option names of " + type(self).__name__)
         self._group_settings(group)
         for key, array in group["params"].items():
             self._validate_param(key, array, group)
 
     def _validate_param(self, key, array, group) -> None:
         if not array_api_compat.is_array_api_obj(array) or not array_api_compat.is_writeable_array(array):
-            _fail(f"params[{key!r}]", type(array).__name__,
+            fail(f"params[{key!r}]", type(array).__name__,
                   "a writeable array-API array (NumPy, CuPy, ...); JAX arrays are immutable")
         xp = array_api_compat.array_namespace(array)
         if not xp.isdtype(array.dtype, "real floating"):
-            _fail(f"params[{key!r}]", array.dtype, "a real floating-point array")
+            fail(f"params[{key!r}]", array.dtype, "a real floating-point array")
         algorithm = self._algorithm_of(array, group)
         if algorithm != "adamw" and array.ndim < 2:
-            _fail("algorithm", algorithm, f"'adamw' or None for an array of shape {tuple(array.shape)} "
+            fail("algorithm", algorithm, f"'adamw' or None for an array of shape {tuple(array.shape)} "
                   "(ASGO/DASGO need at least 2 dims)")
 
     def _algorithm_of(self, array, group) -> str:
@@ -270,8 +224,8 @@ class _ArrayOptimizer:
 
     def _group_settings(self, group: dict) -> dict:
         """Validated options of one group: lr, configs per matrix algorithm, AdamW options."""
-        _check_group_options(group)
-        configs = {name: _group_config(group, name) for name in self._matrix_algorithms()}
+        check_group_options(group)
+        configs = {name: group_config(group, name) for name in self._matrix_algorithms()}
         return {"lr": group["lr"], "configs": configs, "maximize": group["maximize"],
                 "adamw": {name: group[name] for name in _ADAMW_OPTIONS} | {
                     "adamw_lr": group["lr"] if group["adamw_lr"] is None else group["adamw_lr"],
@@ -309,13 +263,13 @@ class _ArrayOptimizer:
             missing = [key for key in keys if key not in grads]
             extra = [key for key in grads if key not in self._params]
             if missing or extra:
-                _fail("grads", f"dict missing {missing}, unexpected {extra}", "a dict with the params' keys")
+                fail("grads", f"dict missing {missing}, unexpected {extra}", "a dict with the params' keys")
         elif isinstance(grads, (list, tuple)):
             if len(grads) != len(keys):
-                _fail("grads", f"a sequence of {len(grads)} arrays", f"{len(keys)} arrays, one per param")
+                fail("grads", f"a sequence of {len(grads)} arrays", f"{len(keys)} arrays, one per param")
             grads = dict(zip(keys, grads))
         else:
-            _fail("grads", type(grads).__name__, "a dict or list shaped like params")
+            fail("grads", type(grads).__name__, "a dict or list shaped like params")
         for key in keys:
             _check_grad(key, grads[key], self._params[key])
         return grads
@@ -333,7 +287,7 @@ class _ArrayOptimizer:
         config = group_settings["configs"][bucket.algorithm]
         if bucket.algorithm == "asgo" and self._layout_options(self.param_groups[bucket.group_index]) \
                 != self._layouts[bucket.group_index]:
-            _fail("param_groups", "a changed side / max_precond_dim / num_heads",
+            fail("param_groups", "a changed side / max_precond_dim / num_heads",
                   "the layout options the state was built with")
         xp = array_api_compat.array_namespace(bucket.state.momentum)
         G = self._stacked(bucket, grads, xp)
@@ -378,17 +332,17 @@ class _ArrayOptimizer:
     # ---- loading --------------------------------------------------------------------------
     def _loaded_groups(self, saved_groups) -> list:
         if len(saved_groups) != len(self.param_groups):
-            _fail("state_dict", f"{len(saved_groups)} param groups", f"{len(self.param_groups)}")
+            fail("state_dict", f"{len(saved_groups)} param groups", f"{len(self.param_groups)}")
         loaded = []
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             saved_keys = [str(_to_python(key)) for key in _to_python(saved["params"])]
             if saved_keys != [str(key) for key in group["params"]]:
-                _fail("state_dict", f"param_groups[{index}] keys {saved_keys}", "the optimizer's keys")
+                fail("state_dict", f"param_groups[{index}] keys {saved_keys}", "the optimizer's keys")
             options = {name: _to_python(saved.get(name)) for name in self.defaults}
             candidate = dict(group, **options)
             self._with_group_context(index, self._group_settings, candidate)
             if self._layout_options(candidate) != self._layouts[index]:
-                _fail("state_dict", f"param_groups[{index}] layout options", "the optimizer's")
+                fail("state_dict", f"param_groups[{index}] layout options", "the optimizer's")
             loaded.append(options)
         return loaded
 
@@ -472,7 +426,7 @@ class DASGO(_ArrayOptimizer):
 
     def _validate_group(self, group: dict) -> None:
         if group["algorithm"] == "asgo":
-            _fail("algorithm", "asgo", "None | 'dasgo' | 'adamw' (DASGO has no ASGO options)")
+            fail("algorithm", "asgo", "None | 'dasgo' | 'adamw' (DASGO has no ASGO options)")
         super()._validate_group(group)
 
 
@@ -484,43 +438,43 @@ def _split_groups(params, defaults: dict):
     elif isinstance(params, (list, tuple)) and params and all(isinstance(p, dict) for p in params):
         for index, group in enumerate(params):
             if "params" not in group:
-                _fail(f"params[{index}]", sorted(group), "a group dict with a 'params' entry")
+                fail(f"params[{index}]", sorted(group), "a group dict with a 'params' entry")
         groups = [({k: v for k, v in group.items() if k != "params"}, group["params"]) for group in params]
     elif isinstance(params, (list, tuple)):
         groups = [({}, params)]
     else:
-        _fail("params", type(params).__name__, "a dict name → array, a list of arrays, or a list of group dicts")
+        fail("params", type(params).__name__, "a dict name → array, a list of arrays, or a list of group dicts")
     keyed, position, seen_keys, seen_arrays = [], 0, set(), set()
     for overrides, arrays in groups:
         if isinstance(arrays, dict):
             if not all(isinstance(key, str) for key in arrays):
-                _fail("params", list(arrays), "string names as dict keys")
+                fail("params", list(arrays), "string names as dict keys")
             items = dict(arrays)
         else:
             items = {position + offset: array for offset, array in enumerate(arrays)}
         position += len(items)
         for key, array in items.items():
             if key in seen_keys or id(array) in seen_arrays:
-                _fail("params", key, "each array and each name once")
+                fail("params", key, "each array and each name once")
             seen_keys.add(key)
             seen_arrays.add(id(array))
         keyed.append((overrides, items))
     if not seen_keys:
-        _fail("params", params, "at least one array")
+        fail("params", params, "at least one array")
     return keyed
 
 
 def _check_grad(key, grad, param) -> None:
     if not array_api_compat.is_array_api_obj(grad):
-        _fail(f"grads[{key!r}]", type(grad).__name__, "an array")
+        fail(f"grads[{key!r}]", type(grad).__name__, "an array")
     if tuple(grad.shape) != tuple(param.shape):
-        _fail(f"grads[{key!r}]", f"shape {tuple(grad.shape)}", f"the param's shape {tuple(param.shape)}")
+        fail(f"grads[{key!r}]", f"shape {tuple(grad.shape)}", f"the param's shape {tuple(param.shape)}")
     try:
         xp = array_api_compat.array_namespace(grad, param)
     except TypeError:
-        _fail(f"grads[{key!r}]", type(grad).__name__, f"an array of the param's namespace ({type(param).__name__})")
+        fail(f"grads[{key!r}]", type(grad).__name__, f"an array of the param's namespace ({type(param).__name__})")
     if not xp.isdtype(grad.dtype, "real floating"):
-        _fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
+        fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
 
 
 # ---- AdamW --------------------------------------------------------------------------------
@@ -586,7 +540,7 @@ def _copy_all(entry: dict) -> dict:
 
 def _saved_entry(saved: dict, key) -> dict:
     if str(key) not in saved:
-        _fail("state_dict", f"no state for {key!r}", "an entry per param key")
+        fail("state_dict", f"no state for {key!r}", "an entry per param key")
     return saved[str(key)]
 
 
@@ -594,7 +548,7 @@ def _as_like(reference, value, name: str):
     """value converted to reference's namespace, dtype and device, with its shape checked."""
     xp = array_api_compat.array_namespace(reference)
     if tuple(getattr(value, "shape", ())) != tuple(reference.shape):
-        _fail(f"state_dict {name}", f"shape {tuple(getattr(value, 'shape', ()))}", f"{tuple(reference.shape)}")
+        fail(f"state_dict {name}", f"shape {tuple(getattr(value, 'shape', ()))}", f"{tuple(reference.shape)}")
     if array_api_compat.is_cupy_array(reference) or array_api_compat.is_numpy_array(reference):
         value = _host_or_same(value)
     return xp.asarray(value, dtype=reference.dtype, device=array_api_compat.device(reference), copy=True)

@@ -21,8 +21,6 @@ AdamW parameters carry torch.optim.AdamW's own state ("step", "exp_avg", "exp_av
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,65 +30,20 @@ from torch.optim.adamw import adamw as adamw_functional
 from asgo_core import (ASGOConfig, ASGOState, DASGOConfig, DASGOState, block_layout, init_state,
                        matrix_view_shape, needs_root_refresh)
 from asgo_core import step as core_step
-from asgo_core.config import config_field_names
+from asgo_core.config import check_non_negative, fail
+from asgo_core.options import check_group_options, group_config
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order,
                                   stacked_state_entries, stacked_state_from_entries)
 
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 
-ALGORITHMS = ("asgo", "dasgo", "adamw")
-_CONFIG_TYPES = {"asgo": ASGOConfig, "dasgo": DASGOConfig}
-
-
-def _fail(name: str, value, accepted: str):
-    raise ValueError(f"{name}={value!r} is invalid; accepted: {accepted}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_lr(name: str, lr) -> None:
+    """A learning rate: a number, or a one-element floating-point tensor (for schedulers)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            _fail(name, lr, "a float or a one-element floating-point tensor")
+            fail(name, lr, "a float or a one-element floating-point tensor")
         lr = float(lr)  # construction time: reading the value is fine here
-    if not (_is_number(lr) and math.isfinite(lr) and lr >= 0.0):
-        _fail(name, lr, "a finite number >= 0 (or a one-element tensor holding one)")
-
-
-def _check_betas(name: str, betas, *, beta2_may_be_one: bool) -> None:
-    """beta1 in [0, 1); beta2 in [0, 1], or [0, 1) when beta2 = 1 has no meaning."""
-    pair = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_number, betas))
-    if not (pair and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1]
-            and (betas[1] <= 1.0 if beta2_may_be_one else betas[1] < 1.0)):
-        _fail(name, betas, "a pair (beta1, beta2) with beta1 in [0, 1) and beta2 in "
-              + ("[0, 1]" if beta2_may_be_one else "[0, 1)"))
-
-
-def _check_adamw_options(group: dict) -> None:
-    if group["adamw_lr"] is not None:
-        _check_lr("adamw_lr", group["adamw_lr"])
-    _check_betas("adamw_betas", group["adamw_betas"], beta2_may_be_one=False)
-    for name in ("adamw_eps", "adamw_weight_decay"):
-        value = group[name]
-        if not (_is_number(value) and math.isfinite(value) and value >= 0.0):
-            _fail(name, value, "a finite number >= 0")
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_config(config_type, options: tuple):
-    return config_type(**dict(options))
-
-
-def group_config(group: dict, algorithm: str):
-    """The ASGOConfig / DASGOConfig of one param group (validated, cached by value)."""
-    config_type = _CONFIG_TYPES[algorithm]
-    beta1, beta2 = group["betas"]
-    options = {"beta1": beta1, "beta2": beta2}
-    options.update((name, group[name]) for name in config_field_names(config_type)
-                   if name in group and name not in options)
-    return _cached_config(config_type, tuple(sorted(options.items())))
+    check_non_negative(name, lr)
 
 
 def _algorithm_of(param: torch.Tensor, group: dict, matrix_algorithm: str) -> str:
@@ -136,13 +89,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             raise
 
     def _validate_group(self, group: dict) -> None:
-        _check_lr("lr", group["lr"])
-        if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
-            _fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
-        if not isinstance(group["maximize"], bool):
-            _fail("maximize", group["maximize"], "True | False")
-        _check_betas("betas", group["betas"], beta2_may_be_one=True)
-        _check_adamw_options(group)
+        check_group_options(group, check_lr=_check_lr)
         for param in group["params"]:
             self._validate_param(param, group)
 
@@ -153,7 +100,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if algorithm == "adamw":
             return
         if param.ndim < 2:
-            _fail("algorithm", algorithm, f"'adamw' or None for a parameter of shape {tuple(param.shape)} "
+            fail("algorithm", algorithm, f"'adamw' or None for a parameter of shape {tuple(param.shape)} "
                   "(ASGO/DASGO need at least 2 dims)")
         config = group_config(group, algorithm)  # raises ValueError naming the bad field
         if algorithm == "asgo":
@@ -284,7 +231,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             return default
         names = [str(name) for name in names]
         if len(names) != len(default):
-            _fail("names", f"{len(names)} names", f"one per parameter ({len(default)})")
+            fail("names", f"{len(names)} names", f"one per parameter ({len(default)})")
         return names
 
     def _portable_identity(self, param, group) -> tuple:

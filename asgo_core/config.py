@@ -23,50 +23,55 @@ MATMUL_DTYPES = (None, "bfloat16")
 DEFAULT_ROOT_STEPS = {"polar_express": 10, "newton_schulz": 20, "coupled_newton": 30}
 
 
-def _fail(field_name: str, value, accepted: str) -> None:
+def fail(field_name: str, value, accepted: str) -> None:
+    """Raise the ValueError every option check uses: the name, the value, what is accepted."""
     raise ValueError(f"{field_name}={value!r} is invalid; accepted: {accepted}")
 
 
 def _check_unit_interval(name: str, value: float, *, closed_right: bool) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (is_number and 0.0 <= value and (value <= 1.0 if closed_right else value < 1.0)):
-        _fail(name, value, "a number in [0, 1]" if closed_right else "a number in [0, 1)")
+    if not (is_number(value) and 0.0 <= value and (value <= 1.0 if closed_right else value < 1.0)):
+        fail(name, value, "a number in [0, 1]" if closed_right else "a number in [0, 1)")
 
 
-def _check_non_negative(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
-        _fail(name, value, "a finite number >= 0")
+def is_number(value) -> bool:
+    """An int or float, but not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if not (is_number(value) and math.isfinite(value) and value >= 0.0):
+        fail(name, value, "a finite number >= 0")
 
 
 def _check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
-        _fail(name, value, " | ".join(repr(c) for c in choices))
+        fail(name, value, " | ".join(repr(c) for c in choices))
 
 
 def _check_positive_int(name: str, value, *, allow_none: bool) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(name, value, "an integer >= 1" + (" or None" if allow_none else ""))
+        fail(name, value, "an integer >= 1" + (" or None" if allow_none else ""))
 
 
 def _check_update_rms(value) -> None:
     if value is None:
         return
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0.0):
-        _fail("update_rms", value, "a finite number > 0, or None for the raw step")
+        fail("update_rms", value, "a finite number > 0, or None for the raw step")
 
 
 def _check_common(config) -> None:
     _check_unit_interval("beta1", config.beta1, closed_right=False)
     _check_unit_interval("beta2", config.beta2, closed_right=True)
-    _check_non_negative("weight_decay", config.weight_decay)
-    _check_non_negative("eps", config.eps)
+    check_non_negative("weight_decay", config.weight_decay)
+    check_non_negative("eps", config.eps)
     _check_update_rms(config.update_rms)
     _check_choice("accumulate", config.accumulate, ACCUMULATE_MODES)
     _check_choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
     if config.accumulate == "ema" and config.beta2 == 1.0:
-        _fail("beta2", config.beta2, "a number in [0, 1) with accumulate='ema' "
+        fail("beta2", config.beta2, "a number in [0, 1) with accumulate='ema' "
               "(beta2=1 never updates the statistics; use accumulate='sum' for Algorithm 1)")
 
 
@@ -129,13 +134,13 @@ class ASGOConfig:
         _check_choice("root_method", self.root_method, ROOT_METHODS)
         _check_positive_int("root_steps", self.root_steps, allow_none=True)
         if self.root_tolerance is not None:
-            _check_non_negative("root_tolerance", self.root_tolerance)
+            check_non_negative("root_tolerance", self.root_tolerance)
         if not (isinstance(self.residual_tolerance, (int, float)) and self.residual_tolerance > 0):
-            _fail("residual_tolerance", self.residual_tolerance, "a number > 0 (math.inf disables the check)")
+            fail("residual_tolerance", self.residual_tolerance, "a number > 0 (math.inf disables the check)")
         _check_positive_int("max_precond_dim", self.max_precond_dim, allow_none=True)
         _check_positive_int("num_heads", self.num_heads, allow_none=True)
         if self.num_heads is not None and self.side == "right":
-            _fail("side", self.side, "'auto' or 'left' when num_heads is set "
+            fail("side", self.side, "'auto' or 'left' when num_heads is set "
                   "(head blocks split the output rows, the left side)")
 
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from asgo_core import _xp
 from asgo_core.config import ASGOConfig, DASGOConfig
-from asgo_core.layout import BlockLayout, block_layout
+from asgo_core.layout import block_layout
 from asgo_core.solvers import damping_shift, eigh_root, resolve_method, solve_root
 
 FALLBACK_LEVELS = ("eigh", "eigh_float64", "kept_previous_root")
