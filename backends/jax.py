@@ -25,7 +25,14 @@ def _matmul(a, b):
 
 
 def eigh(A):
-    return jnp.linalg.eigh(A, symmetrize_input=False)
+    """One LAPACK call per matrix (lax.map over the batch), never one batched call: jaxlib's
+    batched CPU eigh fans the batch out to XLA's intra-op thread pool and blocks on it, and two
+    such calls running at once deadlocked on this 2-core machine (jax 0.10.2)."""
+    batch_shape = A.shape[:-2]
+    flat = jnp.reshape(A, (-1, *A.shape[-2:]))
+    eigenvalues, eigenvectors = jax.lax.map(lambda a: jnp.linalg.eigh(a, symmetrize_input=False), flat)
+    return (jnp.reshape(eigenvalues, (*batch_shape, A.shape[-1])),
+            jnp.reshape(eigenvectors, A.shape))
 
 
 def coupled_step(Y, Z, a, b, c):
