@@ -63,7 +63,7 @@ __all__ = [
 # optax.inject_hyperparams(asgo, static_args=STATIC_ARGS)(learning_rate=...). The learning rates,
 # weight_decay and the adam_* numbers may be injected.
 STATIC_ARGS = ("b1", "b2", "eps", "precondition_frequency", "update_rms", "root_steps",
-               "root_tolerance", "residual_tolerance", "max_precond_dim", "num_heads")
+               "root_tolerance", "residual_tolerance", "max_precond_dim", "num_heads", "matmul_dtype")
 
 # optax's names for the core's options, where they differ.
 _OPTAX_NAMES = {"beta1": "b1", "beta2": "b2"}
@@ -300,6 +300,7 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
                   root_steps: Optional[int] = None, root_tolerance: Optional[float] = None,
                   residual_tolerance: float = 0.1, max_precond_dim: Optional[int] = None,
                   num_heads: Optional[int] = None, nonfinite: str = "skip",
+                  matmul_dtype: Optional[str] = None,
                   weight_decay: float = 0.0, weight_decay_mask: Any = None,
                   weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO's update U (+ weight_decay·W) for every leaf of the tree, each seen as a matrix.
@@ -314,7 +315,8 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
         b1=b1, b2=b2, eps=eps, damping=damping, precondition_frequency=precondition_frequency,
         update_rms=update_rms, accumulate=accumulate, side=side, root_method=root_method,
         root_steps=root_steps, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-        max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite))
+        max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite,
+        matmul_dtype=matmul_dtype))
     return _scale_by_core(config, ScaleByASGOState, "scale_by_asgo", weight_decay,
                           weight_decay_mask, weight_dimension_numbers)
 
@@ -359,8 +361,9 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
          root_method: str = "auto", root_steps: Optional[int] = None,
          root_tolerance: Optional[float] = None, residual_tolerance: float = 0.1,
          max_precond_dim: Optional[int] = None, num_heads: Optional[int] = None,
-         nonfinite: str = "skip", weight_decay: float = 0.1, weight_decay_mask: Any = None,
-         adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
+         nonfinite: str = "skip", matmul_dtype: Optional[str] = None,
+         weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = 0.9,
+         adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float = 0.0, adam_learning_rate: Any = None,
          weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO for matrix leaves, AdamW for the rest: W ← W − lr·(U + weight_decay·W).
@@ -376,7 +379,7 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
         update_rms=update_rms, accumulate=accumulate, side=side, root_method=root_method,
         root_steps=root_steps, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
         max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite,
-        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+        matmul_dtype=matmul_dtype, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
         weight_dimension_numbers=weight_dimension_numbers)
     return _with_adamw(matrix_transform, learning_rate, weight_dimension_numbers, adam_b1, adam_b2,
                        adam_eps, adam_weight_decay, adam_learning_rate)

@@ -142,7 +142,6 @@ def run_optax(case: Case, dtype: str, device=None):
     numbers = torch_layout_dimension_numbers(params)
     make = asgo if case.algorithm == "asgo" else dasgo
     options = optax_options(case)
-    options.pop("matmul_dtype", None)  # not an option of the optax adapter
     tx = make(schedule, weight_dimension_numbers=numbers, **options)
     put = lambda value: jax.device_put(jnp.asarray(value), device)  # noqa: E731
     leaves = {name: put(value) for name, value in params.items()}
