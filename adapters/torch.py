@@ -151,8 +151,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(step_count, config)
         update, core_state = core_step(grads, core_state, weights, config, refresh_root=refresh)
         _unstack_state(states, core_state, step_count + 1)
-        scaled = (update * group["lr"]).view(len(params), *params[0].shape)
-        torch._foreach_sub_(list(params), list(scaled.unbind(0)))
+        shaped = update.view(len(params), *params[0].shape)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # a tensor lr (e.g. a scheduler's) cannot be an alpha
+            torch._foreach_sub_(list(params), list((shaped * lr).unbind(0)))
+        else:  # one pass, no lr·update temporary
+            torch._foreach_add_(list(params), list(shaped.unbind(0)), alpha=-lr)
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in _params_with_grad(group)

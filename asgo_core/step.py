@@ -102,7 +102,7 @@ def step(grad, state, param, config, *, refresh_root: bool | None = None):
     finite = statistics.finite
     if config.nonfinite == "raise" and not bool(xp.all(finite)):
         raise FloatingPointError("non-finite gradient (nonfinite='raise'); no state was changed")
-    momentum = xp.where(finite[:, None, None], new_momentum, old_momentum)
+    momentum = _select(finite[:, None, None], new_momentum, old_momentum, xp)
     if isinstance(config, DASGOConfig):
         direction, new_state = _dasgo_direction(momentum, statistics, state, config, xp)
     else:
@@ -116,6 +116,12 @@ def step(grad, state, param, config, *, refresh_root: bool | None = None):
         skipped=state.skipped + xp.reshape(xp.astype(~finite, xp.int32), lead))
     out_dtype = (param if param is not None else grad).dtype
     return xp.astype(xp.reshape(update, grad.shape), out_dtype, copy=False), new_state
+
+
+def _select(mask, new, old, xp):
+    """where(mask, new, old); a backend may skip the pass when every mask entry holds."""
+    fused = _xp.backend_function(xp, "select")
+    return fused(mask, new, old) if fused is not None else xp.where(mask, new, old)
 
 
 def _check_config(config) -> None:

@@ -69,3 +69,8 @@ def ema(old, new, beta):
     result = old * beta
     result += (1.0 - beta) * new
     return result
+
+
+def select(mask, new, old):
+    """np.where(mask, new, old) without the pass when every mask entry holds (the usual case)."""
+    return new if mask.all() else np.where(mask, new, old)

@@ -83,3 +83,11 @@ def _capturing(predicate) -> bool:
 def ema(old, new, beta):
     """beta·old + (1 − beta)·new in one pass (torch.lerp)."""
     return torch.lerp(old, new, 1.0 - beta)
+
+
+def select(mask, new, old):
+    """torch.where(mask, new, old), but on CPU (where reading the mask is no device sync) the
+    common all-true case returns `new` without a pass over the arrays."""
+    if new.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+        return new
+    return torch.where(mask, new, old)
