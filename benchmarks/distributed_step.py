@@ -53,30 +53,26 @@ def timed_steps(step_fn, steps: int, warmup: int = 2) -> float:
     return statistics.median(times[warmup:])
 
 
-def run_replicated(shapes, steps):
-    from asgo_core.adapters.torch import ASGO
-
+def run_with(optimizer_type, shapes, steps):
+    """Time optimizer_type on full (replicated) parameters; returns (seconds, bytes sent)."""
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
-    optimizer = ASGO(params)
+    optimizer = optimizer_type(params)
 
     def step_fn(step):
         for param, grad in zip(params, random_grads(shapes, step)):
             param.grad = grad
         optimizer.step()
-    return timed_steps(step_fn, steps), 0
+    return timed_steps(step_fn, steps), getattr(optimizer, "bytes_per_step", 0)
+
+
+def run_replicated(shapes, steps):
+    from asgo_core.adapters.torch import ASGO
+    return run_with(ASGO, shapes, steps)
 
 
 def run_owner(shapes, steps):
     from asgo_core.adapters.torch_distributed import DistributedASGO
-
-    params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
-    optimizer = DistributedASGO(params)
-
-    def step_fn(step):
-        for param, grad in zip(params, random_grads(shapes, step)):
-            param.grad = grad
-        optimizer.step()
-    return timed_steps(step_fn, steps), optimizer.bytes_per_step
+    return run_with(DistributedASGO, shapes, steps)
 
 
 def _row_sharded(tensors, mesh):
