@@ -312,9 +312,20 @@ def _params_with_grad(group: dict):
         yield param
 
 
+def _stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, except that tensors which are still the in-order slices of one stacked
+    tensor (what _unstack_state left last step) give that tensor back without a copy."""
+    base = tensors[0]._base
+    if (base is not None and base.is_contiguous() and base.shape == (len(tensors), *tensors[0].shape)
+            and all(t._base is base and t.storage_offset() == base.storage_offset() + i * t.numel()
+                    for i, t in enumerate(tensors))):
+        return base
+    return torch.stack(tensors)
+
+
 def _stack_state(states: list[dict], step_count: int):
     """Per-parameter state → the core's state for the stacked bucket."""
-    stack = lambda key: torch.stack([s[key] for s in states])  # noqa: E731
+    stack = lambda key: _stack_tensors([s[key] for s in states])  # noqa: E731
     count = torch.tensor(step_count, dtype=torch.int32)
     if "second_moment" in states[0]:
         return DASGOState(stack("momentum"), stack("second_moment"), count, stack("skipped"))
