@@ -64,18 +64,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lr_grids import LR_GRIDS  # benchmarks/, the script's own directory
+
 PRESETS = {
     "quick": dict(n_layer=2, n_head=4, d_model=128, block_size=64, batch_size=32,
                   steps=300, eval_every=25, seeds=1),
     "full": dict(n_layer=4, n_head=4, d_model=128, block_size=128, batch_size=32,
                  steps=600, eval_every=50, seeds=3),
-}
-LR_GRIDS = {
-    "adamw": [3e-4, 1e-3, 3e-3, 1e-2],
-    "muon": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "asgo_tau1": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "asgo_tau10": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "dasgo": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
 }
 ALL_OPTIMIZERS = list(LR_GRIDS)
 ASGO_OPTIMIZERS = {"asgo_tau1", "asgo_tau10", "dasgo"}

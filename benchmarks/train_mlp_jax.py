@@ -45,14 +45,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from asgo_core.adapters.optax import asgo, dasgo  # noqa: E402
+from lr_grids import LR_GRIDS  # noqa: E402  (benchmarks/, the script's own directory)
 
-LR_GRIDS = {
-    "adamw": [3e-4, 1e-3, 3e-3, 1e-2],
-    "muon": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "asgo_tau1": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "asgo_tau10": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "dasgo": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
-}
 LR_CHOICES_PATH = Path(__file__).with_name("lr_choices_jax.json")
 HIDDEN, BATCH = 256, 64
 
