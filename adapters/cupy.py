@@ -77,7 +77,7 @@ class _ArrayOptimizer:
     def __init__(self, params, defaults: dict):
         self.defaults = dict(defaults)
         self.param_groups = [dict(self.defaults, **overrides, params=arrays)
-                             for overrides, arrays in _split_groups(params, self.defaults)]
+                             for overrides, arrays in _split_groups(params)]
         self._params = {key: array for group in self.param_groups
                         for key, array in group["params"].items()}
         for index, group in enumerate(self.param_groups):
@@ -431,7 +431,7 @@ class DASGO(_ArrayOptimizer):
 
 
 # ---- params and grads ---------------------------------------------------------------------
-def _split_groups(params, defaults: dict):
+def _split_groups(params):
     """[(overrides, {key: array})] from a dict, a list of arrays, or a list of group dicts."""
     if isinstance(params, dict):
         groups = [({}, params)]

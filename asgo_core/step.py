@@ -225,13 +225,13 @@ def robust_root(V, previous_root, config: ASGOConfig, xp):
     flags = []
     if method != "eigh":
         flags.append(~ok)
-        root, ok = _retry_failed(root, ok, lambda: eigh_root(V, delta, xp), config, xp)
+        root, ok = _retry_failed(root, ok, lambda: eigh_root(V, delta, xp), xp)
     else:
         flags.append(xp.zeros_like(ok))
     if V.dtype != xp.float64 and _xp.supports_float64(xp, V):
         flags.append(~ok)
         wide = lambda: xp.astype(eigh_root(xp.astype(V, xp.float64), xp.astype(delta, xp.float64), xp), V.dtype)  # noqa: E731
-        root, ok = _retry_failed(root, ok, wide, config, xp)
+        root, ok = _retry_failed(root, ok, wide, xp)
     else:
         flags.append(xp.zeros_like(ok))
     flags.append(~ok)
@@ -243,7 +243,7 @@ def _acceptable(root, residual, config, xp):
     return _xp.all_finite(root, xp, axes=(-2, -1)) & (residual <= config.residual_tolerance)
 
 
-def _retry_failed(root, ok, compute_fallback, config, xp):
+def _retry_failed(root, ok, compute_fallback, xp):
     """Replace the failed blocks' roots by compute_fallback(), computed only if any failed."""
     def fallback():
         candidate = compute_fallback()
