@@ -27,16 +27,21 @@ one re-plans ownership.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from asgo_core import _xp, block_layout, matrix_view_shape
+from asgo_core import _xp, block_layout, init_state, matrix_view_shape
+from asgo_core.config import fail
 from asgo_core.layout import resolve_side
 from asgo_core.step import FALLBACK_LEVELS, needs_root_refresh, robust_root
 
-from .torch import ASGO, DASGO, Bucket, _algorithm_of, _to_device, group_config
+from .torch import (ASGO, DASGO, Bucket, _algorithm_of, _fresh_adamw_state, _to_device, _unstack_state,
+                    group_config)
 
 __all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "assign_owners"]
 
@@ -87,9 +92,7 @@ class _OwnerSplit:
     """Mixin over ASGO / DASGO: step owned parameters only, then all-gather the new values."""
 
     def __init__(self, params, *, process_group=None, **options):
-        if not dist.is_initialized():
-            raise RuntimeError(f"{type(self).__name__} needs torch.distributed initialised "
-                               "(dist.init_process_group) before construction")
+        _require_process_group(type(self).__name__)
         self.process_group = process_group
         self._has_state = False
         super().__init__(params, **options)
@@ -211,49 +214,247 @@ class DistributedDASGO(_OwnerSplit, DASGO):
     """`DASGO` with each parameter stepped on one owner rank (see the module docstring)."""
 
 
+
+SHARDED_SIDE_POLICIES = ("owner", "other_side")
+
+
 class FSDPASGO(ASGO):
-    """ASGO for FSDP2 (`fully_shard`) models: DTensor parameters sharded on dim 0 (rows).
+    """ASGO for FSDP2 (`fully_shard`) models: DTensor parameters sharded on dim 0 (rows) of
+    one 1-D device mesh.
+
+    Same options as ASGO, plus sharded_side_policy (below). Each step costs one small
+    all-reduce of has-gradient flags first, so every rank calls the same collectives: a
+    parameter with a gradient on some rank but not on this one takes zeros for this rank's rows
+    (the gradient is set to zeros), one without a gradient anywhere is skipped.
 
     Sharded-Gram path — a bucket whose preconditioned side is the columns (side "right": the
     default for m >= n) with no head or size blocks: the column Gram GᵀG is the sum of the
     shards' Grams, so each step all-reduces one (bucket, n, n) stack, every rank computes the
     same root, applies it to its own momentum rows, and one more all-reduce of the (bucket,)
-    squared norms gives the global ‖D‖_F of the RMS normalisation. No gradient is gathered;
-    momentum stays sharded like the parameter, Gram and root (n×n) are replicated.
+    squared norms gives the global ‖D‖_F of the RMS normalisation. No gradient is gathered.
+    Equal to single-process ASGO within float32 rounding (the partial Grams are summed in
+    another order). matmul_dtype="bfloat16" rounds the Gram and apply GEMM inputs as ASGO
+    does; the partial Grams are summed in float32.
 
-    Every other bucket (rows preconditioned, head blocks, max_precond_dim blocks) gathers the
-    full gradient and parameter on every rank and runs the single-process step there; its
-    state is then full-size on every rank. Parameters with fewer than 2 dims take AdamW on
-    their local shards. state_dict() is this rank's shard of the state (save one per rank).
+    Every other matrix (rows preconditioned, head blocks, max_precond_dim blocks, DASGO)
+    depends on the rows of other ranks. sharded_side_policy chooses what happens to it:
+      "owner" (default): each such matrix has one owner rank (cost-balanced, as
+        DistributedASGO). One all-to-all per step sends every rank's rows of the weight and
+        gradient to the owners, each owner steps its matrices with the unchanged
+        single-process code, and one more all-to-all returns every rank its rows. Bitwise
+        equal to single-process ASGO on CPU/gloo; the state lives on the owner only.
+      "other_side": a matrix whose side was chosen automatically (side="auto", no num_heads)
+        and that is a single block when its columns are preconditioned takes side "right"
+        instead, so it uses the sharded-Gram path and nothing is gathered. This changes the
+        algorithm for m < n matrices: they then equal single-process ASGO with side="right".
+        The rest (head or size blocks, an explicit side="left", DASGO) goes to owners.
+    Parameters with fewer than 2 dims (and algorithm="adamw" groups) take AdamW on their
+    local shards.
 
-    Not done yet: owner split of the gathered buckets, side="auto_sharded" (choosing the
-    unsharded side), torch.distributed.checkpoint integration of the sharded state.
+    state_dict() is a collective (call it on every rank) in the layout of ASGO.state_dict()
+    with one difference: "momentum" is a DTensor sharded on dim 0 like the parameter; "gram",
+    "root", "step", "skipped" and "fallbacks" are replicated (owner-held ones are sent to
+    every rank), AdamW's state is the DTensors it already is. So torch.distributed.checkpoint
+    saves it and loads it at any world size:
+
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        # later, any world size: build model and opt the same way, then
+        model_sd, optim_sd = get_state_dict(model, opt)     # the template DCP loads into
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+    load_state_dict() (also a collective) takes that layout from any world size.
+    nonfinite="raise" is refused: an error on one rank would leave the others waiting in a
+    collective (skipped steps are counted in the state's "skipped").
     """
 
-    def _bucket_step(self, bucket: Bucket) -> None:
-        group = self.param_groups[bucket.group_index]
-        config = group_config(group, bucket.algorithm)
-        if _is_row_sharded(bucket.params[0]) and _uses_sharded_gram(bucket, config):
-            self._sharded_gram_step(bucket, group, config)
-        else:
-            self._gathered_step(bucket)
+    def __init__(self, params, *, sharded_side_policy: str = "owner", **options):
+        if sharded_side_policy not in SHARDED_SIDE_POLICIES:
+            fail("sharded_side_policy", sharded_side_policy, " | ".join(map(repr, SHARDED_SIDE_POLICIES)))
+        _require_process_group(type(self).__name__)
+        self.sharded_side_policy = sharded_side_policy
+        self.device_mesh = None
+        super().__init__(params, **options)
+        self._plan_ownership()
 
-    def _gathered_step(self, bucket: Bucket) -> None:
-        """The single-process step on full tensors, keeping this rank's rows of the result."""
-        params = bucket.params
-        locals_ = [p.to_local() if _is_dtensor(p) else p for p in params]
-        full = [_full(p) for p in params]
-        full_params = [torch.nn.Parameter(f) for f in full]
-        for full_param, param in zip(full_params, params):
-            full_param.grad = _full(param.grad)
+    # ---- construction --------------------------------------------------------------------
+    def _validate_group(self, group: dict) -> None:
+        if group["nonfinite"] == "raise":
+            fail("nonfinite", "raise", "'skip' in FSDPASGO (an error raised on one rank would leave "
+                 "the others waiting in a collective)")
+        super()._validate_group(group)
+
+    def _validate_param(self, param, group: dict) -> None:
+        super()._validate_param(param, group)
+        if not _is_row_sharded(param):
+            raise ValueError(f"FSDPASGO needs DTensor parameters sharded on dim 0 of a 1-D device mesh "
+                             f"(fully_shard); got a {type(param).__name__} of shape {tuple(param.shape)}. "
+                             "Replicated parameters: ASGO or DistributedASGO")
+        if self.device_mesh is None:
+            self.device_mesh = param.device_mesh
+        elif param.device_mesh != self.device_mesh:
+            raise ValueError("FSDPASGO needs every parameter on one device mesh")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if any(self.state.values()):
+            raise RuntimeError("add param groups before the first step() or load_state_dict(): "
+                               "a new group re-plans which rank owns which matrix")
+        super().add_param_group(param_group)
+        if hasattr(self, "_owner"):
+            self._plan_ownership()
+
+    def _plan_ownership(self) -> None:
+        """Owners of the matrices the sharded-Gram path cannot take, balanced by cost."""
+        owned_params, costs = [], []
+        for group in self.param_groups:
+            for param in group["params"]:
+                algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+                if algorithm != "adamw" and self._column_gram_config(param, group) is None:
+                    owned_params.append(param)
+                    costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1)))
+        self._owner = dict(zip(owned_params, assign_owners(costs, self.device_mesh.size())))
+
+    def _column_gram_config(self, param, group: dict):
+        """The config the sharded-Gram path runs `param` with, or None where it cannot."""
+        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+        if algorithm != "asgo":
+            return None
+        config = group_config(group, algorithm)
+        shape = matrix_view_shape(param.shape)
+        if _preconditions_whole_columns(shape, config):
+            return config
+        if self.sharded_side_policy == "other_side" and config.side == "auto" and config.num_heads is None:
+            right = _with_right_side(config)
+            if _preconditions_whole_columns(shape, right):
+                return right
+        return None
+
+    def owner_of(self, param) -> int | None:
+        """The mesh rank that steps this matrix; None where every rank steps its own rows
+        (sharded-Gram matrices, AdamW)."""
+        return self._owner.get(param)
+
+    @property
+    def _mesh_group(self):
+        return self.device_mesh.get_group()
+
+    @property
+    def _mesh_rank(self) -> int:
+        return self.device_mesh.get_local_rank()
+
+    def _params_in_order(self) -> list:
+        return [param for group in self.param_groups for param in group["params"]]
+
+    # ---- the step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of every parameter (closure as in ASGO.step); a collective."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._agree_on_gradients()
+        for group in self.param_groups:
+            self._adamw_step(group)
+        owner_buckets = []
+        for bucket in self.plan_buckets():
+            group = self.param_groups[bucket.group_index]
+            config = self._column_gram_config(bucket.params[0], group)
+            if config is None:
+                owner_buckets.append(bucket)
+            else:
+                self._sharded_gram_step(bucket, group, config)
+        self._owner_step(owner_buckets)
+        return loss
+
+    def _agree_on_gradients(self) -> None:
+        """Every rank steps the same parameters: those with a gradient on some rank (a rank
+        without one takes zeros). One all-reduce of a flag per parameter (and a host read)."""
+        params = self._params_in_order()
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                                device=self.device_mesh.device_type)
+        dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=self._mesh_group)
+        for param, anywhere in zip(params, has_grad.tolist()):
+            if anywhere and param.grad is None:
+                param.grad = torch.zeros_like(param)
+
+    def _owner_step(self, buckets: list[Bucket]) -> None:
+        """Owners gather, step and return the rows of the matrices in `buckets`. The bucket
+        split differs between ranks (the step count is only known to the owner), so the
+        exchanges go in parameter order, one per dtype."""
+        index = {param: i for i, param in enumerate(self._params_in_order())}
+        by_dtype: dict[torch.dtype, list] = {}
+        for param in sorted((p for bucket in buckets for p in bucket.params), key=index.__getitem__):
+            by_dtype.setdefault(param.dtype, []).append(param)
+        full_params = {}
+        for params in by_dtype.values():
+            full_params.update(self._gather_on_owners(params))
+        for bucket in buckets:
+            mine = tuple(p for p in bucket.params if p in full_params)
+            if mine:
+                self._full_bucket_step(Bucket(bucket.group_index, bucket.algorithm, mine), full_params)
+        for params in by_dtype.values():
+            self._return_rows(params, full_params)
+
+    def _gather_on_owners(self, params: list) -> dict:
+        """One all-to-all: each rank's rows of weight and gradient go to the matrix's owner,
+        which gets back {param: full nn.Parameter with its full .grad} for the ones it owns."""
+        world = self.device_mesh.size()
+        to_rank: list[list] = [[] for _ in range(world)]
+        for param in params:
+            to_rank[self._owner[param]] += [param.to_local(), param.grad.to_local()]
+        mine = [p for p in params if self._owner[p] == self._mesh_rank]
+        from_rank = [sum(2 * _rows_on(p, rank) * _row_numel(p) for p in mine) for rank in range(world)]
+        received = self._all_to_all(to_rank, from_rank, params[0].dtype)
+        pieces = [chunk.split([n for p in mine for n in 2 * [_rows_on(p, rank) * _row_numel(p)]])
+                  for rank, chunk in enumerate(received)]
+        full_params = {}
+        for position, param in enumerate(mine):
+            weight, grad = (torch.cat([rank_pieces[2 * position + offset] for rank_pieces in pieces])
+                            .view(param.shape) for offset in (0, 1))
+            full_params[param] = torch.nn.Parameter(weight)
+            full_params[param].grad = grad
+        return full_params
+
+    def _full_bucket_step(self, bucket: Bucket, full_params: dict) -> None:
+        """The single-process step of owned matrices, on their full tensors and state."""
+        full = tuple(full_params[p] for p in bucket.params)
+        for param, full_param in zip(bucket.params, full):
             self.state[full_param] = self.state.pop(param, {})
-        super()._bucket_step(Bucket(bucket.group_index, bucket.algorithm, tuple(full_params)))
-        for full_param, param, local in zip(full_params, params, locals_):
+        super()._bucket_step(Bucket(bucket.group_index, bucket.algorithm, full))
+        for param, full_param in zip(bucket.params, full):
             self.state[param] = self.state.pop(full_param)
-            local.copy_(_my_rows(full_param.detach(), param))
+
+    def _return_rows(self, params: list, full_params: dict) -> None:
+        """One all-to-all: each owner sends every rank its rows of the new weights."""
+        world, me = self.device_mesh.size(), self._mesh_rank
+        mine = [p for p in params if self._owner[p] == me]
+        to_rank = [[_rows_of(full_params[p].detach(), rank, world) for p in mine] for rank in range(world)]
+        from_rank = [sum(_rows_on(p, me) * _row_numel(p) for p in params if self._owner[p] == rank)
+                     for rank in range(world)]
+        received = self._all_to_all(to_rank, from_rank, params[0].dtype)
+        for rank, chunk in enumerate(received):
+            owned = [p for p in params if self._owner[p] == rank]
+            for param, values in zip(owned, chunk.split([_rows_on(p, me) * _row_numel(p) for p in owned])):
+                local = param.to_local()
+                local.copy_(values.view(local.shape))
+
+    def _all_to_all(self, to_rank: list[list], from_rank_numel: list[int], dtype) -> list:
+        """Rank r's tensors to_rank[d] arrive, flattened and concatenated, at rank d; returns
+        the flat tensor received from each rank."""
+        device = self.device_mesh.device_type
+        flat = [t.reshape(-1) for tensors in to_rank for t in tensors]
+        send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+        received = torch.empty(sum(from_rank_numel), dtype=dtype, device=device)
+        dist.all_to_all_single(received, send, from_rank_numel,
+                               [sum(t.numel() for t in tensors) for tensors in to_rank],
+                               group=self._mesh_group)
+        return list(received.split(from_rank_numel))
 
     def _sharded_gram_step(self, bucket: Bucket, group: dict, config) -> None:
-        params, mesh_group = bucket.params, bucket.params[0].device_mesh.get_group()
+        params, mesh_group = bucket.params, self._mesh_group
         m, n = bucket.matrix_shape
         weights = torch.stack([p.to_local().reshape(-1, n) for p in params])
         statistics_dtype = torch.promote_types(weights.dtype, torch.float32)
@@ -262,8 +463,8 @@ class FSDPASGO(ASGO):
             grads = -grads
         states = [self._sharded_state(p, weights[0].to(statistics_dtype), n) for p in params]
         momentum_old = torch.stack([s["momentum"] for s in states])
-        gram_old = torch.stack([s["gram"] for s in states])
-        column_gram = grads.mT @ grads
+        gram_old = torch.cat([s["gram"][0] for s in states])
+        column_gram = self._partial_column_gram(grads, config).to(statistics_dtype)
         dist.all_reduce(column_gram, group=mesh_group)
         decay, weight = config.beta2, 1.0 if config.accumulate == "sum" else 1.0 - config.beta2
         gram_new = decay * gram_old + weight * column_gram
@@ -271,21 +472,28 @@ class FSDPASGO(ASGO):
         keep = ~finite[:, None, None]
         momentum = torch.where(keep, momentum_old, torch.lerp(momentum_old, grads, 1.0 - config.beta1))
         gram = torch.where(keep, gram_old, gram_new)
-        root = torch.stack([s["root"] for s in states])
+        root = torch.cat([s["root"][0] for s in states])
         fallbacks = torch.zeros(len(params), len(FALLBACK_LEVELS), dtype=torch.int32)
         if needs_root_refresh(states[0]["step"], config):
             new_root, fallbacks = robust_root(gram, root, config, _xp.namespace(gram))
             root = torch.where(keep, root, new_root)
             fallbacks = torch.where(keep[:, :, 0], 0, fallbacks)
-        direction = momentum @ root
+        direction = _matmul_in(momentum, config) @ _matmul_in(root, config)
+        direction = direction.to(statistics_dtype)
         update = self._normalised(direction, mesh_group, m * n, config) * finite[:, None, None]
         update = update + config.weight_decay * weights.to(statistics_dtype) * finite[:, None, None]
         for index, (param, state) in enumerate(zip(params, states)):
-            state.update(step=state["step"] + 1, momentum=momentum[index], gram=gram[index],
-                         root=root[index], skipped=state["skipped"] + (~finite[index]).int(),
+            state.update(step=state["step"] + 1, momentum=momentum[index], gram=[gram[index:index + 1]],
+                         root=[root[index:index + 1]], skipped=state["skipped"] + (~finite[index]).int(),
                          fallbacks=state["fallbacks"] + fallbacks[index])
             local = param.to_local()
             local.sub_((group["lr"] * update[index]).to(local.dtype).view(local.shape))
+
+    @staticmethod
+    def _partial_column_gram(grads, config):
+        """This rank's GᵀG of its rows (GEMM inputs in config.matmul_dtype, as ASGO rounds them)."""
+        low = _matmul_in(grads, config)
+        return low.mT @ low
 
     @staticmethod
     def _normalised(direction, mesh_group, numel: int, config):
@@ -299,37 +507,140 @@ class FSDPASGO(ASGO):
         return direction * scale[:, None, None]
 
     def _sharded_state(self, param, local_rows, n: int) -> dict:
+        """The state of a sharded-Gram matrix, in ASGO's layout (gram, root: one block group)."""
         state = self.state[param]
         if not state:
             zeros = lambda *shape: local_rows.new_zeros(shape)  # noqa: E731
-            state.update(step=0, momentum=zeros(*local_rows.shape), gram=zeros(n, n),
-                         root=zeros(n, n), skipped=torch.zeros((), dtype=torch.int32),
+            state.update(step=0, momentum=zeros(*local_rows.shape), gram=[zeros(1, n, n)],
+                         root=[zeros(1, n, n)], skipped=torch.zeros((), dtype=torch.int32),
                          fallbacks=torch.zeros(len(FALLBACK_LEVELS), dtype=torch.int32))
         return state
 
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """ASGO's layout with "momentum" a row-sharded DTensor, the rest replicated (see the
+        class docstring), with an entry for every parameter (a zero state, step 0, for one
+        not stepped yet), so that any checkpoint has every key a loading run asks for.
+        A collective: owner-held state is sent to every rank."""
+        packed = super().state_dict()
+        owner_held = self._share_owner_held_state(packed["state"], self._params_in_order())
+        state = {index: self._checkpoint_entry(param, group, packed["state"].get(index) or {},
+                                               owner_held.get(index))
+                 for index, (param, group) in enumerate(self._params_and_groups())}
+        return {"state": state, "param_groups": packed["param_groups"]}
 
-def _is_dtensor(tensor) -> bool:
-    return hasattr(tensor, "placements") and hasattr(tensor, "to_local")
+    def _checkpoint_entry(self, param, group: dict, entry: dict, owner_held) -> dict:
+        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+        if algorithm == "adamw":
+            return entry or _fresh_adamw_state(param)
+        if param in self._owner:
+            if owner_held is None:
+                return self._fresh_matrix_entry(param, group, algorithm)
+            return {**owner_held, "momentum": self._momentum_from_owner(param, entry.get("momentum"))}
+        if not entry:
+            return self._fresh_matrix_entry(param, group, algorithm)
+        return {**entry, "momentum": _row_sharded_like(entry["momentum"], param)}
+
+    def _fresh_matrix_entry(self, param, group: dict, algorithm: str) -> dict:
+        """The zero state (step 0) of a matrix, in the checkpoint layout."""
+        config = self._column_gram_config(param, group) or group_config(group, algorithm)
+        m, n = matrix_view_shape(param.shape)
+        entry: dict = {}
+        zero_matrix = torch.zeros(1, m, n, dtype=param.dtype, device=param.device)
+        _unstack_state([entry], init_state(zero_matrix, config), 0)
+        rows = _rows_of(entry["momentum"], self._mesh_rank, self.device_mesh.size())
+        return {**entry, "momentum": _row_sharded_like(rows, param)}
+
+    def _share_owner_held_state(self, local_state: dict, params: list) -> dict:
+        """{index: state without momentum} of every owner-held matrix with state, on every
+        rank (one all_gather_object of the k×k statistics and counters)."""
+        mine = {index: _to_device({k: v for k, v in entry.items() if k != "momentum"}, "cpu")
+                for index, entry in local_state.items()
+                if entry and self._owner.get(params[index]) == self._mesh_rank}
+        gathered: list = [None] * self.device_mesh.size()
+        dist.all_gather_object(gathered, mine, group=self._mesh_group)
+        return {index: _to_device(entry, params[index].device)
+                for rank_state in gathered for index, entry in sorted(rank_state.items())}
+
+    def _momentum_from_owner(self, param, momentum):
+        """The owner's full momentum scattered to a row-sharded DTensor (a collective)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        if momentum is None:  # not the owner: the shape and dtype of what it will receive
+            dtype = torch.promote_types(param.dtype, torch.float32)
+            momentum = torch.empty(matrix_view_shape(param.shape), dtype=dtype, device=param.device)
+        return distribute_tensor(momentum, self.device_mesh, param.placements,
+                                 src_data_rank=self._owner[param])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load the state_dict() layout saved at any world size (e.g. through
+        torch.distributed.checkpoint). A collective: owners receive the full momentum."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        local = {}
+        for saved_id, param in zip(saved_ids, self._params_in_order()):
+            entry = state_dict["state"].get(saved_id)
+            if entry is None or int(entry["step"]) == 0:  # never stepped: no state
+                continue
+            if param in self._owner:
+                full_momentum = entry["momentum"].full_tensor()
+                if self._owner[param] == self._mesh_rank:
+                    local[saved_id] = {**entry, "momentum": full_momentum}
+            elif "momentum" in entry:
+                local[saved_id] = {**entry, "momentum": entry["momentum"].to_local()}
+            else:
+                local[saved_id] = entry
+        super().load_state_dict({**state_dict, "state": local})
+
+
+def _require_process_group(optimizer_name: str) -> None:
+    if not dist.is_initialized():
+        raise RuntimeError(f"{optimizer_name} needs torch.distributed initialised "
+                           "(dist.init_process_group) before construction")
 
 
 def _is_row_sharded(param) -> bool:
-    return (_is_dtensor(param) and len(param.placements) == 1
-            and param.placements[0].is_shard(dim=0))
+    placements = getattr(param, "placements", None)
+    return placements is not None and len(placements) == 1 and placements[0].is_shard(dim=0)
 
 
-def _uses_sharded_gram(bucket: Bucket, config) -> bool:
-    m, n = bucket.matrix_shape
-    single_block = block_layout((len(bucket.params), m, n), config).is_single_block
-    return resolve_side(m, n, config) == "right" and single_block
+def _preconditions_whole_columns(shape: tuple[int, int], config) -> bool:
+    """Whether one column-side preconditioner covers the matrix (the sharded-Gram case)."""
+    m, n = shape
+    return resolve_side(m, n, config) == "right" and block_layout((1, m, n), config).is_single_block
 
 
-def _full(tensor):
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+@functools.lru_cache(maxsize=None)
+def _with_right_side(config):
+    return dataclasses.replace(config, side="right")
 
 
-def _my_rows(full, param):
-    """This rank's dim-0 shard of `full`, as FSDP2 lays it out (torch.chunk order)."""
-    if not _is_dtensor(param):
-        return full
-    mesh = param.device_mesh
-    return full.chunk(mesh.size(), dim=0)[mesh.get_local_rank()]
+def _matmul_in(x, config):
+    """x as a GEMM input: rounded to config.matmul_dtype when it is set."""
+    return x if config.matmul_dtype is None else x.to(getattr(torch, config.matmul_dtype))
+
+
+def _rows_on(param, rank: int) -> int:
+    """Rows of `param` on mesh rank `rank` in FSDP2's dim-0 layout (torch.chunk: ceil-sized
+    chunks, empty ones at the end)."""
+    world = param.device_mesh.size()
+    chunk = -(-param.shape[0] // world)
+    return max(0, min(chunk, param.shape[0] - rank * chunk))
+
+
+def _row_numel(param) -> int:
+    return math.prod(param.shape[1:])
+
+
+def _rows_of(full, rank: int, world: int):
+    """Rank `rank`'s dim-0 shard of `full` (the torch.chunk layout, possibly empty)."""
+    chunk = -(-full.shape[0] // world)
+    return full[rank * chunk:(rank + 1) * chunk]
+
+
+def _row_sharded_like(rows, param):
+    """This rank's (rows, n) momentum as the (m, n) DTensor it is a shard of."""
+    from torch.distributed.tensor import DTensor
+
+    m, n = matrix_view_shape(param.shape)
+    return DTensor.from_local(rows, param.device_mesh, param.placements, shape=torch.Size((m, n)),
+                              stride=(n, 1))

@@ -1,11 +1,15 @@
 """One rank of the distributed tests, launched torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT in the environment) by tests/test_distributed.py:
 
-    python tests/distributed_worker.py ddp|fsdp OUT_DIR
+    python tests/distributed_worker.py ddp|fsdp|fsdp_other_side|fsdp_bf16 OUT_DIR
+    python tests/distributed_worker.py fsdp_resume OUT_DIR CHECKPOINT_DIR
 
 Trains `TinyTransformer` for STEPS steps on rank-specific batches and saves, per rank,
 OUT_DIR/rank{r}.pt: the final parameters, the optimizer's full state_dict and the gradients
-every step saw (so the test can replay them through the single-process optimizer).
+every step saw (so the test can replay them through the single-process optimizer). The fsdp
+modes also save a torch.distributed.checkpoint in OUT_DIR/checkpoint, which fsdp_resume loads
+(at any world size) to train the remaining steps; fsdp_bf16 steps two matrices on synthetic
+gradients with matmul_dtype="bfloat16".
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ OPTIONS = dict(lr=0.05, precondition_frequency=2)
 # The sharded Gram sums per-rank Grams in another order; eps=1e-3 keeps those float32 rounding
 # differences from being amplified by the default eps=1e-6's condition number (up to 1e6).
 FSDP_OPTIONS = dict(OPTIONS, eps=1e-3)
+OTHER_SIDE_OPTIONS = dict(FSDP_OPTIONS, sharded_side_policy="other_side")
+NO_GRAD_STEP = 7          # FSDP runs: the last rank has no gradients at this step
+CHECKPOINT_AT_STEP = 5    # FSDP runs: DCP checkpoint taken before this step
+BF16_SHAPES = ((32, 16), (16, 32))
+BF16_OPTIONS = dict(FSDP_OPTIONS, matmul_dtype="bfloat16")
+BF16_STEPS = 3
 
 
 class Block(nn.Module):
@@ -109,41 +119,150 @@ def train_ddp(out_dir: str) -> None:
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def train_fsdp(out_dir: str) -> None:
+def fsdp_model():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from asgo_core.adapters.torch_distributed import FSDPASGO
-
-    rank = dist.get_rank()
     model = make_model()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optimizer = FSDPASGO(make_param_groups(model), **FSDP_OPTIONS)
+    return fully_shard(model, mesh=mesh)
+
+
+def rows_of_rank(full: torch.Tensor, rank: int, world_size: int) -> slice:
+    """The dim-0 rows FSDP2 gives `rank` (torch.chunk layout)."""
+    chunk = -(-full.shape[0] // world_size)
+    return slice(rank * chunk, (rank + 1) * chunk)
+
+
+def drop_last_rank_grads(model, grads: dict) -> None:
+    """The last rank loses every gradient: zero its rows in the recorded full gradients (what
+    FSDPASGO must then use) and set its local .grad to None."""
+    world_size = dist.get_world_size()
+    for grad in grads.values():
+        if grad is not None:
+            grad[rows_of_rank(grad, world_size - 1, world_size)] = 0
+    if dist.get_rank() == world_size - 1:
+        for param in model.parameters():
+            param.grad = None
+
+
+def full_tensors(value):
+    """The state with every DTensor gathered to a full tensor (a collective)."""
+    if hasattr(value, "full_tensor"):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {key: full_tensors(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [full_tensors(item) for item in value]
+    return value
+
+
+def fsdp_steps(model, optimizer, steps, checkpoint_dir=None) -> list[dict]:
+    """Train `steps`; drop the last rank's gradients at NO_GRAD_STEP and save a DCP checkpoint
+    before CHECKPOINT_AT_STEP when checkpoint_dir is given. Returns the gradients used."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     grads_per_step = []
-    for step in range(STEPS):
-        tokens = batch(step, rank)
+    for step in steps:
+        if step == CHECKPOINT_AT_STEP and checkpoint_dir is not None:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint_dir)
+        tokens = batch(step, dist.get_rank())
         logits = model(tokens[:, :-1], use_rank0_layer=False)
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        grads_per_step.append({name: None if p.grad is None else p.grad.full_tensor()
-                               for name, p in model.named_parameters()})
+        grads = {name: None if p.grad is None else p.grad.full_tensor()
+                 for name, p in model.named_parameters()}
+        if step == NO_GRAD_STEP and dist.get_world_size() > 1:
+            drop_last_rank_grads(model, grads)
+        grads_per_step.append(grads)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    sharded_gram_state = {name: optimizer.state[p] for name, p in model.named_parameters()
-                          if isinstance(optimizer.state[p].get("gram"), torch.Tensor)}
+    return grads_per_step
+
+
+def save_fsdp_result(model, optimizer, grads_per_step, out_dir: str) -> None:
+    names = {p: name for name, p in model.named_parameters()}
+    state_dict = full_tensors(optimizer.state_dict())
     torch.save({"params": {name: p.full_tensor() for name, p in model.named_parameters()},
-                "grads": grads_per_step, "sharded_gram_state": sharded_gram_state},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+                "grads": grads_per_step, "state_dict": state_dict,
+                "owners": {names[p]: optimizer.owner_of(p) for p in names},
+                "local_state_keys": {names[p]: sorted(optimizer.state.get(p, {})) for p in names}},
+               os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+
+
+def train_fsdp(out_dir: str, options: dict, checkpoint_dir=None) -> None:
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    model = fsdp_model()
+    optimizer = FSDPASGO(make_param_groups(model), **options)
+    grads = fsdp_steps(model, optimizer, range(STEPS), checkpoint_dir)
+    save_fsdp_result(model, optimizer, grads, out_dir)
+
+
+def resume_fsdp(out_dir: str, checkpoint_dir: str) -> None:
+    """Load the DCP checkpoint (saved at another world size) and train its remaining steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    model = fsdp_model()
+    optimizer = FSDPASGO(make_param_groups(model), **FSDP_OPTIONS)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint_dir)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    grads = fsdp_steps(model, optimizer, range(CHECKPOINT_AT_STEP, STEPS))
+    save_fsdp_result(model, optimizer, grads, out_dir)
+
+
+def bf16_grads(step: int, shape) -> torch.Tensor:
+    """Entries ±1 or ±2 times (1 + 2^-10): bfloat16 rounds them to ±1, ±2, whose Gram sums are
+    exact in bfloat16 and float32, while the float32 Gram differs by about 2^-9 relative."""
+    generator = torch.Generator().manual_seed(step)
+    magnitude = torch.randint(1, 3, shape, generator=generator).float()
+    sign = torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+    return sign * magnitude * (1 + 2 ** -10)
+
+
+def train_bf16(out_dir: str) -> None:
+    """matmul_dtype="bfloat16" on a sharded-Gram (32×16) and an owner-held (16×32) matrix."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    full = [torch.randn(BF16_SHAPES[0]), torch.randn(BF16_SHAPES[1])]
+    params = [nn.Parameter(distribute_tensor(t, mesh, [Shard(0)])) for t in full]
+    try:
+        FSDPASGO(params, nonfinite="raise")
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    optimizer = FSDPASGO(params, **BF16_OPTIONS)
+    for step in range(BF16_STEPS):
+        for param, shape in zip(params, BF16_SHAPES):
+            param.grad = distribute_tensor(bf16_grads(step, shape), mesh, [Shard(0)])
+        optimizer.step()
+    torch.save({"initial": full, "params": [p.full_tensor() for p in params],
+                "state_dict": full_tensors(optimizer.state_dict()), "refusal": refusal},
+               os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
 
 
 def main() -> None:
-    mode, out_dir = sys.argv[1], sys.argv[2]
+    mode, out_dir, *checkpoint_dir = sys.argv[1:]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    modes = {"ddp": train_ddp,
+             "fsdp": lambda out: train_fsdp(out, FSDP_OPTIONS, os.path.join(out, "checkpoint")),
+             "fsdp_other_side": lambda out: train_fsdp(out, OTHER_SIDE_OPTIONS),
+             "fsdp_resume": lambda out: resume_fsdp(out, *checkpoint_dir), "fsdp_bf16": train_bf16}
     try:
-        {"ddp": train_ddp, "fsdp": train_fsdp}[mode](out_dir)
+        modes[mode](out_dir)
     finally:
         dist.destroy_process_group()
 
