@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
-from asgo_core.solvers import POLAR_EXPRESS_COEFFICIENTS
+from reference_asgo import ReferenceStyleASGO  # benchmarks/, the script's own directory
 
 LR = 1e-2
 
@@ -60,43 +59,6 @@ class GPT(nn.Module):
 
 def _is_hidden_matrix(model: GPT, param) -> bool:
     return param.ndim >= 2 and param is not model.wte.weight and param is not model.wpe.weight
-
-
-class ReferenceStyleASGO(torch.optim.Optimizer):
-    """The reference code's algorithm as it is written there: one matrix at a time, the
-    PolarExpress root (10 steps) every step, host reads (.item()) for the norms."""
-
-    def __init__(self, params, lr=LR, beta1=0.9, beta2=0.8, eps=1e-10, weight_decay=0.1, rms=0.2):
-        super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                      weight_decay=weight_decay, rms=rms))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                G = p.grad if p.shape[0] <= p.shape[1] else p.grad.T
-                state = self.state[p]
-                if not state:
-                    state["M"] = torch.zeros_like(G)
-                    state["V"] = torch.zeros(G.shape[0], G.shape[0], dtype=G.dtype, device=G.device)
-                state["M"].lerp_(G, 1 - group["beta1"])
-                state["V"].mul_(group["beta2"]).add_(G @ G.T, alpha=1 - group["beta2"])
-                root = self._polar_express_inverse_root(state["V"], group["eps"])
-                D = root @ state["M"]
-                scale = group["rms"] * math.sqrt(D.numel()) / (D.norm().item() + 1e-12)
-                D = D if p.shape[0] <= p.shape[1] else D.T
-                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(D, alpha=-group["lr"] * scale)
-
-    @staticmethod
-    def _polar_express_inverse_root(V, eps):
-        normaliser = V.norm().item() * 1.01 + eps
-        Y = V / normaliser
-        Z = torch.eye(V.shape[0], dtype=V.dtype, device=V.device)
-        for a, b, c in POLAR_EXPRESS_COEFFICIENTS + POLAR_EXPRESS_COEFFICIENTS[-1:] * 2:
-            T = Z @ Y
-            B = b * T + c * (T @ T)
-            Y, Z = a * Y + Y @ B, a * Z + B @ Z
-        return Z / math.sqrt(normaliser)
 
 
 class MuonFloat32(torch.optim.Optimizer):

@@ -20,6 +20,9 @@ Optimizers (one peak lr each; it is shared by the matrix optimizer and its AdamW
     asgo_tau1   asgo_core.adapters.torch.ASGO, inverse root recomputed every step.
     asgo_tau10  the same with precondition_frequency=10.
     dasgo       asgo_core.adapters.torch.DASGO (diagonal preconditioner).
+    asgo_reference   (only when named in --optimizers) the reference code's ASGO as written
+                there (benchmarks/reference_asgo.py) on the block matrices + the same AdamW as
+                muon's, at asgo_tau1's lr: a check that asgo_tau1 trains like the reference.
 The ASGO optimizers take asgo_param_groups(model), which sends the embeddings / tied head and the
 non-matrix params to the optimizer's built-in AdamW.
 
@@ -72,7 +75,10 @@ PRESETS = {
     "full": dict(n_layer=4, n_head=4, d_model=128, block_size=128, batch_size=32,
                  steps=600, eval_every=50, seeds=3),
 }
-ALL_OPTIMIZERS = list(LR_GRIDS)
+DEFAULT_OPTIMIZERS = list(LR_GRIDS)
+# Optimizers that are not swept: they train at another optimizer's chosen lr.
+SAME_LR_AS = {"asgo_reference": "asgo_tau1"}
+ALL_OPTIMIZERS = DEFAULT_OPTIMIZERS + list(SAME_LR_AS)
 ASGO_OPTIMIZERS = {"asgo_tau1", "asgo_tau10", "dasgo"}
 LR_CHOICES_PATH = Path(__file__).with_name("lr_choices.json")
 VOCAB_SIZE = 256
@@ -201,12 +207,24 @@ def make_adamw(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
     return [torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS)]
 
 
-def make_muon(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
+def split_hidden_matrices(model: GPT) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The 2-D matrices inside the blocks, and every other parameter."""
     hidden_matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     hidden_ids = {id(p) for p in hidden_matrices}
-    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+    return hidden_matrices, [p for p in model.parameters() if id(p) not in hidden_ids]
+
+
+def make_muon(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
+    hidden_matrices, rest = split_hidden_matrices(model)
     return [torch.optim.Muon(hidden_matrices, lr=lr, weight_decay=WEIGHT_DECAY,
                              adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW(rest, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)]
+
+
+def make_reference_asgo(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
+    from reference_asgo import ReferenceStyleASGO  # benchmarks/, the script's own directory
+    hidden_matrices, rest = split_hidden_matrices(model)
+    return [ReferenceStyleASGO(hidden_matrices, lr=lr, weight_decay=WEIGHT_DECAY),
             torch.optim.AdamW(rest, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)]
 
 
@@ -241,6 +259,7 @@ OPTIMIZER_FACTORIES = {
     "asgo_tau1": make_asgo(1),
     "asgo_tau10": make_asgo(10),
     "dasgo": make_dasgo,
+    "asgo_reference": make_reference_asgo,
 }
 
 
@@ -331,6 +350,8 @@ def run_sweep(args: argparse.Namespace, train_data: torch.Tensor, val_batches: l
     choices = read_lr_choices()
     config_choices = choices.setdefault(args.config_name, {})
     for name in args.optimizers:
+        if name in SAME_LR_AS:
+            raise SystemExit(f"{name} is not swept: it trains at {SAME_LR_AS[name]}'s lr")
         val_by_lr = {}
         for lr in LR_GRIDS[name]:
             run = train_run(args, name, lr, 0, args.sweep_steps, train_data, val_batches)
@@ -352,10 +373,11 @@ def resolve_lrs(args: argparse.Namespace) -> dict[str, float]:
     stored = read_lr_choices().get(args.config_name, {})
     lrs = {}
     for name in args.optimizers:
+        lr_source = SAME_LR_AS.get(name, name)
         if name in args.lr_overrides:
             lrs[name] = args.lr_overrides[name]
-        elif name in stored:
-            lrs[name] = stored[name]["lr"]
+        elif lr_source in stored:
+            lrs[name] = stored[lr_source]["lr"]
         else:
             raise SystemExit(
                 f"no learning rate stored for {name!r} under config {args.config_name!r} in "
@@ -479,7 +501,7 @@ def model_config(args: argparse.Namespace) -> dict:
 
 def parse_lr_override(text: str) -> tuple[str, float]:
     name, _, value = text.partition("=")
-    if name not in LR_GRIDS or not value:
+    if name not in ALL_OPTIMIZERS or not value:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {ALL_OPTIMIZERS}")
     return name, float(value)
 
@@ -489,7 +511,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small model, 1 seed, a few minutes")
     parser.add_argument("--sweep", action="store_true",
                         help="sweep each optimizer's lr grid, write lr_choices.json, then exit")
-    parser.add_argument("--optimizers", nargs="+", choices=ALL_OPTIMIZERS, default=ALL_OPTIMIZERS)
+    parser.add_argument("--optimizers", nargs="+", choices=ALL_OPTIMIZERS,
+                        default=DEFAULT_OPTIMIZERS)
     parser.add_argument("--lr", action="append", type=parse_lr_override, default=[],
                         metavar="NAME=VALUE", help="peak lr override; repeatable")
     parser.add_argument("--n-layer", type=int)
