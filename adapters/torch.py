@@ -313,14 +313,30 @@ def _params_with_grad(group: dict):
 
 
 def _stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, except that tensors which are still the in-order slices of one stacked
-    tensor (what _unstack_state left last step) give that tensor back without a copy."""
+    """torch.stack, without a copy when the tensors are still last step's unbound views."""
+    base = _reassembled_base(tensors, (len(tensors), *tensors[0].shape))
+    return torch.stack(tensors) if base is None else base
+
+
+def _concat_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0, without a copy when the tensors are still last step's split views."""
+    total = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+    base = _reassembled_base(tensors, total)
+    return torch.cat(tensors) if base is None else base
+
+
+def _reassembled_base(tensors: list[torch.Tensor], shape: tuple) -> torch.Tensor | None:
+    """The contiguous tensor of this shape whose in-order, back-to-back slices the tensors are
+    (what _unstack_state left last step), or None."""
     base = tensors[0]._base
-    if (base is not None and base.is_contiguous() and base.shape == (len(tensors), *tensors[0].shape)
-            and all(t._base is base and t.storage_offset() == base.storage_offset() + i * t.numel()
-                    for i, t in enumerate(tensors))):
-        return base
-    return torch.stack(tensors)
+    if base is None or not base.is_contiguous() or base.shape != shape:
+        return None
+    offset = base.storage_offset()
+    for tensor in tensors:
+        if tensor._base is not base or not tensor.is_contiguous() or tensor.storage_offset() != offset:
+            return None
+        offset += tensor.numel()
+    return base
 
 
 def _stack_state(states: list[dict], step_count: int):
@@ -329,7 +345,7 @@ def _stack_state(states: list[dict], step_count: int):
     count = torch.tensor(step_count, dtype=torch.int32)
     if "second_moment" in states[0]:
         return DASGOState(stack("momentum"), stack("second_moment"), count, stack("skipped"))
-    concat_groups = lambda key: tuple(torch.cat(parts) for parts in zip(*(s[key] for s in states)))  # noqa: E731
+    concat_groups = lambda key: tuple(_concat_tensors(list(parts)) for parts in zip(*(s[key] for s in states)))  # noqa: E731
     return ASGOState(stack("momentum"), concat_groups("gram"), concat_groups("root"), count,
                      stack("skipped"), stack("fallbacks"))
 

@@ -8,6 +8,8 @@ fp32 matmuls on CUDA follow torch's global precision setting
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 # Measured on a 2-core CPU (torch 2.13, float32, batch of 12): LAPACK's batched eigh is faster
@@ -20,13 +22,41 @@ _CUDA_ITERATION_MIN_K = 512
 
 
 def eigh(A):
-    """torch.linalg.eigh; on CPU large matrices go one at a time (faster there, see above)."""
+    """torch.linalg.eigh; on CPU large matrices go one at a time (faster there, see above),
+    spread over torch's intra-op threads: each thread decomposes its share of the stack with a
+    single-threaded LAPACK call, which uses the cores better than one multi-threaded call
+    (LAPACK's tridiagonal reduction scales poorly across threads at these sizes)."""
     one_at_a_time = (A.device.type == "cpu" and A.ndim == 3 and A.shape[0] > 1
                      and A.shape[-1] >= _CPU_LOOP_EIGH_MIN_K and not torch.compiler.is_compiling())
     if not one_at_a_time:
         return torch.linalg.eigh(A)
+    intra_op_threads = torch.get_num_threads()
+    threads = min(intra_op_threads, A.shape[0])
+    if threads == 1:
+        values, vectors = _eigh_each(A)
+        return torch.stack(values), torch.stack(vectors)
+    torch.set_num_threads(1)  # one LAPACK thread per worker: no oversubscription
+    try:
+        shares = list(_eigh_pool(threads).map(_eigh_each, A.tensor_split(threads)))
+    finally:
+        torch.set_num_threads(intra_op_threads)
+    return (torch.cat([torch.stack(values) for values, _ in shares]),
+            torch.cat([torch.stack(vectors) for _, vectors in shares]))
+
+
+def _eigh_each(A):
+    """(eigenvalues, eigenvectors) lists of the matrices of a (b, k, k) stack, one call each."""
     values, vectors = zip(*(torch.linalg.eigh(matrix) for matrix in A.unbind(0)))
-    return torch.stack(values), torch.stack(vectors)
+    return values, vectors
+
+
+_EIGH_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _eigh_pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _EIGH_POOLS:
+        _EIGH_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="asgo-eigh")
+    return _EIGH_POOLS[threads]
 
 
 def _gemm(C, A, B, beta: float, alpha: float):
