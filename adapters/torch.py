@@ -29,9 +29,9 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from asgo_core import (ASGOConfig, ASGOState, DASGOConfig, DASGOState, block_layout, init_state,
                        matrix_view_shape, needs_root_refresh)
-from asgo_core import step as core_step
+from asgo_core import step_terms
 from asgo_core.config import check_non_negative, fail
-from asgo_core.options import check_group_options, group_config, without_weight_decay
+from asgo_core.options import check_group_options, group_config
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order,
                                   stacked_state_entries, stacked_state_from_entries)
 
@@ -144,13 +144,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         step_count = states[0].get("step", 0)
         core_state = init_state(grads, config) if step_count == 0 else _stack_state(states, step_count)
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(step_count, config)
-        # The decoupled decay is applied in the parameter write below rather than by the core,
-        # which would need a stacked copy of the weights: same math, two passes fewer.
-        update, new_state = core_step(grads, core_state, None, without_weight_decay(config),
-                                      refresh_root=refresh)
+        direction, scale, new_state = step_terms(grads, core_state, config, refresh_root=refresh,
+                                                 overwrite_state=True)
         _unstack_state(states, new_state, step_count + 1)
-        stepped = new_state.skipped == core_state.skipped  # False where the gradient was skipped
-        _write_update(params, update, stepped, group["lr"], config.weight_decay, new_state.momentum.dtype)
+        _write_update(params, direction, scale, group["lr"], config.weight_decay)
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in _params_with_grad(group)
@@ -286,17 +283,17 @@ def _tensor_like(entry: dict, key: str, like: torch.Tensor) -> torch.Tensor:
     return _tensor_from_numpy(array, like)
 
 
-def _write_update(params, update, stepped, lr, weight_decay: float, statistics_dtype) -> None:
-    """W ← W·(1 − lr·weight_decay) − lr·U for each matrix; a skipped matrix is not decayed
-    (its U is zero). Decay factors are in the statistics dtype (float64 for float64 params)."""
+def _write_update(params, direction, scale, lr, weight_decay: float) -> None:
+    """W ← W·(1 − lr·weight_decay) − lr·scale·D for each matrix: two passes over W, no
+    update-sized temporary. A skipped matrix (scale 0) is neither moved nor decayed. The
+    factors are in the statistics dtype (float64 for float64 params); a tensor lr (e.g. a
+    scheduler's) works as a float does."""
+    scale = scale.view(-1)
     if weight_decay != 0.0:
-        factors = 1.0 - (lr * weight_decay) * stepped.to(statistics_dtype)
+        factors = 1.0 - (lr * weight_decay) * (scale != 0).to(scale.dtype)
         torch._foreach_mul_(list(params), list(factors.unbind(0)))
-    shaped = update.view(len(params), *params[0].shape)
-    if isinstance(lr, torch.Tensor):  # a tensor lr (e.g. a scheduler's) cannot be an alpha
-        torch._foreach_sub_(list(params), list((shaped * lr).unbind(0)))
-    else:  # one pass, no lr·update temporary
-        torch._foreach_add_(list(params), list(shaped.unbind(0)), alpha=-lr)
+    shaped = direction.view(len(params), *params[0].shape)
+    torch._foreach_addcmul_(list(params), list(shaped.unbind(0)), list((scale * -lr).unbind(0)))
 
 
 def _params_with_grad(group: dict):

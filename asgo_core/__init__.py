@@ -16,6 +16,7 @@ from asgo_core.step import (
     needs_root_refresh,
     statistics_dtype,
     step,
+    step_terms,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "save_state",
     "statistics_dtype",
     "step",
+    "step_terms",
 ]

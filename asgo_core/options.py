@@ -7,7 +7,6 @@ and what it accepts, like the configs' own checks.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config_field_names, fail, is_number
@@ -54,9 +53,3 @@ def group_config(group: dict, algorithm: str):
 @functools.lru_cache(maxsize=256)
 def _cached_config(config_type, options: tuple):
     return config_type(**dict(options))
-
-
-@functools.lru_cache(maxsize=256)
-def without_weight_decay(config):
-    """The same config with weight_decay = 0, for adapters that apply the decay themselves."""
-    return config if config.weight_decay == 0.0 else dataclasses.replace(config, weight_decay=0.0)

@@ -76,13 +76,16 @@ def needs_root_refresh(step_count: int, config: ASGOConfig) -> bool:
     return step_count % config.precondition_frequency == 0
 
 
-def step(grad, state, param, config, *, refresh_root: bool | None = None):
+def step(grad, state, param, config, *, refresh_root: bool | None = None,
+         overwrite_state: bool = False):
     """One optimizer step for a stack of matrices; returns (update, new_state).
 
     grad, param: (..., m, n) arrays of one namespace (param may be None when
     weight_decay = 0). refresh_root: whether this step recomputes the ASGO root; None reads
     it from state.count (a host read: adapters on GPUs pass it explicitly). Ignored by DASGO,
     which has no root. The update has the parameter's dtype (the gradient's if param is None).
+    overwrite_state: the caller drops the old state, so a backend may update its arrays in
+    place instead of allocating new ones (the torch adapter does; the default leaves it intact).
 
     A gradient is non-finite when its Gram matrix (ASGO) or column energies (DASGO) are: that
     catches every NaN/inf entry without an extra pass over the gradient, and also treats a
@@ -90,11 +93,32 @@ def step(grad, state, param, config, *, refresh_root: bool | None = None):
     """
     if param is None and config.weight_decay != 0.0:
         raise ValueError("param is required when weight_decay != 0 (the update carries weight_decay·W)")
+    direction, scale, new_state = step_terms(grad, state, config, refresh_root=refresh_root,
+                                             overwrite_state=overwrite_state)
+    xp = _xp.namespace(direction)
+    update = direction * scale
+    if config.weight_decay != 0.0:
+        stepped = xp.astype(scale != 0, update.dtype)  # a skipped matrix is not decayed either
+        weights = _flatten_lead(xp.astype(param, update.dtype, copy=False), xp)
+        update = update + weights * (config.weight_decay * stepped)
+    out_dtype = (param if param is not None else grad).dtype
+    return xp.astype(xp.reshape(update, grad.shape), out_dtype, copy=False), new_state
+
+
+def step_terms(grad, state, config, *, refresh_root: bool | None = None,
+               overwrite_state: bool = False):
+    """The parts of `step`'s update, for adapters that fuse them into the parameter write:
+    (direction (B, m, n), scale (B, 1, 1), new_state) with B the flattened leading dims and
+
+        update = scale·direction + weight_decay·W   for matrices with scale != 0,
+        update = 0                                  for skipped ones (scale = 0, not decayed).
+
+    scale = ρ·√(mn)/‖direction‖_F (1 when ρ is None or the direction is 0, so a matrix whose
+    gradients were all zero is still decayed). Arguments as in `step`.
+    """
     xp = _xp.namespace(grad, state.momentum)
     lead = tuple(grad.shape[:-2])
     G = _flatten_lead(xp.astype(grad, state.momentum.dtype, copy=False), xp)
-    old_momentum = _flatten_lead(state.momentum, xp)
-    new_momentum = _ema(old_momentum, G, config.beta1, xp)
     if isinstance(config, DASGOConfig):
         statistics = _dasgo_statistics(G, state, config, xp)
     else:
@@ -102,26 +126,28 @@ def step(grad, state, param, config, *, refresh_root: bool | None = None):
     finite = statistics.finite
     if config.nonfinite == "raise" and not bool(xp.all(finite)):
         raise FloatingPointError("non-finite gradient (nonfinite='raise'); no state was changed")
-    momentum = _select(finite[:, None, None], new_momentum, old_momentum, xp)
+    momentum = _masked_ema(finite, _flatten_lead(state.momentum, xp), G, config.beta1,
+                           overwrite_state, xp)
     if isinstance(config, DASGOConfig):
         direction, new_state = _dasgo_direction(momentum, statistics, state, config, xp)
     else:
         if refresh_root is None:
             refresh_root = needs_root_refresh(int(state.count), config)
         direction, new_state = _asgo_direction(momentum, statistics, state, config, refresh_root, xp)
-    update = _update(direction, finite, param, config, xp)
     new_state = new_state._replace(
         momentum=xp.reshape(momentum, state.momentum.shape),
         count=state.count + 1,
         skipped=state.skipped + xp.reshape(xp.astype(~finite, xp.int32), lead))
-    out_dtype = (param if param is not None else grad).dtype
-    return xp.astype(xp.reshape(update, grad.shape), out_dtype, copy=False), new_state
+    return direction, _scale(direction, finite, config, xp), new_state
 
 
-def _select(mask, new, old, xp):
-    """where(mask, new, old); a backend may skip the pass when every mask entry holds."""
-    fused = _xp.backend_function(xp, "select")
-    return fused(mask, new, old) if fused is not None else xp.where(mask, new, old)
+def _masked_ema(finite, old, new, beta: float, overwrite: bool, xp):
+    """Per matrix: beta·old + (1 − beta)·new where the gradient is finite, old elsewhere.
+    overwrite allows the backend to write the result into old."""
+    fused = _xp.backend_function(xp, "masked_ema")
+    if fused is not None:
+        return fused(finite[:, None, None], old, new, beta, overwrite)
+    return xp.where(finite[:, None, None], beta * old + (1.0 - beta) * new, old)
 
 
 def _check_config(config) -> None:
@@ -131,12 +157,6 @@ def _check_config(config) -> None:
 
 def _flatten_lead(x, xp):
     return xp.reshape(x, (-1, *x.shape[-2:]))
-
-
-def _ema(old, new, beta: float, xp):
-    """beta·old + (1 − beta)·new, the EMA used for momentum (one fused pass where the backend has it)."""
-    fused = _xp.backend_function(xp, "ema")
-    return fused(old, new, beta) if fused is not None else beta * old + (1.0 - beta) * new
 
 
 def _statistics_weights(config) -> tuple[float, float]:
@@ -275,21 +295,15 @@ def _dasgo_direction(momentum, statistics, state, config, xp):
     return direction, state._replace(second_moment=xp.reshape(v, lead + (v.shape[-1],)))
 
 
-def _update(direction, finite, param, config, xp):
-    """update = scale·D + weight_decay·W per matrix, scale = ρ·√(mn)/‖D‖_F (1 when ρ is None),
-    and 0 for skipped matrices. D is finite here (skipped matrices carry their old momentum),
-    so one multiply masks them; a zero D stays zero."""
+def _scale(direction, finite, config, xp):
+    """(B, 1, 1): ρ·√(mn)/‖D‖_F per matrix (1 when ρ is None or D = 0), 0 for skipped ones.
+    D is finite here (skipped matrices carry their old momentum)."""
     mask = xp.astype(finite, direction.dtype)[:, None, None]
     if config.update_rms is None:
-        scale = mask
-    else:
-        m, n = direction.shape[-2:]
-        norm = xp.linalg.vector_norm(direction, axis=(-2, -1), keepdims=True)
-        positive = (norm > 0) & (mask > 0)
-        target = config.update_rms * math.sqrt(m * n)
-        scale = xp.where(positive, target / xp.where(positive, norm, xp.ones_like(norm)), xp.zeros_like(norm))
-    update = direction * scale
-    if config.weight_decay != 0.0:
-        weights = _flatten_lead(xp.astype(param, update.dtype, copy=False), xp)
-        update = update + weights * (config.weight_decay * mask)
-    return update
+        return mask
+    m, n = direction.shape[-2:]
+    norm = xp.linalg.vector_norm(direction, axis=(-2, -1), keepdims=True)
+    target = config.update_rms * math.sqrt(m * n)
+    positive = norm > 0
+    return mask * xp.where(positive, target / xp.where(positive, norm, xp.ones_like(norm)),
+                           xp.ones_like(norm))

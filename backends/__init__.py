@@ -8,10 +8,10 @@ imported. A backend module may define any of:
     eigh(A) -> (eigenvalues, eigenvectors)          batched symmetric eigendecomposition
     coupled_step(Y, Z, a, b, c) -> (Y, Z)           one step of the coupled root iteration
     gram_update(V, G, beta, alpha) -> V             beta·V + alpha·G·Gᵀ, batched
-    ema(old, new, beta) -> array                    beta·old + (1 − beta)·new in one pass
-    select(mask, new, old) -> array                 where(mask, new, old), free to skip the pass
-                                                    when the mask is all true and reading it
-                                                    costs no device sync
+    masked_ema(mask, old, new, beta, overwrite)     where(mask, beta·old + (1 − beta)·new, old);
+                                                    free to skip the where when the mask is all
+                                                    true and reading it costs no device sync,
+                                                    and to write into old when overwrite is True
     choose_root_method(k, dtype, device) -> str     what root_method="auto" resolves to
     run_if(predicate, compute, otherwise) -> value  compute() only where predicate (a 0-d
                                                     bool array) holds, without host sync

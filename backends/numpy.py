@@ -64,13 +64,12 @@ def gram_update(V, G, decay, weight):
     return gram
 
 
-def ema(old, new, beta):
-    """beta·old + (1 − beta)·new with one temporary."""
-    result = old * beta
+def masked_ema(mask, old, new, beta, overwrite):
+    """where(mask, beta·old + (1 − beta)·new, old), with no where pass when every mask entry
+    holds (the usual case) and, with overwrite=True, no new array."""
+    if not mask.all():
+        return np.where(mask, beta * old + (1.0 - beta) * new, old)
+    result = old if overwrite else old.copy()
+    result *= beta
     result += (1.0 - beta) * new
     return result
-
-
-def select(mask, new, old):
-    """np.where(mask, new, old) without the pass when every mask entry holds (the usual case)."""
-    return new if mask.all() else np.where(mask, new, old)

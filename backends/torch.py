@@ -110,14 +110,9 @@ def _capturing(predicate) -> bool:
     return predicate.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def ema(old, new, beta):
-    """beta·old + (1 − beta)·new in one pass (torch.lerp)."""
-    return torch.lerp(old, new, 1.0 - beta)
-
-
-def select(mask, new, old):
-    """torch.where(mask, new, old), but on CPU (where reading the mask is no device sync) the
-    common all-true case returns `new` without a pass over the arrays."""
-    if new.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
-        return new
-    return torch.where(mask, new, old)
+def masked_ema(mask, old, new, beta, overwrite):
+    """where(mask, lerp(old, new, 1 − beta), old). On CPU, where reading the mask is no device
+    sync, the usual all-true case skips the where, and overwrite=True lerps into old in place."""
+    if old.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+        return old.lerp_(new, 1.0 - beta) if overwrite else torch.lerp(old, new, 1.0 - beta)
+    return torch.where(mask, torch.lerp(old, new, 1.0 - beta), old)
