@@ -430,7 +430,7 @@ def summarize(runs_by_optimizer: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def print_table(summary: dict[str, dict], has_adamw: bool) -> None:
-    header = (f"{'optimizer':11s} {'lr':>8s} {'train loss':>10s} {'val loss (± half-range)':>23s} "
+    header = (f"{'optimizer':14s} {'lr':>8s} {'train loss':>10s} {'val loss (± half-range)':>23s} "
               f"{'step ms':>8s} {'opt ms':>8s} {'wall s':>8s} {'s to AdamW final val':>21s}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, row in summary.items():
@@ -438,7 +438,7 @@ def print_table(summary: dict[str, dict], has_adamw: bool) -> None:
         reach_text = ("n/a (no adamw run)" if not has_adamw
                       else "never" if reach is None else f"{reach:.1f}")
         val_text = f"{row['final_val_loss_mean']:.4f} ± {row['final_val_loss_spread']:.4f}"
-        print(f"{name:11s} {row['lr']:>8g} {row['final_train_loss_mean']:>10.4f} {val_text:>23s} "
+        print(f"{name:14s} {row['lr']:>8g} {row['final_train_loss_mean']:>10.4f} {val_text:>23s} "
               f"{1e3 * row['median_step_seconds']:>8.1f} "
               f"{1e3 * row['median_optimizer_step_seconds']:>8.2f} "
               f"{row['train_seconds_mean']:>8.1f} {reach_text:>21s}")
