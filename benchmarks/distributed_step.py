@@ -8,12 +8,17 @@ Optimizer step only (random gradients, no model), for the matrices of a small tr
 per rank. Modes:
   replicated  every rank runs the plain ASGO on the full (DDP-averaged) gradients
   owner       DistributedASGO: each matrix stepped by its owner, one all-gather of the results
-  fsdp        FSDPASGO on row-sharded DTensors: sharded column Gram (all-reduce k×k) where the
-              rows are not the preconditioned side, full gather of grad and weight elsewhere
+  fsdp        FSDPASGO on row-sharded DTensors, sharded_side_policy="owner" (default): sharded
+              column Gram (all-reduce n×n) for the m ≥ n matrices; the m < n ones (fc2) are
+              gathered on one owner rank, stepped there and their rows sent back (all-to-all)
+  fsdp_other  FSDPASGO with sharded_side_policy="other_side": fc2 preconditioned on its columns
+              too (a different preconditioner), so every matrix takes the sharded Gram
   gather      baseline for sharded weights: all-gather every full gradient, every rank steps
               the full matrices with the plain ASGO and keeps its rows
-"Payload" is the bytes of the collectives' result tensors on one rank per step (a ring
-all-reduce moves about twice its payload over the wire, an all-gather about its payload).
+"Payload" is the bytes of the collectives' result tensors on one rank per step, the mean over
+ranks (a ring all-reduce moves about twice its payload over the wire, an all-gather or
+all-to-all about its payload); the per-step has-gradient flags of FSDPASGO (4 bytes a matrix)
+are left out.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-MODES = ("replicated", "owner", "fsdp", "gather")
+MODES = ("replicated", "owner", "fsdp", "fsdp_other", "gather")
 FLOAT_BYTES = 4
 
 
@@ -76,30 +81,39 @@ def run_owner(shapes, steps):
 
 
 def _row_sharded(tensors, mesh):
+    """Every rank's rows of the same full tensors (each rank made them all: no scatter)."""
     from torch.distributed.tensor import Shard, distribute_tensor
-    return [distribute_tensor(t, mesh, [Shard(0)]) for t in tensors]
+    return [distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in tensors]
 
 
-def run_fsdp(shapes, steps):
+def run_fsdp(shapes, steps, sharded_side_policy="owner"):
     from torch.distributed.device_mesh import init_device_mesh
 
     from asgo_core.adapters.torch_distributed import FSDPASGO
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     params = [torch.nn.Parameter(t) for t in _row_sharded([torch.randn(s) for s in shapes], mesh)]
-    optimizer = FSDPASGO(params)
+    optimizer = FSDPASGO(params, sharded_side_policy=sharded_side_policy)
 
     def step_fn(step):
         for param, grad in zip(params, _row_sharded(random_grads(shapes, step), mesh)):
             param.grad = grad
         optimizer.step()
-    return timed_steps(step_fn, steps), fsdp_payload(shapes)
+    return timed_steps(step_fn, steps), fsdp_payload(optimizer, params)
 
 
-def fsdp_payload(shapes) -> int:
-    """Sharded-Gram matrices (m ≥ n, side "right"): the n×n Gram and one squared norm;
-    the others: full gradient and full weight gathered."""
-    return sum(FLOAT_BYTES * (n * n + 1 if m >= n else 2 * m * n) for m, n in shapes)
+def fsdp_payload(optimizer, params) -> float:
+    """Mean bytes received per rank and step. Sharded-Gram matrices: the n×n Gram and one
+    squared norm. Owner-held ones: the owner receives the other ranks' rows of weight and
+    gradient (2·m·n·(P−1)/P), each other rank its own rows back (m·n/P)."""
+    world, payload = dist.get_world_size(), 0.0
+    for param in params:
+        m, n = param.shape
+        if optimizer.owner_of(param) is None:
+            payload += n * n + 1
+        else:
+            payload += 3 * m * n * (world - 1) / world ** 2
+    return FLOAT_BYTES * payload
 
 
 def run_gather(shapes, steps):
@@ -130,7 +144,9 @@ def worker(rank: int, world_size: int, args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     shapes = matrix_shapes(args.width, args.layers)
-    runners = {"replicated": run_replicated, "owner": run_owner, "fsdp": run_fsdp, "gather": run_gather}
+    runners = {"replicated": run_replicated, "owner": run_owner, "fsdp": run_fsdp,
+               "fsdp_other": lambda *args: run_fsdp(*args, sharded_side_policy="other_side"),
+               "gather": run_gather}
     rows = [(mode, *runners[mode](shapes, args.steps)) for mode in args.modes]
     if dist.get_rank() == 0:
         print(f"\n{len(shapes)} matrices (width {args.width}, {args.layers} blocks), "
