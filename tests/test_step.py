@@ -296,3 +296,22 @@ def test_bfloat16_matmul_on_a_namespace_without_bfloat16_raises():
     G = np.ones((3, 5))
     with pytest.raises(ValueError, match="matmul_dtype"):
         step(G, init_state(G, config), G, config)
+
+
+@pytest.mark.parametrize("config", [ASGOConfig(), DASGOConfig()], ids=["asgo", "dasgo"])
+def test_overwrite_state_gives_the_same_step_and_the_default_leaves_the_state_alone(backend, config):
+    """overwrite_state=True may reuse the old state's arrays (the torch adapter's in-place
+    momentum); it must not change any value, and without it the old state stays intact."""
+    rng = np.random.default_rng(3)
+    W = backend.asarray(rng.standard_normal((2, 6, 10)), "float64")
+    state = init_state(W, config)
+    for _ in range(2):  # a non-zero momentum first
+        _, state = step(backend.asarray(rng.standard_normal((2, 6, 10)), "float64"), state, W, config)
+    G = backend.asarray(rng.standard_normal((2, 6, 10)), "float64")
+    momentum_before = backend.to_numpy(state.momentum).copy()
+    update, new_state = step(G, state, W, config)
+    assert np.array_equal(backend.to_numpy(state.momentum), momentum_before)
+    update_overwriting, overwritten_state = step(G, state, W, config, overwrite_state=True)
+    assert np.array_equal(backend.to_numpy(update_overwriting), backend.to_numpy(update))
+    assert np.array_equal(backend.to_numpy(overwritten_state.momentum),
+                          backend.to_numpy(new_state.momentum))
