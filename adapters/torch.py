@@ -109,10 +109,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; closure (optional) re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             self._adamw_step(group)
         for bucket in self.plan_buckets():
@@ -273,6 +270,14 @@ def _fresh_adamw_state(param: torch.Tensor) -> dict:
 
 def _tensor_from_numpy(array, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(array).to(dtype=like.dtype, device=like.device).clone()
+
+
+def evaluate_closure(closure):
+    """closure() with gradients enabled (step runs under no_grad), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _tensor_like(entry: dict, key: str, like: torch.Tensor) -> torch.Tensor:

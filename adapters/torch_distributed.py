@@ -41,7 +41,7 @@ from asgo_core.layout import resolve_side
 from asgo_core.step import FALLBACK_LEVELS, needs_root_refresh, robust_root
 
 from .torch import (ASGO, DASGO, Bucket, _algorithm_of, _fresh_adamw_state, _to_device, _unstack_state,
-                    group_config)
+                    evaluate_closure, group_config)
 
 __all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "assign_owners"]
 
@@ -351,10 +351,7 @@ class FSDPASGO(ASGO):
     @torch.no_grad()
     def step(self, closure=None):
         """One step of every parameter (closure as in ASGO.step); a collective."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._agree_on_gradients()
         for group in self.param_groups:
             self._adamw_step(group)
