@@ -79,6 +79,7 @@ DEFAULT_OPTIMIZERS = list(LR_GRIDS)
 # Optimizers that are not swept: they train at another optimizer's chosen lr.
 SAME_LR_AS = {"asgo_reference": "asgo_tau1"}
 ALL_OPTIMIZERS = DEFAULT_OPTIMIZERS + list(SAME_LR_AS)
+BF16_SLOWDOWN_LIMIT = 4.0
 ASGO_OPTIMIZERS = {"asgo_tau1", "asgo_tau10", "dasgo"}
 LR_CHOICES_PATH = Path(__file__).with_name("lr_choices.json")
 VOCAB_SIZE = 256
@@ -512,7 +513,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true",
                         help="sweep each optimizer's lr grid, write lr_choices.json, then exit")
     parser.add_argument("--optimizers", nargs="+", choices=ALL_OPTIMIZERS,
-                        default=DEFAULT_OPTIMIZERS)
+                        help=f"default: {' '.join(DEFAULT_OPTIMIZERS)} (--quick on a CPU without "
+                             "native bfloat16 matmuls: without muon, see quick_optimizers)")
     parser.add_argument("--lr", action="append", type=parse_lr_override, default=[],
                         metavar="NAME=VALUE", help="peak lr override; repeatable")
     parser.add_argument("--n-layer", type=int)
@@ -541,9 +543,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def quick_optimizers(device: torch.device) -> list[str]:
+    """--quick's default list: every optimizer, except torch.optim.Muon on a CPU that emulates
+    bfloat16 matmuls (Muon's Newton–Schulz runs in bf16; on an AVX2-only CPU a bf16 matmul was
+    60× slower than float32, which made Muon alone take longer than the rest of the demo)."""
+    slowdown = bfloat16_matmul_slowdown(device)
+    if slowdown < BF16_SLOWDOWN_LIMIT:
+        return DEFAULT_OPTIMIZERS
+    print(f"muon left out of --quick: a bfloat16 matmul is {slowdown:.0f}× slower than float32 on "
+          f"this CPU, and torch.optim.Muon iterates in bfloat16; add it with --optimizers")
+    return [name for name in DEFAULT_OPTIMIZERS if name != "muon"]
+
+
+def bfloat16_matmul_slowdown(device: torch.device) -> float:
+    """Time of a 256×256 bfloat16 matmul over a float32 one (1 on GPUs)."""
+    if device.type != "cpu":
+        return 1.0
+    matrix = torch.randn(256, 256)
+
+    def seconds(dtype: torch.dtype) -> float:
+        a = matrix.to(dtype)
+        a @ a  # warm-up
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ a
+        return time.perf_counter() - start
+    return seconds(torch.bfloat16) / seconds(torch.float32)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.optimizers is None:
+        args.optimizers = (quick_optimizers(torch.device(args.device)) if args.quick
+                           else DEFAULT_OPTIMIZERS)
     if ASGO_OPTIMIZERS & set(args.optimizers):
         import_asgo_adapter()
     lrs = None if args.sweep else resolve_lrs(args)
