@@ -72,6 +72,19 @@ def assign_owners(costs: list[int], world_size: int) -> list[int]:
     return owners
 
 
+def _balanced_owners(optimizer, world_size: int, needs_owner) -> dict:
+    """param → owner rank for each parameter where needs_owner(param, group, algorithm) holds,
+    in param-group order, balanced by parameter_cost (the same split on every rank)."""
+    params, costs = [], []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            algorithm = _algorithm_of(param, group, optimizer.matrix_algorithm)
+            if needs_owner(param, group, algorithm):
+                params.append(param)
+                costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1)))
+    return dict(zip(params, assign_owners(costs, world_size)))
+
+
 @dataclass(frozen=True)
 class _GatherSlot:
     """The parameters of one (dtype, device) exchanged by one all-gather: rank r contributes
@@ -115,19 +128,12 @@ class _OwnerSplit:
             self._plan_ownership()
 
     def _plan_ownership(self) -> None:
-        params, costs = [], []
-        for group in self.param_groups:
-            for param in group["params"]:
-                algorithm = _algorithm_of(param, group, self.matrix_algorithm)
-                params.append(param)
-                costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1)))
-        owners = assign_owners(costs, self.world_size)
-        self._owner = {param: owner for param, owner in zip(params, owners)}
-        self._slots = self._gather_slots(params, owners)
+        self._owner = _balanced_owners(self, self.world_size, lambda param, group, algorithm: True)
+        self._slots = self._gather_slots()
 
-    def _gather_slots(self, params, owners) -> list[_GatherSlot]:
+    def _gather_slots(self) -> list[_GatherSlot]:
         by_kind: dict[tuple, list[list]] = {}
-        for param, owner in zip(params, owners):
+        for param, owner in self._owner.items():
             per_rank = by_kind.setdefault((param.dtype, param.device), [[] for _ in range(self.world_size)])
             per_rank[owner].append(param)
         return [_GatherSlot(dtype, device, tuple(map(tuple, per_rank)),
@@ -307,14 +313,9 @@ class FSDPASGO(ASGO):
 
     def _plan_ownership(self) -> None:
         """Owners of the matrices the sharded-Gram path cannot take, balanced by cost."""
-        owned_params, costs = [], []
-        for group in self.param_groups:
-            for param in group["params"]:
-                algorithm = _algorithm_of(param, group, self.matrix_algorithm)
-                if algorithm != "adamw" and self._column_gram_config(param, group) is None:
-                    owned_params.append(param)
-                    costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1)))
-        self._owner = dict(zip(owned_params, assign_owners(costs, self.device_mesh.size())))
+        def needs_owner(param, group, algorithm):
+            return algorithm != "adamw" and self._column_gram_config(param, group) is None
+        self._owner = _balanced_owners(self, self.device_mesh.size(), needs_owner)
 
     def _column_gram_config(self, param, group: dict):
         """The config the sharded-Gram path runs `param` with, or None where it cannot."""
