@@ -8,6 +8,7 @@ fp32 matmuls on CUDA follow torch's global precision setting
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -50,13 +51,9 @@ def _eigh_each(A):
     return values, vectors
 
 
-_EIGH_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
+@functools.cache
 def _eigh_pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _EIGH_POOLS:
-        _EIGH_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="asgo-eigh")
-    return _EIGH_POOLS[threads]
+    return ThreadPoolExecutor(threads, thread_name_prefix="asgo-eigh")
 
 
 def _gemm(C, A, B, beta: float, alpha: float):

@@ -23,12 +23,7 @@ MUON_LR, ASGO_LR = 0.03, 0.01  # the lrs train_lm's sweeps chose (quick and full
 
 
 def muon(matrix_lr: float, adamw_lr: float, **muon_options):
-    def factory(model, _lr):
-        hidden_matrices, rest = train_lm.split_hidden_matrices(model)
-        return [torch.optim.Muon(hidden_matrices, lr=matrix_lr, weight_decay=train_lm.WEIGHT_DECAY,
-                                 adjust_lr_fn="match_rms_adamw", **muon_options),
-                torch.optim.AdamW(rest, lr=adamw_lr, betas=train_lm.ADAM_BETAS, weight_decay=0.0)]
-    return factory
+    return lambda model, _lr: train_lm.muon_with_adamw(model, matrix_lr, adamw_lr, **muon_options)
 
 
 def asgo(**asgo_options):

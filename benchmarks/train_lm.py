@@ -215,18 +215,28 @@ def split_hidden_matrices(model: GPT) -> tuple[list[nn.Parameter], list[nn.Param
     return hidden_matrices, [p for p in model.parameters() if id(p) not in hidden_ids]
 
 
-def make_muon(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
+def companion_adamw(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The AdamW that takes the non-matrix parameters beside Muon or the reference ASGO."""
+    return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)
+
+
+def muon_with_adamw(model: GPT, matrix_lr: float, adamw_lr: float,
+                    **muon_options) -> list[torch.optim.Optimizer]:
     hidden_matrices, rest = split_hidden_matrices(model)
-    return [torch.optim.Muon(hidden_matrices, lr=lr, weight_decay=WEIGHT_DECAY,
-                             adjust_lr_fn="match_rms_adamw"),
-            torch.optim.AdamW(rest, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)]
+    return [torch.optim.Muon(hidden_matrices, lr=matrix_lr, weight_decay=WEIGHT_DECAY,
+                             adjust_lr_fn="match_rms_adamw", **muon_options),
+            companion_adamw(rest, adamw_lr)]
+
+
+def make_muon(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
+    return muon_with_adamw(model, lr, lr)
 
 
 def make_reference_asgo(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
     from reference_asgo import ReferenceStyleASGO  # benchmarks/, the script's own directory
     hidden_matrices, rest = split_hidden_matrices(model)
     return [ReferenceStyleASGO(hidden_matrices, lr=lr, weight_decay=WEIGHT_DECAY),
-            torch.optim.AdamW(rest, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)]
+            companion_adamw(rest, lr)]
 
 
 def import_asgo_adapter():
