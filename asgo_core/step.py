@@ -150,6 +150,13 @@ def _masked_ema(finite, old, new, beta: float, overwrite: bool, xp):
     return xp.where(finite[:, None, None], beta * old + (1.0 - beta) * new, old)
 
 
+def _select(mask, if_true, if_false, xp):
+    """where(mask, if_true, if_false) for same-shaped arrays; the backend's `select` may return
+    one side as it is when the mask is uniform."""
+    fused = _xp.backend_function(xp, "select")
+    return fused(mask, if_true, if_false) if fused is not None else xp.where(mask, if_true, if_false)
+
+
 def _check_config(config) -> None:
     if not isinstance(config, (ASGOConfig, DASGOConfig)):
         raise TypeError(f"config must be an ASGOConfig or DASGOConfig; got {type(config).__name__}")
@@ -213,12 +220,12 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, xp):
                  layout.split(_matmul_input(momentum, config, xp), xp))
     for index, (V_old, V_new, R_old, M_b) in enumerate(blocks):
         keep = ~layout.per_block(statistics.finite, index, xp)[:, None, None]
-        V = xp.where(keep, V_old, V_new)
+        V = _select(keep, V_old, V_new, xp)
         R = R_old
         if refresh_root:
             R, failed_levels = robust_root(V, R_old, config, xp)
             failed_levels = xp.where(keep[:, :, 0], xp.zeros_like(failed_levels), failed_levels)
-            R = xp.where(keep, R_old, R)
+            R = _select(keep, R_old, R, xp)
             fallback_counts = fallback_counts + xp.stack(
                 [layout.per_matrix_sum(failed_levels[:, level], index, xp)
                  for level in range(len(FALLBACK_LEVELS))], axis=1)
@@ -255,7 +262,7 @@ def robust_root(V, previous_root, config: ASGOConfig, xp):
     else:
         flags.append(xp.zeros_like(ok))
     flags.append(~ok)
-    root = xp.where(ok[:, None, None], root, previous_root)
+    root = _select(ok[:, None, None], root, previous_root, xp)
     return root, xp.astype(xp.stack(flags, axis=1), xp.int32)
 
 

@@ -12,6 +12,10 @@ imported. A backend module may define any of:
                                                     free to skip the where when the mask is all
                                                     true and reading it costs no device sync,
                                                     and to write into old when overwrite is True
+    select(mask, if_true, if_false) -> array         where(mask, if_true, if_false) for same-shaped
+                                                    arrays; free to return one of them as it is
+                                                    when the mask is uniform and reading it costs
+                                                    no device sync
     choose_root_method(k, dtype, device) -> str     what root_method="auto" resolves to
     run_if(predicate, compute, otherwise) -> value  compute() only where predicate (a 0-d
                                                     bool array) holds, without host sync

@@ -64,6 +64,15 @@ def gram_update(V, G, decay, weight):
     return gram
 
 
+def select(mask, if_true, if_false):
+    """np.where, or one side as it is when the mask is uniform (the usual case)."""
+    if mask.all():
+        return if_true
+    if not mask.any():
+        return if_false
+    return np.where(mask, if_true, if_false)
+
+
 def masked_ema(mask, old, new, beta, overwrite):
     """where(mask, beta·old + (1 − beta)·new, old), with no where pass when every mask entry
     holds (the usual case) and, with overwrite=True, no new array."""

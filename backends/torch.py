@@ -26,28 +26,29 @@ def eigh(A):
     """torch.linalg.eigh; on CPU large matrices go one at a time (faster there, see above),
     spread over torch's intra-op threads: each thread decomposes its share of the stack with a
     single-threaded LAPACK call, which uses the cores better than one multi-threaded call
-    (LAPACK's tridiagonal reduction scales poorly across threads at these sizes)."""
+    (LAPACK's tridiagonal reduction scales poorly across threads at these sizes). The results
+    are written straight into the output stack."""
     one_at_a_time = (A.device.type == "cpu" and A.ndim == 3 and A.shape[0] > 1
                      and A.shape[-1] >= _CPU_LOOP_EIGH_MIN_K and not torch.compiler.is_compiling())
     if not one_at_a_time:
         return torch.linalg.eigh(A)
+    values, vectors = A.new_empty(A.shape[:-1]), torch.empty_like(A, memory_format=torch.contiguous_format)
+
+    def decompose(indices):
+        for index in indices:
+            torch.linalg.eigh(A[index], out=(values[index], vectors[index]))
+
     intra_op_threads = torch.get_num_threads()
     threads = min(intra_op_threads, A.shape[0])
+    shares = [range(first, A.shape[0], threads) for first in range(threads)]
     if threads == 1:
-        values, vectors = _eigh_each(A)
-        return torch.stack(values), torch.stack(vectors)
+        decompose(shares[0])
+        return values, vectors
     torch.set_num_threads(1)  # one LAPACK thread per worker: no oversubscription
     try:
-        shares = list(_eigh_pool(threads).map(_eigh_each, A.tensor_split(threads)))
+        list(_eigh_pool(threads).map(decompose, shares))
     finally:
         torch.set_num_threads(intra_op_threads)
-    return (torch.cat([torch.stack(values) for values, _ in shares]),
-            torch.cat([torch.stack(vectors) for _, vectors in shares]))
-
-
-def _eigh_each(A):
-    """(eigenvalues, eigenvectors) lists of the matrices of a (b, k, k) stack, one call each."""
-    values, vectors = zip(*(torch.linalg.eigh(matrix) for matrix in A.unbind(0)))
     return values, vectors
 
 
@@ -105,6 +106,17 @@ def run_if(predicate, compute, otherwise):
 
 def _capturing(predicate) -> bool:
     return predicate.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def select(mask, if_true, if_false):
+    """torch.where; on CPU, where reading the mask is no device sync, a uniform mask (the usual
+    case: every gradient finite, every root accepted) returns one side without a pass."""
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(mask.all()):
+            return if_true
+        if not bool(mask.any()):
+            return if_false
+    return torch.where(mask, if_true, if_false)
 
 
 def masked_ema(mask, old, new, beta, overwrite):
