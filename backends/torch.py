@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# Measured on a 2-core CPU (torch 2.13, float32, batch of 12): LAPACK's batched eigh is faster
-# than a loop for k = 64 (1.2 ms vs 13 ms) but 2–4× slower from k ≈ 128 up (384: 858 ms vs 200 ms).
-_CPU_LOOP_EIGH_MIN_K = 128
+# Measured on a 2-core AMD EPYC (torch 2.13, float32, medians): one matrix at a time on the two
+# workers beats LAPACK's batched eigh from k = 64 up (k=64, 24 matrices: 6.1 ms vs 9.4 ms;
+# k=128, 8: 6.4 vs 8.5 ms; k=384, 6: 49 vs 62 ms) and ties it at k = 32 (1.1 vs 1.2 ms).
+_CPU_LOOP_EIGH_MIN_K = 64
 
 # On CUDA, cuSOLVER eigh is slow for large k while the iteration is matmul-bound; below this
 # size eigh's batched Jacobi kernels win. A conservative threshold, not measured on this project.
@@ -54,7 +55,10 @@ def eigh(A):
 
 @functools.cache
 def _eigh_pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="asgo-eigh")
+    # OpenMP's thread count is per calling thread: without the initializer each worker's LAPACK
+    # call would open its own team of all cores (measured: k=128, 8 matrices, 14.0 → 7.0 ms).
+    return ThreadPoolExecutor(threads, thread_name_prefix="asgo-eigh",
+                              initializer=torch.set_num_threads, initargs=(1,))
 
 
 def _gemm(C, A, B, beta: float, alpha: float):
