@@ -112,10 +112,16 @@ def _capturing(predicate) -> bool:
     return predicate.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _mask_is_free_to_read(mask) -> bool:
+    """Whether Python may branch on mask's values: on CPU that is no device sync, and outside
+    torch.compile it does not break the graph."""
+    return mask.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def select(mask, if_true, if_false):
-    """torch.where; on CPU, where reading the mask is no device sync, a uniform mask (the usual
-    case: every gradient finite, every root accepted) returns one side without a pass."""
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+    """torch.where; where the mask is free to read, a uniform mask (the usual case: every
+    gradient finite, every root accepted) returns one side without a pass."""
+    if _mask_is_free_to_read(mask):
         if bool(mask.all()):
             return if_true
         if not bool(mask.any()):
@@ -124,8 +130,8 @@ def select(mask, if_true, if_false):
 
 
 def masked_ema(mask, old, new, beta, overwrite):
-    """where(mask, lerp(old, new, 1 − beta), old). On CPU, where reading the mask is no device
-    sync, the usual all-true case skips the where, and overwrite=True lerps into old in place."""
-    if old.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+    """where(mask, lerp(old, new, 1 − beta), old). Where the mask is free to read, the usual
+    all-true case skips the where, and overwrite=True lerps into old in place."""
+    if _mask_is_free_to_read(mask) and bool(mask.all()):
         return old.lerp_(new, 1.0 - beta) if overwrite else torch.lerp(old, new, 1.0 - beta)
     return torch.where(mask, torch.lerp(old, new, 1.0 - beta), old)
