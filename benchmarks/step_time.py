@@ -10,6 +10,8 @@ learned positions (256 × 384) and a final LayerNorm. Gradients are fixed random
 "bf16mm" rows run ASGO with matmul_dtype="bfloat16": bf16 inputs to the Gram and apply GEMMs,
 statistics and root in float32 — the precision torch.optim.Muon uses for its whole iteration.
 "Muon fp32" is Muon's update with its iteration in float32, for comparison at equal precision.
+"ASGO τ=1 floor" runs only the GEMMs and eigh a τ=1 step needs, batched (no checks, no
+fallback): how close the library's step is to what this machine allows.
 
 Embeddings, positions and <2-D parameters go to AdamW in Muon, ASGO, DASGO and the reference
 baseline alike. Time is measured in rounds of τ steps (one root period; τ = 1 for the others)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
+from asgo_core.backends import torch as torch_backend
 from reference_asgo import ReferenceStyleASGO  # benchmarks/, the script's own directory
 
 LR = 1e-2
@@ -86,6 +90,47 @@ class MuonFloat32(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"]).add_(X, alpha=-group["lr"])
 
 
+class AsgoFloor(torch.optim.Optimizer):
+    """The arithmetic an ASGO τ=1 step cannot avoid, and nothing else: per stack of same-shaped
+    matrices the momentum EMA, the Gram EMA (one baddbmm), the LAPACK eigh (asgo's CPU fast
+    path), the root product, the apply, the RMS scale and the parameter write. No finiteness
+    check, fallback chain, damping norm or state bookkeeping: a lower bound on ASGO τ=1 on this
+    machine, for reading how far the library's step is from it. Not a usable optimizer."""
+
+    def __init__(self, params, lr=LR, betas=(0.9, 0.8), weight_decay=0.1, update_rms=0.2):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      update_rms=update_rms))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            stacks = {}
+            for p in group["params"]:
+                stacks.setdefault(tuple(p.shape), []).append(p)
+            for params in stacks.values():
+                self._step_stack(params, group)
+
+    def _step_stack(self, params, group):
+        beta1, beta2 = group["betas"]
+        state = self.state[params[0]]
+        tall = params[0].shape[0] > params[0].shape[1]
+        grads = torch.stack([p.grad for p in params])
+        grads = grads.mT if tall else grads  # the small side first, as ASGO's side="auto"
+        if not state:
+            k = grads.shape[1]
+            state["momentum"] = torch.zeros_like(grads)
+            state["gram"] = grads.new_zeros(len(params), k, k)
+        momentum = state["momentum"].lerp_(grads, 1 - beta1)
+        state["gram"] = torch.baddbmm(state["gram"], grads, grads.mT, beta=beta2, alpha=1 - beta2)
+        eigenvalues, eigenvectors = torch_backend.eigh(state["gram"])
+        scaled = eigenvectors * eigenvalues.clamp_min(1e-12).rsqrt()[:, None, :]
+        direction = torch.matmul(torch.matmul(scaled, eigenvectors.mT), momentum)
+        direction = direction.mT if tall else direction
+        scale = group["update_rms"] * math.sqrt(params[0].numel()) / direction.norm(dim=(1, 2))
+        for param, update, factor in zip(params, direction, scale.unbind(0)):
+            param.mul_(1 - group["lr"] * group["weight_decay"]).addcmul_(update, factor, value=-group["lr"])
+
+
 class Combined:
     """Several optimizers stepped as one (Muon and the reference need AdamW for the rest)."""
 
@@ -117,6 +162,7 @@ def build_optimizers(model: GPT) -> dict:
                                          matmul_dtype="bfloat16"),
         "DASGO": lambda: DASGO(asgo_param_groups(model), lr=LR),
         "reference-style": lambda: Combined(ReferenceStyleASGO(matrices), adamw_rest()),
+        "ASGO τ=1 floor": lambda: Combined(AsgoFloor(matrices), adamw_rest()),
     }
 
 
@@ -202,14 +248,17 @@ def report(results: dict, model: GPT, args, device) -> None:
     print(f"\nstep time, GPT-2-style d_model 384 × 6 layers, {params / 1e6:.1f} M params, "
           f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"median of {args.rounds} rounds\n")
-    print(f"{'optimizer':<18}{'step ms':>10}{'× Muon':>9}{'× AdamW':>9}{'state MiB':>11}")
+    print(f"{'optimizer':<18}{'step ms':>10}{'× Muon':>9}{'× AdamW':>9}{'ref ÷':>8}{'state MiB':>11}")
     muon = results.get("Muon + AdamW", {}).get("step_ms")
     adamw = results.get("AdamW", {}).get("step_ms")
+    reference = results.get("reference-style", {}).get("step_ms")
     ratio = lambda ms, base: f"{ms / base:.2f}" if base else "-"  # noqa: E731
     for name, row in results.items():
         ms = row["step_ms"]
         print(f"{name:<18}{ms:>10.1f}{ratio(ms, muon):>9}{ratio(ms, adamw):>9}"
-              f"{row['state_bytes'] / 2**20:>11.2f}")
+              f"{ratio(reference, ms) if reference else '-':>8}{row['state_bytes'] / 2**20:>11.2f}")
+    print("(× Muon, × AdamW: step time over theirs; ref ÷: the reference-style step time over "
+          "this one, i.e. the speed-up over it)")
     print(f"\nASGO state bound (params + 2·k² per matrix)·4 B + AdamW state: "
           f"{asgo_state_bound(model) / 2**20:.2f} MiB")
     if args.json:
