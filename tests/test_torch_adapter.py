@@ -460,7 +460,8 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-def test_torch_compile_matches_eager(float64_default):
+@pytest.mark.usefixtures("float64_default")
+def test_torch_compile_matches_eager():
     """float64, so that a real difference is not hidden in float32 roundoff (which ASGO's
     normalised steps amplify to ~1e-4 in four steps)."""
     torch.manual_seed(0)
