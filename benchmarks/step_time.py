@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
-from asgo_core.backends import torch as torch_backend
+from asgo_core.solvers import inverse_root
 from reference_asgo import ReferenceStyleASGO  # benchmarks/, the script's own directory
 
 LR = 1e-2
@@ -92,10 +92,11 @@ class MuonFloat32(torch.optim.Optimizer):
 
 class AsgoFloor(torch.optim.Optimizer):
     """The arithmetic an ASGO τ=1 step cannot avoid, and nothing else: per stack of same-shaped
-    matrices the momentum EMA, the Gram EMA (one baddbmm), the LAPACK eigh (asgo's CPU fast
-    path), the root product, the apply, the RMS scale and the parameter write. No finiteness
-    check, fallback chain, damping norm or state bookkeeping: a lower bound on ASGO τ=1 on this
-    machine, for reading how far the library's step is from it. Not a usable optimizer."""
+    matrices the momentum EMA, the Gram EMA (one baddbmm), the eigh root (asgo's own
+    `inverse_root`, so the same CPU eigh fast path), the apply, the RMS scale and the parameter
+    write. No finiteness check, fallback chain, damping norm or state bookkeeping: a lower bound
+    on ASGO τ=1 on this machine, for reading how far the library's step is from it. Not a usable
+    optimizer."""
 
     def __init__(self, params, lr=LR, betas=(0.9, 0.8), weight_decay=0.1, update_rms=0.2):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
@@ -122,9 +123,8 @@ class AsgoFloor(torch.optim.Optimizer):
             state["gram"] = grads.new_zeros(len(params), k, k)
         momentum = state["momentum"].lerp_(grads, 1 - beta1)
         state["gram"] = torch.baddbmm(state["gram"], grads, grads.mT, beta=beta2, alpha=1 - beta2)
-        eigenvalues, eigenvectors = torch_backend.eigh(state["gram"])
-        scaled = eigenvectors * eigenvalues.clamp_min(1e-12).rsqrt()[:, None, :]
-        direction = torch.matmul(torch.matmul(scaled, eigenvectors.mT), momentum)
+        root = inverse_root(state["gram"], method="eigh", eps=1e-12, damping="absolute")
+        direction = torch.matmul(root, momentum)
         direction = direction.mT if tall else direction
         scale = group["update_rms"] * math.sqrt(params[0].numel()) / direction.norm(dim=(1, 2))
         for param, update, factor in zip(params, direction, scale.unbind(0)):
