@@ -6,7 +6,7 @@ Adapters for PyTorch, optax and CuPy/NumPy live in asgo_core.adapters.
 
 from asgo_core.checkpoint import CheckpointError, load_state, save_state
 from asgo_core.config import ASGOConfig, DASGOConfig
-from asgo_core.layout import BlockLayout, block_layout, matrix_view_shape
+from asgo_core.layout import BlockLayout, block_layout, check_batch_dims, matrix_stack_shape, matrix_view_shape
 from asgo_core.solvers import inverse_root
 from asgo_core.step import (
     FALLBACK_LEVELS,
@@ -28,9 +28,11 @@ __all__ = [
     "CheckpointError",
     "FALLBACK_LEVELS",
     "block_layout",
+    "check_batch_dims",
     "init_state",
     "inverse_root",
     "load_state",
+    "matrix_stack_shape",
     "matrix_view_shape",
     "needs_root_refresh",
     "save_state",
