@@ -17,7 +17,9 @@ group g of asgo_core.layout, "skipped" (), "fallbacks" (3,); dasgo: "momentum",
 On disk it is one .npz file (a zip archive): the arrays as "<index>/<key>" members and the rest
 as JSON in a "metadata.json" member. The zip format stores a CRC-32 of every member, so a
 corrupted file fails its check, and a truncated one loses its central directory; `load_state`
-reads and verifies every member before returning anything, so it never loads partially.
+reads and verifies every member before returning anything, so it never loads partially, and
+whatever is wrong with a file (a flipped bit in a zip header reads as encryption or an unknown
+compression method) comes out as CheckpointError.
 safetensors was the other candidate: it keeps no checksum and needs an extra dependency.
 """
 
@@ -26,7 +28,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import zipfile
+import zlib
 
 FORMAT = "asgo-portable-state"
 VERSION = 1
@@ -45,7 +49,8 @@ class CheckpointError(ValueError):
 def save_state(path, optimizer_or_state) -> None:
     """Write a portable checkpoint: an adapter's optimizer (anything with `portable_state()`)
     or a portable-state dict. The file is written to a temporary name and renamed into place,
-    so an interrupted save never leaves a half-written checkpoint at `path`."""
+    so an interrupted save never leaves a half-written checkpoint at `path` (a previous one
+    stays intact) and removes the temporary file."""
     import numpy as np
 
     portable = _as_portable(optimizer_or_state)
@@ -58,9 +63,14 @@ def save_state(path, optimizer_or_state) -> None:
             arrays[f"{index}/{key}"] = np.asarray(value)
     arrays[_METADATA_MEMBER] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
     temporary = f"{os.fspath(path)}.partial"
-    with open(temporary, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(temporary, path)
+    except BaseException:  # disk full, KeyboardInterrupt, ...: the previous checkpoint stays
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def load_state(path) -> dict:
@@ -70,7 +80,7 @@ def load_state(path) -> dict:
     members = _read_verified_members(path)
     if _METADATA_MEMBER not in members:
         raise CheckpointError(f"{path}: not an asgo checkpoint (no {_METADATA_MEMBER})")
-    metadata = json.loads(members.pop(_METADATA_MEMBER).tobytes().decode())
+    metadata = _parse_metadata(path, members.pop(_METADATA_MEMBER))
     if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {metadata.get('format')!r} version "
                               f"{metadata.get('version')!r}; expected {FORMAT!r} version {VERSION}")
@@ -82,6 +92,13 @@ def load_state(path) -> dict:
         raise CheckpointError(f"{path}: arrays that belong to no parameter: {sorted(members)}")
     validate_portable_state(metadata)
     return metadata
+
+
+# What the zip and .npy readers raise on a damaged file: a flipped bit in a header can read
+# as encryption (RuntimeError), an unsupported compression method or zip version
+# (NotImplementedError), a broken deflate stream (zlib.error) or a short header (struct.error).
+_UNREADABLE = (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError, RuntimeError,
+               NotImplementedError, zlib.error, struct.error)
 
 
 def _read_verified_members(path) -> dict:
@@ -98,8 +115,18 @@ def _read_verified_members(path) -> dict:
             return {name: archive[name] for name in archive.files}
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as error:
+    except _UNREADABLE as error:
         raise CheckpointError(f"{path}: unreadable asgo checkpoint (truncated or corrupted): {error}") from error
+
+
+def _parse_metadata(path, member) -> dict:
+    try:
+        metadata = json.loads(member.tobytes().decode())
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: {_METADATA_MEMBER} is not valid JSON: {error}") from error
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("params"), list):
+        raise CheckpointError(f"{path}: {_METADATA_MEMBER} is not an asgo checkpoint's metadata")
+    return metadata
 
 
 def validate_portable_state(portable: dict) -> None:
@@ -108,6 +135,8 @@ def validate_portable_state(portable: dict) -> None:
     if not isinstance(entries, list):
         raise CheckpointError("portable state: 'params' must be a list of per-parameter entries")
     for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("arrays"), dict):
+            raise CheckpointError(f"portable state: parameter {index} must be a dict with an 'arrays' dict")
         missing = {"name", "algorithm", "shape", "step", "config", "arrays"} - set(entry)
         if missing:
             raise CheckpointError(f"portable state: parameter {index} lacks {sorted(missing)}")

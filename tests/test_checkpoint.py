@@ -80,3 +80,78 @@ def test_entry_mismatch_names_the_difference():
         check_entry_matches(entry, name="w", algorithm="asgo", shape=(4, 6), config={"beta2": 0.9})
     with pytest.raises(CheckpointError, match="algorithm"):
         check_entry_matches(entry, name="w", algorithm="dasgo", shape=(4, 6), config={})
+
+
+def tiny_portable_state():
+    """One AdamW entry: a file of under 1 KB, so every bit of it can be flipped in a test."""
+    return {"params": [{"name": "bias", "algorithm": "adamw", "shape": [2], "step": 1, "config": {},
+                        "arrays": {"exp_avg": np.array([1.0, -2.0], np.float32),
+                                   "exp_avg_sq": np.array([3.0, 4.0], np.float32)}}]}
+
+
+def assert_same_state(loaded, original):
+    assert [{k: v for k, v in e.items() if k != "arrays"} for e in loaded["params"]] == \
+        [{k: v for k, v in e.items() if k != "arrays"} for e in original["params"]]
+    for after, before in zip(loaded["params"], original["params"]):
+        assert after["arrays"].keys() == before["arrays"].keys()
+        for key, value in before["arrays"].items():
+            assert after["arrays"][key].dtype == value.dtype and np.array_equal(after["arrays"][key], value)
+
+
+def test_every_single_bit_flip_loads_the_same_state_or_raises_checkpoint_error(tmp_path):
+    """Flips in the zip headers read as encryption, an unknown compression method or zip
+    version, ...: all of it must come out as CheckpointError; a flip the format does not
+    protect (a timestamp) must still load the original values."""
+    original = tiny_portable_state()
+    path = tmp_path / "state.npz"
+    save_state(path, original)
+    content = path.read_bytes()
+    rejected = 0
+    for bit in range(8 * len(content)):
+        flipped = bytearray(content)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(flipped))
+        try:
+            loaded = load_state(path)
+        except CheckpointError:
+            rejected += 1
+            continue
+        assert_same_state(loaded, original)
+    assert rejected > 4 * len(content)  # most flips are caught (data, names, sizes, CRCs)
+
+
+def test_every_truncation_raises_checkpoint_error(tmp_path):
+    path = tmp_path / "state.npz"
+    save_state(path, tiny_portable_state())
+    content = path.read_bytes()
+    for length in range(len(content)):
+        path.write_bytes(content[:length])
+        with pytest.raises(CheckpointError):
+            load_state(path)
+
+
+@pytest.mark.parametrize("interruption", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_an_interrupted_save_keeps_the_previous_checkpoint_and_leaves_no_partial_file(
+        tmp_path, monkeypatch, interruption):
+    path = tmp_path / "state.npz"
+    previous = tiny_portable_state()
+    save_state(path, previous)
+
+    def write_half_then_fail(handle, **arrays):
+        handle.write(b"PK\x03\x04 half an archive")
+        raise interruption
+
+    monkeypatch.setattr(np, "savez", write_half_then_fail)
+    newer = portable_state()
+    with pytest.raises(type(interruption)):
+        save_state(path, newer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.npz"]
+    assert_same_state(load_state(path), previous)
+
+
+@pytest.mark.parametrize("metadata", [b"\xff\xfe not utf-8", b"{not json", b"[1, 2]", b'{"params": 3}'])
+def test_a_zip_with_bad_metadata_raises_checkpoint_error(tmp_path, metadata):
+    path = tmp_path / "state.npz"
+    np.savez(path, **{"metadata.json": np.frombuffer(metadata, dtype=np.uint8)})
+    with pytest.raises(CheckpointError, match="metadata"):
+        load_state(path)
