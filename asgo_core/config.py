@@ -58,7 +58,7 @@ def _check_positive_int(name: str, value, *, allow_none: bool) -> None:
 def _check_update_rms(value) -> None:
     if value is None:
         return
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0.0):
+    if not (is_number(value) and math.isfinite(value) and value > 0.0):
         fail("update_rms", value, "a finite number > 0, or None for the raw step")
 
 
@@ -135,7 +135,7 @@ class ASGOConfig:
         _check_positive_int("root_steps", self.root_steps, allow_none=True)
         if self.root_tolerance is not None:
             check_non_negative("root_tolerance", self.root_tolerance)
-        if not (isinstance(self.residual_tolerance, (int, float)) and self.residual_tolerance > 0):
+        if not (is_number(self.residual_tolerance) and self.residual_tolerance > 0):
             fail("residual_tolerance", self.residual_tolerance, "a number > 0 (math.inf disables the check)")
         _check_positive_int("max_precond_dim", self.max_precond_dim, allow_none=True)
         _check_positive_int("num_heads", self.num_heads, allow_none=True)
