@@ -6,6 +6,7 @@ A *portable state* is a plain dict every adapter can export to and import from:
      "params": [                         # one entry per parameter, in the optimizer's order
         {"name": str, "algorithm": "asgo" | "dasgo" | "adamw", "shape": [int, ...],
          "step": int,                    # steps this parameter has taken
+         "batch_dims": int,              # asgo/dasgo: dims that index independent matrices
          "config": {option: value},      # the core config's fields; AdamW: betas, eps, ...
          "arrays": {key: numpy.ndarray}},  # per-parameter state, keys per algorithm below
         ...]}
@@ -13,6 +14,17 @@ A *portable state* is a plain dict every adapter can export to and import from:
 Array keys: asgo: "momentum" (m, n), "gram/<g>" and "root/<g>" (blocks, size, size) per block
 group g of asgo_core.layout, "skipped" (), "fallbacks" (3,); dasgo: "momentum",
 "second_moment" (n,), "skipped"; adamw: "exp_avg", "exp_avg_sq" (the parameter's shape).
+
+Stacked matrices. An asgo/dasgo parameter holds count = prod(shape[:batch_dims]) matrices of
+shape (m, n) = asgo_core.matrix_view_shape(shape[batch_dims:]) (torch and NumPy/CuPy: the
+`batch_dims` option; optax: the leaf's batch axes, those neither reduction nor output axes).
+When count > 1 the per-matrix arrays gain a leading axis of length count, the matrices in
+row-major order of the batch dims: "momentum" (count, m, n), "skipped" (count,), "fallbacks"
+(count, 3), "second_moment" (count, n); "gram/<g>" and "root/<g>" hold the blocks of every
+matrix, matrix-major: (count·blocks, size, size). One flat count axis (not the batch shape)
+is what every adapter's core stack holds, and it makes a leaf with any batch axes (optax)
+and a parameter with batch_dims (torch) exchange state when their matrices agree. An entry
+without "batch_dims" (files written before it was recorded) reads as 0; adamw entries ignore it.
 
 On disk it is one .npz file (a zip archive): the arrays as "<index>/<key>" members and the rest
 as JSON in a "metadata.json" member. The zip format stores a CRC-32 of every member, so a
@@ -31,6 +43,8 @@ import os
 import struct
 import zipfile
 import zlib
+
+from asgo_core.layout import check_batch_dims
 
 FORMAT = "asgo-portable-state"
 VERSION = 1
@@ -147,17 +161,35 @@ def validate_portable_state(portable: dict) -> None:
         absent = set(ALGORITHM_ARRAYS[algorithm]) - set(entry["arrays"])
         if absent:
             raise CheckpointError(f"portable state: parameter {index} ({entry['name']}) lacks arrays {sorted(absent)}")
+        if algorithm != "adamw":
+            _check_batch_dims_field(index, entry)
 
 
-def check_entry_matches(entry: dict, *, name: str, algorithm: str, shape, config: dict) -> None:
+def entry_batch_dims(entry: dict) -> int:
+    """The entry's batch_dims; 0 for files written before the field was recorded."""
+    return entry.get("batch_dims", 0)
+
+
+def _check_batch_dims_field(index: int, entry: dict) -> None:
+    try:
+        check_batch_dims(entry["shape"], entry_batch_dims(entry))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"portable state: parameter {index} ({entry['name']}): {error}") from None
+
+
+def check_entry_matches(entry: dict, *, name: str, algorithm: str, shape, config: dict,
+                        batch_dims: int = 0) -> None:
     """Raise CheckpointError unless a checkpoint entry fits a parameter of this optimizer:
-    the same algorithm, shape and math-changing options (an adapter calls this for every
-    parameter before it changes anything, so a mismatch leaves the optimizer untouched)."""
+    the same algorithm, shape, batch_dims (asgo/dasgo) and math-changing options (an adapter
+    calls this for every parameter before it changes anything, so a mismatch leaves the
+    optimizer untouched)."""
     where = f"checkpoint parameter {entry['name']!r} vs. optimizer parameter {name!r}"
     if entry["algorithm"] != algorithm:
         raise CheckpointError(f"{where}: algorithm {entry['algorithm']!r} != {algorithm!r}")
     if list(entry["shape"]) != list(shape):
         raise CheckpointError(f"{where}: shape {tuple(entry['shape'])} != {tuple(shape)}")
+    if algorithm != "adamw" and entry_batch_dims(entry) != batch_dims:
+        raise CheckpointError(f"{where}: batch_dims {entry_batch_dims(entry)!r} != {batch_dims!r}")
     differing = {key: (entry["config"].get(key), value) for key, value in config.items()
                  if _normalise(entry["config"].get(key)) != _normalise(value)}
     if differing:
@@ -181,8 +213,8 @@ def _as_portable(optimizer_or_state) -> dict:
 
 
 # ---- helpers shared by the adapters ----------------------------------------------------------
-# Per-matrix arrays lose their leading matrix axis when a parameter is one matrix (every
-# parameter of the torch and CuPy/NumPy adapters); gram/root always keep their block axis.
+# Per-matrix arrays lose their leading matrix axis when a parameter is one matrix (count 1,
+# see "Stacked matrices" above); gram/root always keep their block axis.
 _PER_MATRIX_KEYS = ("momentum", "second_moment", "skipped", "fallbacks")
 
 
