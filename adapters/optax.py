@@ -25,6 +25,11 @@ as in the core and the other adapters: zero update, no decay, state untouched, c
 `skipped` (read with `numerics_counters`). scale_by_asgo's own weight_decay defaults to 0 (an
 optax scale_by_* gives the direction only); asgo/dasgo default to the core's 0.1.
 
+Checks. init refuses a matrix leaf that is not real floating point (complex included) or whose
+matrix stack has a zero-size dimension; update refuses, at trace time, a gradient whose dtype is
+not real floating point or whose shape differs from its parameter's (or from the shapes the
+state was initialised for when params are not passed). Each error names the leaf's path.
+
 jit. The root refresh every `precondition_frequency` steps is a `lax.cond` on the step count,
 so a training loop compiles once. `nonfinite="raise"` needs a host read and is refused. The
 ASGO options other than learning rates, `weight_decay` and the `adam_*` numbers are static
@@ -103,21 +108,27 @@ def _as_axes(axes, ndim: int) -> tuple:
     return tuple(axis % ndim for axis in axes)
 
 
-def _matrix_view(shape, dimension_numbers: MuonDimensionNumbers) -> _MatrixView:
+_TO_ADAMW = "give it weight_dimension_numbers=None so that asgo()/dasgo() route it to AdamW"
+
+
+def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> _MatrixView:
+    """The leaf at `path` as a stack; errors name the leaf."""
     ndim = len(shape)
     if ndim < 2:
-        raise ValueError(f"a leaf of shape {tuple(shape)} cannot be a matrix; give it "
-                         "weight_dimension_numbers=None so that asgo()/dasgo() route it to AdamW")
+        raise ValueError(f"leaf {path} of shape {tuple(shape)} cannot be a matrix; {_TO_ADAMW}")
     inputs = _as_axes(dimension_numbers.reduction_axis, ndim)
     outputs = _as_axes(dimension_numbers.output_axis, ndim)
     if set(inputs) & set(outputs) or not inputs or not outputs:
-        raise ValueError(f"weight_dimension_numbers={dimension_numbers} is invalid for shape "
-                         f"{tuple(shape)}; accepted: disjoint, non-empty reduction and output axes")
+        raise ValueError(f"weight_dimension_numbers={dimension_numbers} is invalid for leaf {path} of "
+                         f"shape {tuple(shape)}; accepted: disjoint, non-empty reduction and output axes")
     batch = tuple(axis for axis in range(ndim) if axis not in inputs + outputs)
     permutation = batch + outputs + inputs
     size = lambda axes: math.prod(shape[axis] for axis in axes)  # noqa: E731
-    return _MatrixView(permutation, tuple(shape[axis] for axis in permutation),
-                       (size(batch), size(outputs), size(inputs)))
+    stack_shape = (size(batch), size(outputs), size(inputs))
+    if 0 in stack_shape:
+        raise ValueError(f"leaf {path} of shape {tuple(shape)} has a zero-size matrix stack {stack_shape} "
+                         f"(matrices, outputs, inputs); ASGO/DASGO need each >= 1; {_TO_ADAMW}")
+    return _MatrixView(permutation, tuple(shape[axis] for axis in permutation), stack_shape)
 
 
 # ----------------------------------------------------------------------------- per-leaf options
@@ -164,6 +175,11 @@ class _Stack:
     leaf_indices: tuple
     views: tuple
 
+    @property
+    def shape(self) -> tuple:
+        """(matrices, m, n) of the stacked leaves."""
+        return (sum(view.stack_shape[0] for view in self.views), *self.views[0].stack_shape[1:])
+
     def gather(self, leaves):
         parts = [view.to_stack(leaves[i]) for i, view in zip(self.leaf_indices, self.views)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
@@ -181,14 +197,25 @@ class _Stack:
                                 for i, view in zip(self.leaf_indices, self.views)])
 
 
-def _plan(leaves, dimension_numbers, transformation: str) -> tuple:
+def _leaf_paths(tree) -> list:
+    """Each leaf's path as jax.tree_util.keystr writes it (e.g. "['layer']['w']"), in leaves order."""
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _check_real_floating(kind: str, path: str, leaf) -> None:
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise ValueError(f"{kind} {path} has dtype {jnp.dtype(leaf.dtype)}; accepted: a real "
+                         "floating-point dtype (complex: the Gram would need conjugation)")
+
+
+def _plan(paths, leaves, dimension_numbers, transformation: str) -> tuple:
     stacks: dict = {}
-    for index, (leaf, numbers) in enumerate(zip(leaves, dimension_numbers)):
+    for index, (path, leaf, numbers) in enumerate(zip(paths, leaves, dimension_numbers)):
         if numbers is None:
-            raise ValueError(f"{transformation} got a leaf of shape {tuple(leaf.shape)} with no matrix "
-                             "view; use asgo()/dasgo(), which route it to AdamW, or give it "
+            raise ValueError(f"{transformation} got leaf {path} of shape {tuple(leaf.shape)} with no "
+                             "matrix view; use asgo()/dasgo(), which route it to AdamW, or give it "
                              "weight_dimension_numbers")
-        view = _matrix_view(leaf.shape, numbers)
+        view = _matrix_view(path, leaf.shape, numbers)
         key = (view.stack_shape[1:], jnp.dtype(leaf.dtype))
         stacks.setdefault(key, []).append((index, view))
     return tuple(_Stack(tuple(i for i, _ in members), tuple(v for _, v in members))
@@ -235,14 +262,16 @@ def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mas
     has_root = isinstance(config, ASGOConfig)
     refresh_every = config.precondition_frequency if has_root else 1
 
-    def plan_for(tree):
-        leaves = jax.tree.leaves(tree)
-        return leaves, _plan(leaves, _dimension_numbers_per_leaf(weight_dimension_numbers, tree), name)
+    def plan_for(tree, kind: str):
+        leaves, paths = jax.tree.leaves(tree), _leaf_paths(tree)
+        for path, leaf in zip(paths, leaves):
+            _check_real_floating(kind, path, leaf)
+        numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, tree)
+        return leaves, _plan(paths, leaves, numbers, name)
 
     def init_fn(params):
-        leaves, plan = plan_for(params)
-        stack_shapes = [((sum(v.stack_shape[0] for v in s.views), *s.views[0].stack_shape[1:]),
-                         leaves[s.leaf_indices[0]].dtype) for s in plan]
+        leaves, plan = plan_for(params, "parameter")
+        stack_shapes = [(stack.shape, leaves[stack.leaf_indices[0]].dtype) for stack in plan]
         # Built under jit, so the arrays are placed like optax's own state (not committed to a
         # device); a committed/uncommitted mix would make the first jitted step compile twice.
         stacks = jax.jit(lambda: tuple(asgo_core.init_state(jnp.zeros(shape, dtype), config)
@@ -257,7 +286,10 @@ def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mas
         return tuple(r[0] for r in results), tuple(r[1] for r in results)
 
     def update_fn(updates, state, params=None):
-        leaves, plan = plan_for(updates)
+        if params is not None:
+            _check_shapes_match(updates, params)
+        leaves, plan = plan_for(updates, "gradient")
+        _check_plan_matches_state(plan, state.stacks, _leaf_paths(updates))
         grads = [stack.gather(leaves) for stack in plan]
         if refresh_every == 1:
             directions, stacks = core_steps(grads, state.stacks, True)
@@ -276,6 +308,28 @@ def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mas
         return new_updates, state_type(count=optax.safe_increment(state.count), stacks=stacks)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_shapes_match(updates, params) -> None:
+    """Trace time: every gradient has its parameter's shape (else an XLA shape error follows)."""
+    for path, grad, param in zip(_leaf_paths(updates), jax.tree.leaves(updates), jax.tree.leaves(params)):
+        if jnp.shape(grad) != jnp.shape(param):
+            raise ValueError(f"gradient {path} has shape {jnp.shape(grad)}; accepted: its parameter's "
+                             f"shape {jnp.shape(param)}")
+
+
+def _check_plan_matches_state(plan, stack_states, paths) -> None:
+    """Trace time: the gradients stack into the matrices the state was initialised for."""
+    expected = [tuple(state.momentum.shape) for state in stack_states]
+    got = [stack.shape for stack in plan]
+    if got == expected:
+        return
+    for stack, shape in zip(plan, got):
+        if shape not in expected:
+            leaves = ", ".join(paths[i] for i in stack.leaf_indices)
+            raise ValueError(f"gradient {leaves} stacks to (matrices, outputs, inputs) = {shape}; the state "
+                             f"was initialised for {expected} (a gradient of another shape than its parameter?)")
+    raise ValueError(f"the gradients stack to {got}; the state was initialised for {expected}")
 
 
 def _with_weight_decay(direction, stack: _Stack, params, weight_decay, decay_mask):
