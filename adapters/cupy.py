@@ -13,17 +13,22 @@ Keys: every array has a key, its name (dict params) or its position in the order
 were given (list params; groups concatenated). `step(grads)` takes a dict by key or a list by
 position. Arrays with two or more dims are matrices (N-D kernels viewed as (out, rest)) and get
 the matrix algorithm; the others get the built-in AdamW (torch.optim.AdamW's arithmetic).
+Stacked weights: with the option batch_dims = b, the first b dims of a matrix array index
+independent matrices (mixture-of-experts (E, out, in), scan-stacked layers (L, out, in)), each
+viewed as (out, rest) of the remaining dims: an (E, m, n) array steps exactly as E (m, n) arrays.
 
 Param groups: a list of dicts {"params": dict-or-list, "<option>": value, ...} overrides the
 constructor's options for those arrays, e.g. a smaller lr for some matrices, num_heads for
 attention Q/K, or algorithm="adamw" for an embedding. Every option can be changed between steps
 through `opt.param_groups[i][name] = value` (a learning-rate schedule is just that, once per
-step) except the layout options side, max_precond_dim and num_heads, which shape the state.
+step) except the layout options side, max_precond_dim, num_heads and batch_dims, which shape
+the state.
 
 Batching: matrices with the same group, algorithm, (m, n) view, dtype, device and namespace form
-a bucket stepped by one `asgo_core.step` call. The step counter is a Python int, so choosing a
-root-refresh step reads no device value; `step` never copies device values to the host unless
-nonfinite="raise" asks it to check. A step is atomic: every bucket is computed before any array
+a bucket stepped by one `asgo_core.step` call; a stacked array adds its count matrices to the
+bucket of its (m, n), so E experts cost one batched root, not E. The step counter is a Python
+int, so choosing a root-refresh step reads no device value; `step` never copies device values
+to the host unless nonfinite="raise" asks it to check. A step is atomic: every bucket is computed before any array
 is written, so an error leaves params and state as they were.
 """
 
@@ -36,28 +41,30 @@ from typing import Any
 
 import array_api_compat
 
-from asgo_core import ASGOConfig, ASGOState, DASGOConfig, DASGOState, init_state, needs_root_refresh
+from asgo_core import ASGOConfig, DASGOConfig, init_state, needs_root_refresh
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.options import check_group_options, group_config
-from asgo_core.layout import matrix_view_shape
+from asgo_core.layout import matrix_stack_shape
 
 __all__ = ["ASGO", "DASGO"]
 
-_LAYOUT_OPTIONS = ("side", "max_precond_dim", "num_heads")
+_LAYOUT_OPTIONS = ("side", "max_precond_dim", "num_heads", "batch_dims")
 _ADAMW_OPTIONS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
 
 
 @dataclass
 class _Bucket:
-    """Same-shaped matrices of one group and algorithm: one core call per step."""
+    """Same-shaped matrices of one group and algorithm: one core call per step. The stack holds
+    the matrices of keys[0], then those of keys[1], ...: matrices_per_key[i] for keys[i]."""
     group_index: int
     algorithm: str
     keys: list
     matrix_shape: tuple
+    matrices_per_key: list
     state: Any = None
 
 
@@ -105,12 +112,15 @@ class _ArrayOptimizer:
         """{"step": int, "param_groups": [options + "params": keys], "state": {str(key): {...}}}.
 
         Arrays are copies in the arrays' own namespace; options whose value is None are left
-        out (array stores cannot hold None) and read back as None.
+        out (array stores cannot hold None) and read back as None. A matrix's state has the
+        arrays of a portable checkpoint entry (asgo_core.checkpoint, "gram_<g>" for "gram/<g>",
+        a leading count axis for a stack of count > 1 matrices) and its step "count".
         """
         state = {}
         for bucket in self._buckets:
-            for index, key in enumerate(bucket.keys):
-                state[str(key)] = _copy_all(_bucket_entry(bucket, index))
+            per_key = stacked_state_entries(bucket.state, bucket.matrices_per_key, _copy)
+            for key, arrays in zip(bucket.keys, per_key):
+                state[str(key)] = _native_names(arrays) | {"count": _copy(bucket.state.count)}
         for slot in self._adamw_slots:
             state[str(slot.key)] = _copy_all(slot.state)
         groups = [{name: value for name, value in group.items() if name != "params" and value is not None}
@@ -138,15 +148,16 @@ class _ArrayOptimizer:
         names: one string per array in key order; None uses str(key)."""
         arrays = {}
         for bucket in self._buckets:
-            per_key = stacked_state_entries(bucket.state, [1] * len(bucket.keys), _to_numpy)
+            per_key = stacked_state_entries(bucket.state, bucket.matrices_per_key, _to_numpy)
             arrays.update(zip(bucket.keys, per_key))
         for slot in self._adamw_slots:
             arrays[slot.key] = {name: _to_numpy(value) for name, value in slot.state.items()}
         entries = []
         for key, name in zip(self._params, self._entry_names(names)):
-            algorithm, config = self._portable_identity(key)
+            algorithm, config, batch_dims = self._portable_identity(key)
             entries.append({"name": name, "algorithm": algorithm, "shape": list(self._params[key].shape),
-                            "step": self._step_count, "config": config, "arrays": arrays[key]})
+                            "step": self._step_count, "batch_dims": batch_dims, "config": config,
+                            "arrays": arrays[key]})
         return {"format": "asgo-portable-state", "version": 1, "params": entries}
 
     def load_portable_state(self, portable: dict, names=None) -> None:
@@ -156,13 +167,12 @@ class _ArrayOptimizer:
         optimizer's namespace, dtype and device. names: as in portable_state."""
         entries = dict(zip(self._params, entries_in_order(portable, self._entry_names(names))))
         for key, entry in entries.items():
-            algorithm, config = self._portable_identity(key)
+            algorithm, config, batch_dims = self._portable_identity(key)
             check_entry_matches(entry, name=entry["name"], algorithm=algorithm,
-                                shape=self._params[key].shape, config=config)
+                                shape=self._params[key].shape, config=config, batch_dims=batch_dims)
         step_count = common_step(list(entries.values()))
-        convert = lambda array, like: _as_like(like, array, "checkpoint array")  # noqa: E731
         bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.keys],
-                                                    [1] * len(bucket.keys), convert)
+                                                    bucket.matrices_per_key, _converted_like)
                          for bucket in self._buckets]
         slot_states = [_adamw_state_from_entry(slot.state, entries[slot.key]) for slot in self._adamw_slots]
         for bucket, state in zip(self._buckets, bucket_states):
@@ -180,13 +190,14 @@ class _ArrayOptimizer:
         return names
 
     def _portable_identity(self, key) -> tuple:
-        """(algorithm, the options a checkpoint must share); lr is left out: schedules change it."""
+        """(algorithm, the options a checkpoint must share, batch_dims); lr is left out:
+        schedules change it. AdamW arrays are not matrices: their batch_dims is 0."""
         group = next(g for g in self.param_groups if key in g["params"])
         algorithm = self._algorithm_of(self._params[key], group)
         if algorithm == "adamw":
             return algorithm, {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
-                               "weight_decay": group["adamw_weight_decay"]}
-        return algorithm, dataclasses.asdict(group_config(group, algorithm))
+                               "weight_decay": group["adamw_weight_decay"]}, 0
+        return algorithm, dataclasses.asdict(group_config(group, algorithm)), group["batch_dims"]
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -216,6 +227,11 @@ class _ArrayOptimizer:
         if algorithm != "adamw" and array.ndim < 2:
             fail("algorithm", algorithm, f"'adamw' or None for an array of shape {tuple(array.shape)} "
                   "(ASGO/DASGO need at least 2 dims)")
+        if algorithm != "adamw":
+            try:
+                matrix_stack_shape(array.shape, group["batch_dims"])
+            except ValueError as error:
+                raise ValueError(f"params[{key!r}]: {error}") from None
 
     def _algorithm_of(self, array, group) -> str:
         if group["algorithm"] is not None:
@@ -245,12 +261,14 @@ class _ArrayOptimizer:
                 if algorithm == "adamw":
                     slots.append(_AdamWSlot(group_index, key, _adamw_zero_state(array)))
                     continue
-                signature = (group_index, algorithm, matrix_view_shape(array.shape), str(array.dtype),
+                count, *matrix_shape = matrix_stack_shape(array.shape, group["batch_dims"])
+                signature = (group_index, algorithm, tuple(matrix_shape), str(array.dtype),
                              str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
                 if signature not in by_signature:
-                    by_signature[signature] = _Bucket(group_index, algorithm, [], signature[2])
+                    by_signature[signature] = _Bucket(group_index, algorithm, [], signature[2], [])
                     buckets.append(by_signature[signature])
                 by_signature[signature].keys.append(key)
+                by_signature[signature].matrices_per_key.append(count)
         for bucket in buckets:
             config = self._group_settings(self.param_groups[bucket.group_index])["configs"][bucket.algorithm]
             bucket.state = init_state(self._stacked_params(bucket), config)
@@ -275,7 +293,9 @@ class _ArrayOptimizer:
         return grads
 
     def _stacked(self, bucket, arrays_by_key, xp):
-        return xp.stack([xp.reshape(arrays_by_key[key], bucket.matrix_shape) for key in bucket.keys])
+        """The bucket's (matrices, m, n) stack of one array per key (params or grads)."""
+        return xp.concat([xp.reshape(arrays_by_key[key], (count, *bucket.matrix_shape))
+                          for key, count in zip(bucket.keys, bucket.matrices_per_key)], axis=0)
 
     def _stacked_params(self, bucket):
         xp = array_api_compat.array_namespace(self._params[bucket.keys[0]])
@@ -285,9 +305,8 @@ class _ArrayOptimizer:
         """(update, new_state) of one bucket; nothing is written yet."""
         group_settings = settings[bucket.group_index]
         config = group_settings["configs"][bucket.algorithm]
-        if bucket.algorithm == "asgo" and self._layout_options(self.param_groups[bucket.group_index]) \
-                != self._layouts[bucket.group_index]:
-            fail("param_groups", "a changed side / max_precond_dim / num_heads",
+        if self._layout_options(self.param_groups[bucket.group_index]) != self._layouts[bucket.group_index]:
+            fail("param_groups", "a changed side / max_precond_dim / num_heads / batch_dims",
                   "the layout options the state was built with")
         xp = array_api_compat.array_namespace(bucket.state.momentum)
         G = self._stacked(bucket, grads, xp)
@@ -309,9 +328,11 @@ class _ArrayOptimizer:
     def _apply_matrix_update(self, bucket, update, lr) -> None:
         xp = array_api_compat.array_namespace(update)
         fused = getattr(backend_for(xp), "apply_update", None)
-        for index, key in enumerate(bucket.keys):
+        start = 0
+        for key, count in zip(bucket.keys, bucket.matrices_per_key):
             param = self._params[key]
-            step_update = xp.reshape(update[index, ...], param.shape)
+            step_update = xp.reshape(update[start:start + count, ...], param.shape)
+            start += count
             if fused is not None:
                 fused(param, step_update, lr)
             else:
@@ -347,25 +368,13 @@ class _ArrayOptimizer:
         return loaded
 
     def _loaded_bucket_state(self, bucket, saved: dict):
-        current = bucket.state
-        entries = [_saved_entry(saved, key) for key in bucket.keys]
-        if isinstance(current, ASGOState):
-            groups = range(len(current.gram))
-            values = dict(
-                momentum=_stack_like(current.momentum, [e["momentum"] for e in entries], "momentum"),
-                gram=tuple(_concat_like(current.gram[g], [e[f"gram_{g}"] for e in entries], f"gram_{g}")
-                           for g in groups),
-                root=tuple(_concat_like(current.root[g], [e[f"root_{g}"] for e in entries], f"root_{g}")
-                           for g in groups),
-                fallbacks=_stack_like(current.fallbacks, [e["fallbacks"] for e in entries], "fallbacks"))
-        else:
-            values = dict(
-                momentum=_stack_like(current.momentum, [e["momentum"] for e in entries], "momentum"),
-                second_moment=_stack_like(current.second_moment, [e["second_moment"] for e in entries],
-                                          "second_moment"))
-        values["skipped"] = _stack_like(current.skipped, [e["skipped"] for e in entries], "skipped")
-        values["count"] = _as_like(current.count, entries[0]["count"], "count")
-        return current._replace(**values)
+        """The bucket's core state from the state_dict entries of its keys (shapes checked)."""
+        entries = []
+        for key in bucket.keys:
+            entry = _saved_entry(saved, key)
+            arrays = {_portable_name(name): _to_numpy(value) for name, value in entry.items() if name != "count"}
+            entries.append({"name": str(key), "step": int(_to_python(entry["count"])), "arrays": arrays})
+        return stacked_state_from_entries(bucket.state, entries, bucket.matrices_per_key, _converted_like)
 
     def _loaded_slot_state(self, slot, saved: dict) -> dict:
         entry = _saved_entry(saved, slot.key)
@@ -380,7 +389,8 @@ class ASGO(_ArrayOptimizer):
     root_steps, side, max_precond_dim, num_heads, accumulate, damping, root_tolerance,
     residual_tolerance, nonfinite, matmul_dtype as in ASGOConfig; adamw_lr (None: lr), adamw_betas, adamw_eps,
     adamw_weight_decay for the AdamW arrays; maximize (ascend instead); algorithm (per group:
-    None = by dims, or "asgo" | "dasgo" | "adamw").
+    None = by dims, or "asgo" | "dasgo" | "adamw"); batch_dims (per group, an int >= 0: the
+    leading dims of a matrix array that index independent matrices, at most ndim - 2).
     """
 
     matrix_algorithm = "asgo"
@@ -396,7 +406,7 @@ class ASGO(_ArrayOptimizer):
                  residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
                  matmul_dtype=ASGOConfig.matmul_dtype,
                  adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
-                 maximize=False, algorithm=None):
+                 maximize=False, algorithm=None, batch_dims=0):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, update_rms=update_rms,
@@ -405,11 +415,12 @@ class ASGO(_ArrayOptimizer):
             damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
             nonfinite=nonfinite, matmul_dtype=matmul_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
             adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
-            algorithm=algorithm))
+            algorithm=algorithm, batch_dims=batch_dims))
 
 
 class DASGO(_ArrayOptimizer):
-    """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing as ASGO."""
+    """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing and
+    batch_dims as ASGO."""
 
     matrix_algorithm = "dasgo"
 
@@ -417,12 +428,12 @@ class DASGO(_ArrayOptimizer):
                  eps=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
                  update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
                  nonfinite=DASGOConfig.nonfinite, adamw_lr=None, adamw_betas=(0.9, 0.95),
-                 adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None):
+                 adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None, batch_dims=0):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_rms=update_rms,
             accumulate=accumulate, nonfinite=nonfinite, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
             adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
-            algorithm=algorithm))
+            algorithm=algorithm, batch_dims=batch_dims))
 
     def _validate_group(self, group: dict) -> None:
         if group["algorithm"] == "asgo":
@@ -515,27 +526,24 @@ def _adamw_update(param, grad, state, xp, *, lr, beta1, beta2, eps, weight_decay
 
 
 # ---- state_dict helpers ---------------------------------------------------------------------
-def _bucket_entry(bucket, index: int) -> dict:
-    """The per-array slice of a bucket's stacked core state."""
-    state = bucket.state
-    entry = {"momentum": state.momentum[index, ...], "count": state.count, "skipped": state.skipped[index, ...]}
-    if isinstance(state, DASGOState):
-        entry["second_moment"] = state.second_moment[index, ...]
-        return entry
-    for g, (gram, root) in enumerate(zip(state.gram, state.root)):
-        blocks = gram.shape[0] // len(bucket.keys)
-        entry[f"gram_{g}"] = gram[index * blocks:(index + 1) * blocks, ...]
-        entry[f"root_{g}"] = root[index * blocks:(index + 1) * blocks, ...]
-    entry["fallbacks"] = state.fallbacks[index, ...]
-    return entry
+def _native_names(arrays: dict) -> dict:
+    """Portable array names → state_dict names ("gram/0" → "gram_0": "/" separates the path
+    parts of a flattened state_dict)."""
+    return {name.replace("/", "_"): value for name, value in arrays.items()}
+
+
+def _portable_name(name: str) -> str:
+    """The inverse of _native_names for one name."""
+    return name.replace("_", "/", 1) if name.startswith(("gram_", "root_")) else name
 
 
 def _copy_all(entry: dict) -> dict:
-    copied = {}
-    for name, value in entry.items():
-        xp = array_api_compat.array_namespace(value)
-        copied[name] = xp.asarray(value, copy=True)
-    return copied
+    return {name: _copy(value) for name, value in entry.items()}
+
+
+def _copy(value):
+    """A copy in the array's own namespace and device."""
+    return array_api_compat.array_namespace(value).asarray(value, copy=True)
 
 
 def _saved_entry(saved: dict, key) -> dict:
@@ -560,17 +568,9 @@ def _host_or_same(value):
     return value.get() if array_api_compat.is_cupy_array(value) else value
 
 
-def _stack_like(reference, values, name: str):
-    xp = array_api_compat.array_namespace(reference)
-    parts = [_as_like(reference[index, ...], value, name) for index, value in enumerate(values)]
-    return xp.stack(parts)
-
-
-def _concat_like(reference, values, name: str):
-    xp = array_api_compat.array_namespace(reference)
-    blocks = reference.shape[0] // len(values)
-    parts = [_as_like(reference[i * blocks:(i + 1) * blocks, ...], value, name) for i, value in enumerate(values)]
-    return xp.concat(parts, axis=0)
+def _converted_like(value, like):
+    """A checkpoint or state_dict array as like's namespace, dtype and device."""
+    return _as_like(like, value, "checkpoint array")
 
 
 def _to_numpy(value):
