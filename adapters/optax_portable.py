@@ -16,10 +16,14 @@ the transformation.
 
 Entries are per pytree leaf, in jax.tree.leaves order, named by the leaf's key path joined by
 "." ({"fc": {"w": ...}} → "fc.w") unless `names` lists one name per leaf. Loading matches
-entries by name. A leaf whose matrix view holds b > 1 matrices (batch axes) keeps a leading
-axis b on its per-matrix arrays. Shapes are the leaves' own: to move a run to or from PyTorch,
-whose weights are (out, in), give the JAX leaves the same layout (or transpose them) and
-weight_dimension_numbers that read it, MuonDimensionNumbers(reduction_axis=1, output_axis=0).
+entries by name. An entry's batch_dims is the number of the leaf's batch axes (neither
+reduction nor output axes); a leaf whose matrix view holds b > 1 matrices keeps a leading axis
+b on its per-matrix arrays (asgo_core.checkpoint, "Stacked matrices"). Shapes are the leaves'
+own: to move a run to or from PyTorch, whose weights are (out, in), give the JAX leaves the
+same layout (or transpose them) and weight_dimension_numbers that read it, the batch axes
+first: MuonDimensionNumbers(reduction_axis=1, output_axis=0) for an (out, in) weight,
+MuonDimensionNumbers(reduction_axis=2, output_axis=1) for an (E, out, in) expert stack that
+torch steps with batch_dims=1.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from asgo_core.checkpoint import (FORMAT, VERSION, CheckpointError, check_entry_
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import ASGOConfig
 
-from .optax import ScaleByASGOState, ScaleByDASGOState, _dimension_numbers_per_leaf, _plan
+from .optax import ScaleByASGOState, ScaleByDASGOState, _as_axes, _dimension_numbers_per_leaf, _leaf_paths, _plan
 
 __all__ = ["ADAMW_DEFAULTS", "portable_state", "state_from_portable"]
 
@@ -60,9 +64,9 @@ def portable_state(opt_state, params, config, *, adamw=None, names=None,
             arrays[index] = {"exp_avg": np.asarray(mu), "exp_avg_sq": np.asarray(nu)}
     step = int((matrix_state if matrix_state is not None else adam_state).count)
     entries = [{"name": name, "algorithm": algorithm, "shape": list(np.shape(leaf)), "step": step,
-                "config": entry_config, "arrays": arrays[index]}
-               for index, (leaf, name, (algorithm, entry_config))
-               in enumerate(zip(layout.leaves, layout.names(names), layout.identities))]
+                "batch_dims": batch_dims, "config": entry_config, "arrays": arrays[index]}
+               for index, (leaf, name, (algorithm, entry_config), batch_dims)
+               in enumerate(zip(layout.leaves, layout.names(names), layout.identities, layout.batch_dims))]
     return {"format": FORMAT, "version": VERSION, "params": entries}
 
 
@@ -73,9 +77,10 @@ def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
     take the dtypes of tx.init(params) (float32 unless JAX x64 is enabled)."""
     layout = _Layout(params, config, adamw, weight_dimension_numbers)
     entries = entries_in_order(portable, layout.names(names))
-    for leaf, entry, (algorithm, entry_config) in zip(layout.leaves, entries, layout.identities):
+    for leaf, entry, (algorithm, entry_config), batch_dims in zip(layout.leaves, entries, layout.identities,
+                                                                  layout.batch_dims):
         check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=np.shape(leaf),
-                            config=entry_config)
+                            config=entry_config, batch_dims=batch_dims)
     template = tx.init(params)
     step = jnp.asarray(common_step(entries), jnp.int32)
     replacements = {}
@@ -107,7 +112,9 @@ class _Layout:
         numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, params)
         self.matrix_indices = [i for i, n in enumerate(numbers) if n is not None]
         self.adamw_indices = [i for i, n in enumerate(numbers) if n is None]
-        self.plan = _plan([self.leaves[i] for i in self.matrix_indices],
+        self.batch_dims = [0 if n is None else _batch_axes(leaf, n) for leaf, n in zip(self.leaves, numbers)]
+        paths = _leaf_paths(params)
+        self.plan = _plan([paths[i] for i in self.matrix_indices], [self.leaves[i] for i in self.matrix_indices],
                           [numbers[i] for i in self.matrix_indices], "portable_state")
         algorithm = "asgo" if isinstance(config, ASGOConfig) else "dasgo"
         adamw_config = {key: list(value) if key == "betas" else value
@@ -129,6 +136,14 @@ class _Layout:
         if len(names) != len(self.leaves):
             raise ValueError(f"names: {len(names)} names is invalid; accepted: one per leaf ({len(self.leaves)})")
         return names
+
+
+def _batch_axes(leaf, dimension_numbers) -> int:
+    """How many axes of the leaf index matrices: those neither reduction nor output axes."""
+    ndim = np.ndim(leaf)
+    matrix_axes = (set(_as_axes(dimension_numbers.reduction_axis, ndim))
+                   | set(_as_axes(dimension_numbers.output_axis, ndim)))
+    return ndim - len(matrix_axes)
 
 
 def _key_name(key) -> str:
