@@ -1,0 +1,333 @@
+"""batch_dims (stacked / mixture-of-experts weights) in the NumPy/CuPy adapter and in portable
+checkpoints: an (E, m, n) array with batch_dims=1 steps exactly as E separate (m, n) arrays, the
+E matrices share one bucket, and a stack moves between NumPy, torch and optax."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from asgo_core import ASGOConfig, CheckpointError, load_state, save_state
+from asgo_core.adapters import cupy as array_adapter
+from asgo_core.adapters.cupy import ASGO, DASGO
+from asgo_core.adapters.torch import ASGO as TorchASGO
+from conftest import jax_x64, relative_error
+from test_cupy_adapter import flatten, unflatten
+
+PARITY = 1e-12  # float64: the stack and the separate arrays run the same arithmetic per matrix
+STEPS = 6
+LRS = [0.03 * (1 - t / 30) for t in range(20)]  # a schedule: lr is not part of a checkpoint
+
+
+def _random(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def _matrices(stack, batch_dims):
+    """The independent matrices of a stack, row-major over its batch dims."""
+    return [stack[index] for index in np.ndindex(*stack.shape[:batch_dims])]
+
+
+# ---- parity: one stack == its matrices as separate arrays ----------------------------------
+PARITY_CASES = [
+    pytest.param(ASGO, dict(), (3, 6, 10), 1, id="asgo-auto-side"),
+    pytest.param(ASGO, dict(side="right"), (3, 6, 10), 1, id="asgo-right"),
+    pytest.param(ASGO, dict(max_precond_dim=4, precondition_frequency=3), (3, 10, 6), 1, id="asgo-blocks-tau3"),
+    pytest.param(ASGO, dict(num_heads=2, max_precond_dim=2), (3, 6, 10), 1, id="asgo-heads-per-expert"),
+    pytest.param(ASGO, dict(root_method="polar_express"), (2, 3, 4, 2, 3), 2, id="asgo-2-batch-dims-nd"),
+    pytest.param(DASGO, dict(), (3, 6, 10), 1, id="dasgo"),
+    pytest.param(DASGO, dict(accumulate="sum", betas=(0.9, 1.0)), (2, 2, 5, 3), 2, id="dasgo-2-batch-dims"),
+]
+
+
+def _run_stacked_and_separate(optimizer, options, shape, batch_dims, grads):
+    """(stack after the steps, its optimizer, each matrix's array after the steps, their optimizers):
+    the stack with batch_dims, each matrix in an optimizer of its own."""
+    stack = _random(shape, 0)
+    stacked = optimizer({"w": stack}, lr=0.0, batch_dims=batch_dims, **options)
+    separate = [matrix.copy() for matrix in _matrices(stack, batch_dims)]
+    alone = [optimizer({"w": array}, lr=0.0, **options) for array in separate]
+    for lr, grad in zip(LRS, grads):
+        stacked.param_groups[0]["lr"] = lr
+        stacked.step({"w": grad})
+        for opt, matrix_grad in zip(alone, _matrices(grad, batch_dims)):
+            opt.param_groups[0]["lr"] = lr
+            opt.step({"w": matrix_grad})
+    return stack, stacked, separate, alone
+
+
+@pytest.mark.parametrize("optimizer, options, shape, batch_dims", PARITY_CASES)
+def test_a_stack_steps_as_its_matrices_alone(optimizer, options, shape, batch_dims):
+    grads = [_random(shape, 100 + t) for t in range(STEPS)]
+    stack, stacked, separate, alone = _run_stacked_and_separate(optimizer, options, shape, batch_dims, grads)
+    for got, expected in zip(_matrices(stack, batch_dims), separate):
+        assert relative_error(got, expected) <= PARITY
+    stacked_state = stacked.state_dict()["state"]["w"]
+    for index, opt in enumerate(alone):
+        for field, expected in opt.state_dict()["state"]["w"].items():
+            if field != "count":
+                got = _matrix_part(stacked_state[field], field, index, len(alone))
+                assert relative_error(got, expected) <= PARITY, (index, field)
+
+
+def _matrix_part(stacked_array, field: str, index: int, count: int):
+    """Matrix `index`'s part of a stacked state array (gram/root: its blocks, matrix-major)."""
+    if field.startswith(("gram_", "root_")):
+        blocks = stacked_array.shape[0] // count
+        return stacked_array[index * blocks:(index + 1) * blocks]
+    return stacked_array[index]
+
+
+def test_a_nonfinite_expert_is_skipped_alone():
+    stack = _random((3, 6, 10), 0)
+    start = stack.copy()
+    opt = ASGO({"w": stack}, batch_dims=1)
+    grad = _random((3, 6, 10), 1)
+    grad[1, 2, 3] = np.nan
+    opt.step({"w": grad})
+    assert np.array_equal(stack[1], start[1])
+    assert not np.array_equal(stack[0], start[0]) and not np.array_equal(stack[2], start[2])
+    assert opt.state_dict()["state"]["w"]["skipped"].tolist() == [0, 1, 0]
+
+
+# ---- buckets: E experts cost one batched step ----------------------------------------------
+def test_same_shaped_stacks_join_one_bucket_of_all_their_matrices(monkeypatch):
+    params = {"up0": _random((4, 6, 10), 0), "up1": _random((2, 6, 10), 1), "conv": _random((3, 6, 2, 5), 2),
+              "down": _random((4, 10, 6), 3)}
+    stacks_stepped = []
+
+    def counting_step(grad, *args, **kwargs):
+        stacks_stepped.append(tuple(grad.shape))
+        return core_step(grad, *args, **kwargs)
+
+    core_step = array_adapter.core_step
+    monkeypatch.setattr(array_adapter, "core_step", counting_step)
+    opt = ASGO([{"params": params, "batch_dims": 1}])
+    opt.step({name: _random(array.shape, 10) for name, array in params.items()})
+    assert sorted(stacks_stepped) == [(4, 10, 6), (9, 6, 10)]
+    assert [bucket.matrices_per_key for bucket in opt._buckets] == [[4, 2, 3], [4]]
+
+
+# ---- bad values -----------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", [ASGO, DASGO])
+@pytest.mark.parametrize("batch_dims", [-1, True, 1.0, "1", 2, 3])
+def test_bad_batch_dims_are_refused_at_construction(optimizer, batch_dims):
+    with pytest.raises(ValueError, match=r"params\['experts'\].*batch_dims"):
+        optimizer({"experts": np.ones((3, 6, 10)), "bias": np.ones(6)}, batch_dims=batch_dims)
+
+
+def test_a_bad_batch_dims_in_a_group_names_the_group():
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*batch_dims=2.*shape \(6, 10\)"):
+        ASGO([{"params": {"experts": np.ones((3, 6, 10))}, "batch_dims": 1},
+              {"params": {"w": np.ones((6, 10))}, "batch_dims": 2}])
+
+
+def test_changing_batch_dims_between_steps_is_refused_before_any_change():
+    stack = _random((3, 6, 10), 0)
+    opt = ASGO({"w": stack}, batch_dims=1)
+    opt.step({"w": _random((3, 6, 10), 1)})
+    before, state_before = stack.copy(), opt.state_dict()
+    opt.param_groups[0]["batch_dims"] = 0
+    with pytest.raises(ValueError, match="batch_dims"):
+        opt.step({"w": _random((3, 6, 10), 2)})
+    assert np.array_equal(stack, before)
+    assert np.array_equal(opt.state_dict()["state"]["w"]["momentum"], state_before["state"]["w"]["momentum"])
+
+
+# ---- state_dict -----------------------------------------------------------------------------
+def _expert_model(seed=0):
+    return ({"experts": _random((3, 6, 10), seed), "shared_experts": _random((2, 6, 10), seed + 1)},
+            {"gate": _random((10, 3), seed + 2), "bias": _random((6,), seed + 3)})
+
+
+def _expert_optimizer(optimizer, stacked, plain, **options):
+    return optimizer([{"params": stacked, "batch_dims": 1}, {"params": plain}], lr=0.02, **options)
+
+
+@pytest.mark.parametrize("optimizer, options", [(ASGO, dict(precondition_frequency=2, max_precond_dim=4)),
+                                                (DASGO, dict())])
+def test_state_dict_round_trip_through_savez_resumes_bitwise(optimizer, options, tmp_path):
+    straight = _expert_model()
+    opt = _expert_optimizer(optimizer, *straight, **options)
+    grads = [{name: _random(array.shape, 50 + t) for part in straight for name, array in part.items()}
+             for t in range(8)]
+    for grad in grads[:3]:
+        opt.step(grad)
+    np.savez(tmp_path / "state.npz", **flatten(opt.state_dict()))
+    resumed = tuple({name: array.copy() for name, array in part.items()} for part in straight)
+    restored = _expert_optimizer(optimizer, *resumed, **options)
+    with np.load(tmp_path / "state.npz") as stored:
+        restored.load_state_dict(unflatten(dict(stored)))
+    for grad in grads[3:]:
+        opt.step(grad)
+        restored.step(grad)
+    for part, resumed_part in zip(straight, resumed):
+        for name in part:
+            assert np.array_equal(part[name], resumed_part[name]), name
+
+
+def test_a_state_dict_of_another_batch_dims_is_refused_without_changes():
+    source = ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1)
+    source.step({"w": _random((3, 6, 10), 1)})
+    target = ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=0)
+    target.step({"w": _random((3, 6, 10), 2)})
+    before = target.state_dict()
+    with pytest.raises(ValueError, match="layout options"):
+        target.load_state_dict(source.state_dict())
+    for field, value in before["state"]["w"].items():
+        assert np.array_equal(target.state_dict()["state"]["w"][field], value), field
+
+
+# ---- portable checkpoints -------------------------------------------------------------------
+OPTIONS = dict(precondition_frequency=3, max_precond_dim=4, weight_decay=0.05)
+MODEL_SHAPES = {"experts": (3, 6, 10), "w": (6, 10), "b": (6,)}
+
+
+def _model(seed=0):
+    return {name: _random(shape, seed + index) for index, (name, shape) in enumerate(MODEL_SHAPES.items())}
+
+
+def _grads(count):
+    return [{name: _random(shape, 200 + 10 * t + index) for index, (name, shape) in enumerate(MODEL_SHAPES.items())}
+            for t in range(count)]
+
+
+def _numpy_steps(params, grads, lrs, portable=None):
+    """The NumPy adapter on the model (experts with batch_dims=1), optionally resumed from `portable`."""
+    arrays = {name: np.array(value) for name, value in params.items()}
+    optimizer = ASGO([{"params": {"experts": arrays["experts"]}, "batch_dims": 1},
+                      {"params": {"w": arrays["w"], "b": arrays["b"]}}], lr=0.0, **OPTIONS)
+    if portable is not None:
+        optimizer.load_portable_state(portable)
+    for lr, grad in zip(lrs, grads):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step(grad)
+    return arrays, optimizer
+
+
+def _torch_steps(params, grads, lrs, portable=None):
+    """torch ASGO on the model (experts with batch_dims=1), optionally resumed from `portable`."""
+    tensors = {name: torch.nn.Parameter(torch.tensor(value)) for name, value in params.items()}
+    optimizer = TorchASGO([{"params": [tensors["experts"]], "batch_dims": 1},
+                           {"params": [tensors["w"], tensors["b"]]}], lr=0.0, **OPTIONS)
+    names = ["experts", "w", "b"]
+    if portable is not None:
+        optimizer.load_portable_state(portable, names=names)
+    for lr, grad in zip(lrs, grads):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for name, tensor in tensors.items():
+            tensor.grad = torch.tensor(grad[name])
+        optimizer.step()
+    return {name: t.detach().numpy() for name, t in tensors.items()}, optimizer.portable_state(names=names)
+
+
+def _optax_steps(params, grads, portable):
+    """optax asgo() on the model, the experts read as (E, out, in) by weight_dimension_numbers,
+    resumed from `portable`; the lr schedule is indexed by optax's own step count."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from asgo_core.adapters.optax import MuonDimensionNumbers, asgo, portable_state, state_from_portable
+
+    numbers = {"experts": MuonDimensionNumbers(reduction_axis=2, output_axis=1),
+               "w": MuonDimensionNumbers(reduction_axis=1, output_axis=0), "b": None}
+    with jax_x64():
+        tx = asgo(lambda count: jnp.asarray(LRS)[count], weight_dimension_numbers=numbers, **OPTIONS)
+        leaves = {name: jnp.asarray(value) for name, value in params.items()}
+        state = state_from_portable(portable, leaves, tx, ASGOConfig(**OPTIONS), weight_dimension_numbers=numbers)
+        update = jax.jit(tx.update)
+        for grad in grads:
+            updates, state = update({n: jnp.asarray(g) for n, g in grad.items()}, state, leaves)
+            leaves = optax.apply_updates(leaves, updates)
+        exported = portable_state(state, leaves, ASGOConfig(**OPTIONS), weight_dimension_numbers=numbers)
+        return {name: np.asarray(value) for name, value in leaves.items()}, exported
+
+
+def _assert_close(actual: dict, expected: dict) -> None:
+    for name in expected:
+        assert relative_error(actual[name], expected[name]) <= PARITY, name
+
+
+def _through_file(tmp_path, portable, name):
+    save_state(tmp_path / name, portable)
+    return load_state(tmp_path / name)
+
+
+def test_a_portable_entry_of_a_stack_holds_its_matrices_in_order():
+    grads = _grads(4)
+    _, stacked = _numpy_steps(_model(), grads, LRS)
+    entry = next(e for e in stacked.portable_state()["params"] if e["name"] == "experts")
+    assert entry["batch_dims"] == 1
+    experts = _model()["experts"]
+    for index in range(3):
+        alone = ASGO({"w": experts[index].copy()}, lr=0.0, **OPTIONS)
+        for lr, grad in zip(LRS, grads):
+            alone.param_groups[0]["lr"] = lr
+            alone.step({"w": grad["experts"][index]})
+        expected = alone.portable_state()["params"][0]["arrays"]
+        for key, value in expected.items():
+            blocks = value.shape[0] if key.startswith(("gram/", "root/")) else None
+            got = entry["arrays"][key][index * blocks:(index + 1) * blocks] if blocks else entry["arrays"][key][index]
+            assert relative_error(got, value) <= PARITY, (index, key)
+
+
+def test_numpy_to_optax_and_back_equals_twenty_numpy_steps(tmp_path):
+    params, grads = _model(), _grads(20)
+    expected, _ = _numpy_steps(params, grads, LRS)
+    halfway, optimizer = _numpy_steps(params, grads[:7], LRS[:7])
+    in_optax, exported = _optax_steps(halfway, grads[7:14], _through_file(tmp_path, optimizer.portable_state(),
+                                                                               "numpy.npz"))
+    resumed, _ = _numpy_steps(in_optax, grads[14:], LRS[14:], _through_file(tmp_path, exported, "optax.npz"))
+    _assert_close(resumed, expected)
+
+
+def test_torch_expert_stack_to_optax_and_back_equals_twenty_torch_steps(tmp_path):
+    params, grads = _model(), _grads(20)
+    expected, _ = _torch_steps(params, grads, LRS)
+    halfway, exported = _torch_steps(params, grads[:7], LRS[:7])
+    in_optax, exported = _optax_steps(halfway, grads[7:14], _through_file(tmp_path, exported, "torch.npz"))
+    resumed, _ = _torch_steps(in_optax, grads[14:], LRS[14:], _through_file(tmp_path, exported, "optax.npz"))
+    _assert_close(resumed, expected)
+
+
+def test_a_checkpoint_of_another_batch_dims_is_refused_without_changes():
+    source = ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1)
+    source.step({"w": _random((3, 6, 10), 1)})
+    target = ASGO({"w": _random((3, 6, 10), 0)})
+    target.step({"w": _random((3, 6, 10), 2)})
+    before = target.portable_state()
+    with pytest.raises(CheckpointError, match="batch_dims 1 != 0"):
+        target.load_portable_state(source.portable_state())
+    assert all(np.array_equal(before["params"][0]["arrays"][key], value)
+               for key, value in target.portable_state()["params"][0]["arrays"].items())
+
+
+def test_an_entry_without_batch_dims_reads_as_zero(tmp_path):
+    source = ASGO({"w": _random((3, 6, 10), 0)})
+    source.step({"w": _random((3, 6, 10), 1)})
+    old_format = source.portable_state()
+    del old_format["params"][0]["batch_dims"]
+    loaded = _through_file(tmp_path, old_format, "old.npz")
+    unbatched = ASGO({"w": _random((3, 6, 10), 0)})
+    unbatched.load_portable_state(loaded)
+    assert unbatched.portable_state()["params"][0]["step"] == 1
+    with pytest.raises(CheckpointError, match="batch_dims 0 != 1"):
+        ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1).load_portable_state(loaded)
+
+
+@pytest.mark.parametrize("batch_dims", [2, -1, True, 1.5])
+def test_a_checkpoint_with_an_impossible_batch_dims_is_refused_on_load(tmp_path, batch_dims):
+    source = ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1)
+    source.step({"w": _random((3, 6, 10), 1)})
+    portable = source.portable_state()
+    portable["params"][0]["batch_dims"] = batch_dims
+    with pytest.raises(CheckpointError, match="batch_dims"):
+        save_state(tmp_path / "bad.npz", portable)
+    target = ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1)
+    with pytest.raises(CheckpointError, match="batch_dims"):
+        target.load_portable_state(portable)
+    assert target.portable_state()["params"][0]["step"] == 0
+    assert not np.any(target.portable_state()["params"][0]["arrays"]["momentum"])
