@@ -48,7 +48,7 @@ from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_s
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.options import check_group_options, group_config
-from asgo_core.layout import matrix_stack_shape
+from asgo_core.layout import block_layout, matrix_stack_shape
 
 __all__ = ["ASGO", "DASGO"]
 
@@ -229,7 +229,9 @@ class _ArrayOptimizer:
                   "(ASGO/DASGO need at least 2 dims)")
         if algorithm != "adamw":
             try:
-                matrix_stack_shape(array.shape, group["batch_dims"])
+                _, *matrix_shape = matrix_stack_shape(array.shape, group["batch_dims"])
+                if algorithm == "asgo":
+                    block_layout(matrix_shape, group_config(group, algorithm))  # num_heads must divide
             except ValueError as error:
                 raise ValueError(f"params[{key!r}]: {error}") from None
 
@@ -314,7 +316,11 @@ class _ArrayOptimizer:
             G = -G
         W = self._stacked_params(bucket) if config.weight_decay != 0.0 else None
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(self._step_count, config)
-        return core_step(G, bucket.state, W, config, refresh_root=refresh)
+        try:
+            return core_step(G, bucket.state, W, config, refresh_root=refresh)
+        except FloatingPointError:
+            raise FloatingPointError(f"non-finite gradient for {_nonfinite_keys(bucket.keys, grads)} "
+                                     "(nonfinite='raise'); no state was changed") from None
 
     def _check_adamw_finite(self, grads, settings) -> None:
         for slot in self._adamw_slots:
@@ -473,6 +479,13 @@ def _split_groups(params):
     if not seen_keys:
         fail("params", params, "at least one array")
     return keyed
+
+
+def _nonfinite_keys(keys, grads) -> list:
+    """The keys whose gradient has a NaN or inf (a host read, on the error path only); all keys
+    when none has: their squares overflowed the statistics dtype."""
+    xp = array_api_compat.array_namespace(grads[keys[0]])
+    return [key for key in keys if not bool(xp.all(xp.isfinite(grads[key])))] or list(keys)
 
 
 def _check_grad(key, grad, param) -> None:
