@@ -17,6 +17,13 @@ def backend_function(xp, name: str):
     return getattr(backend, name, None) if backend is not None else None
 
 
+def matmul(a, b, xp):
+    """a @ b through the backend's `matmul` when it has one (JAX asks for full float32
+    precision there, where its default would round float32 operands to TF32/bf16 on GPUs)."""
+    fused = backend_function(xp, "matmul")
+    return fused(a, b) if fused is not None else xp.matmul(a, b)
+
+
 def device(x):
     return array_api_compat.device(x)
 

@@ -42,14 +42,30 @@ def damping_shift(A, eps: float, damping: str, xp):
     The relative shift is floored at the dtype's smallest normal number so that A = 0 (an
     unused layer) still has a finite root.
     """
+    return damping_for_norm(_xp.safe_frobenius_norm(A, xp), eps, damping, xp)
+
+
+def damping_for_norm(norm, eps: float, damping: str, xp):
+    """`damping_shift` from ‖A‖_F already computed (shape (..., 1, 1))."""
     if damping not in DAMPING_MODES:
         raise ValueError(f"damping={damping!r} is invalid; accepted: " + " | ".join(map(repr, DAMPING_MODES)))
-    scale = _xp.safe_frobenius_norm(A, xp)
     if eps == 0.0:
-        return xp.zeros_like(scale)
+        return xp.zeros_like(norm)
     if damping == "absolute":
-        return xp.full_like(scale, eps)
-    return xp.maximum(eps * scale, _xp.smallest_normal(A, xp))
+        return xp.full_like(norm, eps)
+    # A full_like array, not a Python float: array-api-compat turns a scalar operand of
+    # maximum into a new tensor, a blocking host→device copy on CUDA.
+    return xp.maximum(eps * norm, xp.full_like(norm, _xp.smallest_normal(norm, xp)))
+
+
+def below_normal_range(norm, eps: float, damping: str, xp):
+    """Per matrix (norm's shape less its two size-1 axes): whether the statistics have left the
+    dtype's normal range, so the root is no longer the scale-invariant one. With relative
+    damping that is where eps·‖A‖_F falls below the smallest normal number (the floor of
+    `damping_for_norm` replaces it); otherwise where ‖A‖_F itself does (A is subnormal or 0)."""
+    smallest = _xp.smallest_normal(norm, xp)
+    relative = damping == "relative" and eps > 0.0
+    return ((eps * norm if relative else norm) < smallest)[..., 0, 0]
 
 
 def polynomial_schedule(method: str, steps: int):
@@ -62,21 +78,32 @@ def polynomial_schedule(method: str, steps: int):
 
 
 def eigh_root(A, delta, xp):
-    """Q·diag(max(w, 0) + δ)^{-1/2}·Qᵀ. A failed decomposition yields NaN, never an exception."""
+    """Q·diag(max(w, 0) + δ)^{-1/2}·Qᵀ. A decomposition that fails to converge yields NaN
+    (counted by the fallback chain); any other error (out of memory, a CUDA error) propagates."""
     eigh = _xp.backend_function(xp, "eigh") or xp.linalg.eigh
     try:
         eigenvalues, eigenvectors = eigh(A)
-    except Exception:  # LAPACK non-convergence: report it as a failed (NaN) solve
+    except _eigh_errors(xp):
         return xp.full_like(A, math.nan)
     clipped = xp.maximum(eigenvalues, xp.zeros_like(eigenvalues)) + delta[..., 0]
     scaled_vectors = eigenvectors * (clipped ** -0.5)[..., None, :]
-    return xp.matmul(scaled_vectors, _xp.transpose(eigenvectors, xp))
+    return _xp.matmul(scaled_vectors, _xp.transpose(eigenvectors, xp), xp)
+
+
+def _eigh_errors(xp) -> tuple:
+    """The exception types by which namespace xp's eigh reports a matrix it cannot decompose:
+    the backend's EIGH_ERRORS, else NumPy's LinAlgError (array-api-strict wraps NumPy)."""
+    errors = _xp.backend_function(xp, "EIGH_ERRORS")
+    if errors is not None:
+        return errors
+    from numpy.linalg import LinAlgError
+    return (LinAlgError,)
 
 
 def _generic_coupled_step(Y, Z, a, b, c, xp):
-    T = xp.matmul(Z, Y)
-    B = b * T + c * xp.matmul(T, T) if c != 0.0 else b * T
-    return a * Y + xp.matmul(Y, B), a * Z + xp.matmul(B, Z)
+    T = _xp.matmul(Z, Y, xp)
+    B = b * T + c * _xp.matmul(T, T, xp) if c != 0.0 else b * T
+    return a * Y + _xp.matmul(Y, B, xp), a * Z + _xp.matmul(B, Z, xp)
 
 
 def coupled_polynomial_root(A, delta, method: str, steps: int, xp):
@@ -93,7 +120,7 @@ def coupled_polynomial_root(A, delta, method: str, steps: int, xp):
     Z = xp.broadcast_to(identity, A.shape)
     for a, b, c in polynomial_schedule(method, steps):
         Y, Z = step_fn(Y, Z, a, b, c) if step_fn else _generic_coupled_step(Y, Z, a, b, c, xp)
-    residual = _normalised_distance_to_identity(xp.matmul(Z, Y), identity, xp)
+    residual = _normalised_distance_to_identity(_xp.matmul(Z, Y, xp), identity, xp)
     return Z / xp.sqrt(normaliser), residual
 
 
@@ -115,8 +142,8 @@ def coupled_newton_root(A, delta, steps: int, tolerance: float | None, xp):
     for _ in range(steps):
         T = 1.5 * identity - 0.5 * M
         converged = (residual < tolerance)[..., None, None]
-        X = xp.where(converged, X, xp.matmul(X, T))
-        M = xp.where(converged, M, xp.matmul(xp.matmul(T, T), M))
+        X = xp.where(converged, X, _xp.matmul(X, T, xp))
+        M = xp.where(converged, M, _xp.matmul(_xp.matmul(T, T, xp), M, xp))
         residual = _normalised_distance_to_identity(M, identity, xp)
     return X / xp.sqrt(normaliser), residual
 

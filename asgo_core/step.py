@@ -6,7 +6,8 @@ new state comes out, so the same code serves JAX (immutable) and the mutating ad
 
 Numerics contract (SPEC §6): statistics in float32 or wider; a matrix whose gradient is not
 finite is skipped (zero update, state untouched, counted); a failed root falls back
-iterative → eigh → eigh in float64 → previous root, each level counted; a zero gradient gives a
+iterative → eigh → eigh in float64 → previous root, each level counted; statistics that
+underflowed the dtype's normal range are counted too (FALLBACK_LEVELS); a zero gradient gives a
 zero update. No Python branch looks at array values except through the backend's `run_if`.
 """
 
@@ -18,9 +19,15 @@ from typing import Any, NamedTuple
 from asgo_core import _xp
 from asgo_core.config import ASGOConfig, DASGOConfig
 from asgo_core.layout import block_layout
-from asgo_core.solvers import damping_shift, eigh_root, resolve_method, solve_root
+from asgo_core.solvers import below_normal_range, damping_for_norm, eigh_root, resolve_method, solve_root
 
-FALLBACK_LEVELS = ("eigh", "eigh_float64", "kept_previous_root")
+# What a root refresh counts per block: the three levels of the fallback chain, and
+# "statistics_underflow": the block's momentum is nonzero but its Gram statistics lie below the
+# dtype's normal range (see `solvers.below_normal_range`; e.g. float32 gradients of scale
+# ≤ ~1e-17), so the root is dominated by the damping floor and the step degrades towards plain
+# normalised momentum. Scaling the statistics back into range would need a per-matrix scale in
+# the state to stay exact across steps whose gradient scales differ, so it is counted instead.
+FALLBACK_LEVELS = ("eigh", "eigh_float64", "kept_previous_root", "statistics_underflow")
 
 
 class ASGOState(NamedTuple):
@@ -28,7 +35,7 @@ class ASGOState(NamedTuple):
 
     momentum: (*L, m, n). gram, root: one (blocks, size, size) array per block group.
     count: steps taken (0-d int). skipped: (*L,) steps skipped for a non-finite gradient.
-    fallbacks: (*L, 3) blocks that needed each FALLBACK_LEVELS entry, summed over steps.
+    fallbacks: (*L, 4) blocks counted under each FALLBACK_LEVELS entry, summed over refreshes.
     """
     momentum: Any
     gram: tuple
@@ -184,7 +191,7 @@ def _gram_update(V, G_blocks, config, xp):
     fused = _xp.backend_function(xp, "gram_update")
     if fused is not None:
         return fused(V, G_blocks, decay, weight)
-    gram = xp.matmul(G_blocks, _xp.transpose(G_blocks, xp))
+    gram = _xp.matmul(G_blocks, _xp.transpose(G_blocks, xp), xp)
     return decay * V + weight * xp.astype(gram, V.dtype, copy=False)
 
 
@@ -223,7 +230,7 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, xp):
         V = _select(keep, V_old, V_new, xp)
         R = R_old
         if refresh_root:
-            R, failed_levels = robust_root(V, R_old, config, xp)
+            R, failed_levels = robust_root(V, R_old, config, xp, moving=xp.any(M_b != 0, axis=(-2, -1)))
             failed_levels = xp.where(keep[:, :, 0], xp.zeros_like(failed_levels), failed_levels)
             R = _select(keep, R_old, R, xp)
             fallback_counts = fallback_counts + xp.stack(
@@ -231,7 +238,7 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, xp):
                  for level in range(len(FALLBACK_LEVELS))], axis=1)
         grams.append(V)
         roots.append(R)
-        directions.append(xp.matmul(xp.astype(R, M_b.dtype, copy=False), M_b))
+        directions.append(_xp.matmul(xp.astype(R, M_b.dtype, copy=False), M_b, xp))
     lead = state.skipped.shape
     new_state = state._replace(
         gram=tuple(grams), root=tuple(roots),
@@ -239,13 +246,19 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, xp):
     return xp.astype(layout.merge(directions, xp), momentum.dtype, copy=False), new_state
 
 
-def robust_root(V, previous_root, config: ASGOConfig, xp):
-    """(V + δI)^{-1/2} with the fallback chain; returns (root, per-block int flags (N, 3)).
+def robust_root(V, previous_root, config: ASGOConfig, xp, moving=None):
+    """(V + δI)^{-1/2} with the fallback chain; returns (root, per-block int flags (N, 4)).
 
-    Flag column j is 1 where the block needed FALLBACK_LEVELS[j]. Each fallback level is
-    computed only when some block of the batch still needs it (backend `run_if`).
+    Flag column j is 1 where the block is counted under FALLBACK_LEVELS[j]. Each fallback level
+    is computed only when some block of the batch still needs it (backend `run_if`).
+    moving: (N,) bool, whether the block's momentum is nonzero, for "statistics_underflow"
+    (None: V ≠ 0 stands in, which misses a Gram that underflowed to exactly 0).
     """
-    delta = damping_shift(V, config.eps, config.damping, xp)
+    norm = _xp.safe_frobenius_norm(V, xp)
+    delta = damping_for_norm(norm, config.eps, config.damping, xp)
+    if moving is None:
+        moving = norm[:, 0, 0] > 0
+    underflow = moving & below_normal_range(norm, config.eps, config.damping, xp)
     method = resolve_method(config.root_method, V, xp)
     root, residual = solve_root(V, delta, method, config.root_steps, config.root_tolerance, xp)
     ok = _acceptable(root, residual, config, xp)
@@ -262,6 +275,7 @@ def robust_root(V, previous_root, config: ASGOConfig, xp):
     else:
         flags.append(xp.zeros_like(ok))
     flags.append(~ok)
+    flags.append(underflow)
     root = _select(ok[:, None, None], root, previous_root, xp)
     return root, xp.astype(xp.stack(flags, axis=1), xp.int32)
 

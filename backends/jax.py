@@ -9,6 +9,7 @@ program: no host synchronisation and no recompilation when a fallback fires.
 
 from __future__ import annotations
 
+import array_api_compat
 import jax
 import jax.numpy as jnp
 
@@ -20,14 +21,26 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _ITERATION_MIN_SIZE_ON_ACCELERATORS = 256
 
 
-def _matmul(a, b):
+# jnp.linalg.eigh reports a matrix it cannot decompose with NaN output, never an exception.
+EIGH_ERRORS = ()
+
+
+def matmul(a, b):
+    """a @ b at full precision (float32 stays float32; bf16 inputs, as matmul_dtype asks, stay bf16)."""
     return jnp.matmul(a, b, precision=_HIGHEST)
 
 
+def _platform(device) -> str:
+    """The platform of `device`; under jit (device None) the default backend's."""
+    return device.platform if device is not None else jax.default_backend()
+
+
 def eigh(A):
-    """One LAPACK call per matrix (lax.map over the batch), never one batched call: jaxlib's
-    batched CPU eigh fans the batch out to XLA's intra-op thread pool and blocks on it, and two
-    such calls running at once deadlocked on this 2-core machine (jax 0.10.2)."""
+    """One batched eigh on accelerators; on CPU one LAPACK call per matrix (lax.map over the
+    batch): jaxlib's batched CPU eigh fans the batch out to XLA's intra-op thread pool and blocks
+    on it, and two such calls running at once deadlocked on a 2-core machine (jax 0.10.2)."""
+    if _platform(array_api_compat.device(A)) != "cpu":
+        return jnp.linalg.eigh(A, symmetrize_input=False)
     batch_shape = A.shape[:-2]
     flat = jnp.reshape(A, (-1, *A.shape[-2:]))
     eigenvalues, eigenvectors = jax.lax.map(lambda a: jnp.linalg.eigh(a, symmetrize_input=False), flat)
@@ -37,9 +50,9 @@ def eigh(A):
 
 def coupled_step(Y, Z, a, b, c):
     """One coupled step: T = Z·Y; B = b·T + c·T²; Y ← a·Y + Y·B; Z ← a·Z + B·Z."""
-    T = _matmul(Z, Y)
-    B = b * T + c * _matmul(T, T) if c != 0.0 else b * T
-    return a * Y + _matmul(Y, B), a * Z + _matmul(B, Z)
+    T = matmul(Z, Y)
+    B = b * T + c * matmul(T, T) if c != 0.0 else b * T
+    return a * Y + matmul(Y, B), a * Z + matmul(B, Z)
 
 
 def gram_update(V, G, decay, weight):
@@ -52,8 +65,7 @@ def choose_root_method(k, dtype, device):
     """LAPACK eigh on CPUs (cheaper than ten iteration steps for k ≤ ~1024, SPEC §7);
     PolarExpress iteration on accelerators for large k. Under jit the device is unknown
     (None): the default backend's platform decides."""
-    platform = device.platform if device is not None else jax.default_backend()
-    if platform == "cpu" or k < _ITERATION_MIN_SIZE_ON_ACCELERATORS:
+    if _platform(device) == "cpu" or k < _ITERATION_MIN_SIZE_ON_ACCELERATORS:
         return "eigh"
     return "polar_express"
 

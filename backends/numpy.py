@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# How np.linalg.eigh and scipy.linalg.eigh report a matrix they cannot decompose.
+EIGH_ERRORS = (np.linalg.LinAlgError,)
+
 # Largest float32 block that is still solved by float64 LAPACK (see the module docstring).
 FLOAT64_EIGH_MAX_DIM = 64
 

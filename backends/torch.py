@@ -18,6 +18,10 @@ import torch
 # k=128, 8: 6.4 vs 8.5 ms; k=384, 6: 49 vs 62 ms) and ties it at k = 32 (1.1 vs 1.2 ms).
 _CPU_LOOP_EIGH_MIN_K = 64
 
+# How torch.linalg.eigh reports a matrix it cannot decompose (non-convergence); CUDA errors
+# and out-of-memory are other types and propagate.
+EIGH_ERRORS = (torch.linalg.LinAlgError,)
+
 # On CUDA, cuSOLVER eigh is slow for large k while the iteration is matmul-bound; below this
 # size eigh's batched Jacobi kernels win. A conservative threshold, not measured on this project.
 _CUDA_ITERATION_MIN_K = 512

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -103,3 +105,39 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, field):
 def test_non_square_input_raises():
     with pytest.raises(ValueError, match="shape"):
         inverse_root(np.ones((3, 4)))
+
+
+def _failing_eigh(error):
+    def eigh(A):
+        raise error
+    return eigh
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_eigh_non_convergence_becomes_a_nan_root(framework, monkeypatch):
+    """The linear-algebra failure of each backend is a failed solve (NaN), for the fallback chain."""
+    module = importlib.import_module(f"asgo_core.backends.{framework}")
+    monkeypatch.setattr(module, "eigh", _failing_eigh(module.EIGH_ERRORS[0]("did not converge")))
+    A = spd_matrix(np.random.default_rng(5), 6, 10.0)
+    root = inverse_root(_as_framework_array(A, framework), method="eigh")
+    assert np.all(np.isnan(np.asarray(root)))
+
+
+@pytest.mark.parametrize("error", [MemoryError("out of memory"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered")])
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_eigh_errors_other_than_non_convergence_propagate(framework, error, monkeypatch):
+    """Out-of-memory, asynchronous CUDA errors or graph-capture errors are not a bad matrix:
+    hiding them behind a NaN root (counted as a fallback) would hide a broken run."""
+    module = importlib.import_module(f"asgo_core.backends.{framework}")
+    monkeypatch.setattr(module, "eigh", _failing_eigh(error))
+    A = spd_matrix(np.random.default_rng(5), 6, 10.0)
+    with pytest.raises(type(error), match=str(error)):
+        inverse_root(_as_framework_array(A, framework), method="eigh")
+
+
+def _as_framework_array(A, framework):
+    if framework == "torch":
+        import torch
+        return torch.as_tensor(A)
+    return A

@@ -190,7 +190,7 @@ def test_failed_iterative_root_falls_back_to_eigh_and_counts_it():
     exact = ASGOConfig(root_method="eigh", weight_decay=0.0)
     _, state = step(grads[0], init_state(grads[0], iterative), None, iterative)
     _, exact_state = step(grads[0], init_state(grads[0], exact), None, exact)
-    assert state.fallbacks.tolist() == [1, 0, 0]
+    assert state.fallbacks.tolist() == [1, 0, 0, 0]
     assert relative_error(state.root[0], exact_state.root[0]) < 1e-12
 
 
@@ -203,10 +203,11 @@ def test_unsolvable_root_keeps_the_previous_one_and_counts_it():
     tiny_state = state._replace(gram=(np.zeros_like(state.gram[0]),))
     update, state = step(np.zeros_like(G), tiny_state, None, config)
     assert np.array_equal(state.root[0], good_root)
-    # polar_express failed, eigh failed; float64 input has no wider retry; the old root was kept
-    assert state.fallbacks.tolist() == [1, 0, 1]
+    # polar_express failed, eigh failed; float64 input has no wider retry; the old root was kept;
+    # the momentum is nonzero while V = 0, so the statistics count as underflowed too
+    assert state.fallbacks.tolist() == [1, 0, 1, 1]
     assert np.all(np.isfinite(update))
-    assert list(FALLBACK_LEVELS) == ["eigh", "eigh_float64", "kept_previous_root"]
+    assert list(FALLBACK_LEVELS) == ["eigh", "eigh_float64", "kept_previous_root", "statistics_underflow"]
 
 
 @pytest.mark.parametrize("max_precond_dim", [4, 5, 12])
@@ -315,3 +316,88 @@ def test_overwrite_state_gives_the_same_step_and_the_default_leaves_the_state_al
     assert np.array_equal(backend.to_numpy(update_overwriting), backend.to_numpy(update))
     assert np.array_equal(backend.to_numpy(overwritten_state.momentum),
                           backend.to_numpy(new_state.momentum))
+
+
+def _underflow_count(state) -> int:
+    return int(state.fallbacks[FALLBACK_LEVELS.index("statistics_underflow")])
+
+
+@pytest.mark.parametrize("config", [ASGOConfig(), ASGOConfig(damping="absolute", eps=1e-10),
+                                    ASGOConfig(root_method="polar_express")])
+def test_float32_gradient_below_the_gram_range_is_counted(config):
+    """G·1e-30 in float32: G·Gᵀ underflows to 0, the root degenerates to a multiple of I and the
+    step to normalised momentum. Not scale-invariant there, so every refresh counts it."""
+    G = np.random.default_rng(30).standard_normal((8, 24)).astype(np.float32)
+    counts = []
+    for scale in (1.0, 1e-30):
+        state = init_state(G, config)
+        for _ in range(2):
+            _, state = step(G * np.float32(scale), state, G, config)
+        counts.append(_underflow_count(state))
+    assert counts == [0, 2]
+
+
+def test_zero_gradient_is_not_counted_as_underflow():
+    G = np.zeros((8, 24), dtype=np.float32)
+    config = ASGOConfig()
+    _, state = step(G, init_state(G, config), G, config)
+    assert _underflow_count(state) == 0
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_step_is_scale_invariant_inside_the_float32_range(scale):
+    """Relative damping and the RMS normalisation make the step of c·G equal that of G while
+    the statistics stay in float32's normal range; nothing is counted there."""
+    grads = [G.astype(np.float32) for G in gradient_sequence((8, 24), 3, seed=31)]
+    config = ASGOConfig(weight_decay=0.0)
+    updates = []
+    for c in (1.0, scale):
+        state = init_state(grads[0], config)
+        for G in grads:
+            update, state = step(G * np.float32(c), state, None, config)
+        updates.append(update)
+        assert _underflow_count(state) == 0
+    assert relative_error(updates[1], updates[0]) < 1e-4
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (cond branches, scan bodies) included."""
+    from jax.extend.core import jaxprs_in_params
+    for equation in jaxpr.eqns:
+        yield equation
+        for inner in jaxprs_in_params(equation.params):
+            yield from _equations(getattr(inner, "jaxpr", inner))
+
+
+@pytest.mark.parametrize("root_method", ["eigh", "polar_express", "coupled_newton"])
+def test_every_jax_matmul_of_a_step_asks_for_full_precision(root_method):
+    """JAX's default precision runs float32 matmuls in TF32 on Ampere/Hopper GPUs: each product
+    of the step (Gram, root, fallback eigh root, root × momentum) must request HIGHEST."""
+    import jax
+    import jax.numpy as jnp
+
+    config = ASGOConfig(root_method=root_method, max_precond_dim=8)
+    G = jnp.asarray(np.random.default_rng(32).standard_normal((2, 12, 20)), dtype=jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda G, state: step(G, state, G, config, refresh_root=True))(
+        G, init_state(G, config))
+    products = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(products) >= 3
+    assert [e.params["precision"] for e in products if e.params["precision"] != (
+        jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)] == []
+
+
+@pytest.mark.parametrize("platform, maps_one_at_a_time", [("cpu", True), ("gpu", False)])
+def test_jax_eigh_goes_one_matrix_at_a_time_on_cpu_only(platform, maps_one_at_a_time, monkeypatch):
+    """lax.map avoids a CPU thread-pool deadlock; on a GPU it would serialise the batch."""
+    import jax
+    import jax.numpy as jnp
+    from asgo_core.backends import jax as jax_backend
+
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    A = jnp.eye(4, dtype=jnp.float32)[None].repeat(3, axis=0)
+    # a new function each time, so no cached trace is reused; traced, the device is unknown
+    # and the default platform decides
+    jaxpr = jax.make_jaxpr(lambda A: jax_backend.eigh(A))(A)
+    names = {e.primitive.name for e in _equations(jaxpr.jaxpr)}
+    assert "eigh" in names
+    assert ("scan" in names) == maps_one_at_a_time
