@@ -54,6 +54,9 @@ __all__ = ["ASGO", "DASGO"]
 
 _LAYOUT_OPTIONS = ("side", "max_precond_dim", "num_heads", "batch_dims")
 _ADAMW_OPTIONS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
+# A saved param group leaves out the options whose value is None; a state_dict saved before an
+# option existed lacks it too, and reads it as the value it had then.
+_ABSENT_OPTIONS = {"batch_dims": 0}
 
 
 @dataclass
@@ -365,7 +368,7 @@ class _ArrayOptimizer:
             saved_keys = [str(_to_python(key)) for key in _to_python(saved["params"])]
             if saved_keys != [str(key) for key in group["params"]]:
                 fail("state_dict", f"param_groups[{index}] keys {saved_keys}", "the optimizer's keys")
-            options = {name: _to_python(saved.get(name)) for name in self.defaults}
+            options = {name: _to_python(saved.get(name, _ABSENT_OPTIONS.get(name))) for name in self.defaults}
             candidate = dict(group, **options)
             self._with_group_context(index, self._group_settings, candidate)
             if self._layout_options(candidate) != self._layouts[index]:

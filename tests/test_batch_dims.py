@@ -179,6 +179,18 @@ def test_a_state_dict_of_another_batch_dims_is_refused_without_changes():
         assert np.array_equal(target.state_dict()["state"]["w"][field], value), field
 
 
+def test_a_state_dict_saved_before_batch_dims_reads_it_as_zero():
+    source = ASGO({"w": _random((3, 6, 10), 0)})
+    source.step({"w": _random((3, 6, 10), 1)})
+    saved = source.state_dict()
+    del saved["param_groups"][0]["batch_dims"]
+    target = ASGO({"w": _random((3, 6, 10), 0)})
+    target.load_state_dict(saved)
+    assert target.state_dict()["step"] == 1 and target.param_groups[0]["batch_dims"] == 0
+    with pytest.raises(ValueError, match="layout options"):
+        ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1).load_state_dict(saved)
+
+
 # ---- portable checkpoints -------------------------------------------------------------------
 OPTIONS = dict(precondition_frequency=3, max_precond_dim=4, weight_decay=0.05)
 MODEL_SHAPES = {"experts": (3, 6, 10), "w": (6, 10), "b": (6,)}
