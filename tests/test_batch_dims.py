@@ -12,7 +12,7 @@ from asgo_core import ASGOConfig, CheckpointError, load_state, save_state
 from asgo_core.adapters import cupy as array_adapter
 from asgo_core.adapters.cupy import ASGO, DASGO
 from asgo_core.adapters.torch import ASGO as TorchASGO
-from conftest import jax_x64, relative_error
+from conftest import _gpu_available, jax_x64, relative_error, tolerance
 from test_cupy_adapter import flatten, unflatten
 
 PARITY = 1e-12  # float64: the stack and the separate arrays run the same arithmetic per matrix
@@ -89,6 +89,25 @@ def test_a_nonfinite_expert_is_skipped_alone():
     assert np.array_equal(stack[1], start[1])
     assert not np.array_equal(stack[0], start[0]) and not np.array_equal(stack[2], start[2])
     assert opt.state_dict()["state"]["w"]["skipped"].tolist() == [0, 1, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", [ASGO, DASGO])
+def test_a_cupy_stack_matches_numpy(optimizer):
+    if not _gpu_available("cupy"):
+        pytest.skip("cupy: no GPU on this machine")
+    import cupy
+    host = _random((3, 6, 10), 0)
+    device = cupy.asarray(host)
+    host_opt, device_opt = optimizer({"w": host}, batch_dims=1), optimizer({"w": device}, batch_dims=1)
+    for t in range(5):
+        grad = _random((3, 6, 10), 10 + t)
+        host_opt.step({"w": grad})
+        device_opt.step({"w": cupy.asarray(grad)})
+    assert relative_error(device.get(), host) <= 10 * tolerance("float64")
+    device_state = device_opt.state_dict()["state"]["w"]
+    for field, value in host_opt.state_dict()["state"]["w"].items():
+        assert relative_error(device_state[field].get(), value) <= 10 * tolerance("float64"), field
 
 
 # ---- buckets: E experts cost one batched step ----------------------------------------------
