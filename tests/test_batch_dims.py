@@ -324,6 +324,20 @@ def test_torch_expert_stack_to_optax_and_back_equals_twenty_torch_steps(tmp_path
     _assert_close(resumed, expected)
 
 
+def test_optax_refuses_a_stack_checkpoint_for_a_leaf_read_as_one_matrix():
+    import jax.numpy as jnp
+    from asgo_core.adapters.optax import MuonDimensionNumbers, asgo, state_from_portable
+
+    _, optimizer = _numpy_steps(_model(), _grads(1), LRS)
+    numbers = {"experts": MuonDimensionNumbers(reduction_axis=(1, 2), output_axis=0),
+               "w": MuonDimensionNumbers(reduction_axis=1, output_axis=0), "b": None}
+    leaves = {name: jnp.asarray(value, jnp.float32) for name, value in _model().items()}
+    tx = asgo(0.01, weight_dimension_numbers=numbers, **OPTIONS)
+    with pytest.raises(CheckpointError, match="'experts'.*batch_dims 1 != 0"):
+        state_from_portable(optimizer.portable_state(), leaves, tx, ASGOConfig(**OPTIONS),
+                            weight_dimension_numbers=numbers)
+
+
 def test_a_checkpoint_of_another_batch_dims_is_refused_without_changes():
     source = ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1)
     source.step({"w": _random((3, 6, 10), 1)})
