@@ -134,8 +134,14 @@ def select(mask, if_true, if_false):
 
 
 def masked_ema(mask, old, new, beta, overwrite):
-    """where(mask, lerp(old, new, 1 − beta), old). Where the mask is free to read, the usual
-    all-true case skips the where, and overwrite=True lerps into old in place."""
+    """where(mask, lerp(old, new, 1 − beta), old); overwrite=True lerps into old in place.
+
+    Where the mask is free to read, the usual all-true case is one lerp. Elsewhere (CUDA, under
+    torch.compile) masked matrices lerp towards themselves, which leaves them exactly as they
+    were: one where pass picks the target, one lerp writes. The where cannot go: a skipped
+    matrix's gradient may hold inf/NaN, and a zero lerp weight would still carry NaN in."""
     if _mask_is_free_to_read(mask) and bool(mask.all()):
-        return old.lerp_(new, 1.0 - beta) if overwrite else torch.lerp(old, new, 1.0 - beta)
-    return torch.where(mask, torch.lerp(old, new, 1.0 - beta), old)
+        target = new
+    else:
+        target = torch.where(mask, new, old)
+    return old.lerp_(target, 1.0 - beta) if overwrite else torch.lerp(old, target, 1.0 - beta)

@@ -401,3 +401,24 @@ def test_jax_eigh_goes_one_matrix_at_a_time_on_cpu_only(platform, maps_one_at_a_
     names = {e.primitive.name for e in _equations(jaxpr.jaxpr)}
     assert "eigh" in names
     assert ("scan" in names) == maps_one_at_a_time
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_torch_masked_ema_on_the_cuda_path_honours_overwrite(overwrite, monkeypatch):
+    """The path taken where reading the mask would sync (CUDA): a matrix whose gradient holds
+    NaN keeps its old value exactly, the others get the EMA, and overwrite=True writes into old."""
+    import torch
+    from asgo_core.backends import torch as torch_backend
+
+    monkeypatch.setattr(torch_backend, "_mask_is_free_to_read", lambda mask: False)
+    rng = np.random.default_rng(33)
+    old_values, new_values = rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 4, 5))
+    new_values[1, 2, 3] = np.nan
+    old, new = torch.tensor(old_values), torch.tensor(new_values)  # copies: old may be written
+    mask = torch.tensor([True, False, True])[:, None, None]
+    result = torch_backend.masked_ema(mask, old, new, 0.9, overwrite)
+    expected = np.where([[[True]], [[False]], [[True]]], 0.9 * old_values + 0.1 * new_values, old_values)
+    assert np.allclose(result.numpy(), expected, rtol=1e-14, atol=0)
+    assert (result.data_ptr() == old.data_ptr()) == overwrite
+    if not overwrite:
+        assert np.array_equal(old.numpy(), old_values)
