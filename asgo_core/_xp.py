@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import array_api_compat
 
 from asgo_core.backends import backend_for
@@ -58,6 +60,17 @@ def all_finite(x, xp, axes):
     sum non-finite. Conservative: finite entries whose sum overflows also count as non-finite.
     """
     return xp.isfinite(xp.sum(x, axis=axes))
+
+
+def nan_where_eigh_inaccurate(A, eigenvalues, eigenvectors, xp, tolerance_factor: float = 100.0):
+    """The eigenpairs of the (..., k, k) stack A, NaN for each matrix whose eigenpairs miss
+    ‖A·Q − Q·diag(w)‖_F ≤ tolerance_factor·k·eps·‖A‖_F: a check on the device (one GEMM per
+    matrix) for solvers that do not report convergence without a host read (cuSOLVER)."""
+    residual = safe_frobenius_norm(matmul(A, eigenvectors, xp) - eigenvectors * eigenvalues[..., None, :], xp)
+    bound = tolerance_factor * A.shape[-1] * float(xp.finfo(A.dtype).eps) * safe_frobenius_norm(A, xp)
+    accurate = residual <= bound  # False for a NaN residual too
+    nan = xp.full_like(eigenvectors, math.nan)
+    return (xp.where(accurate[..., 0], eigenvalues, nan[..., 0]), xp.where(accurate, eigenvectors, nan))
 
 
 def smallest_normal(x, xp) -> float:

@@ -17,13 +17,16 @@ What is fused and what is not:
 Fallbacks: CuPy has no device-side branch, so `run_if` reads its one-element predicate — one
 host read per fallback level and bucket, on root-refresh steps only (every τ steps), the same
 policy as the torch backend on CUDA. The alternative, computing the fallback and selecting with
-cupy.where, would run an eigh (which syncs itself to check cuSOLVER's status) on every refresh
-and erase the iteration's advantage for large k.
+cupy.where, would run an eigh on every refresh and erase the iteration's advantage for large k.
 """
 
 from __future__ import annotations
 
+import array_api_compat.cupy
 import cupy
+import numpy
+
+from asgo_core import _xp
 
 _scale_add = cupy.ElementwiseKernel(
     "T x, T y, float64 alpha, float64 beta", "T z",
@@ -51,9 +54,32 @@ _adamw = cupy.ElementwiseKernel(
     "asgo_adamw")
 
 
+# How cupy.linalg.eigh reports a failed decomposition, and only when the user turned cuSOLVER's
+# status checks on (cupyx.seterr(linalg="raise"), a host read); by default nothing is raised,
+# so `eigh` checks its result on the device instead.
+EIGH_ERRORS = (numpy.linalg.LinAlgError,)
+
+# cupy.linalg.eigh runs batched Jacobi (syevjBatched) on any 3-D input and divide-and-conquer
+# (syevd) on a 2-D one. Jacobi is the fast choice only for small matrices (torch draws the same
+# line at 32); larger ones go one matrix at a time through syevd.
+_BATCHED_JACOBI_MAX_K = 32
+
+
 def eigh(A):
-    """Batched symmetric eigendecomposition (cuSOLVER); convergence is not checked on the host."""
-    return cupy.linalg.eigh(A)
+    """Batched symmetric eigendecomposition on cuSOLVER, the solver chosen by size (above).
+    Neither solver's convergence flag is read (that would be a host sync): a matrix whose
+    eigenpairs fail the residual check of `nan_where_eigh_inaccurate` comes back NaN, which
+    the core's fallback chain counts and retries."""
+    k = A.shape[-1]
+    if k <= _BATCHED_JACOBI_MAX_K:
+        eigenvalues, eigenvectors = cupy.linalg.eigh(A)
+    else:
+        flat = A.reshape(-1, k, k)
+        eigenvalues, eigenvectors = cupy.empty(flat.shape[:-1], A.dtype), cupy.empty_like(flat)
+        for index in range(flat.shape[0]):
+            eigenvalues[index], eigenvectors[index] = cupy.linalg.eigh(flat[index])
+        eigenvalues, eigenvectors = eigenvalues.reshape(A.shape[:-1]), eigenvectors.reshape(A.shape)
+    return _xp.nan_where_eigh_inaccurate(A, eigenvalues, eigenvectors, array_api_compat.cupy)
 
 
 def coupled_step(Y, Z, a, b, c):

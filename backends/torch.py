@@ -99,21 +99,18 @@ def run_if(predicate, compute, otherwise):
 
     Eager: a Python branch. On CPU reading the predicate is no device sync. On CUDA it is one
     host read per fallback level and bucket, on root-refresh steps only; the alternative,
-    compute-and-select, would run the eigh fallback on every refresh, and cuSOLVER's eigh
-    syncs itself to check convergence, so it would cost a sync *and* an eigh.
-    Under torch.compile or CUDA-graph capture (where a host read breaks the graph) both
-    branches run and torch.where selects, which gives the same values.
+    compute-and-select, would run the eigh fallback on every refresh, and torch's CUDA eigh
+    syncs itself to check cuSOLVER's status, so it would cost a sync *and* an eigh.
+    Under torch.compile (where a host read breaks the graph) both branches run and torch.where
+    selects, which gives the same values. CUDA-graph capture of a step is not supported: the
+    eigh that a refresh can reach synchronises, which capture forbids.
     """
-    if not (torch.compiler.is_compiling() or _capturing(predicate)):
+    if not torch.compiler.is_compiling():
         return compute() if bool(predicate) else otherwise()
     computed, kept = compute(), otherwise()
     if isinstance(computed, tuple):
         return tuple(torch.where(predicate, new, old) for new, old in zip(computed, kept))
     return torch.where(predicate, computed, kept)
-
-
-def _capturing(predicate) -> bool:
-    return predicate.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _mask_is_free_to_read(mask) -> bool:

@@ -141,3 +141,18 @@ def _as_framework_array(A, framework):
         import torch
         return torch.as_tensor(A)
     return A
+
+
+def test_inaccurate_eigenpairs_become_nan_and_accurate_ones_stay(xp, backend):
+    """The device-side convergence check the CuPy backend applies to cuSOLVER's eigh."""
+    from asgo_core import _xp
+
+    rng = np.random.default_rng(6)
+    A = np.stack([spd_matrix(rng, 8, 1e3) for _ in range(3)])
+    w, Q = np.linalg.eigh(A)
+    w[1, [0, 7]] = w[1, [7, 0]]  # matrix 1: eigenvalues paired with the wrong vectors
+    checked_w, checked_Q = _xp.nan_where_eigh_inaccurate(
+        backend.asarray(A, "float64"), backend.asarray(w, "float64"), backend.asarray(Q, "float64"), xp)
+    checked_w, checked_Q = backend.to_numpy(checked_w), backend.to_numpy(checked_Q)
+    assert np.all(np.isnan(checked_w[1])) and np.all(np.isnan(checked_Q[1]))
+    assert np.array_equal(checked_w[[0, 2]], w[[0, 2]]) and np.array_equal(checked_Q[[0, 2]], Q[[0, 2]])
