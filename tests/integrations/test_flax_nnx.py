@@ -18,7 +18,7 @@ from flax import nnx
 
 from asgo_core.adapters.optax import asgo, dasgo
 from tests.conftest import jax_x64, relative_error, tolerance
-from tests.integrations.torch_reference import torch_steps
+from tests.integrations.torch_reference import LAYOUT_SENSITIVE_CASES, torch_steps
 
 LR = 0.05
 
@@ -76,12 +76,7 @@ def test_nnx_optimizer_equals_the_bare_optax_loop():
     assert int(optimizer.step[...]) == 8
 
 
-@pytest.mark.parametrize("algorithm, options", [
-    ("asgo", {"side": "left"}),
-    ("asgo", {"side": "right"}),
-    ("asgo", {"num_heads": 4}),           # head blocks split the 12 outputs, not the 8 inputs
-    ("dasgo", {}),                        # statistics per input column
-])
+@pytest.mark.parametrize("algorithm, options", LAYOUT_SENSITIVE_CASES)
 def test_flax_kernel_is_preconditioned_like_the_torch_weight_of_the_same_layer(algorithm, options):
     rng = np.random.default_rng(1)
     with jax_x64():

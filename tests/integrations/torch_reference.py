@@ -13,6 +13,16 @@ import torch
 
 from asgo_core.adapters.torch import ASGO, DASGO
 
+# Options under which the layout matters (side="auto" and max_precond_dim alone do not: the
+# auto side is the smaller dimension whichever way the matrix is stored). num_heads=4 divides
+# both dimensions of an (8 → 12) layer, so a wrong split would still run, and differ.
+LAYOUT_SENSITIVE_CASES = [
+    ("asgo", {"side": "left"}),
+    ("asgo", {"side": "right"}),
+    ("asgo", {"num_heads": 4}),   # head blocks split the outputs
+    ("dasgo", {}),                # statistics per input column
+]
+
 
 def torch_steps(weight_out_in, grads_out_in, algorithm: str, lr: float, **options) -> np.ndarray:
     """The (out, in) float64 weight after one torch ASGO/DASGO step per gradient."""
