@@ -391,8 +391,9 @@ def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
 def _with_adamw(matrix_transform, learning_rate, weight_dimension_numbers, adam_b1, adam_b2,
                 adam_eps, adam_weight_decay, adam_learning_rate) -> optax.GradientTransformation:
     """Partition: matrix leaves → matrix_transform then the learning rate; others → AdamW."""
-    if not callable(learning_rate):
-        _check_number("learning_rate", learning_rate)
+    for name, rate in (("learning_rate", learning_rate), ("adam_learning_rate", adam_learning_rate)):
+        if not callable(rate) and not (name == "adam_learning_rate" and rate is None):
+            _check_number(name, rate)
     _check_number("adam_b1", adam_b1, below_one=True)
     _check_number("adam_b2", adam_b2, below_one=True)
     _check_number("adam_eps", adam_eps)

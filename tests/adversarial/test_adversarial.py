@@ -1,0 +1,377 @@
+"""The adversarial suite (issue 14): one table of cases, each run on every adapter it applies to
+(torch ASGO and DASGO, optax, the NumPy adapter; drivers.py hides their differences).
+
+The contract every adapter holds: bad input raises a clear error that names the offending option,
+parameter or field, before any parameter or state has changed (checked bitwise: a snapshot of
+params and state before the call equals one after it); valid but unusual input (zero, rank-1,
+huge or tiny gradients, 16-bit and 64-bit dtypes, odd shapes) steps to finite values.
+
+Cases that fail because of the torch adapter carry TORCH_XFAIL (strict): the lead is fixing it,
+and they turn into failures (XPASS) when the fix lands, to be unmarked then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+from typing import Callable
+
+import numpy as np
+import pytest
+from drivers import DRIVERS, OptaxDriver, SHAPES, standard_grads, standard_params
+
+from asgo_core import FALLBACK_LEVELS, CheckpointError, load_state, save_state
+
+ALL = ("torch", "torch-dasgo", "optax", "numpy")
+ASGO_ONLY = ("torch", "optax", "numpy")      # options DASGO does not have
+WITH_GROUPS = ("torch", "torch-dasgo", "numpy")  # param groups, maximize, algorithm=
+TORCH = ("torch", "torch-dasgo")
+MATRICES = [name for name, shape in SHAPES.items() if len(shape) >= 2]
+TORCH_XFAIL = "torch adapter: lead is fixing"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    run: Callable  # run(driver): builds, acts and asserts
+    drivers: tuple = ALL
+    xfail: tuple = ()  # drivers on which the case fails today (the torch adapter, being fixed)
+
+
+def expect_error(driver, action, error, *patterns, snapshot=None):
+    """action() raises `error` whose message matches every regex pattern, and changes nothing."""
+    before = snapshot() if snapshot else driver.snapshot()
+    with pytest.raises(error) as info:
+        action()
+    message = str(info.value)
+    for pattern in patterns:
+        assert re.search(pattern, message), f"{pattern!r} not named in: {message}"
+    after = snapshot() if snapshot else driver.snapshot()
+    assert after.keys() == before.keys()
+    changed = [name for name in before if after[name] != before[name]]
+    assert not changed, f"changed by the failed call: {changed}"
+
+
+def built(driver, options=None, params=None, steps=0, **build):
+    """The driver built on (a copy of) the standard problem, stepped `steps` times on finite
+    gradients."""
+    params = standard_params() if params is None else params
+    driver.build({key: value.copy() for key, value in params.items()}, options, **build)
+    for seed in range(steps):
+        driver.step(standard_grads(driver.params(), seed=seed + 10))
+    return driver
+
+
+def input_snapshot(params):
+    return lambda: {name: value.tobytes() for name, value in params.items()}
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+def bad_option(option, value, drivers=ALL, xfail=()):
+    def run(driver):
+        params = standard_params()
+        expect_error(driver, lambda: driver.build(params, {option: value}), ValueError,
+                     rf"\b{re.escape(driver.field(option))}\b", snapshot=input_snapshot(params))
+    return Case(f"option-{option}={value!r}", run, drivers, xfail)
+
+
+BAD_OPTIONS = [
+    bad_option("lr", True), bad_option("lr", -1.0), bad_option("lr", math.nan), bad_option("lr", "fast"),
+    bad_option("beta1", True), bad_option("beta1", 1.0), bad_option("beta1", -0.1),
+    bad_option("beta2", math.nan), bad_option("beta2", 1.5), bad_option("beta2", "0.9"),
+    bad_option("eps", True), bad_option("eps", -1e-8), bad_option("eps", math.inf),
+    bad_option("weight_decay", True), bad_option("weight_decay", math.nan), bad_option("weight_decay", -0.1),
+    bad_option("update_rms", True), bad_option("update_rms", 0.0), bad_option("update_rms", math.inf),
+    bad_option("accumulate", "max"), bad_option("nonfinite", "ignore"),
+    bad_option("adamw_eps", -1.0), bad_option("adamw_beta2", 1.0), bad_option("adamw_weight_decay", True),
+    bad_option("adamw_lr", math.nan),
+    bad_option("precondition_frequency", True, ASGO_ONLY), bad_option("precondition_frequency", 0, ASGO_ONLY),
+    bad_option("precondition_frequency", 2.5, ASGO_ONLY),
+    bad_option("residual_tolerance", True, ASGO_ONLY), bad_option("residual_tolerance", math.nan, ASGO_ONLY),
+    bad_option("residual_tolerance", -1.0, ASGO_ONLY),
+    bad_option("root_steps", 0, ASGO_ONLY), bad_option("root_tolerance", -1.0, ASGO_ONLY),
+    bad_option("max_precond_dim", True, ASGO_ONLY), bad_option("max_precond_dim", 0, ASGO_ONLY),
+    bad_option("num_heads", 0, ASGO_ONLY), bad_option("side", "top", ASGO_ONLY),
+    bad_option("root_method", "cholesky", ASGO_ONLY), bad_option("damping", "none", ASGO_ONLY),
+    bad_option("matmul_dtype", "float16", ASGO_ONLY),
+    bad_option("maximize", 1, WITH_GROUPS), bad_option("algorithm", "sgd", WITH_GROUPS),
+]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def bad_param(label, key, array, *patterns, drivers=ALL, xfail=(), options=None):
+    """Construction (optax: init) refuses a parameter, naming it."""
+    def run(driver):
+        params = {**standard_params(), key: array}
+        expect_error(driver, lambda: driver.build(params, options), ValueError,
+                     driver_pattern(driver, key), *patterns, snapshot=input_snapshot(params))
+    return Case(f"param-{label}", run, drivers, xfail)
+
+
+def driver_pattern(driver, key):
+    """The regex naming `key` in this driver, built on a throwaway driver when needed."""
+    if not hasattr(driver, "keys") and driver.name.startswith("torch"):
+        driver.keys = list(standard_params())  # torch names a parameter by position or shape
+        driver.tensors = {k: np.empty(SHAPES.get(k, ())) for k in driver.keys}
+    return driver.param_pattern(key)
+
+
+BAD_PARAMS = [
+    bad_param("int64", "w2", np.ones((5, 7), np.int64), "int64|floating"),
+    bad_param("complex64", "w2", np.ones((5, 7), np.complex64), "complex"),
+    bad_param("zero-rows", "w2", np.ones((0, 7), np.float32), r"zero-size|\b0\b"),
+    bad_param("zero-columns", "w2", np.ones((5, 0), np.float32), r"zero-size|\b0\b"),
+    bad_param("num_heads-does-not-divide", "w2", np.ones((5, 7), np.float32), "num_heads",
+              drivers=("torch", "numpy"), options={"num_heads": 2}),
+]
+
+
+# ----------------------------------------------------------------------------- bad gradients
+
+def bad_grad(label, key, make_grad, error, *patterns, drivers=ALL, xfail=(), options=None, steps=1):
+    """A step with one bad gradient raises before anything changes (after `steps` good steps,
+    so that momentum and statistics are not zero)."""
+    def run(driver):
+        built(driver, options, steps=steps)
+        grads = standard_grads(driver.params(), seed=3)
+        grads[key] = make_grad(grads[key])
+        expect_error(driver, lambda: driver.step(grads), error, driver.param_pattern(key), *patterns)
+    return Case(f"grad-{label}", run, drivers, xfail)
+
+
+def with_nan(grad):
+    grad = grad.copy()
+    grad.flat[3] = np.nan
+    return grad
+
+
+def sparse(grad):
+    import torch
+    return torch.from_numpy(grad).to_sparse()
+
+
+BAD_GRADS = [
+    bad_grad("nan-raise", "w2", with_nan, FloatingPointError, "non-finite",
+             drivers=("torch", "torch-dasgo", "numpy"), xfail=TORCH, options={"nonfinite": "raise"}),
+    bad_grad("inf-in-bias-raise", "bias", lambda g: g * np.inf, FloatingPointError, "non-finite",
+             drivers=("torch", "torch-dasgo", "numpy"), options={"nonfinite": "raise"}),
+    bad_grad("complex", "w2", lambda g: g.astype(np.complex64), ValueError, "complex", drivers=("optax", "numpy")),
+    bad_grad("integer", "w2", lambda g: g.astype(np.int32), ValueError, "int32|floating", drivers=("optax", "numpy")),
+    bad_grad("transposed", "w2", lambda g: g.T.copy(), ValueError, r"\(7, 5\)", r"\(5, 7\)",
+             drivers=("optax", "numpy")),
+    bad_grad("sparse", "w2", sparse, (RuntimeError, ValueError), "sparse", drivers=TORCH),
+]
+
+
+def sparse_in_a_later_group(driver):
+    """torch: a sparse gradient in group 1 must not let group 0's AdamW move the bias first."""
+    built(driver, groups=[(["w1", "bias"], {}), (["w2", "conv"], {})], steps=1)
+    grads = standard_grads(driver.params(), seed=3)
+    grads["w2"] = sparse(grads["w2"])
+    expect_error(driver, lambda: driver.step(grads), (RuntimeError, ValueError), "sparse",
+                 driver.param_pattern("w2"))
+
+
+# ----------------------------------------------------------------------------- valid gradients
+
+def moved(before, after, key):
+    return not np.array_equal(before[key], after[key])
+
+
+def nan_in_one_matrix_at_step_two(value):
+    """With nonfinite="skip" a non-finite gradient skips that matrix: its param and state stay
+    as after step 1 (momentum nonzero, so "untouched" is not "zero"), the others step, counted."""
+    def run(driver):
+        built(driver, steps=1)
+        params_before, state_before = driver.params(), _matrix_state(driver)
+        grads = standard_grads(params_before, seed=3)
+        grads["w2"] = grads["w2"].copy()
+        grads["w2"].flat[3] = value
+        driver.step(grads)
+        params_after, state_after = driver.params(), _matrix_state(driver)
+        assert np.array_equal(params_after["w2"], params_before["w2"])
+        assert all(np.array_equal(a, b) for a, b in zip(state_after["w2"], state_before["w2"]))
+        assert any(np.any(a != 0) for a in state_before["w2"])
+        assert all(moved(params_before, params_after, key) for key in ("w1", "conv", "bias"))
+        assert driver.counters()["skipped"] == 1
+    return run
+
+
+def _matrix_state(driver) -> dict:
+    """Per parameter, its portable arrays other than the counters, in key order."""
+    return {entry["name"]: [np.array(v) for k, v in sorted(entry["arrays"].items())
+                            if k not in ("skipped", "fallbacks")]
+            for entry in driver.portable()["params"]}
+
+
+def zero_gradient_decays(driver):
+    """The rule (asgo_core.step): a zero gradient gives a zero direction, and decoupled weight
+    decay still applies (W ← W·(1 − lr·weight_decay)), as torch.optim.AdamW decays a parameter
+    whose gradient is zero. Default options: lr 1e-2, weight_decay 0.1."""
+    built(driver)
+    before = driver.params()
+    driver.step({key: np.zeros_like(value) for key, value in before.items()})
+    after = driver.params()
+    for key in MATRICES:
+        np.testing.assert_allclose(after[key], before[key] * (1 - 1e-2 * 0.1), rtol=1e-6)
+        assert not np.array_equal(after[key], before[key])
+    assert driver.counters()["skipped"] == 0
+
+
+def rank_one_gradient_has_the_target_rms(driver):
+    """A rank-1 gradient (a singular Gram): finite, and the update without its decay term has
+    RMS update_rms = 0.2. Default options: lr 1e-2, weight_decay 0.1."""
+    built(driver)
+    before = driver.params()
+    rng = np.random.default_rng(4)
+    grads = {key: np.outer(rng.standard_normal(value.shape[0]),
+                           rng.standard_normal(value[0].size)).reshape(value.shape).astype(value.dtype)
+             if key in MATRICES else np.ones_like(value) for key, value in before.items()}
+    driver.step(grads)
+    after = driver.params()
+    for key in MATRICES:
+        W0, W1 = before[key].astype(np.float64), after[key].astype(np.float64)
+        direction = (W0 - W1) / 1e-2 - 0.1 * W0
+        assert float(np.sqrt(np.mean(direction ** 2))) == pytest.approx(0.2, rel=1e-2), key
+
+
+def scaled_gradients_step_finitely(scale):
+    def run(driver):
+        built(driver)
+        before = driver.params()
+        driver.step(standard_grads(before, seed=3, scale=scale))
+        after = driver.params()
+        assert all(np.all(np.isfinite(value)) for value in after.values())
+        assert all(moved(before, after, key) for key in MATRICES)
+    return run
+
+
+def overflowing_squares_are_skipped(driver):
+    """float32 entries of 1e20 are finite, their squares are not: the Gram (ASGO) or column
+    energies (DASGO) overflow, and the matrix is skipped as a non-finite one, counted."""
+    built(driver)
+    before = driver.params()
+    grads = standard_grads(before, seed=3)
+    grads["w2"] = grads["w2"] * np.float32(1e20)
+    driver.step(grads)
+    after = driver.params()
+    assert np.array_equal(after["w2"], before["w2"])
+    assert moved(before, after, "w1") and driver.counters()["skipped"] == 1
+
+
+def steps_in_dtype(dtype):
+    def run(driver):
+        params = standard_params(dtype) if dtype != "bfloat16" else _bf16_params()
+        built(driver, params=params, steps=2)
+        after = driver.params()
+        assert all(str(value.dtype) == dtype for value in after.values())
+        assert all(np.all(np.isfinite(value.astype(np.float64))) for value in after.values())
+        assert all(moved(params, after, key) for key in MATRICES)
+    return run
+
+
+def _bf16_params():
+    import ml_dtypes
+    return {key: value.astype(ml_dtypes.bfloat16) for key, value in standard_params().items()}
+
+
+def steps_shapes(shapes):
+    def run(driver):
+        params = standard_params(shapes=shapes)
+        built(driver, params=params, steps=2)
+        after = driver.params()
+        assert all(np.all(np.isfinite(value)) for value in after.values())
+        assert all(moved(params, after, key) for key in shapes if len(shapes[key]) >= 2)
+    return run
+
+
+def eigh_float64_fallback_is_counted(driver):
+    """The fallback chain's third level: residual_tolerance=1e-30 rejects every Newton–Schulz
+    root, the float32 eigh fallback is made to fail (NaN), and the float64 eigh takes over and
+    is counted; the step then equals a plain eigh run's to float32 rounding."""
+    core_step = importlib.import_module("asgo_core.step")  # the package exports a function `step`
+    real_eigh_root = core_step.eigh_root
+
+    def eigh_root_failing_below_float64(V, delta, xp):
+        root = real_eigh_root(V, delta, xp)
+        return root if V.dtype == xp.float64 else root * xp.nan
+
+    grads = [standard_grads(standard_params(), seed=seed) for seed in (10, 11)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core_step, "eigh_root", eigh_root_failing_below_float64)
+        built(driver, {"residual_tolerance": 1e-30, "root_method": "newton_schulz"})
+        for step_grads in grads:
+            driver.step(step_grads)
+    counters = driver.counters()
+    assert counters["eigh"] == counters["eigh_float64"] == 2 * len(MATRICES)  # 2 refreshes
+    assert counters["kept_previous_root"] == 0
+    reference = type(driver)()
+    built(reference, {"root_method": "eigh"})
+    for step_grads in grads:
+        reference.step(step_grads)
+    start = standard_params()
+    for key in MATRICES:
+        moved_by, expected = driver.params()[key] - start[key], reference.params()[key] - start[key]
+        assert np.linalg.norm(moved_by - expected) <= 1e-3 * np.linalg.norm(expected), key
+
+
+def maximize_on_the_adamw_route_equals_adamw_maximize(driver):
+    import torch
+    params = standard_params()
+    built(driver, {"maximize": True, "adamw_weight_decay": 0.01}, params=params)
+    grads_per_step = [standard_grads(params, seed=s) for s in range(3)]
+    bias = torch.nn.Parameter(torch.from_numpy(params["bias"].copy()))
+    reference = torch.optim.AdamW([bias], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, maximize=True)
+    for grads in grads_per_step:
+        driver.step(grads)
+        bias.grad = torch.from_numpy(grads["bias"])
+        reference.step()
+    assert np.array_equal(driver.params()["bias"], bias.detach().numpy())
+
+
+VALID = [
+    Case("nan-at-step-2-skips-that-matrix", nan_in_one_matrix_at_step_two(np.nan)),
+    Case("inf-at-step-2-skips-that-matrix", nan_in_one_matrix_at_step_two(-np.inf)),
+    Case("zero-gradient-is-decayed", zero_gradient_decays),
+    Case("rank-1-gradient", rank_one_gradient_has_the_target_rms),
+    Case("gradient-scale-1e-30", scaled_gradients_step_finitely(1e-30)),
+    Case("gradient-scale-1e15", scaled_gradients_step_finitely(1e15)),
+    Case("overflowing-squares-skip", overflowing_squares_are_skipped),
+    Case("float64", steps_in_dtype("float64")),
+    Case("float16", steps_in_dtype("float16"), ("torch", "torch-dasgo", "optax")),
+    Case("bfloat16", steps_in_dtype("bfloat16"), ("torch", "torch-dasgo", "optax")),
+    Case("shapes-1xn-nx1-3d-4d-empty-bias", steps_shapes({"row": (1, 7), "column": (7, 1), "stack": (3, 4, 5),
+                                                        "conv": (4, 3, 3, 3), "bias": (4,), "empty": (0,)})),
+    Case("shapes-very-wide-and-tall", steps_shapes({"wide": (2, 6000), "tall": (3000, 3)})),
+    # optax runs the same core chain; under x64 its Newton–Schulz compile alone takes ~15 s here.
+    Case("eigh-float64-fallback", eigh_float64_fallback_is_counted, ("torch", "numpy")),
+    Case("maximize-adamw-route", maximize_on_the_adamw_route_equals_adamw_maximize, WITH_GROUPS),
+    Case("grad-sparse-in-a-later-group", sparse_in_a_later_group, TORCH),
+]
+
+
+# ----------------------------------------------------------------------------- the table
+
+CASES = BAD_OPTIONS + BAD_PARAMS + BAD_GRADS + VALID
+
+
+def _params():
+    for case in CASES:
+        for name in case.drivers:
+            marks = [pytest.mark.xfail(strict=True, reason=TORCH_XFAIL)] if name in case.xfail else []
+            yield pytest.param(case, name, id=f"{case.id}-{name}", marks=marks)
+
+
+@pytest.mark.parametrize("case, driver_name", list(_params()))
+def test_case(case, driver_name):
+    driver = DRIVERS[driver_name]()
+    if driver_name == "optax" and case.id in X64_CASES:
+        driver = OptaxDriver(x64=True)
+    case.run(driver)
+
+
+X64_CASES = {"float64"}
