@@ -56,18 +56,19 @@ def training_arguments(output_dir) -> TrainingArguments:
         disable_tqdm=True)
 
 
-def trainer_with_optimizer(model, args) -> Trainer:
-    groups = asgo_param_groups(model, num_heads=HEADS, qk_names=("q_proj", "k_proj"))
+def trainer_with_optimizer(model, args, dataset) -> Trainer:
+    groups = asgo_param_groups(model, num_heads=model.config.num_attention_heads, qk_names=("q_proj", "k_proj"))
     opt = ASGO(groups, lr=0.02, weight_decay=0.01)
-    return Trainer(model=model, args=args, train_dataset=CountingSequences(),
-                   optimizers=(opt, None))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, None))
+    return trainer
 
 
-def trainer_with_optimizer_cls(model, args) -> Trainer:
+def trainer_with_optimizer_cls(model, args, dataset) -> Trainer:
     # "params" replaces the Trainer's own decay/no-decay groups with ASGO's groups.
-    groups = asgo_param_groups(model, num_heads=HEADS, qk_names=("q_proj", "k_proj"))
-    return Trainer(model=model, args=args, train_dataset=CountingSequences(),
-                   optimizer_cls_and_kwargs=(ASGO, {"params": groups, "lr": 0.02, "weight_decay": 0.01}))
+    groups = asgo_param_groups(model, num_heads=model.config.num_attention_heads, qk_names=("q_proj", "k_proj"))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      optimizer_cls_and_kwargs=(ASGO, {"params": groups, "lr": 0.02, "weight_decay": 0.01}))
+    return trainer
 
 
 def final_parameters(trainer: Trainer) -> dict:
@@ -76,7 +77,7 @@ def final_parameters(trainer: Trainer) -> dict:
 
 @pytest.mark.parametrize("make_trainer", [trainer_with_optimizer, trainer_with_optimizer_cls])
 def test_trainer_trains_and_resumes_bit_for_bit(make_trainer, tmp_path):
-    uninterrupted = make_trainer(tiny_llama(), training_arguments(tmp_path / "run"))
+    uninterrupted = make_trainer(tiny_llama(), training_arguments(tmp_path / "run"), CountingSequences())
     initial = final_parameters(uninterrupted)
     uninterrupted.train()
     expected = final_parameters(uninterrupted)
@@ -90,8 +91,9 @@ def test_trainer_trains_and_resumes_bit_for_bit(make_trainer, tmp_path):
     q_weight = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(expected[q_weight], initial[q_weight])
 
-    resumed = make_trainer(tiny_llama(), training_arguments(tmp_path / "resumed"))
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{CHECKPOINT_STEP}"))
+    checkpoint = str(tmp_path / "run" / f"checkpoint-{CHECKPOINT_STEP}")
+    resumed = make_trainer(tiny_llama(), training_arguments(tmp_path / "resumed"), CountingSequences())
+    resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.state.global_step == TOTAL_STEPS
     for name, value in final_parameters(resumed).items():
         assert torch.equal(value, expected[name]), name
