@@ -1,32 +1,88 @@
 """Shared test fixtures: the array backends every core test runs on, and per-dtype tolerances.
 
-GPU backends (torch-cuda, jax-gpu, cupy) join when a GPU is present and skip themselves
-otherwise; CPU backends never skip (a missing CPU framework is an install error, not a skip).
+GPU backends (torch-cuda, jax-gpu, cupy) join when a GPU is present and skip themselves on a
+machine without an NVIDIA GPU; on a machine with one, a backend that cannot use it (a CPU-only
+build, a missing or broken CUDA library) FAILS its tests, so a broken GPU stack never passes as
+skipped. Every GPU case carries the `gpu` marker (`pytest -m gpu` runs them all). CPU backends
+never skip (a missing CPU framework is an install error, not a skip).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
 import importlib
 
 import numpy as np
 import pytest
 
+# Parameter values that put a test case on a GPU.
+GPU_PARAMETER_VALUES = {"torch-cuda": "torch-cuda", "cuda": "torch-cuda", "jax-gpu": "jax-gpu", "cupy": "cupy"}
 
-def _gpu_available(name: str) -> bool:
+
+@functools.cache
+def _nvidia_gpu_present() -> bool:
+    """Whether the machine has an NVIDIA GPU, asked of the driver's device files, not of a
+    framework (which may be the broken part)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+@functools.cache
+def _gpu_backend_problem(name: str) -> str | None:
+    """None when backend `name` can use a GPU; otherwise what is wrong with it."""
     try:
         if name == "torch-cuda":
             import torch
-            return torch.cuda.is_available()
+            if torch.cuda.is_available():
+                return None
+            return f"torch {torch.__version__} sees no CUDA device (a CPU-only build?)"
         if name == "jax-gpu":
             import jax
-            return any(d.platform == "gpu" for d in jax.devices())
+            if any(d.platform == "gpu" for d in jax.devices()):
+                return None
+            return f"jax {jax.__version__} sees no GPU (install jax[cuda12])"
         if name == "cupy":
             import cupy
-            return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
+            return None if cupy.cuda.runtime.getDeviceCount() > 0 else "cupy sees no device"
+    except Exception as error:  # any failure to start is the finding to report
+        return f"{type(error).__name__}: {error}"
+    raise ValueError(f"unknown GPU backend {name!r}; accepted: torch-cuda | jax-gpu | cupy")
+
+
+def _gpu_available(name: str) -> bool:
+    """True when GPU backend `name` runs here; False only on a machine without an NVIDIA GPU.
+    With a GPU present, a backend that cannot use it fails the calling test."""
+    if not _nvidia_gpu_present():
         return False
-    return False
+    problem = _gpu_backend_problem(name)
+    if problem is not None:
+        pytest.fail(f"{name}: this machine has an NVIDIA GPU but {problem}", pytrace=False)
+    return True
+
+
+def _gpu_backends_of(item) -> set[str]:
+    """The GPU backends a collected test case is parametrised with."""
+    values = getattr(getattr(item, "callspec", None), "params", {}).values()
+    return {GPU_PARAMETER_VALUES[v] for v in values if isinstance(v, str) and v in GPU_PARAMETER_VALUES}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _gpu_backends_of(item):
+            item.add_marker(pytest.mark.gpu)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any skipif of the test itself: no GPU → skip; a GPU and a broken backend → fail."""
+    backends = _gpu_backends_of(item)
+    if not backends:
+        return
+    if not _nvidia_gpu_present():
+        pytest.skip("no NVIDIA GPU on this machine")
+    for name in sorted(backends):
+        _gpu_available(name)
 
 
 class Backend:
@@ -73,7 +129,7 @@ GPU_BACKENDS = ("torch-cuda", "jax-gpu", "cupy")
 @pytest.fixture(params=CPU_BACKENDS + GPU_BACKENDS)
 def backend(request):
     if request.param in GPU_BACKENDS and not _gpu_available(request.param):
-        pytest.skip(f"{request.param}: no GPU on this machine")
+        pytest.skip(f"{request.param}: no NVIDIA GPU on this machine")
     if request.param.startswith("jax"):
         with jax_x64():
             yield Backend(request.param)
