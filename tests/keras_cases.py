@@ -252,9 +252,9 @@ def compile_model(model, optimizer):
 
 def test_fit_trains_on_digits():
     x, y = digits()
-    model = compile_model(mlp(), ASGO())
+    model = compile_model(mlp(), ASGO(learning_rate=0.02))
     before = model.evaluate(x[1400:], y[1400:], verbose=0)[1]
-    model.fit(x[:1400], y[:1400], epochs=6, batch_size=64, verbose=0)
+    model.fit(x[:1400], y[:1400], epochs=4, batch_size=64, verbose=0)
     loss, accuracy = model.evaluate(x[1400:], y[1400:], verbose=0)
     print(f"digits ({BACKEND}): held-out accuracy {before:.3f} → {accuracy:.3f}, loss {loss:.3f}")
     assert accuracy > 0.9
