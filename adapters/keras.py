@@ -56,6 +56,8 @@ _KERAS_NAMES = {"lr": "learning_rate", "betas": "(beta_1, beta_2)", "beta1": "be
                 "beta2": "beta_2", "eps": "epsilon", "adamw_betas": "(adam_beta_1, adam_beta_2)",
                 "adamw_eps": "adam_epsilon", "adamw_weight_decay": "adam_weight_decay"}
 _SHARED_NAME = re.compile(r"\b(" + "|".join(_KERAS_NAMES) + r")=")
+_RENAMED_OPTIONS = ("learning_rate", "beta_1", "beta_2", "epsilon", "adam_beta_1", "adam_beta_2",
+                    "adam_epsilon", "adam_weight_decay")
 
 
 def _check_backend() -> None:
@@ -73,14 +75,13 @@ def _check_learning_rate(name: str, value) -> None:
 
 
 def _core_config(options: dict, matrix_algorithm: str):
-    """Check the options with the shared checks and build the core config; errors use the
-    Keras names."""
-    group = {name: value for name, value in options.items() if not name.startswith(("beta_", "adam_"))}
-    group.update(lr=options["learning_rate"], betas=(options["beta_1"], options["beta_2"]),
-                 eps=options["epsilon"], adamw_lr=None,
-                 adamw_betas=(options["adam_beta_1"], options["adam_beta_2"]),
-                 adamw_eps=options["adam_epsilon"], adamw_weight_decay=options["adam_weight_decay"],
-                 maximize=False, algorithm=None)
+    """Check the options with the shared checks (asgo_core.options, under the torch names) and
+    build the core config; errors name the options as this adapter does."""
+    renamed = dict(lr=options["learning_rate"], betas=(options["beta_1"], options["beta_2"]),
+                   eps=options["epsilon"], adamw_betas=(options["adam_beta_1"], options["adam_beta_2"]),
+                   adamw_eps=options["adam_epsilon"], adamw_weight_decay=options["adam_weight_decay"],
+                   adamw_lr=None, maximize=False, algorithm=None)
+    group = {name: value for name, value in options.items() if name not in _RENAMED_OPTIONS} | renamed
     try:
         check_group_options(group, check_lr=_check_learning_rate)
         return group_config(group, matrix_algorithm)
