@@ -75,6 +75,7 @@ def save_state(path, optimizer_or_state) -> None:
         metadata["params"].append({key: value for key, value in entry.items() if key != "arrays"})
         for key, value in entry["arrays"].items():
             arrays[f"{index}/{key}"] = np.asarray(value)
+    metadata["members"] = sorted(arrays)  # zip member names carry no checksum; the metadata does
     arrays[_METADATA_MEMBER] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
     temporary = f"{os.fspath(path)}.partial"
     try:
@@ -98,6 +99,10 @@ def load_state(path) -> dict:
     if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {metadata.get('format')!r} version "
                               f"{metadata.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+    expected_members = metadata.pop("members", None)  # absent in files of earlier saves
+    if expected_members is not None and sorted(members) != expected_members:
+        raise CheckpointError(f"{path}: array members {sorted(members)} differ from the recorded "
+                              f"{expected_members} (a corrupted member name)")
     for index, entry in enumerate(metadata["params"]):
         prefix = f"{index}/"
         entry["arrays"] = {name[len(prefix):]: members.pop(name) for name in list(members)
