@@ -116,6 +116,12 @@ class TorchDriver(Driver):
         yield from ((f"param {k}", v) for k, v in self.params().items())
         yield from _flatten("state", self.optimizer.state_dict()["state"])
 
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
+
     def portable(self) -> dict:
         return self.optimizer.portable_state(names=self.keys)
 
@@ -151,6 +157,12 @@ class NumpyDriver(Driver):
     def _arrays(self):
         yield from ((f"param {k}", v) for k, v in self.params().items())
         yield from _flatten("state", self.optimizer.state_dict()["state"])
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
 
     def portable(self) -> dict:
         return self.optimizer.portable_state()

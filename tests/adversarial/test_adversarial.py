@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import re
 from typing import Callable
@@ -354,9 +355,242 @@ VALID = [
 ]
 
 
+# ----------------------------------------------------------------------------- loads
+
+STATEFUL = ("torch", "torch-dasgo", "numpy")  # state_dict() / load_state_dict()
+
+
+def other_shapes():
+    return {**standard_params(), "w2": standard_params(shapes={"w2": (7, 5)})["w2"]}
+
+
+def load_state_for_other_shapes(driver):
+    saved = built(type(driver)() if driver.name != "torch-dasgo" else DRIVERS["torch-dasgo"](), steps=1).state_dict()
+    built(driver, params=other_shapes(), steps=1)
+    expect_error(driver, lambda: driver.load_state_dict(saved), ValueError,
+                 driver.param_pattern("w2"), "shape|momentum")
+
+
+def optax_state_for_other_shapes(driver):
+    """optax's "load" is handing update a state: one initialised for other shapes is refused
+    at trace time, naming the leaf."""
+    other = built(OptaxDriver(), params=other_shapes(), steps=1)
+    built(driver, steps=1)
+    driver.state = other.state
+    expect_error(driver, lambda: driver.step(standard_grads(driver.params(), seed=3)), ValueError,
+                 driver.param_pattern("w2"), r"\(1, 5, 7\)")
+
+
+def load_torch_adamw_state_dict(driver):
+    import torch
+    built(driver, steps=1)
+    tensors = [torch.nn.Parameter(t.detach().clone()) for t in driver.tensors.values()]
+    adamw = torch.optim.AdamW(tensors)
+    for tensor in tensors:
+        tensor.grad = torch.ones_like(tensor)
+    adamw.step()
+    expect_error(driver, lambda: driver.load_state_dict(adamw.state_dict()), ValueError,
+                 driver.param_pattern("w1"))
+
+
+def load_other_algorithm_state(driver):
+    """DASGO's state into ASGO (and ASGO's into DASGO for torch-dasgo)."""
+    from asgo_core.adapters.cupy import DASGO as NumpyDASGO
+    from drivers import TorchDriver
+    if driver.name == "numpy":
+        other = NumpyDASGO(standard_params())
+        other.step(standard_grads(standard_params(), seed=3))
+        saved = other.state_dict()
+    else:
+        saved = built(TorchDriver("dasgo" if driver.name == "torch" else "asgo"), steps=1).state_dict()
+    built(driver, steps=1)
+    # the NumPy adapter refuses the group first: DASGO's saved group lacks ASGO's options
+    expect_error(driver, lambda: driver.load_state_dict(saved), ValueError,
+                 driver.param_pattern("w1") + "|damping")
+
+
+def load_group_with_precondition_frequency_zero(driver):
+    built(driver, steps=1)
+    saved = driver.state_dict()
+    saved["param_groups"][0]["precondition_frequency"] = 0
+    expect_error(driver, lambda: driver.load_state_dict(saved), ValueError, "precondition_frequency")
+
+
+def load_old_int_adamw_step(driver):
+    """An older state dict whose AdamW-route "step" is a Python int (torch.optim.AdamW loads
+    those) resumes as the float-step one does."""
+    built(driver, steps=1)
+    saved = driver.state_dict()
+    resumed = built(type(driver)(driver.algorithm), steps=0)
+    index = driver.keys.index("bias")
+    saved["state"][index]["step"] = int(saved["state"][index]["step"])
+    resumed.load_state_dict(saved)
+    grads = standard_grads(driver.params(), seed=5)
+    driver.step(grads)
+    resumed.step(grads)
+    assert np.array_equal(resumed.params()["bias"], driver.params()["bias"])
+
+
+def portable_mismatch(label, change, *patterns):
+    """A portable state that does not fit is refused (CheckpointError) naming the parameter."""
+    def run(driver):
+        built(driver, steps=1)
+        portable = driver.portable()
+        entry = next(e for e in portable["params"] if "w2" in e["name"])
+        change(portable, entry, driver)
+        expect_error(driver, lambda: driver.load_portable(portable), CheckpointError, "w2", *patterns)
+    return Case(f"portable-{label}", run)
+
+
+def _other_algorithm(portable, entry, driver):
+    entry["algorithm"] = "asgo" if driver.algorithm == "dasgo" else "dasgo"
+
+
+def _changed_beta2(portable, entry, driver):
+    entry["config"] = {**entry["config"], "beta2": 0.5}
+
+
+LOADS = [
+    Case("load-state-for-other-shapes", load_state_for_other_shapes, STATEFUL),
+    Case("load-state-for-other-shapes", optax_state_for_other_shapes, ("optax",)),
+    Case("load-torch-adamw-state-dict", load_torch_adamw_state_dict, TORCH),
+    Case("load-other-algorithm-state", load_other_algorithm_state, STATEFUL),
+    Case("load-group-precondition_frequency=0", load_group_with_precondition_frequency_zero, ("torch", "numpy")),
+    Case("load-old-int-adamw-step", load_old_int_adamw_step, TORCH, TORCH),
+    portable_mismatch("other-shape", lambda p, e, d: e.update(shape=[7, 5]), "shape"),
+    portable_mismatch("other-algorithm", _other_algorithm, "algorithm|lacks arrays"),
+    portable_mismatch("other-config", _changed_beta2, "beta2"),
+    portable_mismatch("missing-entry", lambda p, e, d: p["params"].remove(e)),
+]
+
+
+# ----------------------------------------------------------------------------- portable files
+
+def saved_file(driver, tmp_path):
+    built(driver, steps=1)
+    path = tmp_path / "state.npz"
+    save_state(path, driver.portable())
+    return path
+
+
+def bit_flips_are_caught(driver, tmp_path):
+    """Every 37th bit of an adapter's file flipped in turn (tests/test_checkpoint.py flips every
+    bit of a small one): CheckpointError, or the very same state where the format does not care."""
+    path = saved_file(driver, tmp_path)
+    content, original = path.read_bytes(), load_state(path)
+    for bit in range(0, 8 * len(content), 37):
+        flipped = bytearray(content)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(flipped))
+        try:
+            loaded = load_state(path)
+        except CheckpointError:
+            continue
+        for before, after in zip(original["params"], loaded["params"]):
+            assert all(np.array_equal(before["arrays"][k], after["arrays"][k]) for k in before["arrays"])
+
+
+def truncations_are_caught(driver, tmp_path):
+    path = saved_file(driver, tmp_path)
+    content = path.read_bytes()
+    for length in np.linspace(0, len(content) - 1, 12).astype(int):
+        path.write_bytes(content[:length])
+        with pytest.raises(CheckpointError):
+            load_state(path)
+
+
+def interrupted_save_keeps_the_previous_file(driver, tmp_path):
+    path = saved_file(driver, tmp_path)
+    previous = path.read_bytes()
+    driver.step(standard_grads(driver.params(), seed=4))
+
+    def disk_full(handle, **arrays):
+        handle.write(b"PK\x03\x04")
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(np, "savez", disk_full)
+        with pytest.raises(OSError):
+            save_state(path, driver.portable())
+    assert path.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["state.npz"]
+
+
+def file_round_trip_resumes_bitwise(driver, tmp_path):
+    path = saved_file(driver, tmp_path)
+    resumed = built(type(driver)() if driver.name != "torch-dasgo" else DRIVERS["torch-dasgo"]())
+    resumed.build(driver.params(), None)
+    resumed.load_portable(load_state(path))
+    grads = standard_grads(driver.params(), seed=6)
+    driver.step(grads)
+    resumed.step(grads)
+    assert all(np.array_equal(a, b) for a, b in zip(driver.params().values(), resumed.params().values()))
+
+
+FILES = [Case("file-bit-flips", bit_flips_are_caught), Case("file-truncation", truncations_are_caught),
+         Case("file-interrupted-save", interrupted_save_keeps_the_previous_file),
+         Case("file-round-trip", file_round_trip_resumes_bitwise)]
+
+
+# ----------------------------------------------------------------------------- torch training loops
+
+def grad_scaler_skips_an_inf_step(driver):
+    """torch.amp.GradScaler: an inf in one gradient makes scaler.step skip the optimizer step
+    entirely (nothing changes) and halves the scale; the next finite step proceeds."""
+    import torch
+    built(driver, steps=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    loss = sum((tensor.float() ** 2).sum() for tensor in driver.tensors.values())
+    driver.optimizer.zero_grad()
+    scaler.scale(loss).backward()
+    driver.tensors["w2"].grad[0, 0] = float("inf")
+    before = driver.snapshot()
+    scaler.step(driver.optimizer)
+    scaler.update()
+    assert driver.snapshot() == before and scaler.get_scale() == 512.0
+
+
+def scheduler_with_tensor_lr(driver):
+    """A tensor lr driven by a scheduler steps as the same float lr does."""
+    import torch
+    tensor_lr = built(type(driver)(driver.algorithm), {"lr": torch.tensor(0.02)})
+    float_lr = built(driver, {"lr": 0.02})
+    scheduler = torch.optim.lr_scheduler.LambdaLR(tensor_lr.optimizer, lambda step: 0.5 ** step)
+    for step in range(3):
+        grads = standard_grads(standard_params(), seed=20 + step)
+        tensor_lr.step(grads)
+        float_lr.optimizer.param_groups[0]["lr"] = 0.02 * 0.5 ** step
+        float_lr.step(grads)
+        scheduler.step()
+    assert isinstance(tensor_lr.optimizer.param_groups[0]["lr"], torch.Tensor)
+    for key, value in float_lr.params().items():
+        np.testing.assert_allclose(tensor_lr.params()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def compiled_step_with_inductor(driver):
+    """The one compile case here (the thorough test is the torch adapter's): torch.compile's
+    default backend on opt.step equals the eager step over 3 steps."""
+    import torch
+    eager = built(type(driver)(driver.algorithm))
+    built(driver)
+    compiled_step = torch.compile(driver.optimizer.step)
+    for step in range(3):
+        grads = standard_grads(standard_params(), seed=30 + step)
+        eager.step(grads)
+        for key, tensor in driver.tensors.items():
+            tensor.grad = torch.from_numpy(grads[key])
+        compiled_step()
+    for key, value in eager.params().items():
+        np.testing.assert_allclose(driver.params()[key], value, rtol=1e-5, atol=1e-6)
+
+
+TORCH_LOOPS = [Case("grad-scaler-inf", grad_scaler_skips_an_inf_step, TORCH),
+               Case("scheduler-tensor-lr", scheduler_with_tensor_lr, TORCH),
+               Case("compile-inductor", compiled_step_with_inductor, ("torch",))]
+
+
 # ----------------------------------------------------------------------------- the table
 
-CASES = BAD_OPTIONS + BAD_PARAMS + BAD_GRADS + VALID
+CASES = BAD_OPTIONS + BAD_PARAMS + BAD_GRADS + VALID + LOADS + FILES + TORCH_LOOPS
 
 
 def _params():
@@ -367,11 +601,14 @@ def _params():
 
 
 @pytest.mark.parametrize("case, driver_name", list(_params()))
-def test_case(case, driver_name):
+def test_case(case, driver_name, tmp_path):
     driver = DRIVERS[driver_name]()
     if driver_name == "optax" and case.id in X64_CASES:
         driver = OptaxDriver(x64=True)
-    case.run(driver)
+    if "tmp_path" in inspect.signature(case.run).parameters:
+        case.run(driver, tmp_path)
+    else:
+        case.run(driver)
 
 
 X64_CASES = {"float64"}
