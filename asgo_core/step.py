@@ -8,7 +8,8 @@ Numerics contract (SPEC §6): statistics in float32 or wider; a matrix whose gra
 finite is skipped (zero update, state untouched, counted); a failed root falls back
 iterative → eigh → eigh in float64 → previous root, each level counted; statistics that
 underflowed the dtype's normal range are counted too (FALLBACK_LEVELS); a zero gradient gives a
-zero update. No Python branch looks at array values except through the backend's `run_if`.
+zero direction U, and the decoupled weight decay still applies (update = weight_decay·W, as
+torch.optim.AdamW decays a parameter whose gradient is zero). No Python branch looks at array values except through the backend's `run_if`.
 """
 
 from __future__ import annotations
