@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from asgo_core.adapters.optax import asgo, dasgo
+from asgo_core.adapters.optax import MuonDimensionNumbers, asgo, dasgo
 from tests.conftest import jax_x64, relative_error, tolerance
 from tests.integrations.torch_reference import LAYOUT_SENSITIVE_CASES, torch_steps
 
@@ -100,3 +100,49 @@ def test_flax_kernel_is_preconditioned_like_the_torch_weight_of_the_same_layer(a
     # A side or head split taken along the wrong axis would not agree with torch:
     transposed = torch_steps(kernel, grads, algorithm, LR, **options).T
     assert relative_error(transposed, torch_weight) > 1e-3
+
+
+def attention_dimension_numbers(params):
+    """weight_dimension_numbers for nnx.MultiHeadAttention: Q/K/V kernels (in, heads, head_dim)
+    and the output kernel (heads, head_dim, out) are matrices; the (heads, head_dim) Q/K/V
+    biases, like every bias, go to AdamW."""
+    def numbers(path, leaf):
+        module, name = (key.key for key in path if isinstance(key, jax.tree_util.DictKey))
+        if name != "kernel":
+            return None
+        if module == "out":
+            return MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+        return MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+    return jax.tree_util.tree_map_with_path(numbers, params)
+
+
+def test_multi_head_attention_kernels_step_like_the_torch_weights():
+    heads, head_dim, width = 2, 4, 6
+    rng = np.random.default_rng(3)
+    with jax_x64():
+        model = nnx.MultiHeadAttention(num_heads=heads, in_features=width, qkv_features=heads * head_dim,
+                                       out_features=5, decode=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        initial = {name: np.asarray(getattr(model, name).kernel[...]) for name in ("query", "out")}
+        tx = asgo(learning_rate=LR, side="left", weight_dimension_numbers=attention_dimension_numbers)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        @nnx.jit
+        def train_step(model, optimizer, x, y):
+            grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+            optimizer.update(model, grads)
+            return {name: grads[name]["kernel"][...] for name in ("query", "out")}
+
+        kernel_grads = {"query": [], "out": []}
+        for _ in range(3):
+            x, y = rng.standard_normal((4, 3, width)), rng.standard_normal((4, 3, 5))
+            for name, grad in train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y)).items():
+                kernel_grads[name].append(np.asarray(grad))
+        trained = {name: np.asarray(getattr(model, name).kernel[...]) for name in ("query", "out")}
+
+    # The torch (out, in) weights of the same projections: (heads·head_dim, in) and (out, heads·head_dim).
+    as_torch = {"query": lambda k: k.reshape(width, heads * head_dim).T,
+                "out": lambda k: k.reshape(heads * head_dim, 5).T}
+    for name, to_torch in as_torch.items():
+        expected = torch_steps(to_torch(initial[name]), [to_torch(g) for g in kernel_grads[name]],
+                               "asgo", LR, side="left")
+        assert relative_error(to_torch(trained[name]), expected) < tolerance("float64"), name
