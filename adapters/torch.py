@@ -4,18 +4,29 @@
     opt = ASGO(model.parameters(), lr=1e-2)          # <2-D parameters → built-in AdamW
     opt = ASGO(asgo_param_groups(model), lr=1e-2)    # embeddings and tied heads → AdamW too
 
-Parameters with two or more dims are matrices (N-D kernels are viewed as (out, rest)).
-Matrices with the same group, algorithm, shape, dtype, device and step count form a
-`Bucket`: each step stacks a bucket's gradients and state, runs `asgo_core.step` once on the
-stack and writes the results back. State stays per parameter in `self.state`, so
+Parameters with two or more dims are matrices (N-D kernels are viewed as (out, rest); with
+batch_dims = b, the first b dims index a stack of such matrices). Matrices with the same group,
+algorithm, matrix shape, dtype, device and step count form a `Bucket`: each step stacks a
+bucket's gradients and state into new tensors, runs `asgo_core.step_terms` once on the stack
+and copies the results back into the state tensors, which stay the same objects from step to
+step (what torch.compile and CUDA graphs want). State stays per parameter in `self.state`, so
 `state_dict()` / `load_state_dict()` work with plain torch.save / torch.load.
 
+A step is all or nothing: every gradient is checked (dense, real, the parameter's shape, dtype
+and device) before anything changes; with nonfinite="raise" in some group, every bucket is
+computed before any is written (the state is computed on stacked copies), and the group's
+AdamW gradients are checked too. With nonfinite="skip" (default) a matrix with a non-finite
+gradient is skipped and counted, while AdamW parameters follow torch.optim.AdamW exactly,
+which does not look at gradient values (a NaN gradient there reaches the parameter, as it
+does with torch.optim.AdamW; torch.amp.GradScaler skips such steps before they happen).
+
 Matrix state keys: "step" (a Python int, so choosing a root-refresh step reads no device
-value), "momentum" ((m, n), float32 or wider), ASGO: "gram" and "root" (one
-(blocks, size, size) tensor per block group of `asgo_core.layout`), "skipped" (steps skipped
-for a non-finite gradient) and "fallbacks" (root solves that needed each
-`asgo_core.FALLBACK_LEVELS` entry); DASGO: "second_moment" ((n,)) instead of gram/root.
-AdamW parameters carry torch.optim.AdamW's own state ("step", "exp_avg", "exp_avg_sq").
+value), "momentum" ((m, n), or (*batch, m, n) with batch_dims; float32 or wider), ASGO: "gram"
+and "root" (one (matrices·blocks, size, size) tensor per block group of `asgo_core.layout`),
+"skipped" (steps skipped for a non-finite gradient) and "fallbacks" (root solves that needed
+each `asgo_core.FALLBACK_LEVELS` entry); DASGO: "second_moment" ((n,)) instead of gram/root.
+Every state tensor lives on its parameter's device. AdamW parameters carry
+torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 
 from asgo_core import (ASGOConfig, ASGOState, DASGOConfig, DASGOState, block_layout, init_state,
-                       matrix_view_shape, needs_root_refresh)
-from asgo_core import step_terms
+                       matrix_stack_shape, needs_root_refresh)
+from asgo_core import FALLBACK_LEVELS, step_terms
 from asgo_core.config import check_non_negative, fail
+from asgo_core.layout import check_batch_dims_value
 from asgo_core.options import check_group_options, group_config
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order,
                                   stacked_state_entries, stacked_state_from_entries)
@@ -54,22 +66,29 @@ def _algorithm_of(param: torch.Tensor, group: dict, matrix_algorithm: str) -> st
 
 @dataclass(frozen=True, eq=False)
 class Bucket:
-    """Matrices stepped as one batch: same group, algorithm, shape, dtype, device and step
-    count. Buckets are independent units of work in a fixed order (the order of first
-    appearance in the param groups), so a distributed version can assign them to ranks."""
+    """Matrices stepped as one batch: same group, algorithm, matrix shape, dtype, device and
+    step count. A parameter with batch_dims > 0 contributes all its matrices (an expert stack
+    (E, m, n) gives E). Buckets are independent units of work in a fixed order (the order of
+    first appearance in the param groups), so a distributed version can assign them to ranks."""
     group_index: int
     algorithm: str
     params: tuple
+    batch_dims: int = 0
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        return matrix_view_shape(self.params[0].shape)
+        return matrix_stack_shape(self.params[0].shape, self.batch_dims)[1:]
+
+    @property
+    def matrix_counts(self) -> tuple[int, ...]:
+        """Matrices of each parameter."""
+        return tuple(matrix_stack_shape(p.shape, self.batch_dims)[0] for p in self.params)
 
     @property
     def cost(self) -> int:
         """Rough flops of one step (Gram + apply), for balancing buckets across ranks."""
         m, n = self.matrix_shape
-        return len(self.params) * 4 * min(m, n) ** 2 * max(m, n)
+        return sum(self.matrix_counts) * 4 * min(m, n) ** 2 * max(m, n)
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
@@ -83,68 +102,120 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         try:
-            self._validate_group(self.param_groups[-1])
+            self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
         except ValueError:
             self.param_groups.pop()
             raise
 
-    def _validate_group(self, group: dict) -> None:
+    def _validate_group(self, group: dict, group_index: int) -> None:
+        """The constructor's checks of one group (options, then every parameter under them);
+        load_state_dict runs them on the saved options too."""
         check_group_options(group, check_lr=_check_lr)
-        for param in group["params"]:
-            self._validate_param(param, group)
+        check_batch_dims_value(group["batch_dims"])
+        for index, param in enumerate(group["params"]):
+            try:
+                self._validate_param(param, group)
+            except ValueError as error:
+                raise ValueError(f"{_param_label(group_index, index, param)}: {error}") from None
 
     def _validate_param(self, param: torch.Tensor, group: dict) -> None:
-        if torch.is_complex(param):
-            raise ValueError(f"complex parameters are not supported by {type(self).__name__}")
+        if not param.is_floating_point():
+            fail("dtype", param.dtype, f"a floating-point dtype ({type(self).__name__} cannot step "
+                 "integer, bool or complex parameters)")
         algorithm = _algorithm_of(param, group, self.matrix_algorithm)
         if algorithm == "adamw":
             return
         if param.ndim < 2:
             fail("algorithm", algorithm, f"'adamw' or None for a parameter of shape {tuple(param.shape)} "
                   "(ASGO/DASGO need at least 2 dims)")
+        _, m, n = matrix_stack_shape(param.shape, group["batch_dims"])  # refuses zero-size matrices
         config = group_config(group, algorithm)  # raises ValueError naming the bad field
         if algorithm == "asgo":
-            block_layout(matrix_view_shape(param.shape), config)  # e.g. num_heads must divide k
+            block_layout((m, n), config)  # e.g. num_heads must divide k
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step; closure (optional) re-evaluates the model and returns the loss."""
+        """One optimizer step; closure (optional) re-evaluates the model and returns the loss.
+
+        All or nothing: every gradient is checked first, and where a group asks for
+        nonfinite="raise" every matrix update is computed before anything is written, so an
+        error leaves parameters and state as they were."""
         loss = evaluate_closure(closure)
+        self._check_gradients()
+        self._check_adamw_finite_where_raise()
+        buckets = self.plan_buckets()
+        deferred = any(self.param_groups[b.group_index]["nonfinite"] == "raise" for b in buckets)
+        computed = []
+        for bucket in buckets:
+            computed.append((bucket, self._bucket_terms(bucket)))
+            if not deferred:
+                self._commit_bucket(*computed.pop())
         for group in self.param_groups:
             self._adamw_step(group)
-        for bucket in self.plan_buckets():
-            self._bucket_step(bucket)
+        for bucket, terms in computed:
+            self._commit_bucket(bucket, terms)
         return loss
+
+    def _check_gradients(self) -> None:
+        """Refuse, before anything changes, a gradient step() cannot use."""
+        for group_index, group in enumerate(self.param_groups):
+            for index, param in enumerate(group["params"]):
+                if param.grad is not None:
+                    _check_grad(param, _param_label(group_index, index, param))
+
+    def _check_adamw_finite_where_raise(self) -> None:
+        """nonfinite="raise" covers the group's AdamW parameters too (one host read each);
+        with "skip" they follow torch.optim.AdamW, which does not look at gradient values."""
+        for group_index, group in enumerate(self.param_groups):
+            if group["nonfinite"] != "raise":
+                continue
+            for index, param in enumerate(group["params"]):
+                if (param.grad is not None and _algorithm_of(param, group, self.matrix_algorithm) == "adamw"
+                        and not bool(torch.isfinite(param.grad).all())):
+                    raise FloatingPointError(f"non-finite gradient in {_param_label(group_index, index, param)} "
+                                             "(nonfinite='raise'); no parameter or state was changed")
 
     def plan_buckets(self) -> list[Bucket]:
         """This step's buckets: every matrix with a gradient, grouped (see Bucket)."""
-        buckets: dict[tuple, list] = {}
+        runs_by_kind: dict[tuple, list] = {}
         for group_index, group in enumerate(self.param_groups):
             for param in _params_with_grad(group):
                 algorithm = _algorithm_of(param, group, self.matrix_algorithm)
                 if algorithm == "adamw":
                     continue
-                key = (group_index, algorithm, tuple(param.shape), param.dtype, param.device,
-                       self.state[param].get("step", 0))
-                buckets.setdefault(key, []).append(param)
-        return [Bucket(key[0], key[1], tuple(params)) for key, params in buckets.items()]
+                matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])[1:]
+                kind = (group_index, algorithm, matrix_shape, param.dtype, param.device)
+                _add_to_run(runs_by_kind.setdefault(kind, []), self.state[param].get("step", 0), param)
+        return [Bucket(kind[0], kind[1], tuple(params), self.param_groups[kind[0]]["batch_dims"])
+                for kind, runs in runs_by_kind.items() for _, params in runs]
 
-    def _bucket_step(self, bucket: Bucket) -> None:
+    def _bucket_terms(self, bucket: Bucket):
+        """The core's (direction, scale, new_state) of a bucket, computed on stacked copies of
+        its gradients and state: nothing the optimizer holds changes here."""
         group = self.param_groups[bucket.group_index]
         config = group_config(group, bucket.algorithm)
-        params = bucket.params
-        m, n = bucket.matrix_shape
-        grads = torch.stack([p.grad for p in params]).view(len(params), m, n)
+        grads = _stack_matrices([p.grad for p in bucket.params], bucket.matrix_shape)
         if group["maximize"]:
-            grads = -grads
-        states = [self.state[p] for p in params]
-        step_count = states[0].get("step", 0)
-        core_state = init_state(grads, config) if step_count == 0 else _stack_state(states, step_count)
+            grads = grads.neg_()
+        step_count = self.state[bucket.params[0]].get("step", 0)
+        if step_count == 0:
+            core_state = init_state(grads, config)
+        else:
+            core_state = _stack_state([self.state[p] for p in bucket.params], bucket.matrix_shape, step_count)
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(step_count, config)
-        direction, scale, new_state = step_terms(grads, core_state, config, refresh_root=refresh,
-                                                 overwrite_state=True)
-        _unstack_state(states, new_state, step_count + 1)
-        _write_update(params, direction, scale, group["lr"], config.weight_decay)
+        return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
+
+    def _commit_bucket(self, bucket: Bucket, terms) -> None:
+        """Write a bucket's new state (in place, into the tensors the state already holds) and
+        its parameter update."""
+        direction, scale, new_state = terms
+        group = self.param_groups[bucket.group_index]
+        states = [self.state[p] for p in bucket.params]
+        step_count = states[0].get("step", 0)
+        _store_state(states, _split_state(new_state, bucket.params, bucket.batch_dims))
+        for state in states:
+            state["step"] = step_count + 1
+        _write_update(bucket, direction, scale, group["lr"], group_config(group, bucket.algorithm).weight_decay)
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in _params_with_grad(group)
@@ -167,16 +238,63 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             state.update(_fresh_adamw_state(param))
         return state
 
+    # ---- state_dict ------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim.Optimizer's, but tensors keep their dtype (float32 statistics of
-        bf16 parameters, integer counters); they move to the parameter's device."""
-        saved_state = state_dict["state"]
+        """As torch.optim.Optimizer's, but checked whole before anything changes: the group
+        and parameter counts, every saved group option (the constructor's checks), and each
+        parameter's state (its algorithm's fields, their shapes and kinds). A mismatch raises
+        ValueError naming the parameter and the field, and leaves the optimizer as it was.
+        Matrix statistics keep the statistics dtype (float32 for bf16 parameters) and move
+        to the parameter's device; AdamW state follows torch.optim.AdamW (moments in the
+        parameter's dtype and device, "step" a CPU tensor, also when saved as a number)."""
+        new_states = self._checked_states(state_dict)
         super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, param in zip(saved_ids, params):
-            if saved_id in saved_state:
-                self.state[param] = _to_device(saved_state[saved_id], param.device)
+        for param, state in new_states.items():
+            self.state[param] = state
+
+    def _checked_states(self, state_dict: dict) -> dict:
+        """{param: the state to load} after every check of load_state_dict."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            fail("state_dict['param_groups']", f"{len(saved_groups)} groups", f"{len(self.param_groups)} groups")
+        new_states = {}
+        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                fail(f"state_dict['param_groups'][{group_index}]['params']",
+                     f"{len(saved['params'])} parameters", f"{len(group['params'])}")
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
+            self._validate_group(merged, group_index)
+            for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
+                entry = saved_state.get(saved_id)
+                if entry:
+                    label = _param_label(group_index, index, param)
+                    new_states[param] = self._checked_state(param, merged, entry, label)
+        return new_states
+
+    def _checked_state(self, param, group: dict, entry: dict, label: str) -> dict:
+        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+        if algorithm == "adamw":
+            return _checked_adamw_state(param, entry, label)
+        template = self._state_template(param, group, algorithm)
+        _check_state_fields(entry, template, algorithm, label)
+        step = entry["step"]
+        if isinstance(step, torch.Tensor):
+            step = step.item() if step.numel() == 1 and not step.is_floating_point() else step
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{label}: state field 'step'={step!r} is invalid; accepted: an integer >= 0")
+        state = {key: _loaded_like(entry[key], like, param.device, f"{label}: state field {key!r}")
+                 for key, like in template.items()}
+        state["step"] = step
+        return state
+
+    def _state_template(self, param, group: dict, algorithm: str) -> dict:
+        """The matrix state a parameter holds, as meta tensors (shapes and dtypes only)."""
+        count, m, n = matrix_stack_shape(param.shape, group["batch_dims"])
+        meta_stack = torch.empty((count, m, n), dtype=param.dtype, device="meta")
+        core_state = init_state(meta_stack, group_config(group, algorithm))
+        return _split_state(core_state, (param,), group["batch_dims"])[0]
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
@@ -194,10 +312,13 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 arrays = {key: state[key].detach().cpu().numpy() for key in ("exp_avg", "exp_avg_sq")}
             else:
                 step = state.get("step", 0)
-                core_state = _stack_state([state], step) if step else self._fresh_core_state(param, group, algorithm)
-                arrays = stacked_state_entries(core_state, [1], lambda t: t.detach().cpu().numpy())[0]
+                count, *matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])
+                core_state = (_stack_state([state], matrix_shape, step) if step
+                              else self._fresh_core_state(param, group, algorithm))
+                arrays = stacked_state_entries(core_state, [count], lambda t: t.detach().cpu().numpy())[0]
             entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
-                            "step": step, "config": config, "arrays": arrays})
+                            "batch_dims": group["batch_dims"], "step": step, "config": config,
+                            "arrays": arrays})
         return {"format": "asgo-portable-state", "version": 1, "params": entries}
 
     def load_portable_state(self, portable: dict, names=None) -> None:
@@ -209,7 +330,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         entries = entries_in_order(portable, self._entry_names(names))
         for (param, group), entry in zip(pairs, entries):
             algorithm, config = self._portable_identity(param, group)
-            check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=param.shape, config=config)
+            check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=param.shape, config=config,
+                                batch_dims=group["batch_dims"])
         new_states = [self._state_from_entry(param, group, entry) for (param, group), entry in zip(pairs, entries)]
         for (param, _), state in zip(pairs, new_states):
             self.state[param] = state
@@ -235,8 +357,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return algorithm, dataclasses.asdict(group_config(group, algorithm))
 
     def _fresh_core_state(self, param, group, algorithm):
-        m, n = matrix_view_shape(param.shape)
-        return init_state(param.detach().reshape(1, m, n), group_config(group, algorithm))
+        stack_shape = matrix_stack_shape(param.shape, group["batch_dims"])
+        return init_state(param.detach().reshape(stack_shape), group_config(group, algorithm))
 
     def _state_from_entry(self, param, group, entry) -> dict:
         if entry["algorithm"] == "adamw":
@@ -245,9 +367,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             state["step"] = torch.tensor(float(entry["step"]), dtype=template["step"].dtype)
             return state
         template = self._fresh_core_state(param, group, entry["algorithm"])
-        core_state = stacked_state_from_entries(template, [entry], [1], _tensor_from_numpy)
-        state: dict = {}
-        _unstack_state([state], core_state, int(entry["step"]))
+        count = matrix_stack_shape(param.shape, group["batch_dims"])[0]
+        core_state = stacked_state_from_entries(template, [entry], [count], _tensor_from_numpy)
+        state = _split_state(core_state, (param,), group["batch_dims"])[0]
+        state["step"] = int(entry["step"])
         return state
 
 
@@ -288,83 +411,144 @@ def _tensor_like(entry: dict, key: str, like: torch.Tensor) -> torch.Tensor:
     return _tensor_from_numpy(array, like)
 
 
-def _write_update(params, direction, scale, lr, weight_decay: float) -> None:
+def _param_label(group_index: int, index: int, param) -> str:
+    return f"param_groups[{group_index}]['params'][{index}] (shape {tuple(param.shape)})"
+
+
+def _check_grad(param: torch.Tensor, label: str) -> None:
+    grad = param.grad
+    if grad.layout != torch.strided:
+        raise RuntimeError(f"{label}: a {grad.layout} gradient; ASGO/DASGO need dense gradients "
+                           "(e.g. nn.Embedding(sparse=False))")
+    if grad.dtype != param.dtype or grad.shape != param.shape or grad.device != param.device:
+        raise RuntimeError(f"{label}: gradient of dtype {grad.dtype}, shape {tuple(grad.shape)} on "
+                           f"{grad.device}; accepted: the parameter's dtype {param.dtype}, shape and "
+                           f"device {param.device}")
+
+
+def _write_update(bucket: Bucket, direction, scale, lr, weight_decay: float) -> None:
     """W ← W·(1 − lr·weight_decay) − lr·scale·D for each matrix: two passes over W, no
     update-sized temporary. A skipped matrix (scale 0) is neither moved nor decayed. The
     factors are in the statistics dtype (float64 for float64 params); a tensor lr (e.g. a
     scheduler's) works as a float does."""
-    scale = scale.view(-1)
+    params, counts, batch_dims = list(bucket.params), bucket.matrix_counts, bucket.batch_dims
+
+    def per_param(values):  # (matrices, 1, 1) → one tensor per parameter, broadcastable to it
+        return [part.view(p.shape[:batch_dims] + (1,) * (p.ndim - batch_dims))
+                for part, p in zip(values.split(counts), params)]
+
     if weight_decay != 0.0:
-        factors = 1.0 - (lr * weight_decay) * (scale != 0).to(scale.dtype)
-        torch._foreach_mul_(list(params), list(factors.unbind(0)))
-    shaped = direction.view(len(params), *params[0].shape)
-    torch._foreach_addcmul_(list(params), list(shaped.unbind(0)), list((scale * -lr).unbind(0)))
+        torch._foreach_mul_(params, per_param(1.0 - (lr * weight_decay) * (scale != 0).to(scale.dtype)))
+    directions = [part.reshape(p.shape) for part, p in zip(direction.split(counts), params)]
+    torch._foreach_addcmul_(params, directions, per_param(scale * -lr))
+
+
+def _add_to_run(runs: list, step_count: int, param) -> None:
+    """Append param to the run of parameters at the same step count (a new run if none).
+    The count is compared, never hashed: under torch.compile it is a symbolic int, which
+    hashing would turn into a constant (and so a recompilation at every step)."""
+    for run_step, params in runs:
+        if run_step == step_count:
+            params.append(param)
+            return
+    runs.append((step_count, [param]))
 
 
 def _params_with_grad(group: dict):
-    for param in group["params"]:
-        grad = param.grad
-        if grad is None:
-            continue
-        if grad.is_sparse:
-            raise RuntimeError("ASGO/DASGO do not support sparse gradients "
-                               "(e.g. nn.Embedding(sparse=True)); use dense gradients")
-        if torch.is_complex(grad):
-            raise RuntimeError("ASGO/DASGO do not support complex gradients")
-        yield param
+    return (param for param in group["params"] if param.grad is not None)
 
 
-def _stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, without a copy when the tensors are still last step's unbound views."""
-    base = _reassembled_base(tensors, (len(tensors), *tensors[0].shape))
-    return torch.stack(tensors) if base is None else base
+def _stack_matrices(tensors, matrix_shape) -> torch.Tensor:
+    """One new (matrices, m, n) tensor from tensors of any memory format."""
+    return torch.cat([t.reshape(-1, *matrix_shape) for t in tensors])
 
 
-def _concat_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat along dim 0, without a copy when the tensors are still last step's split views."""
-    total = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
-    base = _reassembled_base(tensors, total)
-    return torch.cat(tensors) if base is None else base
-
-
-def _reassembled_base(tensors: list[torch.Tensor], shape: tuple) -> torch.Tensor | None:
-    """The contiguous tensor of this shape whose in-order, back-to-back slices the tensors are
-    (what _unstack_state left last step), or None."""
-    base = tensors[0]._base
-    if base is None or not base.is_contiguous() or base.shape != shape:
-        return None
-    offset = base.storage_offset()
-    for tensor in tensors:
-        if tensor._base is not base or not tensor.is_contiguous() or tensor.storage_offset() != offset:
-            return None
-        offset += tensor.numel()
-    return base
-
-
-def _stack_state(states: list[dict], step_count: int):
-    """Per-parameter state → the core's state for the stacked bucket."""
-    stack = lambda key: _stack_tensors([s[key] for s in states])  # noqa: E731
+def _stack_state(states: list[dict], matrix_shape, step_count: int):
+    """Per-parameter state → the core's state of the stacked bucket (new tensors)."""
+    m, n = matrix_shape
+    stack = lambda key, *shape: torch.cat([s[key].reshape(-1, *shape) for s in states])  # noqa: E731
     count = torch.tensor(step_count, dtype=torch.int32)
     if "second_moment" in states[0]:
-        return DASGOState(stack("momentum"), stack("second_moment"), count, stack("skipped"))
-    concat_groups = lambda key: tuple(_concat_tensors(list(parts)) for parts in zip(*(s[key] for s in states)))  # noqa: E731
-    return ASGOState(stack("momentum"), concat_groups("gram"), concat_groups("root"), count,
-                     stack("skipped"), stack("fallbacks"))
+        return DASGOState(stack("momentum", m, n), stack("second_moment", n), count, stack("skipped"))
+    concat_groups = lambda key: tuple(torch.cat(parts) for parts in zip(*(s[key] for s in states)))  # noqa: E731
+    return ASGOState(stack("momentum", m, n), concat_groups("gram"), concat_groups("root"), count,
+                     stack("skipped"), stack("fallbacks", len(FALLBACK_LEVELS)))
 
 
-def _unstack_state(states: list[dict], core_state, step_count: int) -> None:
-    """Write the core's stacked state back per parameter (views into the stacked tensors)."""
-    bucket_size = len(states)
-    per_param = {key: value.unbind(0) for key, value in core_state._asdict().items()
-                 if key not in ("count", "gram", "root")}
-    if isinstance(core_state, ASGOState):
-        for key in ("gram", "root"):
-            per_param[key] = list(zip(*(blocks.split(blocks.shape[0] // bucket_size)
-                                        for blocks in getattr(core_state, key))))
-    for index, state in enumerate(states):
-        state["step"] = step_count
-        for key, values in per_param.items():
-            state[key] = list(values[index]) if key in ("gram", "root") else values[index]
+def _split_state(core_state, params, batch_dims: int) -> list[dict]:
+    """The core's stacked state → one state dict per parameter (views): per-matrix fields get
+    the parameter's batch shape in front ((m, n) momentum for a plain matrix, (E, m, n) for an
+    expert stack); "gram"/"root" hold a list of (matrices·blocks, size, size) per block group."""
+    counts = [matrix_stack_shape(p.shape, batch_dims)[0] for p in params]
+    split = [{} for _ in params]
+    for key, value in core_state._asdict().items():
+        if key == "count":
+            continue
+        if key in ("gram", "root"):
+            per_group = [blocks.split([c * blocks.shape[0] // sum(counts) for c in counts]) for blocks in value]
+            for index, state in enumerate(split):
+                state[key] = [parts[index] for parts in per_group]
+            continue
+        for state, part, param in zip(split, value.split(counts), params):
+            state[key] = part.view(param.shape[:batch_dims] + part.shape[1:])
+    return split
+
+
+def _store_state(states: list[dict], new_states: list[dict]) -> None:
+    """Copy new state into the tensors each state already holds (one foreach copy), so the
+    same tensors persist across steps; a parameter's first step stores copies instead."""
+    targets, sources = [], []
+    for state, new in zip(states, new_states):
+        for key, value in new.items():
+            if key not in state:
+                state[key] = [v.clone() for v in value] if isinstance(value, list) else value.clone()
+            else:
+                targets += state[key] if isinstance(value, list) else [state[key]]
+                sources += value if isinstance(value, list) else [value]
+    if targets:
+        torch._foreach_copy_(targets, [source.view_as(target) for source, target in zip(sources, targets)])
+
+
+def _check_state_fields(entry: dict, template: dict, algorithm: str, label: str) -> None:
+    expected = set(template) | {"step"}
+    if set(entry) != expected:
+        raise ValueError(f"{label}: state fields {sorted(entry)} are not {algorithm}'s; accepted: "
+                         f"{sorted(expected)} (a state saved by another optimizer or algorithm?)")
+
+
+def _loaded_like(value, like, device, label: str):
+    """A saved state tensor (or list of them, for gram/root) checked against its template's
+    shape and kind, converted to the template's dtype on `device`."""
+    if isinstance(like, list):
+        if not isinstance(value, (list, tuple)) or len(value) != len(like):
+            raise ValueError(f"{label}: {_describe(value)}; accepted: a list of {len(like)} block tensors")
+        return [_loaded_like(v, l, device, f"{label}[{i}]") for i, (v, l) in enumerate(zip(value, like))]
+    if not isinstance(value, torch.Tensor) or value.shape != like.shape \
+            or value.is_floating_point() != like.is_floating_point() or value.is_complex():
+        raise ValueError(f"{label}: {_describe(value)}; accepted: a {like.dtype} tensor of shape {tuple(like.shape)}")
+    return value.to(device=device, dtype=like.dtype, copy=True)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _checked_adamw_state(param, entry: dict, label: str) -> dict:
+    """torch.optim.AdamW's state for `param`: "step" (a number in older files, else a tensor)
+    becomes a CPU tensor, as torch keeps it; the moments take the parameter's dtype and device."""
+    template = _fresh_adamw_state(param)
+    _check_state_fields(entry, template, "adamw", label)
+    step = entry["step"]
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step >= 0:
+        raise ValueError(f"{label}: state field 'step'={step!r} is invalid; accepted: a number >= 0")
+    state = {key: _loaded_like(entry[key], template[key], param.device, f"{label}: state field {key!r}")
+             for key in ("exp_avg", "exp_avg_sq")}
+    state["step"] = torch.tensor(float(step), dtype=template["step"].dtype)
+    return state
 
 
 class ASGO(_MatrixOptimizer):
@@ -375,7 +559,11 @@ class ASGO(_MatrixOptimizer):
     names, same defaults; betas = (beta1, beta2)). Parameters with fewer than 2 dims — and any
     group with algorithm="adamw" — take a step identical to torch.optim.AdamW with the adamw_*
     options (adamw_lr=None: the group's lr). A group may set algorithm="asgo" | "dasgo" |
-    "adamw". maximize negates every gradient.
+    "adamw". maximize negates every gradient. batch_dims (a group option, default 0): the
+    first batch_dims dims of a parameter index independent matrices (mixture-of-experts
+    weights (E, out, in), scan-stacked layers (L, out, in)), each stepped exactly as a
+    separate parameter of the remaining shape would be; stacks of the same matrix shape share
+    one batched root.
     """
 
     matrix_algorithm = "asgo"
@@ -391,7 +579,7 @@ class ASGO(_MatrixOptimizer):
                  residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
                  matmul_dtype=ASGOConfig.matmul_dtype,
                  adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
-                 maximize=False, algorithm=None):
+                 maximize=False, algorithm=None, batch_dims=0):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, update_rms=update_rms,
@@ -400,7 +588,7 @@ class ASGO(_MatrixOptimizer):
             damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
             nonfinite=nonfinite, matmul_dtype=matmul_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
             adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
-            algorithm=algorithm)
+            algorithm=algorithm, batch_dims=batch_dims)
         super().__init__(params, defaults)
 
 
@@ -413,12 +601,12 @@ class DASGO(_MatrixOptimizer):
                  eps=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
                  update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
                  nonfinite=DASGOConfig.nonfinite, adamw_lr=None, adamw_betas=(0.9, 0.95),
-                 adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None):
+                 adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None, batch_dims=0):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_rms=update_rms,
             accumulate=accumulate, nonfinite=nonfinite, adamw_lr=adamw_lr,
             adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize, algorithm=algorithm)
+            maximize=maximize, algorithm=algorithm, batch_dims=batch_dims)
         super().__init__(params, defaults)
 
 

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from asgo_core import _xp, block_layout, init_state, matrix_view_shape
+from asgo_core import _xp, block_layout, init_state, matrix_stack_shape, matrix_view_shape
 from asgo_core.config import fail
 from asgo_core.layout import resolve_side
 from asgo_core.step import FALLBACK_LEVELS, needs_root_refresh, robust_root
 
-from .torch import (ASGO, DASGO, Bucket, _algorithm_of, _fresh_adamw_state, _to_device, _unstack_state,
+from .torch import (ASGO, DASGO, Bucket, _algorithm_of, _fresh_adamw_state, _split_state, _to_device,
                     evaluate_closure, group_config)
 
 __all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "assign_owners"]
@@ -49,15 +49,16 @@ _ADAMW_FLOPS_PER_ELEMENT = 12
 _DASGO_FLOPS_PER_ELEMENT = 8
 
 
-def parameter_cost(param: torch.Tensor, algorithm: str, precondition_frequency: int = 1) -> int:
+def parameter_cost(param: torch.Tensor, algorithm: str, precondition_frequency: int = 1,
+                   batch_dims: int = 0) -> int:
     """Rough flops of one optimizer step of `param` (SPEC §7), for balancing owners."""
     if algorithm == "adamw":
         return _ADAMW_FLOPS_PER_ELEMENT * param.numel()
     if algorithm == "dasgo":
         return _DASGO_FLOPS_PER_ELEMENT * param.numel()
-    m, n = matrix_view_shape(param.shape)
+    count, m, n = matrix_stack_shape(param.shape, batch_dims)
     k = min(m, n)
-    return 4 * m * n * k + k ** 3 // precondition_frequency
+    return count * (4 * m * n * k + k ** 3 // precondition_frequency)
 
 
 def assign_owners(costs: list[int], world_size: int) -> list[int]:
@@ -81,7 +82,8 @@ def _balanced_owners(optimizer, world_size: int, needs_owner) -> dict:
             algorithm = _algorithm_of(param, group, optimizer.matrix_algorithm)
             if needs_owner(param, group, algorithm):
                 params.append(param)
-                costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1)))
+                costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1),
+                                            group["batch_dims"]))
     return dict(zip(params, assign_owners(costs, world_size)))
 
 
@@ -99,6 +101,13 @@ class _GatherSlot:
         """Bytes every rank receives per all-gather (its own chunk included)."""
         element_size = torch.empty((), dtype=self.dtype).element_size()
         return len(self.params_by_rank) * self.chunk_numel * element_size
+
+
+def _refuse_nonfinite_raise(optimizer_name: str, group: dict) -> None:
+    if group["nonfinite"] == "raise":
+        fail("nonfinite", "raise", f"'skip' in {optimizer_name} (an error raised on the rank that owns "
+             "a parameter would leave the other ranks waiting in a collective; skipped steps are "
+             "counted in the state's 'skipped')")
 
 
 class _OwnerSplit:
@@ -126,6 +135,10 @@ class _OwnerSplit:
         super().add_param_group(param_group)
         if hasattr(self, "_owner"):
             self._plan_ownership()
+
+    def _validate_group(self, group: dict, group_index: int) -> None:
+        _refuse_nonfinite_raise(type(self).__name__, group)
+        super()._validate_group(group, group_index)
 
     def _plan_ownership(self) -> None:
         self._owner = _balanced_owners(self, self.world_size, lambda param, group, algorithm: True)
@@ -164,7 +177,7 @@ class _OwnerSplit:
         for bucket in super().plan_buckets():
             owned = tuple(p for p in bucket.params if self.owns(p))
             if owned:
-                owned_buckets.append(Bucket(bucket.group_index, bucket.algorithm, owned))
+                owned_buckets.append(dataclasses.replace(bucket, params=owned))
         return owned_buckets
 
     def _adamw_step(self, group: dict) -> None:
@@ -286,11 +299,12 @@ class FSDPASGO(ASGO):
         self._plan_ownership()
 
     # ---- construction --------------------------------------------------------------------
-    def _validate_group(self, group: dict) -> None:
-        if group["nonfinite"] == "raise":
-            fail("nonfinite", "raise", "'skip' in FSDPASGO (an error raised on one rank would leave "
-                 "the others waiting in a collective)")
-        super()._validate_group(group)
+    def _validate_group(self, group: dict, group_index: int) -> None:
+        _refuse_nonfinite_raise(type(self).__name__, group)
+        if group["batch_dims"] != 0:
+            fail("batch_dims", group["batch_dims"], "0 in FSDPASGO (stacked matrices sharded along a "
+                 "batch dimension are not supported yet; DistributedASGO steps them)")
+        super()._validate_group(group, group_index)
 
     def _validate_param(self, param, group: dict) -> None:
         super()._validate_param(param, group)
@@ -332,6 +346,17 @@ class FSDPASGO(ASGO):
                 return right
         return None
 
+    def _state_template(self, param, group: dict, algorithm: str) -> dict:
+        """ASGO's, but a sharded-Gram matrix holds only this rank's momentum rows."""
+        config = self._column_gram_config(param, group)
+        if config is None:
+            return super()._state_template(param, group, algorithm)
+        m, n = matrix_view_shape(param.shape)
+        template = _split_state(init_state(torch.empty(1, m, n, dtype=param.dtype, device="meta"), config),
+                                (param,), 0)[0]
+        momentum = template["momentum"]
+        return {**template, "momentum": momentum.new_empty(_rows_on(param, self._mesh_rank), n)}
+
     def owner_of(self, param) -> int | None:
         """The mesh rank that steps this matrix; None where every rank steps its own rows
         (sharded-Gram matrices, AdamW)."""
@@ -353,6 +378,7 @@ class FSDPASGO(ASGO):
     def step(self, closure=None):
         """One step of every parameter (closure as in ASGO.step); a collective."""
         loss = evaluate_closure(closure)
+        self._check_gradients()
         self._agree_on_gradients()
         for group in self.param_groups:
             self._adamw_step(group)
@@ -392,7 +418,7 @@ class FSDPASGO(ASGO):
         for bucket in buckets:
             mine = tuple(p for p in bucket.params if p in full_params)
             if mine:
-                self._full_bucket_step(Bucket(bucket.group_index, bucket.algorithm, mine), full_params)
+                self._full_bucket_step(dataclasses.replace(bucket, params=mine), full_params)
         for params in by_dtype.values():
             self._return_rows(params, full_params)
 
@@ -421,7 +447,8 @@ class FSDPASGO(ASGO):
         full = tuple(full_params[p] for p in bucket.params)
         for param, full_param in zip(bucket.params, full):
             self.state[full_param] = self.state.pop(param, {})
-        super()._bucket_step(Bucket(bucket.group_index, bucket.algorithm, full))
+        full_bucket = dataclasses.replace(bucket, params=full)
+        self._commit_bucket(full_bucket, self._bucket_terms(full_bucket))
         for param, full_param in zip(bucket.params, full):
             self.state[param] = self.state.pop(full_param)
 
@@ -471,7 +498,7 @@ class FSDPASGO(ASGO):
         momentum = torch.where(keep, momentum_old, torch.lerp(momentum_old, grads, 1.0 - config.beta1))
         gram = torch.where(keep, gram_old, gram_new)
         root = torch.cat([s["root"][0] for s in states])
-        fallbacks = torch.zeros(len(params), len(FALLBACK_LEVELS), dtype=torch.int32)
+        fallbacks = torch.zeros(len(params), len(FALLBACK_LEVELS), dtype=torch.int32, device=grads.device)
         if needs_root_refresh(states[0]["step"], config):
             new_root, fallbacks = robust_root(gram, root, config, _xp.namespace(gram))
             root = torch.where(keep, root, new_root)
@@ -509,9 +536,9 @@ class FSDPASGO(ASGO):
         state = self.state[param]
         if not state:
             zeros = lambda *shape: local_rows.new_zeros(shape)  # noqa: E731
+            counter = lambda *shape: torch.zeros(shape, dtype=torch.int32, device=local_rows.device)  # noqa: E731
             state.update(step=0, momentum=zeros(*local_rows.shape), gram=[zeros(1, n, n)],
-                         root=[zeros(1, n, n)], skipped=torch.zeros((), dtype=torch.int32),
-                         fallbacks=torch.zeros(len(FALLBACK_LEVELS), dtype=torch.int32))
+                         root=[zeros(1, n, n)], skipped=counter(), fallbacks=counter(len(FALLBACK_LEVELS)))
         return state
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -543,9 +570,8 @@ class FSDPASGO(ASGO):
         """The zero state (step 0) of a matrix, in the checkpoint layout."""
         config = self._column_gram_config(param, group) or group_config(group, algorithm)
         m, n = matrix_view_shape(param.shape)
-        entry: dict = {}
         zero_matrix = torch.zeros(1, m, n, dtype=param.dtype, device=param.device)
-        _unstack_state([entry], init_state(zero_matrix, config), 0)
+        entry = {**_split_state(init_state(zero_matrix, config), (param,), 0)[0], "step": 0}
         rows = _rows_of(entry["momentum"], self._mesh_rank, self.device_mesh.size())
         return {**entry, "momentum": _row_sharded_like(rows, param)}
 

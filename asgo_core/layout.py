@@ -20,17 +20,22 @@ def matrix_view_shape(shape) -> tuple[int, int]:
     """The (out, rest) matrix an N-D parameter is treated as (conv kernels: out × in·kh·kw)."""
     if len(shape) < 2:
         raise ValueError(f"a parameter of shape {tuple(shape)} is not a matrix; it needs at least 2 dims")
-    m, n = int(shape[0]), math.prod(int(d) for d in shape[1:])
+    m, n = int(shape[0]), int(math.prod(shape[1:]))
     if m == 0 or n == 0:
         raise ValueError(f"a parameter of shape {tuple(shape)} has a zero-size matrix view ({m}, {n}); "
                          "ASGO/DASGO need both sides >= 1 (give it algorithm='adamw')")
     return m, n
 
 
-def check_batch_dims(shape, batch_dims) -> None:
-    """batch_dims: an int >= 0 that leaves at least 2 dims for the matrix."""
+def check_batch_dims_value(batch_dims) -> None:
+    """batch_dims, whatever the parameter: an int >= 0."""
     if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
         raise ValueError(f"batch_dims={batch_dims!r} is invalid; accepted: an integer >= 0")
+
+
+def check_batch_dims(shape, batch_dims) -> None:
+    """batch_dims: an int >= 0 that leaves at least 2 dims for the matrix."""
+    check_batch_dims_value(batch_dims)
     if batch_dims > len(shape) - 2:
         raise ValueError(f"batch_dims={batch_dims!r} is invalid for a parameter of shape {tuple(shape)}; "
                          f"accepted: an integer in [0, {max(len(shape) - 2, 0)}] (ndim - 2 at most)")
@@ -40,7 +45,7 @@ def matrix_stack_shape(shape, batch_dims: int = 0) -> tuple[int, int, int]:
     """(count, out, rest): the first batch_dims dims of a parameter index independent matrices
     (stacked experts or layers); each is viewed as matrix_view_shape of the remaining dims."""
     check_batch_dims(shape, batch_dims)
-    count = math.prod(int(d) for d in shape[:batch_dims])
+    count = int(math.prod(shape[:batch_dims]))
     if count == 0:
         raise ValueError(f"a parameter of shape {tuple(shape)} with batch_dims={batch_dims} stacks no "
                          "matrices (a batch dimension is 0)")

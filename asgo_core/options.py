@@ -13,6 +13,7 @@ from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config
 
 ALGORITHMS = ("asgo", "dasgo", "adamw")
 CONFIG_TYPES = {"asgo": ASGOConfig, "dasgo": DASGOConfig}
+_FIELD_NAMES = {config_type: config_field_names(config_type) for config_type in CONFIG_TYPES.values()}
 
 
 def check_betas(name: str, betas, *, beta2_may_be_one: bool) -> None:
@@ -45,8 +46,9 @@ def group_config(group: dict, algorithm: str):
     config_type = CONFIG_TYPES[algorithm]
     beta1, beta2 = group["betas"]
     options = {"beta1": beta1, "beta2": beta2}
-    options.update((name, group[name]) for name in config_field_names(config_type)
-                   if name in group and name not in options)
+    for name in _FIELD_NAMES[config_type]:
+        if name in group and name not in options:
+            options[name] = group[name]
     return _cached_config(config_type, tuple(sorted(options.items())))
 
 
