@@ -32,6 +32,7 @@ torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 
 import torch
@@ -611,21 +612,29 @@ class DASGO(_MatrixOptimizer):
 
 
 def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,
-                      qk_names=("q_proj", "k_proj", "query", "key", "wq", "wk"), **overrides):
+                      qk_names=("q_proj", "k_proj", "query", "key", "wq", "wk"), stacked=None, **overrides):
     """Param groups in the reference training recipe's split.
 
     AdamW: parameters with fewer than 2 dims and nn.Embedding weights (an output head tied to
     an embedding is the same parameter, so it follows). With num_heads, the weights of modules
     named in qk_names (the last component of the module path) get head-wise preconditioning
     (SPEC §4); a fused nn.MultiheadAttention in_proj_weight gets 3·num_heads blocks (its Q, K
-    and V heads). overrides (lr, weight_decay, ...) are set on every group.
+    and V heads). stacked: {name pattern: batch_dims} for stacked weights, e.g.
+    {"*.experts.*": 1} for mixture-of-experts weights (E, out, in); patterns are
+    fnmatch-style and matched against the names of model.named_parameters(), the first match
+    wins; everything else has batch_dims 0 (a 3-D convolution kernel stays one matrix).
+    overrides (lr, weight_decay, ...) are set on every group.
     """
     embedding_ids = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
     matrices, heads, fused_heads, others = [], [], [], []
+    by_batch_dims: dict[int, list] = {}
     for name, param in model.named_parameters():
         module_name = name.rsplit(".", 2)[-2] if name.count(".") else ""
+        batch_dims = _stacked_batch_dims(name, stacked or {})
         if param.ndim < 2 or id(param) in embedding_ids:
             others.append(param)
+        elif batch_dims:
+            by_batch_dims.setdefault(batch_dims, []).append(param)
         elif num_heads and name.endswith("in_proj_weight"):
             fused_heads.append(param)
         elif num_heads and module_name in qk_names and name.endswith("weight"):
@@ -634,5 +643,14 @@ def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,
             matrices.append(param)
     groups = [{"params": matrices}, {"params": heads, "num_heads": num_heads},
               {"params": fused_heads, "num_heads": 3 * num_heads if num_heads else None},
+              *({"params": params, "batch_dims": dims} for dims, params in by_batch_dims.items()),
               {"params": others, "algorithm": "adamw"}]
     return [{**group, **overrides} for group in groups if group["params"]]
+
+
+def _stacked_batch_dims(name: str, patterns: dict) -> int:
+    for pattern, batch_dims in patterns.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            check_batch_dims_value(batch_dims)
+            return batch_dims
+    return 0
