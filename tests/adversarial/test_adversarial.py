@@ -568,13 +568,14 @@ def scheduler_with_tensor_lr(driver):
 
 def compiled_step_with_inductor(driver):
     """The one compile case here (the thorough test is the torch adapter's): torch.compile's
-    default backend on opt.step equals the eager step over 3 steps."""
+    default backend (inductor) on opt.step equals the eager step over 3 steps."""
     import torch
-    eager = built(type(driver)(driver.algorithm))
-    built(driver)
+    params = standard_params(shapes={"w": (4, 6)})  # one small matrix: inductor compiles slowly
+    eager = built(type(driver)(driver.algorithm), params=params)
+    built(driver, params=params)
     compiled_step = torch.compile(driver.optimizer.step)
     for step in range(3):
-        grads = standard_grads(standard_params(), seed=30 + step)
+        grads = standard_grads(params, seed=30 + step)
         eager.step(grads)
         for key, tensor in driver.tensors.items():
             tensor.grad = torch.from_numpy(grads[key])
