@@ -18,7 +18,15 @@ baseline alike. Time is measured in rounds of τ steps (one root period; τ = 1 
 after a warm-up step; the table shows the median over rounds of the mean step time per round,
 so ASGO τ = 10 pays its root refresh. All optimizers run in this one process.
 
-    python benchmarks/step_time.py [--device cpu|cuda] [--rounds 5] [--threads 2] [--json PATH]
+Matched precision. By default the script prints the rows that compare like with like and says
+which case it detected: on a device with native bf16 matmuls (a CPU with the avx512_bf16 or
+amx_bf16 flag in /proc/cpuinfo, or, without /proc/cpuinfo, a 256×256 bf16 matmul timed faster
+than 2× float32; CUDA with bf16 support) ASGO with matmul_dtype="bfloat16" against
+torch.optim.Muon's bf16 iteration; elsewhere (bf16 emulated, e.g. AVX2-only CPUs) both in
+float32: ASGO's default against "Muon fp32". AdamW is printed in both for scale. --all times
+every row, --only NAME... the named ones.
+
+    python benchmarks/step_time.py [--device cpu|cuda] [--rounds 5] [--threads 2] [--all] [--json PATH]
 """
 
 from __future__ import annotations
@@ -223,21 +231,62 @@ def asgo_state_bound(model: GPT) -> int:
     return total
 
 
+MATCHED_ROWS = {
+    True: ["AdamW", "Muon + AdamW", "ASGO τ=1 bf16mm", "ASGO τ=10 bf16mm"],
+    False: ["AdamW", "Muon fp32 + AdamW", "ASGO τ=1", "ASGO τ=10"],
+}
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def native_bf16(device) -> tuple[bool, str]:
+    """Whether bfloat16 matmuls run natively on device, and how that was decided."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        return native, f"CUDA, torch.cuda.is_bf16_supported() = {native}"
+    try:
+        flags = next(set(line.split(":", 1)[1].split())
+                     for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = None
+    if flags is not None:
+        found = sorted(flags & CPU_BF16_FLAGS)
+        return bool(found), ("/proc/cpuinfo flags " + ", ".join(found) if found else
+                             "no avx512_bf16 / amx_bf16 flag in /proc/cpuinfo")
+    a = torch.randn(256, 256)
+
+    def seconds(dtype):
+        x = a.to(dtype)
+        x @ x
+        start = time.perf_counter()
+        for _ in range(5):
+            x @ x
+        return time.perf_counter() - start
+    ratio = seconds(torch.bfloat16) / seconds(torch.float32)
+    return ratio < 2.0, f"a 256×256 bf16 matmul took {ratio:.1f}× the float32 time"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--only", nargs="*", help="names of optimizers to time (default all)")
+    parser.add_argument("--only", nargs="*",
+                        help="names of optimizers to time (default: the matched-precision rows)")
+    parser.add_argument("--all", action="store_true", help="time every optimizer")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = GPT(args.vocab).to(device)
-
+    args.native_bf16, reason = native_bf16(device)
+    print(f"bf16 matmuls: {'native' if args.native_bf16 else 'emulated'} ({reason}); matched "
+          f"precision: " + ("ASGO matmul_dtype='bfloat16' vs torch.optim.Muon's bf16 iteration"
+                            if args.native_bf16 else "ASGO float32 vs Muon with a float32 iteration"))
+    wanted = (None if args.all else args.only if args.only
+              else MATCHED_ROWS[args.native_bf16])
     makers = {name: make for name, make in build_optimizers(model).items()
-              if not args.only or name in args.only}
+              if wanted is None or name in wanted}
     results = {name: {"step_ms": seconds * 1e3, "state_bytes": nbytes}
                for name, (seconds, nbytes) in time_optimizers(makers, model, args.rounds, device).items()}
     report(results, model, args, device)
@@ -249,7 +298,9 @@ def report(results: dict, model: GPT, args, device) -> None:
           f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"median of {args.rounds} rounds\n")
     print(f"{'optimizer':<18}{'step ms':>10}{'× Muon':>9}{'× AdamW':>9}{'ref ÷':>8}{'state MiB':>11}")
-    muon = results.get("Muon + AdamW", {}).get("step_ms")
+    matched_muon = "Muon + AdamW" if args.native_bf16 else "Muon fp32 + AdamW"
+    muon = (results.get(matched_muon) or results.get("Muon + AdamW")
+            or results.get("Muon fp32 + AdamW") or {}).get("step_ms")
     adamw = results.get("AdamW", {}).get("step_ms")
     reference = results.get("reference-style", {}).get("step_ms")
     ratio = lambda ms, base: f"{ms / base:.2f}" if base else "-"  # noqa: E731
@@ -257,13 +308,15 @@ def report(results: dict, model: GPT, args, device) -> None:
         ms = row["step_ms"]
         print(f"{name:<18}{ms:>10.1f}{ratio(ms, muon):>9}{ratio(ms, adamw):>9}"
               f"{ratio(reference, ms) if reference else '-':>8}{row['state_bytes'] / 2**20:>11.2f}")
-    print("(× Muon, × AdamW: step time over theirs; ref ÷: the reference-style step time over "
-          "this one, i.e. the speed-up over it)")
+    print(f"(× Muon: step time over {matched_muon if matched_muon in results else 'Muon'}'s, the "
+          f"matched-precision Muon here; × AdamW: over AdamW's; ref ÷: the reference-style step "
+          f"time over this one, i.e. the speed-up over it)")
     print(f"\nASGO state bound (params + 2·k² per matrix)·4 B + AdamW state: "
           f"{asgo_state_bound(model) / 2**20:.2f} MiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "threads": torch.get_num_threads(),
+                       "native_bf16": args.native_bf16,
                        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                        "state_bound_bytes": asgo_state_bound(model), "results": results}, f, indent=2)
 

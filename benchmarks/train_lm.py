@@ -41,6 +41,7 @@ at 1e-3, the bottom of the shared grid.)
 Usage:
     python benchmarks/train_lm.py --quick --sweep              # fill lr_choices.json["quick"]
     python benchmarks/train_lm.py --quick                      # 5 optimizers, 1 seed, < 3 min
+    python benchmarks/regime_map.py    # 300 / 1200 / 4800 steps, lr per horizon: docs/regime_map.md
     python benchmarks/train_lm.py --sweep && python benchmarks/train_lm.py   # full: 3 seeds
     python benchmarks/train_lm.py --quick --optimizers adamw muon --lr adamw=3e-3 --lr muon=1e-2
 
@@ -88,6 +89,9 @@ VAL_BATCH_SEED = 1234
 WARMUP_FRACTION = 0.1
 FINAL_LR_RATIO = 0.02
 GRAD_CLIP = 1.0
+REGIME_MAP_NOTE = ("one run length of a larger picture: docs/regime_map.md compares these optimizers "
+                   "at 300, 1200 and 4800 steps with the lr tuned at each (python "
+                   "benchmarks/regime_map.py)")
 ADAM_BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.1
 
@@ -251,11 +255,12 @@ def import_asgo_adapter():
             f"--optimizers adamw muon.") from error
 
 
-def make_asgo(precondition_frequency: int) -> Callable[[GPT, float], list[torch.optim.Optimizer]]:
+def make_asgo(precondition_frequency: int,
+              **asgo_options) -> Callable[[GPT, float], list[torch.optim.Optimizer]]:
     def factory(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
         asgo, _, asgo_param_groups = import_asgo_adapter()
         return [asgo(asgo_param_groups(model), lr=lr,
-                     precondition_frequency=precondition_frequency)]
+                     precondition_frequency=precondition_frequency, **asgo_options)]
     return factory
 
 
@@ -619,6 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print_table(summary, has_adamw="adamw" in summary)
+    print(f"\n{REGIME_MAP_NOTE}")
     plots = plot_curves(summary, args.out)
     print(f"\nresults: {args.out / 'results.json'}\nplots: {', '.join(map(str, plots))}")
 

@@ -20,9 +20,15 @@ with the lowest final validation loss is stored.
     muon, asgo_tau1, asgo_tau10    1e-3, 3e-3, 1e-2, 3e-2, 1e-1
     dasgo                          3e-4, 1e-3, 3e-3, 1e-2, 3e-2
 
+--sensitivity trains adamw, muon, asgo_tau1 and asgo_tau10 with seed 0 at the stored lr times
+1/4, 1/2, 1, 2, 4 and writes the final validation loss by lr to
+OUT/mlp_jax_lr_sensitivity.json (OUT defaults to docs/regime_map; benchmarks/regime_map.py
+--report turns it into the band of lrs within 2% of the best, docs/regime_map.md).
+
 Usage:
     python benchmarks/train_mlp_jax.py --sweep          # fill lr_choices_jax.json
     python benchmarks/train_mlp_jax.py --seeds 3        # results/train_mlp_jax/{results.json, *.png}
+    python benchmarks/train_mlp_jax.py --sensitivity    # docs/regime_map/mlp_jax_lr_sensitivity.json
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ from lr_grids import LR_GRIDS  # noqa: E402  (benchmarks/, the script's own dire
 
 LR_CHOICES_PATH = Path(__file__).with_name("lr_choices_jax.json")
 HIDDEN, BATCH = 256, 64
+SENSITIVITY_OPTIMIZERS = ["adamw", "muon", "asgo_tau1", "asgo_tau10"]
+SENSITIVITY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def load_data(split_seed: int = 0):
@@ -145,6 +153,27 @@ def run_sweep(names, epochs: int, data) -> None:
     print(f"wrote {LR_CHOICES_PATH}")
 
 
+def run_sensitivity(epochs: int, data, out: Path) -> None:
+    """Final val loss (seed 0) at the stored lr times SENSITIVITY_FACTORS, per optimizer."""
+    choices = json.loads(LR_CHOICES_PATH.read_text())
+    by_lr = {}
+    for name in SENSITIVITY_OPTIMIZERS:
+        lrs = [float(f"{choices[name]['lr'] * f:.3g}") for f in SENSITIVITY_FACTORS]
+        by_lr[name] = {f"{lr:g}": train_run(name, lr, 0, epochs, data)["final_val_loss"]
+                       for lr in lrs}
+        print(f"sensitivity {name:<11} " + "  ".join(f"{lr}: {v:.4f}"
+                                                     for lr, v in by_lr[name].items()), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"python": platform.python_version(), "jax": jax.__version__,
+            "optax": optax.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "epochs": epochs, "seed": 0, "factors": list(SENSITIVITY_FACTORS),
+            "centre": {name: choices[name]["lr"] for name in SENSITIVITY_OPTIMIZERS},
+            "command": f"python benchmarks/train_mlp_jax.py --sensitivity --epochs {epochs}"}
+    path = out / "mlp_jax_lr_sensitivity.json"
+    path.write_text(json.dumps({"meta": meta, "final_val_loss_by_lr": by_lr}, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def plot(runs: list, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -187,12 +216,20 @@ def summarise(runs: list) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="choose each optimizer's lr (seed 0)")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="final val loss at the stored lr x 1/4..4 (seed 0), JSON under --out")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--optimizers", nargs="+", default=list(LR_GRIDS), choices=list(LR_GRIDS))
-    parser.add_argument("--out", type=Path, default=Path("results/train_mlp_jax"))
+    parser.add_argument("--out", type=Path,
+                        help="default results/train_mlp_jax (docs/regime_map with --sensitivity)")
     args = parser.parse_args()
     data = load_data()
+    if args.sensitivity:
+        run_sensitivity(args.epochs, data, args.out or Path(__file__).resolve().parent.parent
+                        / "docs" / "regime_map")
+        return
+    args.out = args.out or Path("results/train_mlp_jax")
     if args.sweep:
         run_sweep(args.optimizers, args.epochs, data)
         return

@@ -1,0 +1,585 @@
+"""When to use ASGO: a regime map of train_lm's quick configuration against Muon and AdamW.
+
+Runs train_lm.py's quick model (same data, initialisation, batches, clipping; warmup over the
+first 10% of the run and cosine decay stretched to the run) at three horizons and writes one JSON
+record per finished run to docs/regime_map/runs.jsonl, so a partial run is usable.
+
+The plan is fixed before the runs (PLAN below, printed at start and stored in meta.json):
+  * Horizons 300, 1200, 4800 steps; optimizers adamw, muon, asgo_tau1, asgo_tau10.
+  * 300 steps: each optimizer trains with seed 0 at its previous best lr (train_lm's quick sweep,
+    benchmarks/lr_choices.json) times 1/2, 1, 2; if the best is on an edge, the grid is extended
+    by a factor of 2 past it (at most twice). The chosen lr (lowest final val loss, seed 0) then
+    runs with seed 1.
+  * 1200 steps, breadth-first so that a cut leaves every optimizer measured: each optimizer at its
+    300-step lr (seed 0); the cost knobs asgo_tau3 (root every 3 steps) and asgo_tau1_mpd64
+    (max_precond_dim=64: every block matrix's preconditioned small side is 128 at d_model 128,
+    so 128 would block nothing; 64 splits it into two 64-wide blocks, a quarter of the eigh
+    work) at asgo_tau1's 300-step lr, seed 0; each optimizer at that lr x1/2, then
+    x2; [train_mlp_jax.py --sensitivity]; one factor of 2 past a winning edge; seed 1 at the
+    1200-step choice.
+  * 4800 steps (reduced for time): each optimizer at its 1200-step choice, seed 0 (muon,
+    asgo_tau1, adamw, asgo_tau10); then the knobs' seed 1 at 1200; then seed 1 at 4800.
+  * One run at a time, one torch thread (the 2 cores are shared with other processes; with 2
+    threads under that load a step was 7x slower than with 1). A run is skipped (and listed in
+    plan.json) when its estimated time, from the optimizer's measured seconds per step, would
+    end past --deadline.
+
+    python benchmarks/regime_map.py --deadline 22:05          # runs (resumes: finished runs kept)
+    python benchmarks/regime_map.py --report                  # summary.json, tables.md, *.png
+
+Timings come from train_lm.train_run (training seconds without evaluation); the load average
+before and after each run is recorded, because other processes may share the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+import train_lm  # noqa: E402  (benchmarks/, the script's own directory)
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "regime_map"
+OPTIMIZERS = ["adamw", "muon", "asgo_tau1", "asgo_tau10"]
+PREVIOUS_BEST = {"adamw": 1e-3, "muon": 3e-2, "asgo_tau1": 1e-2, "asgo_tau10": 3e-3}
+GRID_FACTORS = (0.5, 1.0, 2.0)
+EDGE_EXTENSIONS = 2
+HORIZONS = (300, 1200, 4800)
+GRID_HORIZONS = (300, 1200)
+LATER_GRID_FACTORS = (0.5, 2.0)  # around the 300-step choice, after it
+ORDER = ["muon", "asgo_tau1", "adamw", "asgo_tau10"]
+EDGE_EXTENSIONS_LATER = 1
+EVAL_EVERY = {300: 25, 1200: 40, 4800: 80}
+SEEDS = (0, 1)
+KNOB_HORIZON = 1200
+KNOBS = {"asgo_tau3": train_lm.make_asgo(3),
+         "asgo_tau1_mpd64": train_lm.make_asgo(1, max_precond_dim=64)}
+KNOB_LR_FROM = "asgo_tau1"
+LONG_HORIZON, LONG_LR_FROM = 4800, 1200
+BAND = 0.02  # lr band: final val loss within 2% of the optimizer's best
+THREADS = 1
+MLP_SECONDS = 600  # train_mlp_jax --sensitivity: 20 runs of ~25 s on the shared cores
+train_lm.OPTIMIZER_FACTORIES.update(KNOBS)
+
+
+def lr_round(lr: float) -> float:
+    return float(f"{lr:.3g}")
+
+
+def grid(name: str) -> list[float]:
+    return [lr_round(PREVIOUS_BEST[name] * f) for f in GRID_FACTORS]
+
+
+PLAN = {
+    "horizons": list(HORIZONS), "optimizers": OPTIMIZERS, "seeds": list(SEEDS),
+    "previous_best_lr": PREVIOUS_BEST, "grid_factors": list(GRID_FACTORS),
+    "grids": {name: grid(name) for name in OPTIMIZERS}, "grid_horizons": list(GRID_HORIZONS),
+    "edge_extensions": EDGE_EXTENSIONS, "eval_every": EVAL_EVERY,
+    "knobs": {"horizon": KNOB_HORIZON, "names": list(KNOBS),
+              "lr": f"{KNOB_LR_FROM}'s 300-step choice",
+              "asgo_tau3": "precondition_frequency=3",
+              "asgo_tau1_mpd64": "precondition_frequency=1, max_precond_dim=64 (every block "
+                                 "matrix's small side is 128 at d_model 128, so 128 would block "
+                                 "nothing; 64 splits it in two: a quarter of the eigh work)"},
+    "long_horizon": {"steps": LONG_HORIZON, "lr_from_horizon": LONG_LR_FROM,
+                     "order": "1200-step choice seed 0 (muon, asgo_tau1, adamw, asgo_tau10), "
+                              "knobs' seed 1 at 1200, 4800 seed 1"},
+    "grid_1200": {"factors": [1.0, *LATER_GRID_FACTORS], "around": "the 300-step choice",
+                  "edge_extensions": EDGE_EXTENSIONS_LATER, "order": ORDER},
+    "torch_threads": THREADS,
+    "lr_band": f"final val loss <= (1 + {BAND}) x best, width in factors of lr",
+}
+
+
+# ----------------------------------------------------------------------------------- machine
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine() -> dict:
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": THREADS,
+            "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+            "bf16_matmul_time_over_fp32": round(
+                train_lm.bfloat16_matmul_slowdown(torch.device("cpu")), 2),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform()}
+
+
+# ---------------------------------------------------------------------------------- records
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def key(horizon: int, name: str, lr: float, seed: int) -> str:
+    return f"{horizon}/{name}/{lr:g}/{seed}"
+
+
+class Runner:
+    def __init__(self, out: Path, deadline: dt.datetime | None):
+        self.out, self.deadline = out, deadline
+        self.runs_path = out / "runs.jsonl"
+        self.records = read_records(self.runs_path)
+        self.done = {key(r["horizon"], r["optimizer"], r["lr"], r["seed"]): r
+                     for r in self.records}
+        self.plan_log: list[dict] = []
+        self.args = train_lm.parse_args(["--quick", "--threads", str(THREADS)])
+        data, self.source = train_lm.load_corpus(None, self.args.max_bytes)
+        split = int(len(data) * (1 - train_lm.VAL_FRACTION))
+        self.train_data = data[:split]
+        self.val_batches = train_lm.fixed_val_batches(
+            data[split:], self.args.block_size, self.args.batch_size, self.args.eval_batches)
+
+    def seconds_per_step(self, name: str) -> float:
+        mine = [r for r in self.records if r["optimizer"] == name]
+        if not mine:
+            return 0.08
+        return statistics.median(r["wall_seconds"] / r["steps"] for r in mine)
+
+    def log(self, entry: dict) -> None:
+        self.plan_log.append(entry)
+        (self.out / "plan.json").write_text(json.dumps(
+            {"plan": PLAN, "log": self.plan_log}, indent=1) + "\n")
+
+    def run(self, horizon: int, name: str, lr: float, seed: int, stage: str) -> dict | None:
+        k = key(horizon, name, lr, seed)
+        if k in self.done:
+            return self.done[k]
+        estimate = 1.1 * self.seconds_per_step(name) * horizon
+        now = dt.datetime.now(dt.timezone.utc)
+        if self.deadline and now + dt.timedelta(seconds=estimate) > self.deadline:
+            print(f"skip {k} ({stage}): ~{estimate:.0f}s would end past the deadline", flush=True)
+            self.log({"run": k, "stage": stage, "status": "skipped (deadline)",
+                      "estimated_seconds": round(estimate)})
+            return None
+        self.args.eval_every = EVAL_EVERY[horizon]
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        run = train_lm.train_run(self.args, name, lr, seed, horizon, self.train_data,
+                                 self.val_batches)
+        record = {"horizon": horizon, "optimizer": name, "lr": lr, "seed": seed, "stage": stage,
+                  "steps": horizon, "wall_seconds": time.perf_counter() - start,
+                  "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                  **{f: run[f] for f in ("final_val_loss", "final_train_loss", "diverged",
+                                         "median_step_seconds", "median_optimizer_step_seconds",
+                                         "train_seconds", "curve")}}
+        with self.runs_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.records.append(record)
+        self.done[k] = record
+        self.log({"run": k, "stage": stage, "status": "done",
+                  "wall_seconds": round(record["wall_seconds"], 1)})
+        print(f"{record['finished_utc']} {k:32s} {stage:10s} val {run['final_val_loss']:.4f} "
+              f"train {run['final_train_loss']:.4f} {record['wall_seconds']:.0f}s "
+              f"load {load_before[0]:.2f}->{record['load_average_after'][0]:.2f}", flush=True)
+        return record
+
+    def grid_search(self, horizon: int, name: str, lrs: list[float],
+                    extensions: int) -> float | None:
+        """Seed 0 over the grid (extended past an edge that wins); the chosen lr."""
+        for _ in range(extensions + 1):
+            for lr in lrs:
+                self.run(horizon, name, lr, 0, "grid")
+            finished = {lr: self.done[key(horizon, name, lr, 0)]["final_val_loss"]
+                        for lr in lrs if key(horizon, name, lr, 0) in self.done}
+            if not finished:
+                return None
+            best = min(finished, key=lambda lr: finished[lr] if math.isfinite(finished[lr])
+                       else math.inf)
+            if best == lrs[0]:
+                lrs = [lr_round(lrs[0] / 2)] + lrs
+            elif best == lrs[-1]:
+                lrs = lrs + [lr_round(lrs[-1] * 2)]
+            else:
+                return best
+        return best
+
+
+def chosen_lr(records: list[dict], horizon: int, name: str) -> float | None:
+    seed0 = [r for r in records if r["horizon"] == horizon and r["optimizer"] == name
+             and r["seed"] == 0 and r["stage"] in ("grid", "long")]
+    finite = [r for r in seed0 if math.isfinite(r["final_val_loss"])]
+    return min(finite, key=lambda r: r["final_val_loss"])["lr"] if finite else None
+
+
+def run_all(out: Path, deadline: dt.datetime | None, skip_mlp: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(THREADS)
+    meta = {"machine": machine(), "plan": PLAN, "started_utc":
+            dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "deadline_utc": deadline.isoformat() if deadline else None,
+            "command": " ".join(["python", "benchmarks/regime_map.py"] + sys.argv[1:])}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(json.dumps(meta, indent=1), flush=True)
+    runner = Runner(out, deadline)
+    short, middle = GRID_HORIZONS
+    centre = {}
+    for name in OPTIMIZERS:
+        centre[name] = runner.grid_search(short, name, grid(name), EDGE_EXTENSIONS)
+        print(f"horizon {short}: {name} chose lr {centre[name]}", flush=True)
+    for name in OPTIMIZERS:
+        if centre[name] is not None:
+            for seed in SEEDS[1:]:
+                runner.run(short, name, centre[name], seed, "seed")
+    order = [name for name in ORDER if centre[name] is not None]
+    for name in order:  # breadth-first: every optimizer's centre before any neighbour
+        runner.run(middle, name, centre[name], 0, "grid")
+    if centre.get(KNOB_LR_FROM) is not None:
+        for knob in KNOBS:
+            runner.run(KNOB_HORIZON, knob, centre[KNOB_LR_FROM], 0, "knob")
+    for factor in LATER_GRID_FACTORS:
+        for name in order:
+            runner.run(middle, name, lr_round(centre[name] * factor), 0, "grid")
+    if not skip_mlp and not (out / "mlp_jax_lr_sensitivity.json").exists():
+        if deadline and dt.datetime.now(dt.timezone.utc) + dt.timedelta(
+                seconds=MLP_SECONDS) > deadline:
+            runner.log({"run": "train_mlp_jax --sensitivity", "status": "skipped (deadline)"})
+        else:
+            print("train_mlp_jax lr sensitivity", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).with_name("train_mlp_jax.py")),
+                            "--sensitivity", "--out", str(out)], check=False)
+    for name in order:  # one factor of 2 past an edge that wins, once all three points ran
+        lrs = [lr_round(centre[name] * f) for f in (*LATER_GRID_FACTORS[:1], 1.0,
+                                                     *LATER_GRID_FACTORS[1:])]
+        if all(key(middle, name, lr, 0) in runner.done for lr in lrs):
+            best = chosen_lr(runner.records, middle, name)
+            if best == min(lrs) or best == max(lrs):
+                factor = 0.5 if best == min(lrs) else 2.0
+                runner.run(middle, name, lr_round(best * factor), 0, "grid")
+    chosen = {name: chosen_lr(runner.records, middle, name) for name in order}
+    for name in order:
+        if chosen[name] is not None:
+            for seed in SEEDS[1:]:
+                runner.run(middle, name, chosen[name], seed, "seed")
+    for name in order:
+        if chosen[name] is not None:
+            runner.run(LONG_HORIZON, name, chosen[name], 0, "long")
+    if centre.get(KNOB_LR_FROM) is not None:
+        for knob in KNOBS:
+            for seed in SEEDS[1:]:
+                runner.run(KNOB_HORIZON, knob, centre[KNOB_LR_FROM], seed, "knob")
+    for name in order:
+        if chosen[name] is not None:
+            for seed in SEEDS[1:]:
+                runner.run(LONG_HORIZON, name, chosen[name], seed, "seed")
+    print("done", flush=True)
+
+
+# ----------------------------------------------------------------------------------- report
+
+def mean_curve(runs: list[dict]) -> dict[str, list[float]]:
+    length = min(len(r["curve"]) for r in runs)
+    points = [[r["curve"][i] for r in runs] for i in range(length)]
+    return {"step": [p[0]["step"] for p in points],
+            "seconds": [statistics.fmean(q["seconds"] for q in p) for p in points],
+            "val_mean": [statistics.fmean(q["val_loss"] for q in p) for p in points],
+            "val_min": [min(q["val_loss"] for q in p) for p in points],
+            "val_max": [max(q["val_loss"] for q in p) for p in points]}
+
+
+def time_to_reach(curve: dict, target: float) -> tuple[float, float] | None:
+    """(steps, seconds) at which the mean val curve first reaches target, linearly interpolated
+    between evaluations; None when it never does."""
+    previous = None
+    for step, seconds, val in zip(curve["step"], curve["seconds"], curve["val_mean"]):
+        if val <= target:
+            if previous is None or previous[2] == val:
+                return float(step), seconds
+            s0, t0, v0 = previous
+            w = (v0 - target) / (v0 - val)
+            return s0 + w * (step - s0), t0 + w * (seconds - t0)
+        previous = (step, seconds, val)
+    return None
+
+
+def half_range(values: list[float]) -> float:
+    return (max(values) - min(values)) / 2 if len(values) > 1 else float("nan")
+
+
+def lr_band(losses: dict[float, float]) -> dict:
+    """Width (max lr / min lr) of the band where the final val loss is within BAND of the best:
+    on grid points, and with the edges interpolated linearly in log lr between grid points."""
+    lrs = sorted(lr for lr in losses if math.isfinite(losses[lr]))
+    best = min(losses[lr] for lr in lrs)
+    limit = (1 + BAND) * best
+    i_best = min(range(len(lrs)), key=lambda i: losses[lrs[i]])
+    lo = hi = i_best
+    while lo > 0 and losses[lrs[lo - 1]] <= limit:
+        lo -= 1
+    while hi < len(lrs) - 1 and losses[lrs[hi + 1]] <= limit:
+        hi += 1
+
+    def edge(inside: int, outside: int) -> float:
+        a, b = math.log(lrs[inside]), math.log(lrs[outside])
+        va, vb = losses[lrs[inside]], losses[lrs[outside]]
+        return math.exp(a + (limit - va) / (vb - va) * (b - a))
+    low = edge(lo, lo - 1) if lo > 0 else lrs[lo]
+    high = edge(hi, hi + 1) if hi < len(lrs) - 1 else lrs[hi]
+    return {"best_lr": lrs[i_best], "best_loss": best, "limit": limit,
+            "grid_points_in_band": [lrs[i] for i in range(lo, hi + 1)],
+            "grid_width": lrs[hi] / lrs[lo], "interpolated_low": low, "interpolated_high": high,
+            "interpolated_width": high / low,
+            "open_low": lo == 0, "open_high": hi == len(lrs) - 1}
+
+
+def report(out: Path) -> dict:
+    records = read_records(out / "runs.jsonl")
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    summary: dict = {"meta": meta, "horizons": {}, "lr_sensitivity": {}, "knobs": {}}
+    names = OPTIMIZERS + list(KNOBS)
+    for horizon in HORIZONS:
+        rows = {}
+        for name in names:
+            lr = (chosen_lr(records, horizon, name) if name in OPTIMIZERS
+                  else chosen_lr(records, KNOB_HORIZON, KNOB_LR_FROM))
+            runs = [r for r in records if r["horizon"] == horizon and r["optimizer"] == name
+                    and r["lr"] == lr]
+            if lr is None or not runs:
+                continue
+            vals = [r["final_val_loss"] for r in runs]
+            trains = [r["final_train_loss"] for r in runs]
+            rows[name] = {"lr": lr, "seeds": sorted(r["seed"] for r in runs),
+                          "val_mean": statistics.fmean(vals), "val_half_range": half_range(vals),
+                          "train_mean": statistics.fmean(trains),
+                          "train_half_range": half_range(trains),
+                          "step_ms": 1e3 * statistics.median(r["median_step_seconds"] for r in runs),
+                          "optimizer_ms": 1e3 * statistics.median(
+                              r["median_optimizer_step_seconds"] for r in runs),
+                          "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+                          "load_average": [round(max(r["load_average_before"][0],
+                                                     r["load_average_after"][0]), 2)
+                                           for r in runs],
+                          "curve": mean_curve(runs)}
+        for name, row in rows.items():
+            row["reach"] = {}
+            for other, other_row in rows.items():
+                if other != name:
+                    hit = time_to_reach(row["curve"], other_row["val_mean"])
+                    row["reach"][other] = None if hit is None else {"steps": hit[0],
+                                                                    "seconds": hit[1]}
+        if rows:
+            summary["horizons"][str(horizon)] = rows
+        sensitivity = {}
+        for name in OPTIMIZERS:
+            losses = {r["lr"]: r["final_val_loss"] for r in records if r["horizon"] == horizon
+                      and r["optimizer"] == name and r["seed"] == 0}
+            if len(losses) >= 2:
+                sensitivity[name] = {"final_val_by_lr": {f"{lr:g}": v for lr, v in
+                                                         sorted(losses.items())},
+                                     "band": lr_band(losses)}
+        if sensitivity:
+            summary["lr_sensitivity"][str(horizon)] = sensitivity
+    mlp = out / "mlp_jax_lr_sensitivity.json"
+    if mlp.exists():
+        mlp_data = json.loads(mlp.read_text())
+        summary["lr_sensitivity"]["mlp_jax"] = {
+            name: {"final_val_by_lr": v, "band": lr_band({float(k): x for k, x in v.items()})}
+            for name, v in mlp_data["final_val_loss_by_lr"].items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "tables.md").write_text(tables_markdown(summary))
+    plot(summary, out)
+    return summary
+
+
+def fmt(value: float, digits: int = 4) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def tables_markdown(summary: dict) -> str:
+    lines = []
+    for horizon, rows in summary["horizons"].items():
+        lines += [f"### {horizon} steps", "",
+                  "| optimizer | lr | seeds | final val ± half-range | final train ± half-range "
+                  "| step ms | opt ms | train s | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            lines.append(f"| {name} | {r['lr']:g} | {len(r['seeds'])} "
+                         f"| {fmt(r['val_mean'])} ± {fmt(r['val_half_range'])} "
+                         f"| {fmt(r['train_mean'])} ± {fmt(r['train_half_range'])} "
+                         f"| {r['step_ms']:.1f} | {r['optimizer_ms']:.1f} "
+                         f"| {r['train_seconds']:.0f} | {max(r['load_average']):.2f} |")
+        main = [n for n in rows if n in OPTIMIZERS]
+        lines += ["", f"Steps / training seconds for the row's mean val curve to reach the "
+                      f"column's final mean val loss at {horizon} steps (– never):", "",
+                  "| optimizer | " + " | ".join(f"→ {n} ({fmt(rows[n]['val_mean'])})"
+                                                 for n in main) + " |",
+                  "|---|" + "---|" * len(main)]
+        for name in rows:
+            cells = []
+            for other in main:
+                if other == name:
+                    cells.append("·")
+                    continue
+                hit = rows[name]["reach"].get(other)
+                cells.append("–" if hit is None else f"{hit['steps']:.0f} / {hit['seconds']:.0f}s")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for horizon, sens in summary["lr_sensitivity"].items():
+        title = ("train_mlp_jax.py (20 epochs, seed 0)" if horizon == "mlp_jax"
+                 else f"{horizon} steps (seed 0)")
+        lines += [f"### lr sensitivity, {title}", "",
+                  "| optimizer | final val loss by lr | best lr | band within 2% "
+                  "(grid points) | width, grid | width, interpolated |",
+                  "|---|---|---|---|---|---|"]
+        for name, s in sens.items():
+            band = s["band"]
+            by_lr = ", ".join(f"{lr}: {v:.4f}" if math.isfinite(v) else f"{lr}: nan"
+                              for lr, v in s["final_val_by_lr"].items())
+            open_mark = "≥ " if band["open_low"] or band["open_high"] else ""
+            lines.append(f"| {name} | {by_lr} | {band['best_lr']:g} | "
+                         + ", ".join(f"{lr:g}" for lr in band["grid_points_in_band"])
+                         + f" | {open_mark}{band['grid_width']:.1f}× "
+                         f"| {open_mark}{band['interpolated_width']:.1f}× |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"adamw": "C0", "muon": "C1", "asgo_tau1": "C2", "asgo_tau10": "C3",
+              "asgo_tau3": "C4", "asgo_tau1_mpd64": "C5"}
+    horizons = list(summary["horizons"])
+    for x_key, x_label, file_name in (("step", "step", "val_loss_vs_step.png"),
+                                      ("seconds", "training seconds (no eval; shared 2 cores)",
+                                       "val_loss_vs_seconds.png")):
+        figure, axes = plt.subplots(1, len(horizons), figsize=(5 * len(horizons), 4.2),
+                                    squeeze=False)
+        for ax, horizon in zip(axes[0], horizons):
+            rows = summary["horizons"][horizon]
+            tails = []
+            for name, row in rows.items():
+                c = row["curve"]
+                ax.plot(c[x_key], c["val_mean"], color=colors.get(name),
+                        label=f"{name} (lr {row['lr']:g}, {len(row['seeds'])} seed"
+                              f"{'s' if len(row['seeds']) > 1 else ''})")
+                ax.fill_between(c[x_key], c["val_min"], c["val_max"], color=colors.get(name),
+                                alpha=0.2)
+                tails += c["val_max"][len(c["val_max"]) // 5:]
+            finite = [v for v in tails if math.isfinite(v)]
+            if finite:
+                ax.set_ylim(min(finite) - 0.02, max(finite))
+            ax.set(title=f"{horizon} steps", xlabel=x_label, ylabel="validation loss (nats/byte)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / file_name, dpi=110)
+        plt.close(figure)
+
+    sens = summary["lr_sensitivity"]
+    if sens:
+        figure, axes = plt.subplots(1, len(sens), figsize=(5 * len(sens), 4.2), squeeze=False)
+        for ax, (horizon, by_name) in zip(axes[0], sens.items()):
+            for name, s in by_name.items():
+                lrs = [float(k) for k in s["final_val_by_lr"]]
+                vals = list(s["final_val_by_lr"].values())
+                ax.plot(lrs, vals, "o-", color=colors.get(name), label=name)
+                band = s["band"]
+                ax.plot([band["interpolated_low"], band["interpolated_high"]],
+                        [band["limit"]] * 2, color=colors.get(name), lw=4, alpha=0.4)
+            title = ("train_mlp_jax (digits MLP)" if horizon == "mlp_jax"
+                     else f"train_lm quick, {horizon} steps")
+            finite = [v for s in by_name.values() for v in s["final_val_by_lr"].values()
+                      if math.isfinite(v)]
+            best = min(finite)
+            ax.set_ylim(best - 0.05 * abs(best), min(max(finite), best * 1.6))
+            ax.set(xscale="log", xlabel="peak lr", ylabel="final validation loss (seed 0)",
+                   title=f"{title}\nthick bar: within 2% of best")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "lr_sensitivity.png", dpi=110)
+        plt.close(figure)
+
+    figure, ax = plt.subplots(figsize=(6, 4.2))
+    for name in OPTIMIZERS:
+        points = [(int(h), rows[name]) for h, rows in summary["horizons"].items() if name in rows]
+        if points:
+            ax.errorbar([h for h, _ in points], [r["val_mean"] for _, r in points],
+                        yerr=[0 if not math.isfinite(r["val_half_range"]) else r["val_half_range"]
+                              for _, r in points], fmt="o-", color=colors[name], label=name,
+                        capsize=3)
+    ax.set(xscale="log", xlabel="run length (steps; lr tuned per horizon, see docs)",
+           ylabel="final validation loss", title="train_lm quick: final val loss vs horizon")
+    ax.set_xticks([int(h) for h in summary["horizons"]], [h for h in summary["horizons"]])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(out / "final_val_vs_horizon.png", dpi=110)
+    plt.close(figure)
+
+    knob_rows = summary["horizons"].get(str(KNOB_HORIZON), {})
+    if knob_rows:
+        figure, ax = plt.subplots(figsize=(6, 4.2))
+        for name, row in knob_rows.items():
+            ax.errorbar(row["optimizer_ms"], row["val_mean"],
+                        yerr=0 if not math.isfinite(row["val_half_range"]) else row["val_half_range"],
+                        fmt="o", color=colors.get(name), label=name, capsize=3)
+        ax.set(xscale="log", xlabel="median optimizer step (ms, 2 shared cores)",
+               ylabel="final validation loss", title=f"{KNOB_HORIZON} steps: quality vs step cost")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out / "cost_knobs.png", dpi=110)
+        plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--report", action="store_true", help="tables and plots from runs.jsonl")
+    parser.add_argument("--deadline", help="HH:MM UTC today: skip runs that would end later")
+    parser.add_argument("--skip-mlp", action="store_true", help="leave out train_mlp_jax")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    if args.report:
+        summary = report(args.out)
+        print((args.out / "tables.md").read_text())
+        print(f"wrote {args.out}/summary.json, tables.md, *.png "
+              f"({sum(len(r) for r in summary['horizons'].values())} rows)")
+        return
+    deadline = None
+    if args.deadline:
+        hour, minute = map(int, args.deadline.split(":"))
+        deadline = dt.datetime.now(dt.timezone.utc).replace(hour=hour, minute=minute, second=0,
+                                                            microsecond=0)
+    run_all(args.out, deadline, args.skip_mlp)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    main()
