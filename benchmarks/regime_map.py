@@ -50,6 +50,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 import train_lm  # noqa: E402  (benchmarks/, the script's own directory)
+from step_time import cpu_flags  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "regime_map"
 OPTIMIZERS = ["adamw", "muon", "asgo_tau1", "asgo_tau10"]
@@ -115,20 +116,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine() -> dict:
     flags = cpu_flags()
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": THREADS,
-            "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+            "bf16_flags": sorted((flags or set()) & {"avx512_bf16", "amx_bf16", "amx_tile"}),
             "bf16_matmul_time_over_fp32": round(
                 train_lm.bfloat16_matmul_slowdown(torch.device("cpu")), 2),
             "python": platform.python_version(), "torch": torch.__version__,
@@ -300,16 +291,6 @@ def run_all(out: Path, deadline: dt.datetime | None, skip_mlp: bool) -> None:
 
 # ----------------------------------------------------------------------------------- report
 
-def mean_curve(runs: list[dict]) -> dict[str, list[float]]:
-    length = min(len(r["curve"]) for r in runs)
-    points = [[r["curve"][i] for r in runs] for i in range(length)]
-    return {"step": [p[0]["step"] for p in points],
-            "seconds": [statistics.fmean(q["seconds"] for q in p) for p in points],
-            "val_mean": [statistics.fmean(q["val_loss"] for q in p) for p in points],
-            "val_min": [min(q["val_loss"] for q in p) for p in points],
-            "val_max": [max(q["val_loss"] for q in p) for p in points]}
-
-
 def time_to_reach(curve: dict, target: float) -> tuple[float, float] | None:
     """(steps, seconds) at which the mean val curve first reaches target, linearly interpolated
     between evaluations; None when it never does."""
@@ -382,7 +363,7 @@ def report(out: Path) -> dict:
                           "load_average": [round(max(r["load_average_before"][0],
                                                      r["load_average_after"][0]), 2)
                                            for r in runs],
-                          "curve": mean_curve(runs)}
+                          "curve": train_lm.mean_curve(runs)}
         for name, row in rows.items():
             row["reach"] = {}
             for other, other_row in rows.items():

@@ -44,6 +44,7 @@ from torch import nn
 from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
 from asgo_core.solvers import inverse_root
 from reference_asgo import ReferenceStyleASGO  # benchmarks/, the script's own directory
+from train_lm import bfloat16_matmul_slowdown
 
 LR = 1e-2
 
@@ -238,30 +239,27 @@ MATCHED_ROWS = {
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU flags of /proc/cpuinfo (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(set(line.split(":", 1)[1].split())
+                        for line in cpuinfo if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+
+
 def native_bf16(device) -> tuple[bool, str]:
     """Whether bfloat16 matmuls run natively on device, and how that was decided."""
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
         return native, f"CUDA, torch.cuda.is_bf16_supported() = {native}"
-    try:
-        flags = next(set(line.split(":", 1)[1].split())
-                     for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = None
+    flags = cpu_flags()
     if flags is not None:
         found = sorted(flags & CPU_BF16_FLAGS)
         return bool(found), ("/proc/cpuinfo flags " + ", ".join(found) if found else
                              "no avx512_bf16 / amx_bf16 flag in /proc/cpuinfo")
-    a = torch.randn(256, 256)
-
-    def seconds(dtype):
-        x = a.to(dtype)
-        x @ x
-        start = time.perf_counter()
-        for _ in range(5):
-            x @ x
-        return time.perf_counter() - start
-    ratio = seconds(torch.bfloat16) / seconds(torch.float32)
+    ratio = bfloat16_matmul_slowdown(device)
     return ratio < 2.0, f"a 256×256 bf16 matmul took {ratio:.1f}× the float32 time"
 
 
