@@ -47,7 +47,7 @@ def batches(count, seed=0):
 def test_nnx_optimizer_equals_the_bare_optax_loop():
     model = MLP(nnx.Rngs(0))
     graphdef, initial = nnx.split(MLP(nnx.Rngs(0)), nnx.Param)  # a twin: nnx updates model in place
-    tx = asgo(learning_rate=LR, precondition_frequency=2)
+    tx = asgo(learning_rate=0.05, precondition_frequency=2)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit

@@ -40,7 +40,7 @@ class TinyLM(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = ASGO(asgo_param_groups(self, num_heads=HEADS), lr=0.02, weight_decay=0.01)
+        opt = ASGO(asgo_param_groups(self, num_heads=self.attn.num_heads), lr=0.02, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
