@@ -294,6 +294,24 @@ def test_save_load_resumes_as_if_uninterrupted(tmp_path):
     assert fresh_gap > 100 * ATOL
 
 
+def python_block(path: str, heading: str) -> str:
+    """The first ```python block under a markdown heading."""
+    with open(path) as file:
+        text = file.read()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_quick_start_runs(tmp_path, monkeypatch):
+    code = python_block(os.path.join(os.path.dirname(__file__), "..", "docs", "keras.md"), "## Quick start")
+    monkeypatch.chdir(tmp_path)
+    keras.utils.set_random_seed(0)
+    namespace = {}
+    exec(compile(code, "docs/keras.md quick start", "exec"), namespace)
+    assert namespace["history"].history["val_accuracy"][-1] > 0.85
+    assert isinstance(keras.models.load_model("digits.keras").optimizer, ASGO)
+
+
 # ---- configuration ----------------------------------------------------------------------------------
 def test_defaults_are_the_torch_adapters():
     import inspect

@@ -2,7 +2,9 @@
 
 Keras fixes its backend when it is imported, so each backend's tests (tests/keras_cases.py)
 run in a subprocess of their own with KERAS_BACKEND set; a failure there fails this test with
-that run's output. Both subprocesses start together (one core each on a two-core machine).
+that run's output. Both subprocesses start together, one OpenMP thread each (LAPACK's threads
+spin against each other on a busy two-core machine: a 64×64 eigh took 117 ms with two threads
+here, 1 ms with one).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def backend_runs(tmp_path_factory):
             process = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
                  "ignore::DeprecationWarning", "-rs", CASES],
-                env=dict(os.environ, KERAS_BACKEND=backend), stdout=out, stderr=subprocess.STDOUT)
+                env=dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1"), stdout=out,
+                stderr=subprocess.STDOUT)
         runs[backend] = (process, log)
     yield runs
     for process, _ in runs.values():
