@@ -48,7 +48,7 @@ from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_s
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.options import check_group_options, group_config
-from asgo_core.layout import block_layout, matrix_stack_shape
+from asgo_core.layout import block_layout, check_batch_dims_value, matrix_stack_shape
 
 __all__ = ["ASGO", "DASGO"]
 
@@ -246,6 +246,7 @@ class _ArrayOptimizer:
     def _group_settings(self, group: dict) -> dict:
         """Validated options of one group: lr, configs per matrix algorithm, AdamW options."""
         check_group_options(group)
+        check_batch_dims_value(group["batch_dims"])
         configs = {name: group_config(group, name) for name in self._matrix_algorithms()}
         return {"lr": group["lr"], "configs": configs, "maximize": group["maximize"],
                 "adamw": {name: group[name] for name in _ADAMW_OPTIONS} | {

@@ -130,9 +130,16 @@ def test_same_shaped_stacks_join_one_bucket_of_all_their_matrices(monkeypatch):
 
 # ---- bad values -----------------------------------------------------------------------------
 @pytest.mark.parametrize("optimizer", [ASGO, DASGO])
-@pytest.mark.parametrize("batch_dims", [-1, True, 1.0, "1", 2, 3])
-def test_bad_batch_dims_are_refused_at_construction(optimizer, batch_dims):
-    with pytest.raises(ValueError, match=r"params\['experts'\].*batch_dims"):
+@pytest.mark.parametrize("batch_dims", [-1, True, 1.0, "1"])
+def test_a_batch_dims_that_is_no_count_is_refused_even_without_matrices(optimizer, batch_dims):
+    with pytest.raises(ValueError, match=r"batch_dims=.*accepted: an integer >= 0"):
+        optimizer({"bias": np.ones(6)}, batch_dims=batch_dims)
+
+
+@pytest.mark.parametrize("optimizer", [ASGO, DASGO])
+@pytest.mark.parametrize("batch_dims", [2, 3])
+def test_a_batch_dims_that_leaves_no_matrix_is_refused_naming_the_array(optimizer, batch_dims):
+    with pytest.raises(ValueError, match=r"params\['experts'\].*batch_dims.*shape \(3, 6, 10\)"):
         optimizer({"experts": np.ones((3, 6, 10)), "bias": np.ones(6)}, batch_dims=batch_dims)
 
 
