@@ -1,7 +1,8 @@
 """The trainer snippets in the docs are the code tests/integrations runs.
 
-Each ```python block of docs/trainers.md must appear, line for line (indentation and blank lines
-aside), in one test file of this folder, so a snippet cannot drift from what is tested.
+Each ```python block of docs/trainers.md and of the README's "Use it with your trainer" section
+must appear, line for line (indentation and blank lines aside), in one test file of this
+folder, so a snippet cannot drift from what is tested.
 """
 
 from __future__ import annotations
@@ -31,14 +32,18 @@ def contains_run(haystack: list[str], needle: list[str]) -> bool:
 
 TEST_SOURCES = {path.name: code_lines(path.read_text()) for path in HERE.glob("test_*.py")
                 if path.name != Path(__file__).name}
-TRAINERS_DOC = (ROOT / "docs" / "trainers.md").read_text()
+TRAINERS_BLOCKS = python_blocks((ROOT / "docs" / "trainers.md").read_text())
+README_SECTION = re.search(r"^## Use it with your trainer\n(.*?)(?=^## |\Z)", (ROOT / "README.md").read_text(),
+                           flags=re.MULTILINE | re.DOTALL)
+README_BLOCKS = python_blocks(README_SECTION.group(1)) if README_SECTION else []
 
 
 def test_every_stack_has_snippets():
-    assert len(python_blocks(TRAINERS_DOC)) >= 8
+    assert len(TRAINERS_BLOCKS) >= 8
+    assert len(README_BLOCKS) >= 4  # HF Trainer, Lightning, Flax NNX, Equinox
 
 
-@pytest.mark.parametrize("block", python_blocks(TRAINERS_DOC), ids=lambda block: code_lines(block)[0][:40])
+@pytest.mark.parametrize("block", TRAINERS_BLOCKS + README_BLOCKS, ids=lambda block: code_lines(block)[0][:40])
 def test_snippet_is_a_run_of_test_lines(block):
     snippet = code_lines(block)
     found_in = [name for name, lines in TEST_SOURCES.items() if contains_run(lines, snippet)]
