@@ -336,6 +336,22 @@ def lr_band(losses: dict[float, float]) -> dict:
             "open_low": lo == 0, "open_high": hi == len(lrs) - 1}
 
 
+def mlp_sensitivity(out: Path) -> tuple[dict, str]:
+    """train_mlp_jax's final val loss by lr (seed 0): from --sensitivity (the stored lr x 1/4..4)
+    when it ran, else from the --sweep grid stored in benchmarks/lr_choices_jax.json."""
+    sensitivity = out / "mlp_jax_lr_sensitivity.json"
+    if sensitivity.exists():
+        return (json.loads(sensitivity.read_text())["final_val_loss_by_lr"],
+                "python benchmarks/train_mlp_jax.py --sensitivity")
+    sweep = Path(__file__).with_name("lr_choices_jax.json")
+    if sweep.exists():
+        choices = json.loads(sweep.read_text())
+        return ({name: choices[name]["final_val_loss_by_lr"] for name in OPTIMIZERS
+                 if name in choices},
+                "python benchmarks/train_mlp_jax.py --sweep (benchmarks/lr_choices_jax.json)")
+    return {}, ""
+
+
 def report(out: Path) -> dict:
     records = read_records(out / "runs.jsonl")
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
@@ -383,12 +399,12 @@ def report(out: Path) -> dict:
                                      "band": lr_band(losses)}
         if sensitivity:
             summary["lr_sensitivity"][str(horizon)] = sensitivity
-    mlp = out / "mlp_jax_lr_sensitivity.json"
-    if mlp.exists():
-        mlp_data = json.loads(mlp.read_text())
+    mlp_by_lr, mlp_source = mlp_sensitivity(out)
+    if mlp_by_lr:
         summary["lr_sensitivity"]["mlp_jax"] = {
             name: {"final_val_by_lr": v, "band": lr_band({float(k): x for k, x in v.items()})}
-            for name, v in mlp_data["final_val_loss_by_lr"].items()}
+            for name, v in mlp_by_lr.items()}
+        summary["mlp_jax_source"] = mlp_source
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "tables.md").write_text(tables_markdown(summary))
     plot(summary, out)
@@ -429,7 +445,8 @@ def tables_markdown(summary: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     for horizon, sens in summary["lr_sensitivity"].items():
-        title = ("train_mlp_jax.py (20 epochs, seed 0)" if horizon == "mlp_jax"
+        title = (f"train_mlp_jax.py (20 epochs, seed 0; {summary['mlp_jax_source']})"
+                 if horizon == "mlp_jax"
                  else f"{horizon} steps (seed 0)")
         lines += [f"### lr sensitivity, {title}", "",
                   "| optimizer | final val loss by lr | best lr | band within 2% "
