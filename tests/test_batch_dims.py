@@ -12,6 +12,7 @@ from asgo_core import ASGOConfig, CheckpointError, load_state, save_state
 from asgo_core.adapters import cupy as array_adapter
 from asgo_core.adapters.cupy import ASGO, DASGO
 from asgo_core.adapters.torch import ASGO as TorchASGO
+from asgo_core.adapters.torch import DASGO as TorchDASGO
 from conftest import _gpu_available, jax_x64, relative_error, tolerance
 from test_cupy_adapter import flatten, unflatten
 
@@ -219,6 +220,7 @@ def test_a_state_dict_saved_before_batch_dims_reads_it_as_zero():
 
 # ---- portable checkpoints -------------------------------------------------------------------
 OPTIONS = dict(precondition_frequency=3, max_precond_dim=4, weight_decay=0.05)
+DASGO_OPTIONS = dict(weight_decay=0.05)
 MODEL_SHAPES = {"experts": (3, 6, 10), "w": (6, 10), "b": (6,)}
 
 
@@ -231,25 +233,28 @@ def _grads(count):
             for t in range(count)]
 
 
-def _numpy_steps(params, grads, lrs, portable=None):
-    """The NumPy adapter on the model (experts with batch_dims=1), optionally resumed from `portable`."""
+def _numpy_steps(params, grads, lrs, portable=None, algorithm="asgo"):
+    """The NumPy adapter on the model (experts with batch_dims=1), optionally resumed from
+    `portable`: (arrays, portable state) after the steps."""
     arrays = {name: np.array(value) for name, value in params.items()}
-    optimizer = ASGO([{"params": {"experts": arrays["experts"]}, "batch_dims": 1},
-                      {"params": {"w": arrays["w"], "b": arrays["b"]}}], lr=0.0, **OPTIONS)
+    optimizer_type, options = (ASGO, OPTIONS) if algorithm == "asgo" else (DASGO, DASGO_OPTIONS)
+    optimizer = optimizer_type([{"params": {"experts": arrays["experts"]}, "batch_dims": 1},
+                                {"params": {"w": arrays["w"], "b": arrays["b"]}}], lr=0.0, **options)
     if portable is not None:
         optimizer.load_portable_state(portable)
     for lr, grad in zip(lrs, grads):
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step(grad)
-    return arrays, optimizer
+    return arrays, optimizer.portable_state()
 
 
-def _torch_steps(params, grads, lrs, portable=None):
-    """torch ASGO on the model (experts with batch_dims=1), optionally resumed from `portable`."""
+def _torch_steps(params, grads, lrs, portable=None, algorithm="asgo"):
+    """torch ASGO/DASGO on the model (experts with batch_dims=1), as _numpy_steps."""
     tensors = {name: torch.nn.Parameter(torch.tensor(value)) for name, value in params.items()}
-    optimizer = TorchASGO([{"params": [tensors["experts"]], "batch_dims": 1},
-                           {"params": [tensors["w"], tensors["b"]]}], lr=0.0, **OPTIONS)
+    optimizer_type, options = (TorchASGO, OPTIONS) if algorithm == "asgo" else (TorchDASGO, DASGO_OPTIONS)
+    optimizer = optimizer_type([{"params": [tensors["experts"]], "batch_dims": 1},
+                                {"params": [tensors["w"], tensors["b"]]}], lr=0.0, **options)
     names = ["experts", "w", "b"]
     if portable is not None:
         optimizer.load_portable_state(portable, names=names)
@@ -296,8 +301,8 @@ def _through_file(tmp_path, portable, name):
 
 def test_a_portable_entry_of_a_stack_holds_its_matrices_in_order():
     grads = _grads(4)
-    _, stacked = _numpy_steps(_model(), grads, LRS)
-    entry = next(e for e in stacked.portable_state()["params"] if e["name"] == "experts")
+    _, portable = _numpy_steps(_model(), grads, LRS)
+    entry = next(e for e in portable["params"] if e["name"] == "experts")
     assert entry["batch_dims"] == 1
     experts = _model()["experts"]
     for index in range(3):
@@ -312,12 +317,24 @@ def test_a_portable_entry_of_a_stack_holds_its_matrices_in_order():
             assert relative_error(got, value) <= PARITY, (index, key)
 
 
+@pytest.mark.parametrize("algorithm", ["asgo", "dasgo"])
+@pytest.mark.parametrize("first, second", [(_numpy_steps, _numpy_steps), (_numpy_steps, _torch_steps),
+                                           (_torch_steps, _numpy_steps)],
+                         ids=["numpy-to-numpy", "numpy-to-torch", "torch-to-numpy"])
+def test_a_stack_resumed_from_a_file_equals_twenty_steps(tmp_path, first, second, algorithm):
+    params, grads = _model(), _grads(20)
+    expected, _ = _torch_steps(params, grads, LRS, algorithm=algorithm)
+    halfway, exported = first(params, grads[:10], LRS[:10], algorithm=algorithm)
+    resumed, _ = second(halfway, grads[10:], LRS[10:], _through_file(tmp_path, exported, "run.npz"),
+                        algorithm=algorithm)
+    _assert_close(resumed, expected)
+
+
 def test_numpy_to_optax_and_back_equals_twenty_numpy_steps(tmp_path):
     params, grads = _model(), _grads(20)
     expected, _ = _numpy_steps(params, grads, LRS)
-    halfway, optimizer = _numpy_steps(params, grads[:7], LRS[:7])
-    in_optax, exported = _optax_steps(halfway, grads[7:14], _through_file(tmp_path, optimizer.portable_state(),
-                                                                               "numpy.npz"))
+    halfway, exported = _numpy_steps(params, grads[:7], LRS[:7])
+    in_optax, exported = _optax_steps(halfway, grads[7:14], _through_file(tmp_path, exported, "numpy.npz"))
     resumed, _ = _numpy_steps(in_optax, grads[14:], LRS[14:], _through_file(tmp_path, exported, "optax.npz"))
     _assert_close(resumed, expected)
 
@@ -335,13 +352,13 @@ def test_optax_refuses_a_stack_checkpoint_for_a_leaf_read_as_one_matrix():
     import jax.numpy as jnp
     from asgo_core.adapters.optax import MuonDimensionNumbers, asgo, state_from_portable
 
-    _, optimizer = _numpy_steps(_model(), _grads(1), LRS)
+    _, exported = _numpy_steps(_model(), _grads(1), LRS)
     numbers = {"experts": MuonDimensionNumbers(reduction_axis=(1, 2), output_axis=0),
                "w": MuonDimensionNumbers(reduction_axis=1, output_axis=0), "b": None}
     leaves = {name: jnp.asarray(value, jnp.float32) for name, value in _model().items()}
     tx = asgo(0.01, weight_dimension_numbers=numbers, **OPTIONS)
     with pytest.raises(CheckpointError, match="'experts'.*batch_dims 1 != 0"):
-        state_from_portable(optimizer.portable_state(), leaves, tx, ASGOConfig(**OPTIONS),
+        state_from_portable(exported, leaves, tx, ASGOConfig(**OPTIONS),
                             weight_dimension_numbers=numbers)
 
 
