@@ -27,6 +27,11 @@ class Case:
     algorithm: str = "asgo"
     schedule: bool = False
     shapes: tuple = tuple(SHAPES.items())
+    nan_at: int | None = None  # a step whose first matrix's gradient holds a NaN
+
+    @property
+    def raises(self) -> bool:
+        return dict(self.options).get("nonfinite") == "raise"
 
     @property
     def config(self):
@@ -46,7 +51,21 @@ def problem(case: Case, dtype: str, seed: int = 0):
     params = {name: rng.standard_normal(shape).astype(dtype) for name, shape in case.shapes}
     grads = [{name: (rng.standard_normal(shape) * 10.0 ** rng.uniform(-1, 1)).astype(dtype)
               for name, shape in case.shapes} for _ in range(STEPS)]
+    if case.nan_at is not None:
+        first = case.shapes[0][0]
+        grads[case.nan_at][first].flat[0] = np.nan
     return params, grads
+
+
+def step_or_refused(case: Case, take_step) -> None:
+    """take_step(); under nonfinite="raise" a step that raises FloatingPointError is refused as
+    a whole, and the run goes on with the next gradients."""
+    if not case.raises:
+        return take_step()
+    try:
+        take_step()
+    except FloatingPointError:
+        pass
 
 
 def adapter_options(case: Case) -> dict:
@@ -70,12 +89,19 @@ def run_core(case: Case, dtype: str, xp=None):
     config = case.config
     weights = {name: xp.asarray(value.reshape(1, *matrix_view_shape(value.shape))) for name, value in params.items()}
     states = {name: init_state(W, config) for name, W in weights.items()}
-    for t, (lr, grad) in enumerate(zip(case.learning_rates(), grads)):
-        refresh = case.algorithm == "asgo" and needs_root_refresh(t, config)
-        for name, W in weights.items():
-            G = xp.asarray(grad[name].reshape(W.shape))
-            update, states[name] = step(G, states[name], W, config, refresh_root=refresh)
-            weights[name] = W - lr * update
+    taken = 0
+    for lr, grad in zip(case.learning_rates(), grads):
+        refresh = case.algorithm == "asgo" and needs_root_refresh(taken, config)
+        try:  # every matrix first, then the writes: a refused step changes nothing
+            results = {name: step(xp.asarray(grad[name].reshape(W.shape)), states[name], W, config,
+                                  refresh_root=refresh) for name, W in weights.items()}
+        except FloatingPointError:
+            if not case.raises:
+                raise
+            continue
+        for name, (update, states[name]) in results.items():
+            weights[name] = weights[name] - lr * update
+        taken += 1
     to_numpy = lambda x: np.asarray(x.astype("float32") if str(x.dtype) == "bfloat16" else x)  # noqa: E731
     out_params = {name: to_numpy(W).reshape(params[name].shape) for name, W in weights.items()}
     out_state = {name: stacked_state_entries(state, [1], to_numpy)[0] for name, state in states.items()}
@@ -96,7 +122,7 @@ def run_torch(case: Case, dtype: str, device: str = "cpu"):
         optimizer.param_groups[0]["lr"] = lr
         for name, tensor in tensors.items():
             tensor.grad = torch.tensor(grad[name], device=device)
-        optimizer.step()
+        step_or_refused(case, optimizer.step)
     out_params = {name: tensor.detach().cpu().numpy() for name, tensor in tensors.items()}
     return out_params, _state_arrays(optimizer.portable_state(names=list(tensors)))
 
@@ -111,7 +137,7 @@ def run_array_adapter(case: Case, dtype: str, module=np):
     optimizer = optimizer_type(arrays, lr=0.0, **adapter_options(case))
     for lr, grad in zip(case.learning_rates(), grads):
         optimizer.param_groups[0]["lr"] = lr
-        optimizer.step({name: module.asarray(value) for name, value in grad.items()})
+        step_or_refused(case, lambda: optimizer.step({name: module.asarray(value) for name, value in grad.items()}))
     out_params = {name: np.asarray(value.get() if hasattr(value, "get") else value) for name, value in arrays.items()}
     return out_params, _state_arrays(optimizer.portable_state())
 

@@ -61,7 +61,7 @@ ASGO_OPTIONS = {
     "root_method": ["eigh", "newton_schulz", "polar_express", "coupled_newton"],
     "root_steps": [14],
     "root_tolerance": [1e-3],
-    "residual_tolerance": [1e-2],
+    "residual_tolerance": [10.0],
     "max_precond_dim": [4],
     "num_heads": [2],
     "nonfinite": ["raise"],
@@ -74,7 +74,11 @@ DASGO_OPTIONS = {
 # Options whose second value needs a companion to be valid or to matter.
 COMPANIONS = {("accumulate", "sum"): {"beta2": 1.0}, ("root_steps", 14): {"root_method": "polar_express"},
               ("root_tolerance", 1e-3): {"root_method": "coupled_newton"},
-              ("damping", "absolute"): {"eps": 1e-6}}
+              ("damping", "absolute"): {"eps": 1e-6},
+              # one Newton–Schulz step leaves residuals in (0.1, 1) (measured): the default
+              # tolerance sends those roots to the eigh fallback, 10 accepts every one
+              ("residual_tolerance", 10.0): {"root_method": "newton_schulz", "root_steps": 1}}
+NAN_STEP = 7  # nonfinite cases: a NaN in the first matrix's gradient at this step
 # Shapes where num_heads=2 divides the left side of every matrix.
 HEAD_SHAPES = (("wide", (6, 10)), ("conv", (4, 2, 3, 3)))
 
@@ -91,11 +95,17 @@ def _cases() -> list:
             for value in values:
                 if name == "matmul_dtype":
                     continue  # its own test: torch and JAX only
-                options = {**COMPANIONS.get((name, value), {}), name: value}
-                shapes = HEAD_SHAPES if name == "num_heads" else Case.shapes
-                case = Case(tuple(options.items()), algorithm, shapes=shapes)
-                cases.append(pytest.param(case, id=f"{algorithm}-{name}={value}"))
+                cases.append(pytest.param(_option_case(algorithm, name, value), id=f"{algorithm}-{name}={value}"))
     return cases
+
+
+def _option_case(algorithm: str, name: str, value, *, baseline: bool = False) -> Case:
+    """The case of one non-default option value; baseline: the same case with the option at
+    its default (its companions and inputs kept), which must give a different result."""
+    options = {**COMPANIONS.get((name, value), {}), **({} if baseline else {name: value})}
+    shapes = HEAD_SHAPES if name == "num_heads" else Case.shapes
+    nan_at = NAN_STEP if name == "nonfinite" else None
+    return Case(tuple(options.items()), algorithm, shapes=shapes, nan_at=nan_at)
 
 
 def _adapter_runs(case: Case, dtype: str) -> dict:
@@ -146,6 +156,21 @@ def test_bfloat16_matmuls_agree_between_torch_and_jax(conformance_record):
         worst, where = worst_relative_difference(run, reference)
         conformance_record(f"core-torch vs {name}", "bfloat16", worst, case)
         assert worst <= BOUNDS["bfloat16"], f"{name}: {worst:.2e} at {where}"
+
+
+@pytest.mark.parametrize("algorithm, name, value", [
+    (algorithm, name, value) for algorithm, table in (("asgo", ASGO_OPTIONS), ("dasgo", DASGO_OPTIONS))
+    for name, values in table.items() for value in values
+    if name != "matmul_dtype" and (name, value) != ("root_method", "eigh")])  # "auto" is eigh on CPUs
+def test_every_option_value_changes_the_params_on_its_inputs(algorithm, name, value):
+    """A case whose option changes nothing on its inputs would pass with the option ignored.
+    (The iterative solvers reach eigh's root to rounding: any difference counts.)"""
+    case, baseline = _option_case(algorithm, name, value), _option_case(algorithm, name, value, baseline=True)
+    if name == "accumulate":  # its companion beta2=1 is invalid with the default "ema"
+        baseline = dataclasses.replace(baseline, options=())
+    (params, _), (baseline_params, _) = run_core(case, "float64"), run_core(baseline, "float64")
+    assert any(not np.array_equal(params[key], baseline_params[key]) for key in params), \
+        f"{algorithm} {name}={value!r} gives the default's params"
 
 
 def test_every_config_field_is_covered():
