@@ -382,6 +382,8 @@ class _ArrayOptimizer:
         entries = []
         for key in bucket.keys:
             entry = _saved_entry(saved, key)
+            if "count" not in entry:
+                fail("state_dict", f"no step 'count' in the state of {key!r}", "the entries state_dict() writes")
             arrays = {_portable_name(name): _to_numpy(value) for name, value in entry.items() if name != "count"}
             entries.append({"name": str(key), "step": int(_to_python(entry["count"])), "arrays": arrays})
         return stacked_state_from_entries(bucket.state, entries, bucket.matrices_per_key, _converted_like)

@@ -206,6 +206,22 @@ def test_a_state_dict_of_another_batch_dims_is_refused_without_changes():
         assert np.array_equal(target.state_dict()["state"]["w"][field], value), field
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda entry: entry.pop("count"), "count"),
+    (lambda entry: entry.pop("gram_1"), "gram/1"),
+    (lambda entry: entry.update(momentum=entry["momentum"][:2]), "momentum"),
+])
+def test_a_damaged_stack_state_dict_is_refused_without_changes(damage, message):
+    source = ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1, max_precond_dim=4)
+    source.step({"w": _random((3, 6, 10), 1)})
+    saved = source.state_dict()
+    damage(saved["state"]["w"])
+    target = ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1, max_precond_dim=4)
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(saved)
+    assert target.state_dict()["step"] == 0 and not np.any(target.state_dict()["state"]["w"]["momentum"])
+
+
 def test_a_state_dict_saved_before_batch_dims_reads_it_as_zero():
     source = ASGO({"w": _random((3, 6, 10), 0)})
     source.step({"w": _random((3, 6, 10), 1)})
