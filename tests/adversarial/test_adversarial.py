@@ -209,6 +209,26 @@ def _matrix_state(driver) -> dict:
             for entry in driver.portable()["params"]}
 
 
+def nan_in_a_bias(driver):
+    """A decision, stated: a NaN in an AdamW-route gradient (a bias) follows the framework's own
+    AdamW in torch (torch.optim.AdamW) and optax (optax.adamw): the NaN reaches that parameter,
+    and only it. The NumPy adapter, whose AdamW is its own, skips that parameter (counted in its
+    state's "skipped"), as it skips a matrix."""
+    built(driver, steps=1)
+    before = driver.params()
+    grads = standard_grads(before, seed=3)
+    grads["bias"] = grads["bias"].copy()
+    grads["bias"][0] = np.nan
+    driver.step(grads)
+    after = driver.params()
+    assert all(moved(before, after, key) and np.all(np.isfinite(after[key])) for key in MATRICES)
+    if driver.name == "numpy":
+        assert np.array_equal(after["bias"], before["bias"])
+        assert int(driver.state_dict()["state"]["bias"]["skipped"]) == 1
+    else:
+        assert np.isnan(after["bias"][0]) and np.all(np.isfinite(after["bias"][1:]))
+
+
 def zero_gradient_decays(driver):
     """The rule (asgo_core.step): a zero gradient gives a zero direction, and decoupled weight
     decay still applies (W ← W·(1 − lr·weight_decay)), as torch.optim.AdamW decays a parameter
@@ -337,6 +357,7 @@ def maximize_on_the_adamw_route_equals_adamw_maximize(driver):
 VALID = [
     Case("nan-at-step-2-skips-that-matrix", nan_in_one_matrix_at_step_two(np.nan)),
     Case("inf-at-step-2-skips-that-matrix", nan_in_one_matrix_at_step_two(-np.inf)),
+    Case("nan-in-a-bias", nan_in_a_bias),
     Case("zero-gradient-is-decayed", zero_gradient_decays),
     Case("rank-1-gradient", rank_one_gradient_has_the_target_rms),
     Case("gradient-scale-1e-30", scaled_gradients_step_finitely(1e-30)),
@@ -474,11 +495,11 @@ def saved_file(driver, tmp_path):
 
 
 def bit_flips_are_caught(driver, tmp_path):
-    """Every 37th bit of an adapter's file flipped in turn (tests/test_checkpoint.py flips every
+    """Every 101st bit of an adapter's file flipped in turn (tests/test_checkpoint.py flips every
     bit of a small one): CheckpointError, or the very same state where the format does not care."""
     path = saved_file(driver, tmp_path)
     content, original = path.read_bytes(), load_state(path)
-    for bit in range(0, 8 * len(content), 37):
+    for bit in range(0, 8 * len(content), 101):
         flipped = bytearray(content)
         flipped[bit // 8] ^= 1 << (bit % 8)
         path.write_bytes(bytes(flipped))
