@@ -171,6 +171,7 @@ class _MatrixSlot:
 
 @dataclass(frozen=True)
 class _AdamWSlot:
+    """The optimizer variables of one AdamW variable (torch.optim.AdamW's state + a counter)."""
     exp_avg: object
     exp_avg_sq: object
     skipped: object
