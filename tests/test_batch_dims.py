@@ -346,21 +346,13 @@ def test_a_stack_resumed_from_a_file_equals_twenty_steps(tmp_path, first, second
     _assert_close(resumed, expected)
 
 
-def test_numpy_to_optax_and_back_equals_twenty_numpy_steps(tmp_path):
+@pytest.mark.parametrize("steps", [_numpy_steps, _torch_steps], ids=["numpy", "torch"])
+def test_an_expert_stack_to_optax_and_back_equals_twenty_uninterrupted_steps(tmp_path, steps):
     params, grads = _model(), _grads(20)
-    expected, _ = _numpy_steps(params, grads, LRS)
-    halfway, exported = _numpy_steps(params, grads[:7], LRS[:7])
-    in_optax, exported = _optax_steps(halfway, grads[7:14], _through_file(tmp_path, exported, "numpy.npz"))
-    resumed, _ = _numpy_steps(in_optax, grads[14:], LRS[14:], _through_file(tmp_path, exported, "optax.npz"))
-    _assert_close(resumed, expected)
-
-
-def test_torch_expert_stack_to_optax_and_back_equals_twenty_torch_steps(tmp_path):
-    params, grads = _model(), _grads(20)
-    expected, _ = _torch_steps(params, grads, LRS)
-    halfway, exported = _torch_steps(params, grads[:7], LRS[:7])
-    in_optax, exported = _optax_steps(halfway, grads[7:14], _through_file(tmp_path, exported, "torch.npz"))
-    resumed, _ = _torch_steps(in_optax, grads[14:], LRS[14:], _through_file(tmp_path, exported, "optax.npz"))
+    expected, _ = steps(params, grads, LRS)
+    halfway, exported = steps(params, grads[:7], LRS[:7])
+    in_optax, exported = _optax_steps(halfway, grads[7:14], _through_file(tmp_path, exported, "before.npz"))
+    resumed, _ = steps(in_optax, grads[14:], LRS[14:], _through_file(tmp_path, exported, "optax.npz"))
     _assert_close(resumed, expected)
 
 
