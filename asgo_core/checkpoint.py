@@ -170,14 +170,14 @@ def validate_portable_state(portable: dict) -> None:
             _check_batch_dims_field(index, entry)
 
 
-def entry_batch_dims(entry: dict) -> int:
+def _entry_batch_dims(entry: dict) -> int:
     """The entry's batch_dims; 0 for files written before the field was recorded."""
     return entry.get("batch_dims", 0)
 
 
 def _check_batch_dims_field(index: int, entry: dict) -> None:
     try:
-        check_batch_dims(entry["shape"], entry_batch_dims(entry))
+        check_batch_dims(entry["shape"], _entry_batch_dims(entry))
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"portable state: parameter {index} ({entry['name']}): {error}") from None
 
@@ -193,8 +193,8 @@ def check_entry_matches(entry: dict, *, name: str, algorithm: str, shape, config
         raise CheckpointError(f"{where}: algorithm {entry['algorithm']!r} != {algorithm!r}")
     if list(entry["shape"]) != list(shape):
         raise CheckpointError(f"{where}: shape {tuple(entry['shape'])} != {tuple(shape)}")
-    if algorithm != "adamw" and entry_batch_dims(entry) != batch_dims:
-        raise CheckpointError(f"{where}: batch_dims {entry_batch_dims(entry)!r} != {batch_dims!r}")
+    if algorithm != "adamw" and _entry_batch_dims(entry) != batch_dims:
+        raise CheckpointError(f"{where}: batch_dims {_entry_batch_dims(entry)!r} != {batch_dims!r}")
     differing = {key: (entry["config"].get(key), value) for key, value in config.items()
                  if _normalise(entry["config"].get(key)) != _normalise(value)}
     if differing:
