@@ -205,34 +205,47 @@ def test_gradient_accumulation_steps_equal_the_core_on_mean_grads():
     assert_matches_references(history, initial, mean_grads, [0.05] * 3, {name: config for name in SHAPES})
 
 
+# Keras layer, its input shape, the torch module of the same layer, and the axes that turn the
+# Keras kernel into the torch weight.
+TWIN_LAYERS = {
+    "dense": (lambda: keras.layers.Dense(3), (None, 8), lambda torch: torch.nn.Linear(8, 3), (1, 0)),
+    "conv2d": (lambda: keras.layers.Conv2D(4, 3), (None, 5, 5, 2), lambda torch: torch.nn.Conv2d(2, 4, 3),
+               (3, 2, 0, 1)),
+}
+
+
 @pytest.mark.parametrize("side", ["auto", "left", "right"])
-def test_dense_kernel_gets_the_side_of_the_torch_linear_weight(side):
-    """A Dense kernel (in, out) steps as the torch adapter steps the same layer's nn.Linear
-    weight (out, in) = kernelᵀ; the bias through both adapters' AdamW (adam_lr_ratio and
-    adam_weight_decay against the torch adapter's adamw_lr and adamw_weight_decay)."""
+@pytest.mark.parametrize("layer_name", list(TWIN_LAYERS))
+def test_a_kernel_gets_the_side_of_the_torch_weight(layer_name, side):
+    """A Keras kernel (Dense (in, out), Conv2D (kh, kw, in, out)) steps as the torch adapter
+    steps the same layer's torch weight ((out, in), (out, in, kh, kw)); the bias through both
+    adapters' AdamW (adam_lr_ratio and adam_weight_decay against the torch adapter's adamw_lr
+    and adamw_weight_decay)."""
     import torch
     from asgo_core.adapters.torch import ASGO as TorchASGO
 
-    rng = np.random.default_rng(3)
-    dense = keras.layers.Dense(3)
-    dense.build((None, 8))
-    linear = torch.nn.Linear(8, 3)
+    make_layer, input_shape, make_module, to_torch = TWIN_LAYERS[layer_name]
+    layer = make_layer()
+    layer.build(input_shape)
+    module = make_module(torch)
     with torch.no_grad():
-        linear.weight.copy_(torch.tensor(keras.ops.convert_to_numpy(dense.kernel).T))
-        linear.bias.copy_(torch.tensor(keras.ops.convert_to_numpy(dense.bias)))
+        module.weight.copy_(torch.tensor(keras.ops.convert_to_numpy(layer.kernel).transpose(to_torch)))
+        module.bias.copy_(torch.tensor(keras.ops.convert_to_numpy(layer.bias)))
     keras_optimizer = ASGO(learning_rate=0.05, side=side, adam_lr_ratio=0.5, adam_weight_decay=0.1)
-    torch_optimizer = TorchASGO(linear.parameters(), lr=0.05, side=side, adamw_lr=0.025, adamw_weight_decay=0.1)
-    grads = [{"kernel": rng.standard_normal((8, 3)).astype("float32"),
-              "bias": rng.standard_normal(3).astype("float32")} for _ in range(3)]
-    history = apply_steps(keras_optimizer, {"kernel": dense.kernel, "bias": dense.bias}, grads)
+    torch_optimizer = TorchASGO(module.parameters(), lr=0.05, side=side, adamw_lr=0.025, adamw_weight_decay=0.1)
+    rng = np.random.default_rng(3)
+    grads = [{"kernel": rng.standard_normal(tuple(layer.kernel.shape)).astype("float32"),
+              "bias": rng.standard_normal(tuple(layer.bias.shape)).astype("float32")} for _ in range(3)]
+    history = apply_steps(keras_optimizer, {"kernel": layer.kernel, "bias": layer.bias}, grads)
     for step_grads in grads:
-        linear.weight.grad = torch.tensor(step_grads["kernel"].T.copy())
-        linear.bias.grad = torch.tensor(step_grads["bias"])
+        module.weight.grad = torch.tensor(step_grads["kernel"].transpose(to_torch).copy())
+        module.bias.grad = torch.tensor(step_grads["bias"])
         torch_optimizer.step()
-    gram = optimizer_variable(keras_optimizer, dense.kernel.path.replace("/", "_") + "_gram_0")
-    assert gram.shape == torch_optimizer.state[linear.weight]["gram"][0].shape
-    np.testing.assert_allclose(history[-1]["kernel"].T, linear.weight.detach().numpy(), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(history[-1]["bias"], linear.bias.detach().numpy(), rtol=RTOL, atol=ATOL)
+    gram = optimizer_variable(keras_optimizer, layer.kernel.path.replace("/", "_") + "_gram_0")
+    assert gram.shape == torch_optimizer.state[module.weight]["gram"][0].shape
+    np.testing.assert_allclose(history[-1]["kernel"].transpose(to_torch), module.weight.detach().numpy(),
+                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(history[-1]["bias"], module.bias.detach().numpy(), rtol=RTOL, atol=ATOL)
 
 
 # ---- training a model ---------------------------------------------------------------------------------
