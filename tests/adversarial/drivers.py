@@ -78,9 +78,23 @@ class Driver:
         return totals
 
 
+class _StatefulDriver(Driver):
+    """An adapter whose optimizer object holds the state (torch, NumPy): state_dict() and back."""
+
+    def _arrays(self):
+        yield from ((f"param {k}", v) for k, v in self.params().items())
+        yield from _flatten("state", self.optimizer.state_dict()["state"])
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
+
+
 # ----------------------------------------------------------------------------- torch
 
-class TorchDriver(Driver):
+class TorchDriver(_StatefulDriver):
     name = "torch"
 
     def __init__(self, algorithm="asgo"):
@@ -112,16 +126,6 @@ class TorchDriver(Driver):
     def params(self) -> dict:
         return {k: _to_numpy(t) for k, t in self.tensors.items()}
 
-    def _arrays(self):
-        yield from ((f"param {k}", v) for k, v in self.params().items())
-        yield from _flatten("state", self.optimizer.state_dict()["state"])
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self.optimizer.load_state_dict(state_dict)
-
     def portable(self) -> dict:
         return self.optimizer.portable_state(names=self.keys)
 
@@ -135,7 +139,7 @@ class TorchDriver(Driver):
 
 # ----------------------------------------------------------------------------- NumPy adapter
 
-class NumpyDriver(Driver):
+class NumpyDriver(_StatefulDriver):
     name = "numpy"
 
     def build(self, params: dict, options=None, groups=None):
@@ -153,16 +157,6 @@ class NumpyDriver(Driver):
 
     def params(self) -> dict:
         return {k: v.copy() for k, v in self.arrays.items()}
-
-    def _arrays(self):
-        yield from ((f"param {k}", v) for k, v in self.params().items())
-        yield from _flatten("state", self.optimizer.state_dict()["state"])
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self.optimizer.load_state_dict(state_dict)
 
     def portable(self) -> dict:
         return self.optimizer.portable_state()
