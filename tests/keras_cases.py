@@ -393,6 +393,27 @@ def test_a_layout_error_names_the_variable_before_any_state_exists(options, name
     assert len(optimizer.variables) == before and not optimizer.built
 
 
+def test_nonfinite_raise_changes_nothing_or_is_refused_under_jax():
+    """torch: a NaN gradient raises before any variable (model or optimizer) is written;
+    JAX: nonfinite='raise' needs a host read inside the jitted step, so it is refused."""
+    if BACKEND == "jax":
+        with pytest.raises(ValueError, match="nonfinite='raise'.*accepted: 'skip'"):
+            ASGO(nonfinite="raise")
+        return
+    rng = np.random.default_rng(5)
+    variables = make_variables(rng)
+    optimizer = ASGO(nonfinite="raise", exclude_layers=["head"], batch_dims={"experts": 1})
+    apply_steps(optimizer, variables, make_grads(rng, 1))
+    before = [keras.ops.convert_to_numpy(v) for v in list(variables.values()) + optimizer.variables]
+    grads = make_grads(rng, 1)
+    grads[0]["k3"][1, 1] = np.inf
+    with pytest.raises(FloatingPointError):
+        apply_steps(optimizer, variables, grads)
+    after = [keras.ops.convert_to_numpy(v) for v in list(variables.values()) + optimizer.variables]
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(old, new)
+
+
 def test_refuses_the_tensorflow_backend(monkeypatch):
     """Without TensorFlow installed: the check reads keras.backend.backend() when an optimizer
     is made, so a patched answer takes the refusal path."""
