@@ -1,132 +1,189 @@
-"""One GPU check, under 5 minutes: parity, inverse-root timings and ASGO step time per GPU backend.
+"""One GPU check in one command: parity, fallbacks, adapters, inverse-root and step timings.
 
-    python benchmarks/gpu_check.py            # exit 1 on a parity failure, 0 otherwise
+    python benchmarks/gpu_check.py [--json PATH]     # exit 1 on a failed check, 0 otherwise
 
-1. Versions of Python, NumPy, asgo and every GPU framework, and the device name.
-2. Parity: the same seeded problem (three matrix stacks, both preconditioned sides, block
-   splitting) is run for 20 steps through `asgo_core.step` on NumPy float64 and on each GPU
-   backend (torch-cuda, jax-gpu, cupy), for every root method. float64 on the GPU must match
-   NumPy to 1e-8 (params moved, momentum, Gram, root); float32 to 2e-2 (params moved). The core
-   is called directly, so the check does not depend on the adapters.
-3. Timing table: `inverse_root` per backend and method for k in {256, 1024, 4096}, single
-   matrix and a batch, float32 (median of 3 after a warm-up; a cell whose warm-up takes longer
-   than 5 s is reported without repeats).
-4. One ASGO step (root refreshed, float32) on the GPT-2-style matrices of benchmarks/step_time.py
-   (d_model 384, 6 layers: qkv 1152×384, attention projection 384×384, MLP fc 1536×384,
-   MLP projection 384×1536), stacked by shape as the adapters do.
-Backends that are not installed or see no GPU are reported and skipped; on a machine with no GPU
-at all the script says so and exits 0.
+Runs on every framework target it finds: torch (CUDA, else CPU), JAX (its GPU, else CPU) and
+CuPy (GPU only; skipped with a line saying why). On a machine without a GPU the CPU targets run
+a reduced plan (smaller sizes), which checks the script itself in under a minute. Every figure
+goes to a JSON file (--json, else $OUT/gpu_check.json, else ./gpu_check.json); the printed
+summary stays under 100 lines.
+
+1. Parity: three matrix stacks (both preconditioned sides, block splitting) through 20 core
+   steps (`asgo_core.step`, jitted per step on JAX) against NumPy float64, per root method:
+   float64 within 1e-8 (params moved, momentum, Gram, root), float32 within 2e-2 (params moved).
+2. Fallback branch: a root method that cannot converge (Newton–Schulz, one step) must fall
+   back to eigh on every block, count it, and give the eigh step.
+3. Adapters: the torch adapter on its device and the CuPy adapter (its fused kernels: the
+   parameter write and AdamW), float32, 5 steps of matrices and a bias, against the NumPy
+   adapter in float64 (params moved within 2e-2).
+4. `inverse_root` per method and size, single matrix and a batch, float32.
+5. One ASGO step (root refreshed, float32) on GPT-2-style stacks (d_model 384 × 6 layers on a
+   GPU: qkv 1152×384, attention projection 384×384, MLP 1536×384 and 384×1536), per root method.
+Timings: warm-up (compilation included) reported on its own, then the median of 3 runs (1 when
+the warm-up took longer than 5 s). Arrays enter every jitted function as arguments, never as
+closed-over constants (XLA would fold them at compile time).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
-from asgo_core import ASGOConfig, init_state, inverse_root, needs_root_refresh, step
+from asgo_core import ASGOConfig, FALLBACK_LEVELS, init_state, inverse_root, needs_root_refresh, step
 
 ROOT_METHODS = ("eigh", "newton_schulz", "polar_express", "coupled_newton")
 PARITY_SHAPES = ((2, 24, 40), (1, 40, 24), (3, 32, 32))
 PARITY_STEPS, LR = 20, 1e-2
-PARITY_TOLERANCE = {"float64": 1e-8, "float32": 2e-2}
-TIMING_SIZES = {256: 16, 1024: 8, 4096: 2}          # k → batch size of the batched row
-GPT2_STACKS = ((6, 1152, 384), (6, 384, 384), (6, 1536, 384), (6, 384, 1536))
+TOLERANCE = {"float64": 1e-8, "float32": 2e-2}
+ADAPTER_SHAPES = {"w1": (24, 40), "w2": (40, 24), "bias": (24,)}
+ADAPTER_STEPS = 5
 SLOW_CELL_S = 5.0
 
 
-# ---- backends ----------------------------------------------------------------------------
-class GPUBackend:
-    """Move NumPy data to one GPU framework and back, and wait for its queued work."""
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run: full on a GPU, reduced on a CPU (where only the script is checked)."""
+    parity_methods: tuple
+    timing_sizes: dict        # k → batch size of the batched row
+    d_model: int
+    layers: int
+    step_methods: tuple
 
-    def __init__(self, name):
-        self.name = name
-        if name == "torch-cuda":
-            import torch
-            self.module = torch
-        elif name == "jax-gpu":
-            import jax
-            jax.config.update("jax_enable_x64", True)
-            gpus = [device for device in jax.devices() if device.platform == "gpu"]
-            self.module, self.device = jax, gpus[0] if gpus else None
-        else:
-            import cupy
-            self.module = cupy
+
+GPU_PLAN = Plan(ROOT_METHODS, {256: 16, 1024: 8, 4096: 2}, 384, 6, ("auto",) + ROOT_METHODS)
+# eigh and polar_express cover both root paths and the fallback chain (lax.cond under jit)
+CPU_PLAN = Plan(("eigh", "polar_express"), {64: 4}, 96, 1, ("auto", "polar_express"))
+
+
+def gpt2_stacks(plan):
+    """qkv (3d, d), attention projection (d, d), MLP (4d, d) and (d, 4d), one matrix per layer."""
+    d, layers = plan.d_model, plan.layers
+    return ((layers, 3 * d, d), (layers, d, d), (layers, 4 * d, d), (layers, d, 4 * d))
+
+
+# ---- targets -------------------------------------------------------------------------------
+class Target:
+    """One framework on one device: moves NumPy data in and out, waits for queued work, and
+    compiles (jax.jit) where eager dispatch would dominate."""
+
+    def __init__(self, name, module, device=None):
+        self.name, self.module, self.device = name, module, device
+        self.on_gpu = not name.endswith("-cpu")
 
     def to_device(self, array):
-        if self.name == "torch-cuda":
-            return self.module.as_tensor(array, device="cuda")
-        if self.name == "jax-gpu":
+        if self.name.startswith("torch"):
+            return self.module.as_tensor(array, device=self.device)
+        if self.name.startswith("jax"):
             return self.module.device_put(array, self.device)
         return self.module.asarray(array)
 
     def to_numpy(self, array):
-        if self.name == "torch-cuda":
+        if self.name.startswith("torch"):
             return array.detach().cpu().numpy()
         if self.name == "cupy":
             return array.get()
         return np.asarray(array)
 
-    def synchronize(self, result=None):
+    def synchronize(self, result):
         if self.name == "torch-cuda":
             self.module.cuda.synchronize()
-        elif self.name == "jax-gpu":
+        elif self.name.startswith("jax"):
             self.module.block_until_ready(result)
-        else:
+        elif self.name == "cupy":
             self.module.cuda.Device().synchronize()
+
+    def compiled(self, function):
+        return self.module.jit(function) if self.name.startswith("jax") else function
 
     def device_name(self):
         if self.name == "torch-cuda":
             return self.module.cuda.get_device_name(0)
-        if self.name == "jax-gpu":
+        if self.name == "cupy":
+            props = self.module.cuda.runtime.getDeviceProperties(0)
+            return props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        if self.name.startswith("jax"):
             return self.device.device_kind
-        props = self.module.cuda.runtime.getDeviceProperties(0)
-        return props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-
-    def compiled(self, function):
-        """jax.jit for JAX (eager JAX dispatch would dominate the timings); others as is."""
-        return self.module.jit(function) if self.name == "jax-gpu" else function
+        return platform.processor() or platform.machine()
 
 
-def gpu_backends():
-    """(available backends, {name: reason skipped})."""
-    available, skipped = [], {}
-    for name, package in (("torch-cuda", "torch"), ("jax-gpu", "jax"), ("cupy", "cupy")):
+def find_targets():
+    """(targets, {name: why skipped}); a framework that fails to start is reported, not fatal."""
+    targets, skipped = [], {}
+    for name, start in (("torch", _torch_target), ("jax", _jax_target), ("cupy", _cupy_target)):
         try:
-            backend = GPUBackend(name)
-            if not has_gpu(backend):
-                skipped[name] = f"{package} is installed but sees no GPU"
-                continue
-            available.append(backend)
-        except ImportError:
-            skipped[name] = f"{package} is not installed"
-        except Exception as error:  # a broken driver or CUDA library: report, do not crash
-            skipped[name] = f"{package} failed to start: {error}"
-    return available, skipped
+            targets.append(start())
+        except ImportError as error:
+            skipped[name] = f"not installed ({error})"
+        except _NoGPU as reason:
+            skipped[name] = str(reason)
+        except Exception as error:  # a broken driver or CUDA library: the finding to report
+            skipped[name] = f"failed to start: {type(error).__name__}: {error}"
+    return targets, skipped
 
 
-def has_gpu(backend) -> bool:
-    if backend.name == "torch-cuda":
-        return backend.module.cuda.is_available()
-    if backend.name == "jax-gpu":
-        return backend.device is not None
-    return backend.module.cuda.runtime.getDeviceCount() > 0
+class _NoGPU(Exception):
+    pass
 
 
-def print_versions():
-    print(f"python {platform.python_version()}  numpy {np.__version__}  asgo {metadata.version('asgo')}")
-    for distribution in ("torch", "jax", "jaxlib", "cupy-cuda12x", "cupy-cuda11x", "cupy"):
+def _torch_target():
+    import torch
+    if torch.cuda.is_available():
+        return Target("torch-cuda", torch, "cuda")
+    torch.set_num_threads(1)  # small CPU problems: OpenMP barriers cost more than they gain
+    return Target("torch-cpu", torch, "cpu")
+
+
+def _jax_target():
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    return Target("jax-gpu" if gpus else "jax-cpu", jax, gpus[0] if gpus else jax.devices("cpu")[0])
+
+
+def _cupy_target():
+    import cupy
+    if cupy.cuda.runtime.getDeviceCount() == 0:
+        raise _NoGPU("installed, but sees no GPU")
+    return Target("cupy", cupy)
+
+
+def versions():
+    found = {"python": platform.python_version(), "numpy": np.__version__}
+    for distribution in ("asgo", "torch", "jax", "jaxlib", "cupy-cuda12x", "cupy-cuda13x", "cupy"):
         try:
-            print(f"  {distribution} {metadata.version(distribution)}")
+            found[distribution] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
             pass
+    return found
 
 
-# ---- parity ---------------------------------------------------------------------------
+# ---- timing --------------------------------------------------------------------------------
+def timed(target, function, *args):
+    """{"warmup_s", "median_ms", "repeats"}: the first call (compilation included) on its own,
+    then the median of 3 more (1 when the first took longer than SLOW_CELL_S)."""
+    started = time.perf_counter()
+    target.synchronize(function(*args))
+    warm_up = time.perf_counter() - started
+    samples = []
+    for _ in range(1 if warm_up > SLOW_CELL_S else 3):
+        started = time.perf_counter()
+        target.synchronize(function(*args))
+        samples.append(time.perf_counter() - started)
+    return {"warmup_s": round(warm_up, 4), "median_ms": round(statistics.median(samples) * 1e3, 3),
+            "repeats": len(samples)}
+
+
+# ---- 1. parity -------------------------------------------------------------------------------
 def parity_problem():
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(shape) for shape in PARITY_SHAPES]
@@ -138,15 +195,23 @@ def parity_config(method):
     return ASGOConfig(root_method=method, precondition_frequency=3, max_precond_dim=16)
 
 
-def run_core(params, grads, config, convert):
-    """20 core steps on the arrays `convert` produces; returns (params, states)."""
+def core_steppers(config, compile_):
+    """{refresh: one step of every stack, params ← params − LR·update}, compiled by `compile_`."""
+    def make(refresh):
+        def one_step(params, grads, states):
+            results = [step(g, s, w, config, refresh_root=refresh) for w, g, s in zip(params, grads, states)]
+            return [w - LR * u for w, (u, _) in zip(params, results)], [s for _, s in results]
+        return compile_(one_step)
+    return {True: make(True), False: make(False)}
+
+
+def run_core(params, grads, config, convert, compile_=lambda f: f):
+    """PARITY_STEPS core steps on the arrays `convert` makes; returns (params, states)."""
     params = [convert(p) for p in params]
     states = [init_state(p, config) for p in params]
+    steppers = core_steppers(config, compile_)
     for t, step_grads in enumerate(grads):
-        refresh = needs_root_refresh(t, config)
-        for i, g in enumerate(step_grads):
-            update, states[i] = step(convert(g), states[i], params[i], config, refresh_root=refresh)
-            params[i] = params[i] - LR * update
+        params, states = steppers[needs_root_refresh(t, config)](params, [convert(g) for g in step_grads], states)
     return params, states
 
 
@@ -155,125 +220,234 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
 
 
-def compare(backend, method, dtype, reference, start):
-    """Largest relative error of one backend run against the NumPy float64 run."""
-    params, grads = parity_problem()
+def parity_error(target, method, dtype, reference, start, grads):
     config = parity_config(method)
-    got_params, got_states = run_core(params, grads, config,
-                                      lambda a: backend.to_device(np.asarray(a, dtype=dtype)))
+    got_params, got_states = run_core(start, grads, config,
+                                      lambda a: target.to_device(np.asarray(a, dtype=dtype)), target.compiled)
     ref_params, ref_states = reference
-    errors = [relative_error(backend.to_numpy(p) - s, r - s) for p, r, s in zip(got_params, ref_params, start)]
+    errors = [relative_error(target.to_numpy(p) - s, r - s) for p, r, s in zip(got_params, ref_params, start)]
     if dtype == "float64":
         for got, ref in zip(got_states, ref_states):
-            errors.append(relative_error(backend.to_numpy(got.momentum), ref.momentum))
-            errors += [relative_error(backend.to_numpy(g), r) for g, r in zip(got.gram, ref.gram)]
-            errors += [relative_error(backend.to_numpy(g), r) for g, r in zip(got.root, ref.root)]
+            errors.append(relative_error(target.to_numpy(got.momentum), ref.momentum))
+            errors += [relative_error(target.to_numpy(g), r) for g, r in zip(got.gram, ref.gram)]
+            errors += [relative_error(target.to_numpy(g), r) for g, r in zip(got.root, ref.root)]
     return max(errors)
 
 
-def parity(backends) -> bool:
-    print(f"\n== parity: {PARITY_STEPS} core steps vs NumPy float64 "
-          f"(tolerance float64 {PARITY_TOLERANCE['float64']:g}, float32 {PARITY_TOLERANCE['float32']:g})")
+def parity(targets, plan, report):
     start, grads = parity_problem()
-    all_passed = True
-    for method in ROOT_METHODS:
+    print(f"\n== parity: {PARITY_STEPS} core steps vs NumPy float64 (max rel error; tolerance "
+          f"float64 {TOLERANCE['float64']:g}, float32 {TOLERANCE['float32']:g})")
+    for method in plan.parity_methods:
         reference = run_core(start, grads, parity_config(method), lambda a: a)
-        for backend in backends:
+        for target in targets:
+            cells = []
             for dtype in ("float64", "float32"):
-                try:
-                    error = compare(backend, method, dtype, reference, start)
-                    passed = error <= PARITY_TOLERANCE[dtype]
-                    verdict = "ok" if passed else "FAIL"
-                except Exception as error_raised:
-                    error, passed, verdict = float("nan"), False, f"FAIL ({type(error_raised).__name__}: {error_raised})"
-                all_passed &= passed
-                print(f"  {backend.name:10s} {method:15s} {dtype:8s} max rel error {error:.2e}  {verdict}")
-    return all_passed
+                record = checked(lambda: parity_error(target, method, dtype, reference, start, grads),
+                                 TOLERANCE[dtype])
+                report["parity"].append(dict(target=target.name, method=method, dtype=dtype, **record))
+                cells.append(f"{dtype} {record['error']:.1e} {record['verdict']}")
+            print(f"  {target.name:10s} {method:15s} " + "   ".join(cells))
 
 
-# ---- timings ----------------------------------------------------------------------------
-def timed(backend, function, *args):
-    """Median seconds of function(*args) (3 runs after a warm-up; 1 run if the warm-up is slow)."""
-    started = time.perf_counter()
-    backend.synchronize(function(*args))
-    warm_up = time.perf_counter() - started
-    if warm_up > SLOW_CELL_S:
-        return warm_up
-    samples = []
-    for _ in range(3):
-        started = time.perf_counter()
-        backend.synchronize(function(*args))
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+def checked(measure, tolerance):
+    """{"error", "passed", "verdict"} of measure() against tolerance; an exception fails it."""
+    try:
+        error = measure()
+    except Exception as raised:  # report every failure and go on with the other checks
+        return {"error": float("nan"), "passed": False, "verdict": f"FAIL ({type(raised).__name__}: {raised})"}
+    passed = bool(error <= tolerance)
+    return {"error": error, "passed": passed, "verdict": "ok" if passed else "FAIL"}
 
 
+# ---- 2. fallback branch --------------------------------------------------------------------
+def fallback_error(target):
+    """Relative error of the fallen-back update against the eigh update; raises unless every
+    block counted an eigh fallback."""
+    G = target.to_device(np.random.default_rng(1).standard_normal((2, 24, 40)).astype(np.float32))
+    failing = ASGOConfig(root_method="newton_schulz", root_steps=1, weight_decay=0.0)
+    exact = ASGOConfig(root_method="eigh", weight_decay=0.0)
+    update, state = target.compiled(lambda G, s: step(G, s, None, failing, refresh_root=True))(G, init_state(G, failing))
+    expected, _ = target.compiled(lambda G, s: step(G, s, None, exact, refresh_root=True))(G, init_state(G, exact))
+    counts = target.to_numpy(state.fallbacks)[:, FALLBACK_LEVELS.index("eigh")].tolist()
+    if counts != [1, 1]:
+        raise AssertionError(f"eigh fallbacks counted {counts}, expected [1, 1]")
+    return relative_error(target.to_numpy(update), target.to_numpy(expected))
+
+
+def fallbacks(targets, report):
+    print("\n== fallback branch: Newton–Schulz with one step falls back to eigh (rel error vs eigh)")
+    for target in targets:
+        record = checked(lambda: fallback_error(target), 1e-6)
+        report["fallback"].append(dict(target=target.name, **record))
+        print(f"  {target.name:10s} {record['error']:.1e} {record['verdict']}")
+
+
+# ---- 3. adapters -----------------------------------------------------------------------------
+def adapter_problem():
+    rng = np.random.default_rng(2)
+    params = {name: rng.standard_normal(shape) for name, shape in ADAPTER_SHAPES.items()}
+    grads = [{name: rng.standard_normal(shape) for name, shape in ADAPTER_SHAPES.items()}
+             for _ in range(ADAPTER_STEPS)]
+    return params, grads
+
+
+def numpy_adapter_run(params, grads):
+    from asgo_core.adapters.cupy import ASGO
+    params = {name: value.copy() for name, value in params.items()}
+    optimizer = ASGO(params, lr=LR)
+    for step_grads in grads:
+        optimizer.step(step_grads)
+    return params
+
+
+def torch_adapter_run(target, params, grads):
+    from asgo_core.adapters.torch import ASGO
+    torch = target.module
+    tensors = {name: torch.nn.Parameter(torch.as_tensor(value, dtype=torch.float32, device=target.device))
+               for name, value in params.items()}
+    optimizer = ASGO(list(tensors.values()), lr=LR)
+    for step_grads in grads:
+        for name, tensor in tensors.items():
+            tensor.grad = torch.as_tensor(step_grads[name], dtype=torch.float32, device=target.device)
+        optimizer.step()
+    return {name: target.to_numpy(tensor) for name, tensor in tensors.items()}
+
+
+def cupy_adapter_run(target, params, grads):
+    """The CuPy adapter: its matrices go through the core, its writes and AdamW through the
+    backend's ElementwiseKernels (apply_update, adamw_update)."""
+    from asgo_core.adapters.cupy import ASGO
+    arrays = {name: target.to_device(value.astype(np.float32)) for name, value in params.items()}
+    optimizer = ASGO(arrays, lr=LR)
+    for step_grads in grads:
+        optimizer.step({name: target.to_device(g.astype(np.float32)) for name, g in step_grads.items()})
+    return {name: target.to_numpy(array) for name, array in arrays.items()}
+
+
+def adapters(targets, report):
+    print(f"\n== adapters: {ADAPTER_STEPS} float32 steps (matrices + an AdamW bias) vs the NumPy "
+          f"adapter in float64 (params moved, tolerance {TOLERANCE['float32']:g})")
+    params, grads = adapter_problem()
+    expected = numpy_adapter_run(params, grads)
+    runs = {"torch-cuda": torch_adapter_run, "torch-cpu": torch_adapter_run, "cupy": cupy_adapter_run}
+    for target in targets:
+        if target.name not in runs:
+            continue
+
+        def error(target=target):
+            got = runs[target.name](target, params, grads)
+            return max(relative_error(got[n] - params[n], expected[n] - params[n]) for n in params)
+        record = checked(error, TOLERANCE["float32"])
+        report["adapters"].append(dict(target=target.name, adapter=runs[target.name].__name__, **record))
+        print(f"  {target.name:10s} {runs[target.name].__name__:18s} {record['error']:.1e} {record['verdict']}")
+
+
+# ---- 4. inverse_root timings -------------------------------------------------------------
 def spd_batch(k, batch):
     rng = np.random.default_rng(k)
     G = rng.standard_normal((batch, k, k // 2)).astype(np.float32)
     return G @ np.swapaxes(G, -1, -2)   # rank k/2: the rank-deficient case of early training
 
 
-def root_timings(backends):
-    print("\n== inverse_root time (float32, ms; batched rows: batch of B)")
-    print(f"  {'backend':10s} {'k':>5s} {'B':>3s} " + " ".join(f"{m:>15s}" for m in ROOT_METHODS))
-    for backend in backends:
-        for k, batch in TIMING_SIZES.items():
+def root_timings(targets, plan, report):
+    print("\n== inverse_root, float32, ms (warm-up s in brackets)")
+    print(f"  {'target':10s} {'k':>5s} {'B':>3s} " + " ".join(f"{m:>21s}" for m in ROOT_METHODS))
+    for target in targets:
+        for k, batch in plan.timing_sizes.items():
             for size in (1, batch):
-                A = backend.to_device(spd_batch(k, size))
+                A = target.to_device(spd_batch(k, size))
                 cells = []
                 for method in ROOT_METHODS:
-                    solve = backend.compiled(lambda X, method=method: inverse_root(X, method=method))
-                    try:
-                        cells.append(f"{timed(backend, solve, A) * 1e3:15.2f}")
-                    except Exception as error:
-                        cells.append(f"{'error':>15s}")
-                        print(f"    {backend.name} k={k} {method}: {type(error).__name__}: {error}")
-                print(f"  {backend.name:10s} {k:5d} {size:3d} " + " ".join(cells))
+                    solve = target.compiled(lambda X, method=method: inverse_root(X, method=method))
+                    cells.append(_timing_cell(report["inverse_root"], dict(target=target.name, k=k, batch=size,
+                                                                           method=method),
+                                              lambda: timed(target, solve, A)))
+                print(f"  {target.name:10s} {k:5d} {size:3d} " + " ".join(f"{c:>21s}" for c in cells))
 
 
-def gpt2_step_timings(backends):
-    count = sum(b * m * n for b, m, n in GPT2_STACKS)
-    print(f"\n== one ASGO step, root refreshed, float32: GPT-2-style d_model 384 × 6 layers "
-          f"({count / 1e6:.1f} M matrix params, {len(GPT2_STACKS)} stacks), ms")
+def _timing_cell(records, key, measure):
+    try:
+        figures = measure()
+    except Exception as error:  # one failing cell must not hide the others
+        records.append(dict(key, error=f"{type(error).__name__}: {error}"))
+        return "error"
+    records.append(dict(key, **figures))
+    return f"{figures['median_ms']:.2f} [{figures['warmup_s']:.1f}]"
+
+
+# ---- 5. GPT-2-style step timings -----------------------------------------------------------
+def gpt2_step_timings(targets, plan, report):
+    stacks = gpt2_stacks(plan)
+    count = sum(b * m * n for b, m, n in stacks)
+    print(f"\n== one ASGO step, root refreshed, float32, ms (warm-up s): GPT-2-style d_model "
+          f"{plan.d_model} × {plan.layers} layers ({count / 1e6:.2f} M matrix params, {len(stacks)} stacks)")
     rng = np.random.default_rng(0)
     host = [(rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32))
-            for shape in GPT2_STACKS]
-    for backend in backends:
-        stacks = [(backend.to_device(W), backend.to_device(G)) for W, G in host]
+            for shape in stacks]
+    for target in targets:
+        weights = [target.to_device(W) for W, _ in host]
+        grads = [target.to_device(G) for _, G in host]
         cells = []
-        for method in ("auto",) + ROOT_METHODS:
+        for method in plan.step_methods:
             config = ASGOConfig(root_method=method)
-            states = [init_state(W, config) for W, _ in stacks]
+            states = [init_state(W, config) for W in weights]
 
-            def one_step(states, config=config):
+            def one_step(weights, grads, states, config=config):
                 return [step(G, state, W, config, refresh_root=True)[0]
-                        for (W, G), state in zip(stacks, states)]
+                        for W, G, state in zip(weights, grads, states)]
 
-            try:
-                seconds = timed(backend, backend.compiled(one_step), states)
-                cells.append(f"{method}={seconds * 1e3:.1f}")
-            except Exception as error:
-                cells.append(f"{method}=error ({type(error).__name__})")
-        print(f"  {backend.name:10s} " + "  ".join(cells))
+            cell = _timing_cell(report["gpt2_step"], dict(target=target.name, method=method),
+                                lambda: timed(target, target.compiled(one_step), weights, grads, states))
+            cells.append(f"{method}={cell}")
+        print(f"  {target.name:10s} " + "  ".join(cells))
 
 
-def main() -> int:
-    print("asgo GPU check")
-    print_versions()
-    backends, skipped = gpu_backends()
+# ---- main ------------------------------------------------------------------------------------
+def json_path(argument):
+    if argument:
+        return Path(argument)
+    return Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else Path("gpu_check.json")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="where to write every figure (default: $OUT/gpu_check.json)")
+    arguments = parser.parse_args(argv)
+    started = time.perf_counter()
+    report = {"versions": versions(), "parity": [], "fallback": [], "adapters": [],
+              "inverse_root": [], "gpt2_step": []}
+    print("asgo GPU check: " + "  ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    targets, skipped = find_targets()
+    plan = GPU_PLAN if any(t.on_gpu for t in targets) else CPU_PLAN
+    report.update(skipped=skipped, plan=plan.__dict__ | {"name": "gpu" if plan is GPU_PLAN else "cpu"},
+                  targets={t.name: t.device_name() for t in targets})
     for name, reason in skipped.items():
         print(f"  skipped {name}: {reason}")
-    if not backends:
-        print("\nNo GPU is present on this machine (no backend sees one): nothing to check. Exit 0.")
-        return 0
-    for backend in backends:
-        print(f"  {backend.name}: device {backend.device_name()}")
-    started = time.perf_counter()
-    passed = parity(backends)
-    root_timings(backends)
-    gpt2_step_timings(backends)
-    print(f"\nparity {'passed' if passed else 'FAILED'}; total {time.perf_counter() - started:.0f} s")
-    return 0 if passed else 1
+    for target in targets:
+        print(f"  target {target.name}: {report['targets'][target.name]}")
+    if plan is CPU_PLAN:
+        print("  no GPU target: CPU targets only, reduced sizes (checks the script, not a GPU)")
+    report["section_s"] = {}
+    sections = (("parity", lambda: parity(targets, plan, report)), ("fallback", lambda: fallbacks(targets, report)),
+                ("adapters", lambda: adapters(targets, report)),
+                ("inverse_root", lambda: root_timings(targets, plan, report)),
+                ("gpt2_step", lambda: gpt2_step_timings(targets, plan, report)))
+    for name, run in sections:
+        section_started = time.perf_counter()
+        run()
+        report["section_s"][name] = round(time.perf_counter() - section_started, 1)
+    checks = report["parity"] + report["fallback"] + report["adapters"]
+    report["passed"] = all(record["passed"] for record in checks)
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    path = json_path(arguments.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    failed = sum(not record["passed"] for record in checks)
+    print(f"\nchecks {'passed' if report['passed'] else f'FAILED ({failed} of {len(checks)})'}; "
+          f"total {report['total_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["section_s"].items())
+          + f"); figures in {path}")
+    return 0 if report["passed"] else 1
 
 
 if __name__ == "__main__":
