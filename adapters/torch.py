@@ -204,7 +204,19 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         else:
             core_state = _stack_state([self.state[p] for p in bucket.params], bucket.matrix_shape, step_count)
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(step_count, config)
-        return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
+        try:
+            return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
+        except FloatingPointError:  # nonfinite="raise"; reading the gradients again is fine now
+            raise FloatingPointError(f"non-finite gradient in {self._nonfinite_labels(bucket)} "
+                                     "(nonfinite='raise'); no parameter or state was changed") from None
+
+    def _nonfinite_labels(self, bucket: Bucket) -> str:
+        """The parameters of a bucket whose gradients are not finite (all of them, when only
+        their squares overflowed the statistics dtype)."""
+        labels = {param: _param_label(g, i, param) for g, group in enumerate(self.param_groups)
+                  for i, param in enumerate(group["params"])}
+        bad = [p for p in bucket.params if not bool(torch.isfinite(p.grad).all())] or bucket.params
+        return ", ".join(labels[p] for p in bad)
 
     def _commit_bucket(self, bucket: Bucket, terms) -> None:
         """Write a bucket's new state (in place, into the tensors the state already holds) and

@@ -5,12 +5,11 @@ The contract every adapter holds: bad input raises a clear error that names the 
 parameter or field, before any parameter or state has changed (checked bitwise: a snapshot of
 params and state before the call equals one after it); valid but unusual input (zero, rank-1,
 huge or tiny gradients, 16-bit and 64-bit dtypes, odd shapes) steps to finite values.
-
-Cases that fail because of the torch adapter carry TORCH_XFAIL (strict): the lead is fixing it,
-and they turn into failures (XPASS) when the fix lands, to be unmarked then.
 """
 
 from __future__ import annotations
+
+import copy
 
 import dataclasses
 import importlib
@@ -31,7 +30,6 @@ ASGO_ONLY = ("torch", "optax", "numpy")      # options DASGO does not have
 WITH_GROUPS = ("torch", "torch-dasgo", "numpy")  # param groups, maximize, algorithm=
 TORCH = ("torch", "torch-dasgo")
 MATRICES = [name for name, shape in SHAPES.items() if len(shape) >= 2]
-TORCH_XFAIL = "torch adapter: lead is fixing"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +37,6 @@ class Case:
     id: str
     run: Callable  # run(driver): builds, acts and asserts
     drivers: tuple = ALL
-    xfail: tuple = ()  # drivers on which the case fails today (the torch adapter, being fixed)
 
 
 def expect_error(driver, action, error, *patterns, snapshot=None):
@@ -72,12 +69,12 @@ def input_snapshot(params):
 
 # ----------------------------------------------------------------------------- hyperparameters
 
-def bad_option(option, value, drivers=ALL, xfail=()):
+def bad_option(option, value, drivers=ALL):
     def run(driver):
         params = standard_params()
         expect_error(driver, lambda: driver.build(params, {option: value}), ValueError,
                      rf"\b{re.escape(driver.field(option))}\b", snapshot=input_snapshot(params))
-    return Case(f"option-{option}={value!r}", run, drivers, xfail)
+    return Case(f"option-{option}={value!r}", run, drivers)
 
 
 BAD_OPTIONS = [
@@ -105,13 +102,13 @@ BAD_OPTIONS = [
 
 # ----------------------------------------------------------------------------- parameters
 
-def bad_param(label, key, array, *patterns, drivers=ALL, xfail=(), options=None):
+def bad_param(label, key, array, *patterns, drivers=ALL, options=None):
     """Construction (optax: init) refuses a parameter, naming it."""
     def run(driver):
         params = {**standard_params(), key: array}
         expect_error(driver, lambda: driver.build(params, options), ValueError,
                      driver_pattern(driver, key), *patterns, snapshot=input_snapshot(params))
-    return Case(f"param-{label}", run, drivers, xfail)
+    return Case(f"param-{label}", run, drivers)
 
 
 def driver_pattern(driver, key):
@@ -134,7 +131,7 @@ BAD_PARAMS = [
 
 # ----------------------------------------------------------------------------- bad gradients
 
-def bad_grad(label, key, make_grad, error, *patterns, drivers=ALL, xfail=(), options=None, steps=1):
+def bad_grad(label, key, make_grad, error, *patterns, drivers=ALL, options=None, steps=1):
     """A step with one bad gradient raises before anything changes (after `steps` good steps,
     so that momentum and statistics are not zero)."""
     def run(driver):
@@ -142,7 +139,7 @@ def bad_grad(label, key, make_grad, error, *patterns, drivers=ALL, xfail=(), opt
         grads = standard_grads(driver.params(), seed=3)
         grads[key] = make_grad(grads[key])
         expect_error(driver, lambda: driver.step(grads), error, driver.param_pattern(key), *patterns)
-    return Case(f"grad-{label}", run, drivers, xfail)
+    return Case(f"grad-{label}", run, drivers)
 
 
 def with_nan(grad):
@@ -158,7 +155,7 @@ def sparse(grad):
 
 BAD_GRADS = [
     bad_grad("nan-raise", "w2", with_nan, FloatingPointError, "non-finite",
-             drivers=("torch", "torch-dasgo", "numpy"), xfail=TORCH, options={"nonfinite": "raise"}),
+             drivers=("torch", "torch-dasgo", "numpy"), options={"nonfinite": "raise"}),
     bad_grad("inf-in-bias-raise", "bias", lambda g: g * np.inf, FloatingPointError, "non-finite",
              drivers=("torch", "torch-dasgo", "numpy"), options={"nonfinite": "raise"}),
     bad_grad("complex", "w2", lambda g: g.astype(np.complex64), ValueError, "complex", drivers=("optax", "numpy")),
@@ -442,8 +439,8 @@ def load_old_int_adamw_step(driver):
     """An older state dict whose AdamW-route "step" is a Python int (torch.optim.AdamW loads
     those) resumes as the float-step one does."""
     built(driver, steps=1)
-    saved = driver.state_dict()
-    resumed = built(type(driver)(driver.algorithm), steps=0)
+    saved = copy.deepcopy(driver.state_dict())  # torch's state_dict shares the live state dicts
+    resumed = built(type(driver)(driver.algorithm), params=driver.params(), steps=0)
     index = driver.keys.index("bias")
     saved["state"][index]["step"] = int(saved["state"][index]["step"])
     resumed.load_state_dict(saved)
@@ -464,6 +461,30 @@ def portable_mismatch(label, change, *patterns):
     return Case(f"portable-{label}", run)
 
 
+def _complex_momentum(portable, entry, driver):
+    entry["arrays"] = {**entry["arrays"], "momentum": entry["arrays"]["momentum"] * (1 + 1j)}
+
+
+def load_state_field_of_another_kind(driver):
+    """A state_dict whose momentum is complex: refused, not cast (which drops the imaginary part)."""
+    import torch
+    built(driver, steps=1)
+    saved = driver.state_dict()
+    key = driver.keys.index("w2") if driver.name.startswith("torch") else "w2"
+    momentum = saved["state"][key]["momentum"]
+    saved["state"][key]["momentum"] = (momentum.to(torch.complex64) if isinstance(momentum, torch.Tensor)
+                                       else momentum.astype(np.complex64))
+    expect_error(driver, lambda: driver.load_state_dict(saved), ValueError, driver.param_pattern("w2"),
+                 "momentum")
+
+
+def load_other_group_count(driver):
+    built(driver, groups=[(["w1", "bias"], {}), (["w2", "conv"], {})], steps=1)
+    saved = driver.state_dict()
+    built(driver, steps=1)
+    expect_error(driver, lambda: driver.load_state_dict(saved), ValueError, "param_groups|groups")
+
+
 def _other_algorithm(portable, entry, driver):
     entry["algorithm"] = "asgo" if driver.algorithm == "dasgo" else "dasgo"
 
@@ -478,11 +499,14 @@ LOADS = [
     Case("load-torch-adamw-state-dict", load_torch_adamw_state_dict, TORCH),
     Case("load-other-algorithm-state", load_other_algorithm_state, STATEFUL),
     Case("load-group-precondition_frequency=0", load_group_with_precondition_frequency_zero, ("torch", "numpy")),
-    Case("load-old-int-adamw-step", load_old_int_adamw_step, TORCH, TORCH),
+    Case("load-old-int-adamw-step", load_old_int_adamw_step, TORCH),
     portable_mismatch("other-shape", lambda p, e, d: e.update(shape=[7, 5]), "shape"),
     portable_mismatch("other-algorithm", _other_algorithm, "algorithm|lacks arrays"),
     portable_mismatch("other-config", _changed_beta2, "beta2"),
     portable_mismatch("missing-entry", lambda p, e, d: p["params"].remove(e)),
+    portable_mismatch("complex-momentum", _complex_momentum, "momentum", "dtype"),
+    Case("load-state-field-of-another-kind", load_state_field_of_another_kind, STATEFUL),
+    Case("load-other-group-count", load_other_group_count, STATEFUL),
 ]
 
 
@@ -612,8 +636,7 @@ CASES = BAD_OPTIONS + BAD_PARAMS + BAD_GRADS + VALID + LOADS + FILES + TORCH_LOO
 def _params():
     for case in CASES:
         for name in case.drivers:
-            marks = [pytest.mark.xfail(strict=True, reason=TORCH_XFAIL)] if name in case.xfail else []
-            yield pytest.param(case, name, id=f"{case.id}-{name}", marks=marks)
+            yield pytest.param(case, name, id=f"{case.id}-{name}")
 
 
 @pytest.mark.parametrize("case, driver_name", list(_params()))
