@@ -116,33 +116,64 @@ def attention_dimension_numbers(params):
     return jax.tree_util.tree_map_with_path(numbers, params)
 
 
-def test_multi_head_attention_kernels_step_like_the_torch_weights():
-    heads, head_dim, width = 2, 4, 6
+def head_labels(params):
+    """optax.partition labels: the Q and K kernels get head-wise blocks, everything else not."""
+    def label(path, leaf):
+        module, name = (key.key for key in path if isinstance(key, jax.tree_util.DictKey))
+        return "heads" if module in ("query", "key") and name == "kernel" else "other"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+HEADS, HEAD_DIM, WIDTH, OUT = 2, 4, 6, 5
+# The torch (out, in) weights of the same projections: (heads·head_dim, in) and (out, heads·head_dim).
+AS_TORCH = {"query": lambda kernel: kernel.reshape(WIDTH, HEADS * HEAD_DIM).T,
+            "out": lambda kernel: kernel.reshape(HEADS * HEAD_DIM, OUT).T}
+
+
+def train_attention(tx, steps=3):
+    """(initial, trained, per-step gradients) of the query and output kernels, float64."""
     rng = np.random.default_rng(3)
     with jax_x64():
-        model = nnx.MultiHeadAttention(num_heads=heads, in_features=width, qkv_features=heads * head_dim,
-                                       out_features=5, decode=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-        initial = {name: np.asarray(getattr(model, name).kernel[...]) for name in ("query", "out")}
-        tx = asgo(learning_rate=LR, side="left", weight_dimension_numbers=attention_dimension_numbers)
+        model = nnx.MultiHeadAttention(num_heads=HEADS, in_features=WIDTH, qkv_features=HEADS * HEAD_DIM,
+                                       out_features=OUT, decode=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        initial = {name: np.asarray(getattr(model, name).kernel[...]) for name in AS_TORCH}
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
         @nnx.jit
         def train_step(model, optimizer, x, y):
             grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
             optimizer.update(model, grads)
-            return {name: grads[name]["kernel"][...] for name in ("query", "out")}
+            return {name: grads[name]["kernel"][...] for name in AS_TORCH}
 
-        kernel_grads = {"query": [], "out": []}
-        for _ in range(3):
-            x, y = rng.standard_normal((4, 3, width)), rng.standard_normal((4, 3, 5))
+        kernel_grads = {name: [] for name in AS_TORCH}
+        for _ in range(steps):
+            x, y = rng.standard_normal((4, 3, WIDTH)), rng.standard_normal((4, 3, OUT))
             for name, grad in train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y)).items():
                 kernel_grads[name].append(np.asarray(grad))
-        trained = {name: np.asarray(getattr(model, name).kernel[...]) for name in ("query", "out")}
+        trained = {name: np.asarray(getattr(model, name).kernel[...]) for name in AS_TORCH}
+    return initial, trained, kernel_grads
 
-    # The torch (out, in) weights of the same projections: (heads·head_dim, in) and (out, heads·head_dim).
-    as_torch = {"query": lambda k: k.reshape(width, heads * head_dim).T,
-                "out": lambda k: k.reshape(heads * head_dim, 5).T}
-    for name, to_torch in as_torch.items():
-        expected = torch_steps(to_torch(initial[name]), [to_torch(g) for g in kernel_grads[name]],
-                               "asgo", LR, side="left")
-        assert relative_error(to_torch(trained[name]), expected) < tolerance("float64"), name
+
+def assert_steps_like_torch(name, run, **torch_options):
+    initial, trained, kernel_grads = run
+    to_torch = AS_TORCH[name]
+    expected = torch_steps(to_torch(initial[name]), [to_torch(g) for g in kernel_grads[name]], "asgo", LR,
+                           **torch_options)
+    assert relative_error(to_torch(trained[name]), expected) < tolerance("float64"), name
+
+
+def test_multi_head_attention_kernels_step_like_the_torch_weights():
+    tx = asgo(learning_rate=LR, side="left", weight_dimension_numbers=attention_dimension_numbers)
+    run = train_attention(tx)
+    assert_steps_like_torch("query", run, side="left")
+    assert_steps_like_torch("out", run, side="left")
+
+
+def test_head_wise_query_and_key_through_optax_partition():
+    tx = optax.partition({
+        "heads": asgo(learning_rate=LR, num_heads=HEADS, weight_dimension_numbers=attention_dimension_numbers),
+        "other": asgo(learning_rate=LR, weight_dimension_numbers=attention_dimension_numbers),
+    }, head_labels)
+    run = train_attention(tx)
+    assert_steps_like_torch("query", run, num_heads=HEADS)
+    assert_steps_like_torch("out", run)
