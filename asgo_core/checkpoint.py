@@ -274,6 +274,15 @@ def stacked_state_entries(state, matrices_per_param, to_numpy) -> list:
     return per_param
 
 
+def _check_kind(name, key: str, array) -> None:
+    """Counters are integers, everything else floating point (kind "V": ml_dtypes' bfloat16);
+    a cast would silently drop a complex part or make counts of floats."""
+    counter = key in ("skipped", "fallbacks")
+    if array.dtype.kind not in ("iu" if counter else "fV"):
+        raise CheckpointError(f"checkpoint parameter {name!r}: {key} has dtype {array.dtype}, expected "
+                              + ("an integer dtype" if counter else "a floating-point dtype"))
+
+
 def stacked_state_from_entries(template, entries, matrices_per_param, convert):
     """The inverse of stacked_state_entries: a core state shaped like `template` (a fresh
     init_state of the stack) filled from the entries' arrays; convert(numpy_array, like)
@@ -294,6 +303,7 @@ def stacked_state_from_entries(template, entries, matrices_per_param, convert):
             if part.shape != expected:
                 raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
                                       f"{part.shape}, expected {expected}")
+            _check_kind(entry["name"], key, part)
             parts.append(part)
         values[key] = convert(np.concatenate(parts), like)
     step = common_step(entries)
