@@ -1,7 +1,7 @@
 """One rank of the distributed tests, launched torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT in the environment) by tests/test_distributed.py:
 
-    python tests/distributed_worker.py ddp|fsdp|fsdp_other_side|fsdp_bf16 OUT_DIR
+    python tests/distributed_worker.py ddp|ddp_experts|fsdp|fsdp_other_side|fsdp_bf16 OUT_DIR
     python tests/distributed_worker.py fsdp_resume OUT_DIR CHECKPOINT_DIR
 
 Trains `TinyTransformer` for STEPS steps on rank-specific batches and saves, per rank,
@@ -9,7 +9,8 @@ OUT_DIR/rank{r}.pt: the final parameters, the optimizer's full state_dict and th
 every step saw (so the test can replay them through the single-process optimizer). The fsdp
 modes also save a torch.distributed.checkpoint in OUT_DIR/checkpoint, which fsdp_resume loads
 (at any world size) to train the remaining steps; fsdp_bf16 steps two matrices on synthetic
-gradients with matmul_dtype="bfloat16".
+gradients with matmul_dtype="bfloat16" (and records tensor factories its steps call without a
+device); ddp_experts steps mixture-of-experts stacks (batch_dims=1) with DistributedASGO.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asgo_core.adapters.torch import asgo_param_groups
+from device_tracking import DevicelessFactories
 
 STEPS = 10
 RELOAD_AT_STEP = 5
@@ -247,17 +249,69 @@ def train_bf16(out_dir: str) -> None:
     for step in range(BF16_STEPS):
         for param, shape in zip(params, BF16_SHAPES):
             param.grad = distribute_tensor(bf16_grads(step, shape), mesh, [Shard(0)])
-        optimizer.step()
+        with DevicelessFactories() as factories:
+            optimizer.step()
     torch.save({"initial": full, "params": [p.full_tensor() for p in params],
-                "state_dict": full_tensors(optimizer.state_dict()), "refusal": refusal},
+                "state_dict": full_tensors(optimizer.state_dict()), "refusal": refusal,
+                "deviceless_factories": factories.calls},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+
+
+class Experts(nn.Module):
+    """Two expert stacks (EXPERTS, out, in) of a mixture-of-experts layer, every token through
+    every expert (the routing does not matter to the optimizer)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = nn.Linear(WIDTH, EXPERTS)
+        self.up = nn.Parameter(torch.randn(EXPERTS, 2 * WIDTH, WIDTH) / WIDTH ** 0.5)
+        self.down = nn.Parameter(torch.randn(EXPERTS, WIDTH, 2 * WIDTH) / WIDTH ** 0.5)
+
+    def forward(self, x):
+        weights = self.router(x).softmax(-1)
+        hidden = F.gelu(torch.einsum("bi,eoi->beo", x, self.up))
+        return torch.einsum("be,beo->bo", weights, torch.einsum("beh,eoh->beo", hidden, self.down))
+
+
+EXPERTS = 4
+
+
+def expert_groups(model: nn.Module) -> list[dict]:
+    return asgo_param_groups(model, stacked={"up": 1, "down": 1})
+
+
+def expert_batch(step: int, rank: int) -> torch.Tensor:
+    return torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def train_ddp_experts(out_dir: str) -> None:
+    """DistributedASGO on expert stacks: each stack has one owner rank."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from asgo_core.adapters.torch_distributed import DistributedASGO
+
+    rank = dist.get_rank()
+    model = Experts()
+    ddp_model = DistributedDataParallel(model)
+    optimizer = DistributedASGO(expert_groups(model), **OPTIONS)
+    grads_per_step = []
+    for step in range(STEPS):
+        ddp_model(expert_batch(step, rank)).square().mean().backward()
+        grads_per_step.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.save({"params": {name: p.detach().clone() for name, p in model.named_parameters()},
+                "state_dict": optimizer.state_dict(), "grads": grads_per_step,
+                "owned": [name for name, p in model.named_parameters() if optimizer.owns(p)]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def main() -> None:
     mode, out_dir, *checkpoint_dir = sys.argv[1:]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    modes = {"ddp": train_ddp,
+    modes = {"ddp": train_ddp, "ddp_experts": train_ddp_experts,
              "fsdp": lambda out: train_fsdp(out, FSDP_OPTIONS, os.path.join(out, "checkpoint")),
              "fsdp_other_side": lambda out: train_fsdp(out, OTHER_SIDE_OPTIONS),
              "fsdp_resume": lambda out: resume_fsdp(out, *checkpoint_dir), "fsdp_bf16": train_bf16}

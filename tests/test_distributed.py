@@ -107,6 +107,24 @@ def test_ddp_owner_split_equals_single_process_bitwise(world_size, tmp_path):
         assert_same(saved["state_dict"], expected_state, f"rank {rank} state_dict")
 
 
+def test_ddp_owner_split_steps_expert_stacks_like_single_process(tmp_path):
+    """Two (E, out, in) stacks with batch_dims=1 at 2 ranks: one owner each, bitwise equal to
+    the single-process ASGO on the same gradients."""
+    ranks = launch("ddp_experts", 2, tmp_path)
+    owners = {name: rank for rank, saved in enumerate(ranks) for name in saved["owned"]}
+    assert owners["up"] != owners["down"]  # the two equally costly stacks go to different ranks
+    model = worker.Experts()
+    params = dict(model.named_parameters())
+    optimizer = ASGO(worker.expert_groups(model), **worker.OPTIONS)
+    for grads in ranks[0]["grads"]:
+        for name, grad in grads.items():
+            params[name].grad = grad
+        optimizer.step()
+    for rank, saved in enumerate(ranks):
+        assert_same(saved["params"], {name: p.detach() for name, p in params.items()}, f"rank {rank} params")
+        assert_same(saved["state_dict"], optimizer.state_dict(), f"rank {rank} state_dict")
+
+
 def names_in_group_order(param_groups=worker.make_param_groups) -> list[str]:
     """Parameter names in the optimizer's index order (its state_dict keys)."""
     model = worker.make_model()
@@ -218,6 +236,7 @@ def test_fsdp2_honours_matmul_dtype(tmp_path):
         assert_same(state[1], bf16_state[1], f"rank {rank} owner-held state")
         assert torch.equal(saved["params"][1], bf16_params[1]), rank
         assert "nonfinite='raise' is invalid" in saved["refusal"]
+        assert saved["deviceless_factories"] == [], rank  # every state tensor made on its device
 
 
 def test_fsdp2_rejects_an_unknown_sharded_side_policy():

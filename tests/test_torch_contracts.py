@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from asgo_core.adapters.torch import ASGO, DASGO
+from device_tracking import DevicelessFactories
 
 
 def _snapshot(optimizer, params):
@@ -232,30 +232,13 @@ def test_a_non_contiguous_gradient_steps_like_its_contiguous_copy():
 
 
 # ---- devices ---------------------------------------------------------------------------------
-class _FactoryCalls(TorchDispatchMode):
-    """Records tensor factories called without an explicit device: on a GPU they would put
-    state on the CPU next to CUDA parameters."""
-    FACTORIES = {"zeros", "ones", "empty", "full", "scalar_tensor", "arange"}
-
-    def __init__(self):
-        super().__init__()
-        self.deviceless = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if name in self.FACTORIES and kwargs.get("device") is None and not func._schema.name.endswith("_like"):
-            self.deviceless.append(str(func))
-        return func(*args, **kwargs)
-
-
 def test_every_state_tensor_is_on_its_parameters_device_and_created_there():
     params, optimizer = _stepped(steps=1)
     for p in params:
         p.grad = torch.randn_like(p)
-    with _FactoryCalls() as calls:
+    with DevicelessFactories() as factories:
         optimizer.step()
-    assert calls.deviceless == []
+    assert factories.calls == []
     for param in params:
         for key, value in optimizer.state[param].items():
             tensors = value if isinstance(value, list) else [value]
