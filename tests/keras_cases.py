@@ -315,14 +315,27 @@ def python_block(path: str, heading: str) -> str:
     return section.split("```python\n", 1)[1].split("\n```", 1)[0]
 
 
-def test_quick_start_runs(tmp_path, monkeypatch):
-    code = python_block(os.path.join(os.path.dirname(__file__), "..", "docs", "keras.md"), "## Quick start")
-    monkeypatch.chdir(tmp_path)
+def run_block(path: str, heading: str) -> dict:
+    """Execute a documentation code block (from a seed); its namespace."""
+    code = python_block(os.path.join(os.path.dirname(__file__), "..", path), heading)
     keras.utils.set_random_seed(0)
     namespace = {}
-    exec(compile(code, "docs/keras.md quick start", "exec"), namespace)
+    exec(compile(code, f"{path} ({heading})", "exec"), namespace)
+    return namespace
+
+
+def test_readme_quick_start_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_block("README.md", "## Keras")
     assert namespace["history"].history["val_accuracy"][-1] > 0.85
-    assert isinstance(keras.models.load_model("digits.keras").optimizer, ASGO)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example saves digits.keras
+    namespace = run_block("docs/keras.md", "## A fuller example")
+    assert namespace["history"].history["val_accuracy"][-1] > 0.85
+    steps_per_epoch = math.ceil(0.8 * len(namespace["x"]) / 64)
+    assert int(namespace["restored"].optimizer.iterations) == 5 * steps_per_epoch  # 3 saved + 2 resumed
 
 
 # ---- configuration ----------------------------------------------------------------------------------
