@@ -11,6 +11,7 @@ path, or for torch, whose parameters have no names, its position or shape).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import sys
@@ -86,7 +87,9 @@ class _StatefulDriver(Driver):
         yield from _flatten("state", self.optimizer.state_dict()["state"])
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        """A deep copy: torch's state_dict shares the live per-parameter state dicts, so a case
+        that edits what it saved would otherwise edit the optimizer too."""
+        return copy.deepcopy(self.optimizer.state_dict())
 
     def load_state_dict(self, state_dict):
         self.optimizer.load_state_dict(state_dict)

@@ -9,8 +9,6 @@ huge or tiny gradients, 16-bit and 64-bit dtypes, odd shapes) steps to finite va
 
 from __future__ import annotations
 
-import copy
-
 import dataclasses
 import importlib
 import inspect
@@ -439,7 +437,7 @@ def load_old_int_adamw_step(driver):
     """An older state dict whose AdamW-route "step" is a Python int (torch.optim.AdamW loads
     those) resumes as the float-step one does."""
     built(driver, steps=1)
-    saved = copy.deepcopy(driver.state_dict())  # torch's state_dict shares the live state dicts
+    saved = driver.state_dict()
     resumed = built(type(driver)(driver.algorithm), params=driver.params(), steps=0)
     index = driver.keys.index("bias")
     saved["state"][index]["step"] = int(saved["state"][index]["step"])
