@@ -269,16 +269,6 @@ def compile_model(model, optimizer):
     return model
 
 
-def test_fit_trains_on_digits():
-    x, y = digits()
-    model = compile_model(mlp(), ASGO(learning_rate=0.02))
-    before = model.evaluate(x[1400:], y[1400:], verbose=0)[1]
-    model.fit(x[:1400], y[:1400], epochs=4, batch_size=64, verbose=0)
-    loss, accuracy = model.evaluate(x[1400:], y[1400:], verbose=0)
-    print(f"digits ({BACKEND}): held-out accuracy {before:.3f} → {accuracy:.3f}, loss {loss:.3f}")
-    assert accuracy > 0.9
-
-
 def test_save_load_resumes_as_if_uninterrupted(tmp_path):
     """Train, save, train on (A); load the saved model, train the same batches (B): A = B. A
     fresh optimizer on the saved weights (C) differs, so the test sees the optimizer's state."""
@@ -327,7 +317,9 @@ def run_block(path: str, heading: str) -> dict:
 def test_readme_quick_start_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = run_block("README.md", "## Keras")
-    assert namespace["history"].history["val_accuracy"][-1] > 0.85
+    accuracy = namespace["history"].history["val_accuracy"]
+    print(f"digits quick start ({BACKEND}): validation accuracy by epoch {[round(a, 3) for a in accuracy]}")
+    assert accuracy[-1] > 0.85
 
 
 def test_docs_example_runs(tmp_path, monkeypatch):
