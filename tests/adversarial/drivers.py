@@ -135,8 +135,10 @@ class TorchDriver(_StatefulDriver):
     def load_portable(self, portable):
         self.optimizer.load_portable_state(portable, names=self.keys)
 
-    def param_pattern(self, key) -> str:
-        index, shape = self.keys.index(key), tuple(self.tensors[key].shape)
+    def param_pattern(self, key, params=None) -> str:
+        """params: the dict a failed build was given (None: the built optimizer's)."""
+        keys, arrays = (self.keys, self.tensors) if params is None else (list(params), params)
+        index, shape = keys.index(key), tuple(arrays[key].shape)
         return rf"(\[{index}\]|parameter {index}\b|index {index}\b|{re.escape(str(shape))})"
 
 
@@ -167,7 +169,7 @@ class NumpyDriver(_StatefulDriver):
     def load_portable(self, portable):
         self.optimizer.load_portable_state(portable)
 
-    def param_pattern(self, key) -> str:
+    def param_pattern(self, key, params=None) -> str:
         return re.escape(repr(key))
 
 
@@ -262,7 +264,7 @@ class OptaxDriver(Driver):
             self.state = state_from_portable(portable, self.leaves, self.tx, self.core_config(),
                                              adamw=self.adamw_options(), weight_dimension_numbers=self.numbers)
 
-    def param_pattern(self, key) -> str:
+    def param_pattern(self, key, params=None) -> str:
         return re.escape(f"['{key}']")
 
 

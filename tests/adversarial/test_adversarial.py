@@ -21,7 +21,7 @@ import pytest
 from drivers import DRIVERS, OptaxDriver, SHAPES, standard_grads, standard_params
 from test_checkpoint import assert_same_state, loads_with_one_bit_flipped
 
-from asgo_core import FALLBACK_LEVELS, CheckpointError, load_state, save_state
+from asgo_core import CheckpointError, load_state, save_state
 
 ALL = ("torch", "torch-dasgo", "optax", "numpy")
 ASGO_ONLY = ("torch", "optax", "numpy")      # options DASGO does not have
@@ -105,16 +105,8 @@ def bad_param(label, key, array, *patterns, drivers=ALL, options=None):
     def run(driver):
         params = {**standard_params(), key: array}
         expect_error(driver, lambda: driver.build(params, options), ValueError,
-                     driver_pattern(driver, key), *patterns, snapshot=input_snapshot(params))
+                     driver.param_pattern(key, params), *patterns, snapshot=input_snapshot(params))
     return Case(f"param-{label}", run, drivers)
-
-
-def driver_pattern(driver, key):
-    """The regex naming `key` in this driver, built on a throwaway driver when needed."""
-    if not hasattr(driver, "keys") and driver.name.startswith("torch"):
-        driver.keys = list(standard_params())  # torch names a parameter by position or shape
-        driver.tensors = {k: np.empty(SHAPES.get(k, ())) for k in driver.keys}
-    return driver.param_pattern(key)
 
 
 BAD_PARAMS = [
