@@ -33,7 +33,7 @@ MATRICES = [name for name, shape in SHAPES.items() if len(shape) >= 2]
 @dataclasses.dataclass(frozen=True)
 class Case:
     id: str
-    run: Callable  # run(driver): builds, acts and asserts
+    run: Callable  # run(driver) or run(driver, tmp_path): builds, acts and asserts
     drivers: tuple = ALL
 
 
@@ -59,6 +59,11 @@ def built(driver, options=None, params=None, steps=0, **build):
     for seed in range(steps):
         driver.step(standard_grads(driver.params(), seed=seed + 10))
     return driver
+
+
+def another(driver):
+    """A fresh driver of the same adapter (a second optimizer to compare with or load into)."""
+    return DRIVERS[driver.name]()
 
 
 def input_snapshot(params):
@@ -318,7 +323,7 @@ def eigh_float64_fallback_is_counted(driver):
     counters = driver.counters()
     assert counters["eigh"] == counters["eigh_float64"] == 2 * len(MATRICES)  # 2 refreshes
     assert counters["kept_previous_root"] == 0
-    reference = type(driver)()
+    reference = another(driver)
     built(reference, {"root_method": "eigh"})
     for step_grads in grads:
         reference.step(step_grads)
@@ -374,7 +379,7 @@ def other_shapes():
 
 
 def load_state_for_other_shapes(driver):
-    saved = built(type(driver)() if driver.name != "torch-dasgo" else DRIVERS["torch-dasgo"](), steps=1).state_dict()
+    saved = built(another(driver), steps=1).state_dict()
     built(driver, params=other_shapes(), steps=1)
     expect_error(driver, lambda: driver.load_state_dict(saved), ValueError,
                  driver.param_pattern("w2"), "shape|momentum")
@@ -430,7 +435,7 @@ def load_old_int_adamw_step(driver):
     those) resumes as the float-step one does."""
     built(driver, steps=1)
     saved = driver.state_dict()
-    resumed = built(type(driver)(driver.algorithm), params=driver.params(), steps=0)
+    resumed = built(another(driver), params=driver.params(), steps=0)
     index = driver.keys.index("bias")
     saved["state"][index]["step"] = int(saved["state"][index]["step"])
     resumed.load_state_dict(saved)
@@ -546,8 +551,7 @@ def interrupted_save_keeps_the_previous_file(driver, tmp_path):
 
 def file_round_trip_resumes_bitwise(driver, tmp_path):
     path = saved_file(driver, tmp_path)
-    resumed = built(type(driver)() if driver.name != "torch-dasgo" else DRIVERS["torch-dasgo"]())
-    resumed.build(driver.params(), None)
+    resumed = built(another(driver), params=driver.params())
     resumed.load_portable(load_state(path))
     grads = standard_grads(driver.params(), seed=6)
     driver.step(grads)
@@ -581,7 +585,7 @@ def grad_scaler_skips_an_inf_step(driver):
 def scheduler_with_tensor_lr(driver):
     """A tensor lr driven by a scheduler steps as the same float lr does."""
     import torch
-    tensor_lr = built(type(driver)(driver.algorithm), {"lr": torch.tensor(0.02)})
+    tensor_lr = built(another(driver), {"lr": torch.tensor(0.02)})
     float_lr = built(driver, {"lr": 0.02})
     scheduler = torch.optim.lr_scheduler.LambdaLR(tensor_lr.optimizer, lambda step: 0.5 ** step)
     for step in range(3):
@@ -600,7 +604,7 @@ def compiled_step_with_inductor(driver):
     default backend (inductor) on opt.step equals the eager step over 3 steps."""
     import torch
     params = standard_params(shapes={"w": (4, 6)})  # one small matrix: inductor compiles slowly
-    eager = built(type(driver)(driver.algorithm), params=params)
+    eager = built(another(driver), params=params)
     built(driver, params=params)
     compiled_step = torch.compile(driver.optimizer.step)
     for step in range(3):
