@@ -27,6 +27,7 @@ ALL = ("torch", "torch-dasgo", "optax", "numpy")
 ASGO_ONLY = ("torch", "optax", "numpy")      # options DASGO does not have
 WITH_GROUPS = ("torch", "torch-dasgo", "numpy")  # param groups, maximize, algorithm=
 TORCH = ("torch", "torch-dasgo")
+STATEFUL = ("torch", "torch-dasgo", "numpy")  # state_dict() / load_state_dict()
 MATRICES = [name for name, shape in SHAPES.items() if len(shape) >= 2]
 
 
@@ -303,6 +304,39 @@ def steps_shapes(shapes):
     return run
 
 
+def other_memory_layouts_step_as_contiguous_ones(driver):
+    """Valid input in other layouts: torch's conv weight and gradient in channels_last and a
+    transposed-view matrix gradient; the NumPy adapter's Fortran-ordered arrays. The params
+    equal those of the contiguous run."""
+    contiguous = built(another(driver))
+    if driver.name == "numpy":
+        driver.build({key: np.asfortranarray(value) for key, value in standard_params().items()})
+        layout = np.asfortranarray
+    else:
+        import torch
+        built(driver)
+        conv = driver.tensors["conv"]
+        conv.data = conv.data.contiguous(memory_format=torch.channels_last)
+        layout = _strided_tensor
+    for seed in (40, 41):
+        grads = standard_grads(standard_params(), seed=seed)
+        contiguous.step(grads)
+        driver.step({key: layout(value) for key, value in grads.items()})
+    for key, value in contiguous.params().items():
+        np.testing.assert_allclose(driver.params()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def _strided_tensor(array):
+    """A tensor with array's values in a non-default layout: a transposed view (2-D) or
+    channels_last (4-D)."""
+    import torch
+    if array.ndim == 2:
+        return torch.from_numpy(np.ascontiguousarray(array.T)).T
+    if array.ndim == 4:
+        return torch.from_numpy(array).contiguous(memory_format=torch.channels_last)
+    return torch.from_numpy(array)
+
+
 def eigh_float64_fallback_is_counted(driver):
     """The fallback chain's third level: residual_tolerance=1e-30 rejects every Newton–Schulz
     root, the float32 eigh fallback is made to fail (NaN), and the float64 eigh takes over and
@@ -364,6 +398,7 @@ VALID = [
     Case("shapes-very-wide-and-tall", steps_shapes({"wide": (2, 6000), "tall": (3000, 3)})),
     # optax runs the same core chain; under x64 its Newton–Schulz compile alone takes ~15 s here.
     Case("eigh-float64-fallback", eigh_float64_fallback_is_counted, ("torch", "numpy")),
+    Case("other-memory-layouts", other_memory_layouts_step_as_contiguous_ones, STATEFUL),
     Case("maximize-adamw-route", maximize_on_the_adamw_route_equals_adamw_maximize, WITH_GROUPS),
     Case("grad-sparse-in-a-later-group", sparse_in_a_later_group, TORCH),
 ]
@@ -371,7 +406,6 @@ VALID = [
 
 # ----------------------------------------------------------------------------- loads
 
-STATEFUL = ("torch", "torch-dasgo", "numpy")  # state_dict() / load_state_dict()
 
 
 def other_shapes():
