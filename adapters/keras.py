@@ -252,8 +252,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         layout = _state_layout(state)
         names = [name if length is None else f"{name}_{i}"
                  for name, length in layout for i in range(length or 1)]
-        variables = tuple(self.add_variable(tuple(array.shape), dtype=keras.backend.standardize_dtype(array.dtype),
-                                            name=f"{path}_{name}")
+        variables = tuple(self.add_variable(tuple(array.shape), name=f"{path}_{name}",
+                                            dtype=keras.backend.standardize_dtype(array.dtype))
                           for name, array in zip(names, _state_arrays(state)))
         return _MatrixSlot(view, type(state), layout, variables)
 

@@ -232,7 +232,8 @@ def test_a_kernel_gets_the_side_of_the_torch_weight(layer_name, side):
         module.weight.copy_(torch.tensor(keras.ops.convert_to_numpy(layer.kernel).transpose(to_torch)))
         module.bias.copy_(torch.tensor(keras.ops.convert_to_numpy(layer.bias)))
     keras_optimizer = ASGO(learning_rate=0.05, side=side, adam_lr_ratio=0.5, adam_weight_decay=0.1)
-    torch_optimizer = TorchASGO(module.parameters(), lr=0.05, side=side, adamw_lr=0.025, adamw_weight_decay=0.1)
+    torch_optimizer = TorchASGO(module.parameters(), lr=0.05, side=side, adamw_lr=0.025,
+                                adamw_weight_decay=0.1)
     rng = np.random.default_rng(3)
     grads = [{"kernel": rng.standard_normal(tuple(layer.kernel.shape)).astype("float32"),
               "bias": rng.standard_normal(tuple(layer.bias.shape)).astype("float32")} for _ in range(3)]
@@ -275,7 +276,8 @@ def test_save_load_resumes_as_if_uninterrupted(tmp_path):
     x, y = digits()
     x, y = x[:256], y[:256]
     fit = dict(epochs=2, batch_size=64, shuffle=False, verbose=0)
-    model = compile_model(mlp(), ASGO(precondition_frequency=2, learning_rate=0.02))
+    options = dict(precondition_frequency=2, learning_rate=0.02)
+    model = compile_model(mlp(), ASGO(**options))
     model.fit(x, y, **fit)
     path = str(tmp_path / "model.keras")
     model.save(path)
@@ -284,7 +286,7 @@ def test_save_load_resumes_as_if_uninterrupted(tmp_path):
     assert isinstance(restored.optimizer, ASGO)
     assert int(restored.optimizer.iterations) == 8
     restored.fit(x, y, **fit)
-    fresh = compile_model(keras.models.load_model(path, compile=False), ASGO(precondition_frequency=2, learning_rate=0.02))
+    fresh = compile_model(keras.models.load_model(path, compile=False), ASGO(**options))
     fresh.fit(x, y, **fit)
     uninterrupted = [keras.ops.convert_to_numpy(w) for w in model.weights]
     resumed = [keras.ops.convert_to_numpy(w) for w in restored.weights]
@@ -376,8 +378,9 @@ def test_get_config_round_trip(optimizer_class):
     (dict(learning_rate=-0.1), "learning_rate="), (dict(adam_beta_2=1.0), "(adam_beta_1, adam_beta_2)="),
     (dict(adam_epsilon=-1.0), "adam_epsilon="), (dict(adam_weight_decay=-1.0), "adam_weight_decay="),
     (dict(adam_lr_ratio=-1.0), "adam_lr_ratio="), (dict(side="top"), "side="),
-    (dict(precondition_frequency=0), "precondition_frequency="), (dict(exclude_layers="head"), "exclude_layers="),
-    (dict(exclude_embeddings="yes"), "exclude_embeddings="), (dict(batch_dims={"experts": -1}), "batch_dims="),
+    (dict(precondition_frequency=0), "precondition_frequency="),
+    (dict(exclude_layers="head"), "exclude_layers="), (dict(exclude_embeddings="yes"), "exclude_embeddings="),
+    (dict(batch_dims={"experts": -1}), "batch_dims="),
     (dict(batch_dims=1), "batch_dims="),
 ])
 def test_bad_options_raise_naming_the_option(options, named):
