@@ -9,7 +9,7 @@ batch_dims = b, the first b dims index a stack of such matrices). Matrices with 
 algorithm, matrix shape, dtype, device and step count form a `Bucket`: each step stacks a
 bucket's gradients and state into new tensors, runs `asgo_core.step_terms` once on the stack
 and copies the results back into the state tensors, which stay the same objects from step to
-step (what torch.compile and CUDA graphs want). State stays per parameter in `self.state`, so
+step (what torch.compile wants). State stays per parameter in `self.state`, so
 `state_dict()` / `load_state_dict()` work with plain torch.save / torch.load.
 
 A step is all or nothing: every gradient is checked (dense, real, the parameter's shape, dtype
@@ -148,7 +148,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         deferred = any(self.param_groups[b.group_index]["nonfinite"] == "raise" for b in buckets)
         computed = []
         for bucket in buckets:
-            computed.append((bucket, self._bucket_terms(bucket)))
+            computed.append((bucket, self._bucket_terms(bucket, in_place=not deferred)))
             if not deferred:
                 self._commit_bucket(*computed.pop())
         for group in self.param_groups:
@@ -190,9 +190,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return [Bucket(kind[0], kind[1], tuple(params), self.param_groups[kind[0]]["batch_dims"])
                 for kind, runs in runs_by_kind.items() for _, params in runs]
 
-    def _bucket_terms(self, bucket: Bucket):
-        """The core's (direction, scale, new_state) of a bucket, computed on stacked copies of
-        its gradients and state: nothing the optimizer holds changes here."""
+    def _bucket_terms(self, bucket: Bucket, in_place: bool):
+        """The core's (direction, scale, new_state) of a bucket. in_place=False computes on
+        stacked copies of the state, so nothing the optimizer holds changes here; in_place=True
+        lets the core update the state where it lies, when its tensors are still the
+        back-to-back views of one stack (eager mode: no copy in, less to copy back)."""
         group = self.param_groups[bucket.group_index]
         config = group_config(group, bucket.algorithm)
         grads = _stack_matrices([p.grad for p in bucket.params], bucket.matrix_shape)
@@ -202,7 +204,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if step_count == 0:
             core_state = init_state(grads, config)
         else:
-            core_state = _stack_state([self.state[p] for p in bucket.params], bucket.matrix_shape, step_count)
+            states = [self.state[p] for p in bucket.params]
+            reuse = in_place and not torch.compiler.is_compiling()
+            core_state = _stack_state(states, bucket.matrix_shape, step_count, reuse_storage=reuse)
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(step_count, config)
         try:
             return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
@@ -260,31 +264,36 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         Matrix statistics keep the statistics dtype (float32 for bf16 parameters) and move
         to the parameter's device; AdamW state follows torch.optim.AdamW (moments in the
         parameter's dtype and device, "step" a CPU tensor, also when saved as a number)."""
-        new_states = self._checked_states(state_dict)
+        new_states, checked_groups = self._checked_states(state_dict)
         super().load_state_dict({**state_dict, "state": {}})
+        for group, checked in zip(self.param_groups, checked_groups):
+            for name, value in checked.items():  # an option older files lack keeps this group's value
+                group.setdefault(name, value)
         for param, state in new_states.items():
             self.state[param] = state
 
-    def _checked_states(self, state_dict: dict) -> dict:
-        """{param: the state to load} after every check of load_state_dict."""
+    def _checked_states(self, state_dict: dict) -> tuple[dict, list]:
+        """({param: the state to load}, the checked groups: this optimizer's groups with the
+        saved options over them) after every check of load_state_dict."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         if len(saved_groups) != len(self.param_groups):
             fail("state_dict['param_groups']", f"{len(saved_groups)} groups", f"{len(self.param_groups)} groups")
-        new_states = {}
+        new_states, checked_groups = {}, []
         for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 fail(f"state_dict['param_groups'][{group_index}]['params']",
                      f"{len(saved['params'])} parameters", f"{len(group['params'])}")
             merged = {**group, **{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
             self._validate_group(merged, group_index)
+            checked_groups.append(merged)
             for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 entry = saved_state.get(saved_id)
                 if entry:
                     label = _param_label(group_index, index, param)
                     new_states[param] = self._checked_state(param, merged, entry, label)
-        return new_states
+        return new_states, checked_groups
 
     def _checked_state(self, param, group: dict, entry: dict, label: str) -> dict:
         algorithm = _algorithm_of(param, group, self.matrix_algorithm)
@@ -326,7 +335,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             else:
                 step = state.get("step", 0)
                 count, *matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])
-                core_state = (_stack_state([state], matrix_shape, step) if step
+                core_state = (_stack_state([state], matrix_shape, step, reuse_storage=False) if step
                               else self._fresh_core_state(param, group, algorithm))
                 arrays = stacked_state_entries(core_state, [count], lambda t: t.detach().cpu().numpy())[0]
             entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
@@ -476,16 +485,41 @@ def _stack_matrices(tensors, matrix_shape) -> torch.Tensor:
     return torch.cat([t.reshape(-1, *matrix_shape) for t in tensors])
 
 
-def _stack_state(states: list[dict], matrix_shape, step_count: int):
-    """Per-parameter state → the core's state of the stacked bucket (new tensors)."""
+def _stack_state(states: list[dict], matrix_shape, step_count: int, reuse_storage: bool):
+    """Per-parameter state → the core's state of the stacked bucket: new tensors, or with
+    reuse_storage the stack the per-parameter tensors are views of, where they still are."""
     m, n = matrix_shape
-    stack = lambda key, *shape: torch.cat([s[key].reshape(-1, *shape) for s in states])  # noqa: E731
+    stack = lambda key, *shape: _stacked([s[key] for s in states], shape, reuse_storage)  # noqa: E731
     count = torch.tensor(step_count, dtype=torch.int32)
     if "second_moment" in states[0]:
         return DASGOState(stack("momentum", m, n), stack("second_moment", n), count, stack("skipped"))
-    concat_groups = lambda key: tuple(torch.cat(parts) for parts in zip(*(s[key] for s in states)))  # noqa: E731
-    return ASGOState(stack("momentum", m, n), concat_groups("gram"), concat_groups("root"), count,
+    blocks = lambda key: tuple(_stacked(list(parts), parts[0].shape[1:], reuse_storage)  # noqa: E731
+                               for parts in zip(*(s[key] for s in states)))
+    return ASGOState(stack("momentum", m, n), blocks("gram"), blocks("root"), count,
                      stack("skipped"), stack("fallbacks", len(FALLBACK_LEVELS)))
+
+
+def _stacked(tensors: list, item_shape, reuse_storage: bool) -> torch.Tensor:
+    """The tensors as one (items, *item_shape) stack."""
+    if reuse_storage:
+        base = _reassembled_base(tensors, item_shape)
+        if base is not None:
+            return base
+    return torch.cat([t.reshape(-1, *item_shape) for t in tensors])
+
+
+def _reassembled_base(tensors: list, item_shape) -> torch.Tensor | None:
+    """The contiguous stack whose in-order, back-to-back slices the tensors are (what a
+    parameter's first step stores, see _store_state), or None."""
+    base = tensors[0]._base
+    if base is None or not base.is_contiguous() or tuple(base.shape[1:]) != tuple(item_shape):
+        return None
+    offset = base.storage_offset()
+    for tensor in tensors:
+        if tensor._base is not base or not tensor.is_contiguous() or tensor.storage_offset() != offset:
+            return None
+        offset += tensor.numel()
+    return base if offset == base.storage_offset() + base.numel() else None
 
 
 def _split_state(core_state, params, batch_dims: int) -> list[dict]:
@@ -509,15 +543,19 @@ def _split_state(core_state, params, batch_dims: int) -> list[dict]:
 
 def _store_state(states: list[dict], new_states: list[dict]) -> None:
     """Copy new state into the tensors each state already holds (one foreach copy), so the
-    same tensors persist across steps; a parameter's first step stores copies instead."""
+    same tensors persist across steps; what the core updated where it lies needs no copy. A
+    parameter's first step stores the new tensors (views of the bucket's stacks) themselves."""
     targets, sources = [], []
     for state, new in zip(states, new_states):
         for key, value in new.items():
             if key not in state:
-                state[key] = [v.clone() for v in value] if isinstance(value, list) else value.clone()
+                state[key] = value
             else:
                 targets += state[key] if isinstance(value, list) else [state[key]]
                 sources += value if isinstance(value, list) else [value]
+    if not torch.compiler.is_compiling():
+        pairs = [(t, s) for t, s in zip(targets, sources) if t.data_ptr() != s.data_ptr()]
+        targets, sources = [t for t, _ in pairs], [s for _, s in pairs]
     if targets:
         torch._foreach_copy_(targets, [source.view_as(target) for source, target in zip(sources, targets)])
 

@@ -448,7 +448,7 @@ class FSDPASGO(ASGO):
         for param, full_param in zip(bucket.params, full):
             self.state[full_param] = self.state.pop(param, {})
         full_bucket = dataclasses.replace(bucket, params=full)
-        self._commit_bucket(full_bucket, self._bucket_terms(full_bucket))
+        self._commit_bucket(full_bucket, self._bucket_terms(full_bucket, in_place=True))
         for param, full_param in zip(bucket.params, full):
             self.state[param] = self.state.pop(full_param)
 
@@ -500,7 +500,8 @@ class FSDPASGO(ASGO):
         root = torch.cat([s["root"][0] for s in states])
         fallbacks = torch.zeros(len(params), len(FALLBACK_LEVELS), dtype=torch.int32, device=grads.device)
         if needs_root_refresh(states[0]["step"], config):
-            new_root, fallbacks = robust_root(gram, root, config, _xp.namespace(gram))
+            new_root, fallbacks = robust_root(gram, root, config, _xp.namespace(gram),
+                                              moving=self._momentum_is_nonzero(momentum, mesh_group))
             root = torch.where(keep, root, new_root)
             fallbacks = torch.where(keep[:, :, 0], 0, fallbacks)
         direction = _matmul_in(momentum, config) @ _matmul_in(root, config)
@@ -513,6 +514,14 @@ class FSDPASGO(ASGO):
                          fallbacks=state["fallbacks"] + fallbacks[index])
             local = param.to_local()
             local.sub_((group["lr"] * update[index]).to(local.dtype).view(local.shape))
+
+    @staticmethod
+    def _momentum_is_nonzero(momentum, mesh_group):
+        """(bucket,) bool: whether some rank's rows of each momentum are nonzero (one small
+        all-reduce, so every rank counts the same fallbacks)."""
+        nonzero = (momentum.abs().amax(dim=(-2, -1)) > 0).to(torch.int32)
+        dist.all_reduce(nonzero, op=dist.ReduceOp.MAX, group=mesh_group)
+        return nonzero.bool()
 
     @staticmethod
     def _partial_column_gram(grads, config):

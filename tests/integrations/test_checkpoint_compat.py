@@ -9,7 +9,6 @@ never stopped.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -22,10 +21,6 @@ def step_with(opt, params, grads):
     opt.step()
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "torch adapter bug: load_state_dict validates the current group merged with the saved one but "
-    "installs the saved group dict as it is, so an option it lacks (batch_dims) is missing after "
-    "the load and the next step() raises KeyError: 'batch_dims'"))
 def test_a_checkpoint_without_a_newer_option_resumes_with_its_default():
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(4))]
