@@ -49,9 +49,10 @@ def group_config(group: dict, algorithm: str):
     for name in _FIELD_NAMES[config_type]:
         if name in group and name not in options:
             options[name] = group[name]
-    return _cached_config(config_type, tuple(sorted(options.items())))
+    # the value's type is part of the cache key: True == 1 and hash alike, but only 1 is valid
+    return _cached_config(config_type, tuple((name, type(value), value) for name, value in sorted(options.items())))
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_config(config_type, options: tuple):
-    return config_type(**dict(options))
+    return config_type(**{name: value for name, _, value in options})

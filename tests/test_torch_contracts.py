@@ -297,3 +297,10 @@ def test_inductor_compiled_steps_equal_eager_without_recompiling(what):
     assert graphs_after[3] == graphs_after[-1], graphs_after
     for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
         assert torch.allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_a_bool_option_is_refused_even_after_its_number_was_cached():
+    """True == 1 and hashes alike: a cached valid config for 1 must not answer for True."""
+    ASGO([nn.Parameter(torch.randn(4, 5))], precondition_frequency=1)
+    with pytest.raises(ValueError, match="precondition_frequency=True"):
+        ASGO([nn.Parameter(torch.randn(4, 5))], precondition_frequency=True)
