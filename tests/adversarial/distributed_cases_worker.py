@@ -1,13 +1,14 @@
 """One rank of tests/adversarial/test_distributed_cases.py, launched torchrun-style by
 tests/test_distributed.py's `launch` (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set):
 
-    python distributed_cases_worker.py raise|equality OUT_DIR
+    python distributed_cases_worker.py cases OUT_DIR
 
-Every rank sees the same gradients (as under DDP) and saves OUT_DIR/rank{r}.pt. "raise": what
-DistributedASGO(nonfinite="raise") does with a NaN gradient at step 2 (refused at construction,
-or raised on every rank with nothing changed); collectives time out after 20 s, so a rank left
-alone in one reports instead of hanging. "equality": DistributedDASGO, and DistributedASGO on a
-new group of both ranks (process_group=), for STEPS steps each (the test replays the gradients).
+Every rank sees the same gradients (as under DDP) and saves OUT_DIR/rank{r}.pt with, one launch
+for all (starting ranks is most of the time): DistributedDASGO, and DistributedASGO on a new
+group of both ranks (process_group=), after STEPS steps each (the test replays the gradients);
+then what DistributedASGO(nonfinite="raise") does with a NaN gradient at step 2 (refused at
+construction, or raised on every rank with nothing changed). Collectives time out after 20 s,
+so a rank left alone in one reports instead of hanging.
 """
 
 from __future__ import annotations
@@ -70,19 +71,17 @@ def run_equality(optimizer, params: dict) -> dict:
             "owners": {name: optimizer._owner[p] for name, p in params.items()}}
 
 
-def main(mode: str, out_dir: str) -> None:
+def main(out_dir: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     params = make_params()
-    if mode == "raise":
-        result = run_raise(params)
-    else:  # one launch for both: starting ranks is most of the time
-        result = {"dasgo": run_equality(DistributedDASGO(list(params.values()), lr=0.05), params)}
-        params = make_params()
-        result["process_group"] = run_equality(
-            DistributedASGO(list(params.values()), lr=0.05, process_group=dist.new_group([0, 1])), params)
+    result = {"dasgo": run_equality(DistributedDASGO(list(params.values()), lr=0.05), params)}
+    params = make_params()
+    result["process_group"] = run_equality(
+        DistributedASGO(list(params.values()), lr=0.05, process_group=dist.new_group([0, 1])), params)
+    result["raise"] = run_raise(make_params())  # last: a rank left alone would time out here
     torch.save(result, f"{out_dir}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[2])  # argv[1]: the launcher's mode, one here

@@ -16,24 +16,24 @@ from asgo_core.adapters.torch import ASGO, DASGO
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_cases_worker.py")
 
 
-def launch(mode: str, tmp_path) -> list:
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(test_distributed, "WORKER", WORKER)
-        return test_distributed.launch(mode, 2, tmp_path)
+        return test_distributed.launch("cases", 2, tmp_path_factory.mktemp("distributed_cases"))
 
 
-def test_nonfinite_raise_is_refused_or_raised_on_every_rank(tmp_path):
-    ranks = launch("raise", tmp_path)
-    if not ranks[0]["constructed"]:
-        assert all(not r["constructed"] and "nonfinite" in r["error"] for r in ranks)
+def test_nonfinite_raise_is_refused_or_raised_on_every_rank(ranks):
+    results = [rank["raise"] for rank in ranks]
+    if not results[0]["constructed"]:
+        assert all(not r["constructed"] and "nonfinite" in r["error"] for r in results)
         return
-    for rank in ranks:  # every rank raised (none was left waiting in the all-gather) ...
-        assert rank["outcomes"][0].startswith("FloatingPointError"), rank["outcomes"]
-        assert rank["unchanged"]  # ... before any parameter changed
+    for result in results:  # every rank raised (none was left waiting in the all-gather) ...
+        assert result["outcomes"][0].startswith("FloatingPointError"), result["outcomes"]
+        assert result["unchanged"]  # ... before any parameter changed
 
 
-def test_distributed_dasgo_and_process_group_equal_the_single_process_optimizers(tmp_path):
-    ranks = launch("equality", tmp_path)
+def test_distributed_dasgo_and_process_group_equal_the_single_process_optimizers(ranks):
     for mode, optimizer_type in (("dasgo", DASGO), ("process_group", ASGO)):
         assert set(ranks[0][mode]["owners"].values()) == {0, 1}  # both ranks own something
         params = worker.make_params()
