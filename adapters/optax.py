@@ -286,7 +286,7 @@ def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mas
         return tuple(r[0] for r in results), tuple(r[1] for r in results)
 
     def update_fn(updates, state, params=None):
-        if params is not None:
+        if params is not None and jax.tree.structure(params) == jax.tree.structure(updates):
             _check_shapes_match(updates, params)
         leaves, plan = plan_for(updates, "gradient")
         _check_plan_matches_state(plan, state.stacks, _leaf_paths(updates))
