@@ -544,20 +544,27 @@ def _split_state(core_state, params, batch_dims: int) -> list[dict]:
 def _store_state(states: list[dict], new_states: list[dict]) -> None:
     """Copy new state into the tensors each state already holds (one foreach copy), so the
     same tensors persist across steps; what the core updated where it lies needs no copy. A
-    parameter's first step stores the new tensors (views of the bucket's stacks) themselves."""
+    parameter's first step stores the new tensors (views of the bucket's stacks) themselves,
+    or copies under torch.compile (views of one storage as graph inputs are what
+    AOTAutograd's input mutations cannot handle)."""
+    compiling = torch.compiler.is_compiling()
     targets, sources = [], []
     for state, new in zip(states, new_states):
         for key, value in new.items():
             if key not in state:
-                state[key] = value
+                state[key] = _cloned(value) if compiling else value
             else:
                 targets += state[key] if isinstance(value, list) else [state[key]]
                 sources += value if isinstance(value, list) else [value]
-    if not torch.compiler.is_compiling():
+    if not compiling:
         pairs = [(t, s) for t, s in zip(targets, sources) if t.data_ptr() != s.data_ptr()]
         targets, sources = [t for t, _ in pairs], [s for _, s in pairs]
     if targets:
         torch._foreach_copy_(targets, [source.view_as(target) for source, target in zip(sources, targets)])
+
+
+def _cloned(value):
+    return [v.clone() for v in value] if isinstance(value, list) else value.clone()
 
 
 def _check_state_fields(entry: dict, template: dict, algorithm: str, label: str) -> None:

@@ -38,8 +38,14 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value) -> bool:
+    # comparisons, not math.isfinite: under torch.compile a float option can arrive as a
+    # symbolic float, which comparisons guard on and math.isfinite cannot trace
+    return -math.inf < value < math.inf
+
+
 def check_non_negative(name: str, value: float) -> None:
-    if not (is_number(value) and math.isfinite(value) and value >= 0.0):
+    if not (is_number(value) and _is_finite(value) and value >= 0.0):
         fail(name, value, "a finite number >= 0")
 
 
@@ -58,7 +64,7 @@ def _check_positive_int(name: str, value, *, allow_none: bool) -> None:
 def _check_update_rms(value) -> None:
     if value is None:
         return
-    if not (is_number(value) and math.isfinite(value) and value > 0.0):
+    if not (is_number(value) and _is_finite(value) and value > 0.0):
         fail("update_rms", value, "a finite number > 0, or None for the raw step")
 
 

@@ -50,7 +50,10 @@ def group_config(group: dict, algorithm: str):
         if name in group and name not in options:
             options[name] = group[name]
     # the value's type is part of the cache key: True == 1 and hash alike, but only 1 is valid
-    return _cached_config(config_type, tuple((name, type(value), value) for name, value in sorted(options.items())))
+    key = []  # a loop, not a generator: a generator argument breaks a torch.compile graph here
+    for name in sorted(options):
+        key.append((name, type(options[name]), options[name]))
+    return _cached_config(config_type, tuple(key))
 
 
 @functools.lru_cache(maxsize=256)

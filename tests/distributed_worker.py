@@ -115,10 +115,14 @@ def train_ddp(out_dir: str) -> None:
                                for name, p in model.named_parameters()})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    save_owner_split_result(model, optimizer, grads_per_step, out_dir)
+
+
+def save_owner_split_result(model, optimizer, grads_per_step, out_dir: str) -> None:
     torch.save({"params": {name: p.detach().clone() for name, p in model.named_parameters()},
                 "state_dict": optimizer.state_dict(), "grads": grads_per_step,
                 "owned": [name for name, p in model.named_parameters() if optimizer.owns(p)]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+               os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
 
 
 def fsdp_model():
@@ -301,10 +305,7 @@ def train_ddp_experts(out_dir: str) -> None:
         grads_per_step.append({name: p.grad.clone() for name, p in model.named_parameters()})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.save({"params": {name: p.detach().clone() for name, p in model.named_parameters()},
-                "state_dict": optimizer.state_dict(), "grads": grads_per_step,
-                "owned": [name for name, p in model.named_parameters() if optimizer.owns(p)]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    save_owner_split_result(model, optimizer, grads_per_step, out_dir)
 
 
 def main() -> None:

@@ -263,17 +263,12 @@ def _frames_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("what", ["opt.step", "train step"])
-def test_inductor_compiled_steps_equal_eager_without_recompiling(what):
-    """Seven steps at τ = 2 (refresh and non-refresh steps), float32: the compiled run equals
-    eager within float32 rounding, and from the fifth step on no new graph is compiled (the
-    first four compile the fresh-state and step-1 variants, then the step count becomes
-    symbolic: one graph for refresh steps, one for the others)."""
-    torch._dynamo.reset()
+def _compiled_against_eager(what, steps, **options):
+    """(final eager params, final compiled params, graphs compiled so far after each step)."""
     inputs, targets, make_model = _regression_problem()
     eager_model, compiled_model = make_model(), make_model()
-    eager = ASGO(eager_model.parameters(), lr=0.02, precondition_frequency=2)
-    compiled = ASGO(compiled_model.parameters(), lr=0.02, precondition_frequency=2)
+    eager = ASGO(eager_model.parameters(), **options)
+    compiled = ASGO(compiled_model.parameters(), **options)
 
     def train_step(model, optimizer):
         optimizer.zero_grad()
@@ -285,7 +280,7 @@ def test_inductor_compiled_steps_equal_eager_without_recompiling(what):
     compiled_step = torch.compile(compiled.step) if what == "opt.step" else None
     compiled_train_step = torch.compile(train_step) if what == "train step" else None
     graphs_after = []
-    for _ in range(7):
+    for _ in range(steps):
         train_step(eager_model, eager)
         if compiled_step is not None:
             compiled.zero_grad()
@@ -294,8 +289,25 @@ def test_inductor_compiled_steps_equal_eager_without_recompiling(what):
         else:
             compiled_train_step(compiled_model, compiled)
         graphs_after.append(_frames_compiled())
+    return list(eager_model.parameters()), list(compiled_model.parameters()), graphs_after
+
+
+@pytest.mark.parametrize("what", ["opt.step", "train step"])
+def test_inductor_compiled_steps_equal_eager_without_recompiling(what):
+    """Seven steps at τ = 2 (refresh and non-refresh steps), float32: the compiled run equals
+    eager within float32 rounding, and from the fifth step on no new graph is compiled (the
+    first four compile the fresh-state and step-1 variants, then the step count becomes
+    symbolic: one graph for refresh steps, one for the others). Then a second optimizer with
+    other options, compiled in the same process (dynamo's caches now hold the first one's
+    graphs), must still equal its eager run."""
+    torch._dynamo.reset()
+    eager, compiled, graphs_after = _compiled_against_eager(what, 7, lr=0.02, precondition_frequency=2)
     assert graphs_after[3] == graphs_after[-1], graphs_after
-    for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
+    for expected, actual in zip(eager, compiled):
+        assert torch.allclose(actual, expected, rtol=0, atol=1e-5)
+    eager, compiled, _ = _compiled_against_eager(what, 5, lr=0.05, betas=(0.95, 0.9), weight_decay=0.0,
+                                                 precondition_frequency=3)
+    for expected, actual in zip(eager, compiled):
         assert torch.allclose(actual, expected, rtol=0, atol=1e-5)
 
 
@@ -304,3 +316,14 @@ def test_a_bool_option_is_refused_even_after_its_number_was_cached():
     ASGO([nn.Parameter(torch.randn(4, 5))], precondition_frequency=1)
     with pytest.raises(ValueError, match="precondition_frequency=True"):
         ASGO([nn.Parameter(torch.randn(4, 5))], precondition_frequency=True)
+
+
+@pytest.mark.parametrize("optimizer_type", [ASGO, DASGO])
+def test_a_step_traces_as_one_graph_without_breaks(optimizer_type):
+    """A graph break splits the step into frames compiled and cached separately; keeping the
+    step whole keeps those caches out of the way (see the inductor test for the values)."""
+    params, optimizer = _stepped(optimizer_type, steps=1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    explanation = torch._dynamo.explain(optimizer.step)()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
