@@ -154,10 +154,9 @@ class Runner:
             data[split:], self.args.block_size, self.args.batch_size, self.args.eval_batches)
 
     def seconds_per_step(self, name: str) -> float:
+        """From the optimizer's latest run: the load on the shared cores changes over time."""
         mine = [r for r in self.records if r["optimizer"] == name]
-        if not mine:
-            return 0.08
-        return statistics.median(r["wall_seconds"] / r["steps"] for r in mine)
+        return mine[-1]["wall_seconds"] / mine[-1]["steps"] if mine else 0.08
 
     def log(self, entry: dict) -> None:
         self.plan_log.append(entry)
@@ -360,8 +359,9 @@ def report(out: Path) -> dict:
     for horizon in HORIZONS:
         rows = {}
         for name in names:
+            knob_lrs = [r["lr"] for r in records if r["optimizer"] == name]
             lr = (chosen_lr(records, horizon, name) if name in OPTIMIZERS
-                  else chosen_lr(records, KNOB_HORIZON, KNOB_LR_FROM))
+                  else knob_lrs[0] if knob_lrs else None)
             runs = [r for r in records if r["horizon"] == horizon and r["optimizer"] == name
                     and r["lr"] == lr]
             if lr is None or not runs:
@@ -415,8 +415,36 @@ def fmt(value: float, digits: int = 4) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "not run"
+    seeds = len(row["seeds"])
+    return (f"{fmt(row['val_mean'])} ± {fmt(row['val_half_range'])} "
+            f"(lr {row['lr']:g}, {seeds} seed{'s' if seeds > 1 else ''})")
+
+
 def tables_markdown(summary: dict) -> str:
-    lines = []
+    horizons = summary["horizons"]
+    lines = ["### Final validation loss by run length (lr chosen at each length; ± half-range "
+             "over seeds)", "",
+             "| optimizer | " + " | ".join(f"{h} steps" for h in horizons) + " |",
+             "|---|" + "---|" * len(horizons)]
+    for name in OPTIMIZERS:
+        lines.append(f"| {name} | " + " | ".join(cell(rows.get(name))
+                                                 for rows in horizons.values()) + " |")
+    knob_rows = horizons.get(str(KNOB_HORIZON), {})
+    if any(name in knob_rows for name in KNOBS):
+        lines += ["", f"### Cost knobs at {KNOB_HORIZON} steps", "",
+                  "| optimizer | lr | seeds | final val ± half-range | final train | optimizer ms "
+                  "| step ms | load avg |", "|---|---|---|---|---|---|---|---|"]
+        for name in ["asgo_tau1", *KNOBS, "asgo_tau10", "muon", "adamw"]:
+            if name in knob_rows:
+                r = knob_rows[name]
+                lines.append(f"| {name} | {r['lr']:g} | {len(r['seeds'])} "
+                             f"| {fmt(r['val_mean'])} ± {fmt(r['val_half_range'])} "
+                             f"| {fmt(r['train_mean'])} | {r['optimizer_ms']:.1f} "
+                             f"| {r['step_ms']:.1f} | {max(r['load_average']):.2f} |")
+    lines.append("")
     for horizon, rows in summary["horizons"].items():
         lines += [f"### {horizon} steps", "",
                   "| optimizer | lr | seeds | final val ± half-range | final train ± half-range "
