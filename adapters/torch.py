@@ -197,7 +197,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         back-to-back views of one stack (eager mode: no copy in, less to copy back)."""
         group = self.param_groups[bucket.group_index]
         config = group_config(group, bucket.algorithm)
-        grads = _stack_matrices([p.grad for p in bucket.params], bucket.matrix_shape)
+        grads = _stacked([p.grad for p in bucket.params], bucket.matrix_shape, reuse_storage=False)
         if group["maximize"]:
             grads = grads.neg_()
         step_count = self.state[bucket.params[0]].get("step", 0)
@@ -480,11 +480,6 @@ def _params_with_grad(group: dict):
     return (param for param in group["params"] if param.grad is not None)
 
 
-def _stack_matrices(tensors, matrix_shape) -> torch.Tensor:
-    """One new (matrices, m, n) tensor from tensors of any memory format."""
-    return torch.cat([t.reshape(-1, *matrix_shape) for t in tensors])
-
-
 def _stack_state(states: list[dict], matrix_shape, step_count: int, reuse_storage: bool):
     """Per-parameter state → the core's state of the stacked bucket: new tensors, or with
     reuse_storage the stack the per-parameter tensors are views of, where they still are."""
@@ -500,7 +495,8 @@ def _stack_state(states: list[dict], matrix_shape, step_count: int, reuse_storag
 
 
 def _stacked(tensors: list, item_shape, reuse_storage: bool) -> torch.Tensor:
-    """The tensors as one (items, *item_shape) stack."""
+    """The tensors (any memory format) as one (items, *item_shape) stack: a new tensor, or with
+    reuse_storage the stack they are back-to-back views of, where they are."""
     if reuse_storage:
         base = _reassembled_base(tensors, item_shape)
         if base is not None:
