@@ -44,6 +44,7 @@ from keras import ops
 from asgo_core import ASGOConfig, DASGOConfig, check_batch_dims, init_state, matrix_stack_shape
 from asgo_core import step as core_step
 from asgo_core.config import check_non_negative, fail
+from asgo_core.layout import PermutedStack
 from asgo_core.options import check_group_options, group_config
 
 __all__ = ["ASGO", "DASGO"]
@@ -112,29 +113,12 @@ def _check_batch_dims_option(batch_dims) -> None:
 
 # ---- variables as stacks of matrices ----------------------------------------------------
 
-@dataclass(frozen=True)
-class _MatrixView:
-    """A variable as a (matrices, out, rest) stack: its batch axes, then its last (output)
-    axis, then the remaining (input) axes."""
-    shape: tuple
-    permutation: tuple
-    stack_shape: tuple
-
-    def to_stack(self, x):
-        return ops.reshape(ops.transpose(x, self.permutation), self.stack_shape)
-
-    def from_stack(self, stack):
-        permuted = tuple(self.shape[axis] for axis in self.permutation)
-        inverse = tuple(sorted(range(len(self.permutation)), key=self.permutation.__getitem__))
-        return ops.transpose(ops.reshape(stack, permuted), inverse)
-
-
-def _matrix_view(shape: tuple, batch_dims: int) -> _MatrixView:
+def _matrix_view(shape: tuple, batch_dims: int) -> PermutedStack:
     check_batch_dims(shape, batch_dims)
     last = len(shape) - 1
     permutation = (*range(batch_dims), last, *range(batch_dims, last))
     permuted = tuple(shape[axis] for axis in permutation)
-    return _MatrixView(shape, permutation, matrix_stack_shape(permuted, batch_dims))
+    return PermutedStack(permutation, permuted, matrix_stack_shape(permuted, batch_dims))
 
 
 def _state_layout(state) -> tuple:
@@ -163,7 +147,7 @@ def _core_state(state_type, layout: tuple, arrays: list, count):
 @dataclass(frozen=True)
 class _MatrixSlot:
     """The optimizer variables of one matrix variable, in _state_layout order."""
-    view: _MatrixView
+    view: PermutedStack
     state_type: type
     layout: tuple
     variables: tuple
@@ -280,8 +264,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     def _matrix_step(self, members: list, lr, config) -> list:
         """One core step on the stack of same-shaped matrices; returns (variable, new value) pairs."""
         _, _, first = members[0]
-        grads = _concat([slot.view.to_stack(grad) for grad, _, slot in members])
-        params = _concat([slot.view.to_stack(variable.value) for _, variable, slot in members])
+        grads = _concat([slot.view.to_stack(grad, ops) for grad, _, slot in members])
+        params = _concat([slot.view.to_stack(variable.value, ops) for _, variable, slot in members])
         per_member = [[v.value for v in slot.variables] for _, _, slot in members]
         arrays = [_concat(list(parts)) for parts in zip(*per_member)]
         state = _core_state(first.state_type, first.layout, arrays, ops.cast(self.iterations, "int32"))
@@ -308,7 +292,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         writes, start = [], 0
         for _, variable, slot in members:
             count = slot.view.stack_shape[0]
-            value = slot.view.from_stack(new_params[start:start + count])
+            value = slot.view.from_stack(new_params[start:start + count], ops)
             writes.append((variable, ops.cast(value, variable.dtype)))
             for target, array in zip(slot.variables, new_arrays):
                 rows = target.shape[0] // count

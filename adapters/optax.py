@@ -50,6 +50,7 @@ from optax.contrib import MuonDimensionNumbers
 
 import asgo_core
 from asgo_core.config import ASGOConfig, DASGOConfig
+from asgo_core.layout import PermutedStack
 
 __all__ = [
     "STATIC_ARGS",
@@ -88,21 +89,6 @@ class ScaleByDASGOState(NamedTuple):
 
 # ----------------------------------------------------------------------------- matrix views
 
-@dataclasses.dataclass(frozen=True)
-class _MatrixView:
-    """One leaf as a (batch, m, n) stack: batch axes, then outputs (m), then inputs (n)."""
-    permutation: tuple
-    permuted_shape: tuple
-    stack_shape: tuple
-
-    def to_stack(self, x):
-        return jnp.reshape(jnp.transpose(x, self.permutation), self.stack_shape)
-
-    def from_stack(self, stack):
-        inverse = tuple(sorted(range(len(self.permutation)), key=self.permutation.__getitem__))
-        return jnp.transpose(jnp.reshape(stack, self.permuted_shape), inverse)
-
-
 def _as_axes(axes, ndim: int) -> tuple:
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
     return tuple(axis % ndim for axis in axes)
@@ -111,7 +97,7 @@ def _as_axes(axes, ndim: int) -> tuple:
 _TO_ADAMW = "give it weight_dimension_numbers=None so that asgo()/dasgo() route it to AdamW"
 
 
-def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> _MatrixView:
+def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> PermutedStack:
     """The leaf at `path` as a stack; errors name the leaf."""
     ndim = len(shape)
     if ndim < 2:
@@ -128,7 +114,7 @@ def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> _
     if 0 in stack_shape:
         raise ValueError(f"leaf {path} of shape {tuple(shape)} has a zero-size matrix stack {stack_shape} "
                          f"(matrices, outputs, inputs); ASGO/DASGO need each >= 1; {_TO_ADAMW}")
-    return _MatrixView(permutation, tuple(shape[axis] for axis in permutation), stack_shape)
+    return PermutedStack(permutation, tuple(shape[axis] for axis in permutation), stack_shape)
 
 
 # ----------------------------------------------------------------------------- per-leaf options
@@ -181,7 +167,7 @@ class _Stack:
         return (sum(view.stack_shape[0] for view in self.views), *self.views[0].stack_shape[1:])
 
     def gather(self, leaves):
-        parts = [view.to_stack(leaves[i]) for i, view in zip(self.leaf_indices, self.views)]
+        parts = [view.to_stack(leaves[i], jnp) for i, view in zip(self.leaf_indices, self.views)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
     def scatter(self, stack, out: list) -> None:
@@ -189,7 +175,7 @@ class _Stack:
         for view in self.views:
             offsets.append(offsets[-1] + view.stack_shape[0])
         for i, view, start, stop in zip(self.leaf_indices, self.views, offsets, offsets[1:]):
-            out[i] = view.from_stack(stack[start:stop])
+            out[i] = view.from_stack(stack[start:stop], jnp)
 
     def per_matrix(self, per_leaf_values):
         """A (matrices,) array repeating each leaf's value over its batch."""

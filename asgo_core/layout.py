@@ -52,6 +52,23 @@ def matrix_stack_shape(shape, batch_dims: int = 0) -> tuple[int, int, int]:
     return (count, *matrix_view_shape(shape[batch_dims:]))
 
 
+@dataclass(frozen=True)
+class PermutedStack:
+    """An N-D array as a (matrices, out, rest) stack: its axes put in `permutation` order (batch
+    axes, output axes, input axes), then reshaped to `stack_shape`. `ops` is the array module
+    whose numpy-style transpose(x, axes) and reshape(x, shape) do it (jax.numpy, keras.ops)."""
+    permutation: tuple
+    permuted_shape: tuple
+    stack_shape: tuple
+
+    def to_stack(self, x, ops):
+        return ops.reshape(ops.transpose(x, self.permutation), self.stack_shape)
+
+    def from_stack(self, stack, ops):
+        inverse = tuple(sorted(range(len(self.permutation)), key=self.permutation.__getitem__))
+        return ops.transpose(ops.reshape(stack, self.permuted_shape), inverse)
+
+
 def resolve_side(m: int, n: int, config: ASGOConfig) -> str:
     """"left" preconditions the m rows, "right" the n columns; "auto" picks the smaller
     (right for a square matrix, as the reference code does); head blocks force the left."""
