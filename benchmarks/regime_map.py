@@ -609,6 +609,11 @@ def cell(row: dict | None) -> str:
             f"(lr {row['lr']:g}, {seeds} seed{'s' if seeds > 1 else ''})")
 
 
+def cpus_by_seed(row: dict) -> str:
+    return ", ".join(f"{seed}: {cpu.replace('(R)', '')}"
+                     for seed, cpu in sorted(row["cpu_by_seed"].items()))
+
+
 def tables_markdown(summary: dict) -> str:
     horizons = summary["horizons"]
     lines = ["### Final validation loss by run length (lr chosen at each length; ± half-range "
@@ -634,14 +639,15 @@ def tables_markdown(summary: dict) -> str:
     for horizon, rows in summary["horizons"].items():
         lines += [f"### {column_title(horizon)}", "",
                   "| optimizer | lr | seeds | final val ± half-range | final train ± half-range "
-                  "| step ms | opt ms | train s | load avg |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| step ms | opt ms | train s | load avg | CPU by seed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             lines.append(f"| {name} | {r['lr']:g} | {len(r['seeds'])} "
                          f"| {fmt(r['val_mean'])} ± {fmt(r['val_half_range'])} "
                          f"| {fmt(r['train_mean'])} ± {fmt(r['train_half_range'])} "
                          f"| {r['step_ms']:.1f} | {r['optimizer_ms']:.1f} "
-                         f"| {r['train_seconds']:.0f} | {max(r['load_average']):.2f} |")
+                         f"| {r['train_seconds']:.0f} | {max(r['load_average']):.2f} "
+                         f"| {cpus_by_seed(r)} |")
         main = [n for n in rows if n in OPTIMIZERS]
         lines += ["", f"Steps / training seconds for the row's mean val curve to reach the "
                       f"column's final mean val loss at {horizon} steps (– never):", "",
