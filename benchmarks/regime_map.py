@@ -650,7 +650,7 @@ def tables_markdown(summary: dict) -> str:
                          f"| {cpus_by_seed(r)} |")
         main = [n for n in rows if n in OPTIMIZERS]
         lines += ["", f"Steps / training seconds for the row's mean val curve to reach the "
-                      f"column's final mean val loss at {horizon} steps (– never):", "",
+                      f"column's final mean val loss, {column_title(horizon)} (– never):", "",
                   "| optimizer | " + " | ".join(f"→ {n} ({fmt(rows[n]['val_mean'])})"
                                                  for n in main) + " |",
                   "|---|" + "---|" * len(main)]
