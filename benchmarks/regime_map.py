@@ -437,9 +437,9 @@ def batch_part(runner: Runner) -> None:
                                               for lr in lrs):
             runner.run(horizon, name, lr_round(best * (2.0 if best == lrs[-1] else 0.5)), 0,
                        "grid", batch)
-    for name in grids:
+    for name, lrs in grids.items():  # once its grid is complete (another process may run part)
         best = chosen_lr(runner.records, horizon, name, batch)
-        if best is not None:
+        if all(key(horizon, name, lr, 0, batch) in runner.done for lr in lrs):
             for seed in SEEDS[1:]:
                 runner.run(horizon, name, best, seed, "seed", batch)
 
@@ -755,7 +755,7 @@ def plot(summary: dict, out: Path) -> None:
     if batch_axis in summary["horizons"]:
         base = column_name(BATCH_AXIS["horizon"], BASE_BATCH)
         final_val_plot(summary, [base, batch_axis], [BASE_BATCH, BATCH_AXIS["batch_size"]],
-                       "batch size (sequences of 64 bytes; lr tuned per batch size)",
+                       "batch size (sequences of 64 bytes; lr chosen per batch size)",
                        f"train_lm quick, {BATCH_AXIS['horizon']} steps: final val loss vs batch",
                        out / "batch_axis.png")
 
@@ -791,6 +791,7 @@ def final_val_plot(summary: dict, columns: list[str], xs: list[int], x_label: st
                         capsize=3)
     ax.set(xscale="log", xlabel=x_label, ylabel="final validation loss", title=title)
     ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend()
     figure.tight_layout()
