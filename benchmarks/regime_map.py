@@ -616,8 +616,8 @@ def cpus_by_seed(row: dict) -> str:
 
 def tables_markdown(summary: dict) -> str:
     horizons = summary["horizons"]
-    lines = ["### Final validation loss by run length (lr chosen at each length; ± half-range "
-             "over seeds)", "",
+    lines = ["### Final validation loss by run length and batch size (lr chosen in each column; "
+             "± half-range over seeds)", "",
              "| optimizer | " + " | ".join(column_title(h) for h in horizons) + " |",
              "|---|" + "---|" * len(horizons)]
     for name in OPTIMIZERS:
