@@ -23,8 +23,8 @@ The plan is fixed before the runs (PLAN below, printed at start and stored in me
     and muon, seed 0 at the 1200-step grid's neighbour of that choice on the side it favoured
     (the "lr points", shown beside the 4800-step row, not chosen among).
   * Part "batch", the batch-size axis: batch 256 (8x train_lm's quick 32) at 300 steps, each
-    optimizer at its batch-32 300-step choice x 1, 2, 1/2 (breadth-first over optimizers), one
-    factor of 2 past a winning edge, then seed 1 at the batch-256 choice. Validation uses the same
+    optimizer at its batch-32 300-step choice x 1, 2, 1/2 (breadth-first over optimizers), then
+    seed 1 at the batch-256 choice. Validation uses the same
     fixed batch-32 batches as every other run. Records carry "batch_size" (records without it
     ran at 32) and "cpu" (records without it ran on the first session's machine in meta.json).
   * One run at a time per process, one torch thread (the 2 cores are shared with other processes; with 2
@@ -123,8 +123,7 @@ PLAN = {
                     "lr_points": "then seed 0 at the 1200-step grid's neighbour of the choice on "
                                  "the side it favoured, for asgo_tau1 and muon"},
     "batch_axis": {**BATCH_AXIS, "order": "grid breadth-first (every optimizer's centre, then "
-                                         "x2, then x1/2), one factor of 2 past a winning edge, "
-                                         "then seed 1 at each choice",
+                                         "x2, then x1/2), then seed 1 at each choice",
                    "val_batches": f"the same {BASE_BATCH}-sequence validation batches as every "
                                   f"other run"},
     "torch_threads": THREADS,
@@ -421,8 +420,8 @@ def long_part(runner: Runner) -> None:
 
 
 def batch_part(runner: Runner) -> None:
-    """BATCH_AXIS: a 3-point grid around the base batch's choice, breadth-first; one factor of 2
-    past a winning edge; then seed 1 at each choice."""
+    """BATCH_AXIS: a 3-point grid around the base batch's choice, breadth-first; then seed 1 at
+    each choice."""
     horizon, batch = BATCH_AXIS["horizon"], BATCH_AXIS["batch_size"]
     centre = {name: chosen_lr(runner.records, horizon, name, BATCH_AXIS["lr_from_batch"])
               for name in ORDER}
@@ -431,12 +430,6 @@ def batch_part(runner: Runner) -> None:
     for factor in BATCH_AXIS["factors"]:
         for name in grids:
             runner.run(horizon, name, lr_round(centre[name] * factor), 0, "grid", batch)
-    for name, lrs in grids.items():
-        best = chosen_lr(runner.records, horizon, name, batch)
-        if best in (lrs[0], lrs[-1]) and all(key(horizon, name, lr, 0, batch) in runner.done
-                                              for lr in lrs):
-            runner.run(horizon, name, lr_round(best * (2.0 if best == lrs[-1] else 0.5)), 0,
-                       "grid", batch)
     for name, lrs in grids.items():  # once its grid is complete (another process may run part)
         best = chosen_lr(runner.records, horizon, name, batch)
         if all(key(horizon, name, lr, 0, batch) in runner.done for lr in lrs):
