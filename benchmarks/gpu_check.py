@@ -176,7 +176,7 @@ def _cupy_target():
 
 def versions():
     found = {"python": platform.python_version(), "numpy": np.__version__}
-    for distribution in ("asgo", "torch", "jax", "jaxlib", "cupy-cuda12x", "cupy-cuda13x", "cupy"):
+    for distribution in ("asgo", "torch", "jax", "jaxlib", "jax-cuda13-plugin", "cupy-cuda13x", "cupy-cuda12x"):
         try:
             found[distribution] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
