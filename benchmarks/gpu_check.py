@@ -437,7 +437,7 @@ def eigh_comparison(targets, plan, report):
                 table.setdefault(k, {})[name] = figures["median_ms"]
         print(f"  k {k:5d} batch {batch:4d}  " + "  ".join(cells))
     if torch_target.on_gpu:
-        print(f"  CUDA_ROOT_TIMINGS_MS = {json.dumps(table)}  (for asgo_core/backends/torch.py)")
+        print(f"  CUDA_ROOT_TIMINGS_MS = {table!r}  (for asgo_core/backends/torch.py)")
 
 
 # ---- 6. GPT-2-style step timings -----------------------------------------------------------

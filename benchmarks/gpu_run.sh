@@ -9,7 +9,7 @@
 #    folder, with --no-index and every installed distribution pinned to its installed version:
 #    torch, jax and cupy are used as they are, never replaced.
 # 2. gpu_check: benchmarks/gpu_check.py (its JSON and log).
-# 3. pytest: python -m pytest -m gpu (its log and JUnit XML).
+# 3. pytest: python -m pytest -m gpu (its log and JUnit XML), stopping itself within its budget.
 # Each section runs under its share of the budget (GPU_RUN_BUDGET_S, default 480 s) and prints
 # it with the time used; gpu_run.json sums it up. Without an NVIDIA GPU, gpu_check runs its CPU
 # reduced plan and every GPU test case skips: that checks this script and the install, not a GPU.
@@ -62,7 +62,7 @@ section() {
     [ "$budget" -lt 1 ] && budget=1
     echo "== $name: budget ${budget} s (of ${left} s left)"
     local begun=$SECONDS
-    timeout --kill-after=10 "$budget" "$@" > "$OUT_DIR/$name.log" 2>&1
+    SECTION_BUDGET_S=$budget timeout --kill-after=10 "$budget" "$@" > "$OUT_DIR/$name.log" 2>&1
     local rc=$?
     local used=$((SECONDS - begun))
     tail -n 25 "$OUT_DIR/$name.log"
@@ -93,7 +93,7 @@ print("\n".join(f"{name}=={version}" for name, version in sorted(names.items()) 
 PY
     echo "python: $("$VENV/bin/python" -c 'import sys; print(sys.version)')"
     echo "installed distributions pinned: $(wc -l < "$VENV/installed.txt")"
-    "$VENV/bin/python" -m pip --isolated --disable-pip-version-check install --no-index --find-links "$WHEELS" \
+    "$VENV/bin/python" -m pip --isolated --disable-pip-version-check install --no-compile --no-index --find-links "$WHEELS" \
         --constraint "$VENV/installed.txt" -r "$REQUIREMENTS" -e "$ROOT" || return
     "$VENV/bin/python" -m pip --isolated --disable-pip-version-check freeze > "$OUT_DIR/environment.txt"
 }
@@ -102,9 +102,10 @@ run_gpu_check() {
     "$VENV/bin/python" "$ROOT/benchmarks/gpu_check.py" --json "$OUT_DIR/gpu_check.json"
 }
 
+# pytest stops itself 20 s before the section's budget, so its summary and XML are written.
 run_pytest() {
     cd "$ROOT" && "$VENV/bin/python" -m pytest -m gpu -q -rfEs -p no:cacheprovider --timeout 150 \
-        --junitxml "$OUT_DIR/pytest_gpu.xml"
+        --session-timeout $((SECTION_BUDGET_S - 20)) --junitxml "$OUT_DIR/pytest_gpu.xml"
 }
 
 # The sections run under `timeout` in a child bash, which takes these from the environment.

@@ -7,7 +7,6 @@ batched eigh. Every case carries the gpu marker and skips without an NVIDIA GPU 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from asgo_core import ASGOConfig, init_state, step
 from asgo_core.adapters.torch import ASGO
 from conftest import _gpu_available, jax_x64, relative_error
+from test_torch_cuda import _free_port
 
 pytestmark = pytest.mark.gpu
 TESTS = Path(__file__).resolve().parent
@@ -94,12 +94,6 @@ def _train(model, optimizer, device):
         optimizer.zero_grad()
         nn.functional.mse_loss(model(inputs), targets).backward()
         optimizer.step()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _world_of_one(rank: int, port: int, kind: str, out_path: str):
