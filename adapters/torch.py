@@ -31,8 +31,10 @@ torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -256,25 +258,37 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return state
 
     # ---- state_dict ------------------------------------------------------------------------
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim.Optimizer's, but checked whole before anything changes: the group
-        and parameter counts, every saved group option (the constructor's checks), and each
-        parameter's state (its algorithm's fields, their shapes and kinds). A mismatch raises
-        ValueError naming the parameter and the field, and leaves the optimizer as it was.
-        Matrix statistics keep the statistics dtype (float32 for bf16 parameters) and move
-        to the parameter's device; AdamW state follows torch.optim.AdamW (moments in the
-        parameter's dtype and device, "step" a CPU tensor, also when saved as a number)."""
-        new_states, checked_groups = self._checked_states(state_dict)
-        super().load_state_dict({**state_dict, "state": {}})
-        for group, checked in zip(self.param_groups, checked_groups):
-            for name, value in checked.items():  # an option older files lack keeps this group's value
-                group.setdefault(name, value)
-        for param, state in new_states.items():
-            self.state[param] = state
+        """As torch.optim.Optimizer's, in its order: the load_state_dict pre-hooks get a
+        shallow copy of state_dict and may return a replacement; what they leave is checked
+        whole before anything changes (the group and parameter counts, every saved group
+        option with the constructor's checks, each parameter's state: its algorithm's fields,
+        their shapes and kinds), a mismatch raising ValueError naming the parameter and the
+        field and leaving the optimizer as it was; then the state is loaded and the post-hooks
+        run. Entries of "state" that belong to no parameter are kept as they are, as torch.optim
+        keeps them; an option an older file lacks keeps this group's value. Matrix statistics
+        keep the statistics dtype (float32 for bf16 parameters) and move to the parameter's
+        device; AdamW state follows torch.optim.AdamW (moments in the parameter's dtype and
+        device, "step" a CPU tensor, also when saved as a number)."""
+        if not isinstance(state_dict, dict):
+            fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            replacement = pre_hook(self, state_dict)
+            state_dict = state_dict if replacement is None else replacement
+        param_states, groups = self._checked_states(state_dict)
+        saved_ids = {saved_id for saved in state_dict["param_groups"] for saved_id in saved["params"]}
+        state = defaultdict(dict, {key: value for key, value in state_dict["state"].items()
+                                   if key not in saved_ids})
+        state.update(param_states)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _checked_states(self, state_dict: dict) -> tuple[dict, list]:
-        """({param: the state to load}, the checked groups: this optimizer's groups with the
-        saved options over them) after every check of load_state_dict."""
+        """({param: the state to load}, the groups to load: this optimizer's groups with
+        copies of the saved options over them) after every check of load_state_dict."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
@@ -285,7 +299,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 fail(f"state_dict['param_groups'][{group_index}]['params']",
                      f"{len(saved['params'])} parameters", f"{len(group['params'])}")
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
+            options = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
+            merged = {**group, **options, "params": group["params"]}
             self._validate_group(merged, group_index)
             checked_groups.append(merged)
             for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
