@@ -138,6 +138,27 @@ def test_state_dict_round_trip_with_batch_dims_resumes_bitwise():
     assert torch.equal(run(), run(reload_at=3))
 
 
+def test_a_state_dict_saved_before_batch_dims_takes_the_groups_value():
+    """A file from before the option existed has no "batch_dims" in its groups: the loading
+    group's own value (here 1, not the constructor's 0) stays, and the run resumes bitwise."""
+    def run(reload_at=None):
+        torch.manual_seed(0)
+        stacked = nn.Parameter(torch.randn(EXPERTS, 6, 9))
+        optimizer = ASGO([{"params": [stacked], "batch_dims": 1}])
+        for step in range(4):
+            if step == reload_at:
+                saved = optimizer.state_dict()
+                del saved["param_groups"][0]["batch_dims"]
+                optimizer = ASGO([{"params": [stacked], "batch_dims": 1}])
+                optimizer.load_state_dict(saved)
+                assert optimizer.param_groups[0]["batch_dims"] == 1
+            stacked.grad = torch.randn_like(stacked)
+            optimizer.step()
+        return stacked.detach()
+
+    assert torch.equal(run(), run(reload_at=2))
+
+
 class _MixtureOfExperts(nn.Module):
     def __init__(self):
         super().__init__()
