@@ -202,7 +202,7 @@ def test_same_shaped_stacks_join_one_bucket_of_all_their_matrices(monkeypatch):
     opt = ASGO([{"params": params, "batch_dims": 1}])
     opt.step({name: _random(array.shape, 10) for name, array in params.items()})
     assert sorted(stacks_stepped) == [(4, 10, 6), (9, 6, 10)]
-    assert [bucket.matrices_per_key for bucket in opt._buckets] == [[4, 2, 3], [4]]
+    assert [bucket.counts for bucket in opt._buckets] == [[4, 2, 3], [4]]
 
 
 def test_torch_stacks_of_the_same_matrix_shape_share_one_bucket():
