@@ -119,7 +119,8 @@ def _torch_stacked_and_separate(optimizer_type, shape, options):
 
 @pytest.mark.parametrize("optimizer_type, shape, options", TORCH_PARITY_CASES)
 def test_a_torch_stacked_parameter_steps_as_its_matrices_alone(optimizer_type, shape, options):
-    stacked, stacked_state, separate, separate_states = _torch_stacked_and_separate(optimizer_type, shape, options)
+    stacked, stacked_state, separate, separate_states = _torch_stacked_and_separate(optimizer_type, shape,
+                                                                                    options)
     assert relative_error(stacked, separate) < PARITY
     momentum = torch.stack([s["momentum"] for s in separate_states])
     assert stacked_state["momentum"].shape == momentum.shape  # (E, m, n): the batch shape in front
@@ -223,9 +224,10 @@ OPTIMIZERS = {"numpy": {"asgo": ASGO, "dasgo": DASGO}, "torch": {"asgo": TorchAS
 
 def _built(adapter: str, algorithm: str, shapes: dict, **options):
     """An optimizer of `adapter` over arrays of ones of `shapes` (in that order)."""
+    optimizer_type = OPTIMIZERS[adapter][algorithm]
     if adapter == "numpy":
-        return OPTIMIZERS[adapter][algorithm]({name: np.ones(shape) for name, shape in shapes.items()}, **options)
-    return OPTIMIZERS[adapter][algorithm]([nn.Parameter(torch.ones(shape)) for shape in shapes.values()], **options)
+        return optimizer_type({name: np.ones(shape) for name, shape in shapes.items()}, **options)
+    return optimizer_type([nn.Parameter(torch.ones(shape)) for shape in shapes.values()], **options)
 
 
 def _label(adapter: str, shapes: dict, name: str) -> str:
@@ -246,10 +248,11 @@ def test_a_batch_dims_that_is_no_count_is_refused_even_without_matrices(adapter,
 @pytest.mark.parametrize("adapter", OPTIMIZERS)
 @pytest.mark.parametrize("algorithm", ["asgo", "dasgo"])
 @pytest.mark.parametrize("batch_dims, shapes, refused", [
-    (2, {"experts": (3, 6, 10), "bias": (6,)}, "experts"), (3, {"experts": (3, 6, 10), "bias": (6,)}, "experts"),
+    (2, {"experts": (3, 6, 10), "bias": (6,)}, "experts"),
+    (3, {"experts": (3, 6, 10), "bias": (6,)}, "experts"),
     (1, {"experts": (3, 6, 10), "w": (6, 10)}, "w")])
-def test_a_batch_dims_that_leaves_no_matrix_is_refused_naming_the_array(adapter, algorithm, batch_dims, shapes,
-                                                                        refused):
+def test_a_batch_dims_that_leaves_no_matrix_is_refused_naming_the_array(adapter, algorithm, batch_dims,
+                                                                        shapes, refused):
     shape = re.escape(str(shapes[refused]))
     with pytest.raises(ValueError, match=rf"{_label(adapter, shapes, refused)}.*batch_dims.*shape {shape}"):
         _built(adapter, algorithm, shapes, batch_dims=batch_dims)

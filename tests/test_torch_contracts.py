@@ -237,7 +237,8 @@ def _loaded_through_a_replacing_pre_hook(optimizer_type):
     optimizer.register_load_state_dict_pre_hook(lambda opt, state_dict: {
         "state": other_run["state"], "param_groups": [{**g, "lr": 0.5} for g in other_run["param_groups"]]})
     optimizer.load_state_dict(optimizer.state_dict())
-    return [group["lr"] for group in optimizer.param_groups], [int(optimizer.state[p]["step"]) for p in params]
+    return ([group["lr"] for group in optimizer.param_groups],
+            [int(optimizer.state[p]["step"]) for p in params])
 
 
 @pytest.mark.parametrize("optimizer_type", MATRIX_OPTIMIZERS)
