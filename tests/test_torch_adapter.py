@@ -380,6 +380,12 @@ def test_bad_arguments_raise_naming_the_argument(name, options):
         ASGO(params, **options)
 
 
+@pytest.mark.parametrize("optimizer_type, option", [(ASGO, "learning_rate"), (DASGO, "precondition_frequency")])
+def test_an_option_the_optimizer_does_not_have_is_refused_by_name(optimizer_type, option):
+    with pytest.raises(TypeError, match=rf"{optimizer_type.__name__}\(\).*'{option}'.*accepted: params, lr"):
+        optimizer_type([nn.Parameter(torch.randn(6, 10))], **{option: 1})
+
+
 def test_bad_param_group_is_rejected_and_not_added():
     optimizer = ASGO([nn.Parameter(torch.randn(6, 10))])
     with pytest.raises(ValueError, match="weight_decay"):
