@@ -501,6 +501,11 @@ def main(argv=None) -> int:
                 ("gpt2_step", lambda: gpt2_step_timings(targets, plan, report)))
     path = json_path(arguments.json)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not targets:
+        print("\nno framework target (torch, JAX, CuPy): nothing checked")
+        report.update(passed=False, total_s=round(time.perf_counter() - started, 1))
+        path.write_text(json.dumps(report, indent=1, default=str))
+        return 1
     checks = []
     for name, run in sections:  # the JSON is rewritten after each section: a killed run keeps its figures
         section_started = time.perf_counter()
