@@ -16,8 +16,16 @@ core sees each matrix as (outputs × inputs), the torch (out, in) convention, so
 every adapter. A 2-D leaf with default dimension numbers is an `x @ W` weight of shape
 (in, out). `None` for a leaf sends it to AdamW (in `asgo`/`dasgo`).
 
-Batching. Leaves whose matrix view has the same (m, n) and dtype are stacked and stepped by one
-core call, so the state holds one core ASGOState/DASGOState per such stack, not per leaf.
+State. As in optax's own transformations, the state follows the parameter tree: every field but
+`count` is a tree shaped like the parameters with one array per matrix leaf (None where the leaf
+has none), so optax.tree.map_params and sharding rules written for the parameters apply to it.
+Inside `update` (under jit) the leaves whose matrix view has the same (m, n) and dtype are
+stacked and stepped by one core call, so their roots are computed in one batch.
+
+Sharding. Under automatic sharding XLA places the stacked step. Under an explicit-sharding mesh
+(jax.sharding.AxisType.Explicit) the step gathers each leaf it stacks (the Gram contracts the
+axes a parameter is sharded on) and gives every state array and update back its own sharding,
+so the state's types stay the same across updates and a lax.scan loop runs.
 
 Weight decay and skipped steps. The decay is applied inside scale_by_asgo (not by a later
 optax.add_decayed_weights) so that a matrix whose gradient is not finite is skipped entirely,
@@ -76,15 +84,51 @@ _OPTAX_NAMES = {"beta1": "b1", "beta2": "b2"}
 
 
 class ScaleByASGOState(NamedTuple):
-    """count: steps taken (int32). stacks: one core ASGOState per stack of same-shaped matrices."""
+    """count: steps taken (int32). The other fields are trees shaped like the parameters, per
+    matrix leaf: momentum, in the leaf's shape; gram and root, (matrices·blocks, size, size), the
+    statistics and inverse roots of the leaf's full-size blocks (asgo_core.layout), and
+    remainder_gram and remainder_root those of its remainder blocks (None when max_precond_dim
+    leaves none); skipped, (matrices,); fallbacks, (matrices, 4)."""
     count: Any
-    stacks: tuple
+    momentum: Any
+    gram: Any
+    root: Any
+    remainder_gram: Any
+    remainder_root: Any
+    skipped: Any
+    fallbacks: Any
 
 
 class ScaleByDASGOState(NamedTuple):
-    """count: steps taken (int32). stacks: one core DASGOState per stack of same-shaped matrices."""
+    """count: steps taken (int32). Trees shaped like the parameters, per matrix leaf: momentum,
+    in the leaf's shape; second_moment, (matrices, inputs); skipped, (matrices,)."""
     count: Any
-    stacks: tuple
+    momentum: Any
+    second_moment: Any
+    skipped: Any
+
+
+def _per_leaf_fields(core_state) -> dict:
+    """A core ASGOState / DASGOState of a stack as the per-leaf state fields (momentum stacked)."""
+    if isinstance(core_state, asgo_core.DASGOState):
+        return {"momentum": core_state.momentum, "second_moment": core_state.second_moment,
+                "skipped": core_state.skipped}
+    remainder = len(core_state.gram) > 1
+    return {"momentum": core_state.momentum, "gram": core_state.gram[0], "root": core_state.root[0],
+            "remainder_gram": core_state.gram[1] if remainder else None,
+            "remainder_root": core_state.root[1] if remainder else None,
+            "skipped": core_state.skipped, "fallbacks": core_state.fallbacks}
+
+
+def _core_state(fields: dict, count):
+    """The inverse of _per_leaf_fields."""
+    if "second_moment" in fields:
+        return asgo_core.DASGOState(fields["momentum"], fields["second_moment"], count, fields["skipped"])
+    groups = [("gram", "root")] + ([("remainder_gram", "remainder_root")]
+                                   if fields["remainder_gram"] is not None else [])
+    return asgo_core.ASGOState(fields["momentum"], tuple(fields[gram] for gram, _ in groups),
+                               tuple(fields[root] for _, root in groups), count, fields["skipped"],
+                               fields["fallbacks"])
 
 
 # ----------------------------------------------------------------------------- matrix views
@@ -166,16 +210,26 @@ class _Stack:
         """(matrices, m, n) of the stacked leaves."""
         return (sum(view.stack_shape[0] for view in self.views), *self.views[0].stack_shape[1:])
 
-    def gather(self, leaves):
-        parts = [view.to_stack(leaves[i], jnp) for i, view in zip(self.leaf_indices, self.views)]
+    def gather(self, per_leaf: list, viewed: bool):
+        """One array of the stack's leaves' arrays, in leaf order; viewed: through the matrix
+        views (gradients, momentum), else rows as they are (statistics). None stays None."""
+        parts = [per_leaf[i] for i in self.leaf_indices]
+        if parts[0] is None:
+            return None
+        if viewed:
+            parts = [view.to_stack(part, jnp) for view, part in zip(self.views, parts)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
-    def scatter(self, stack, out: list) -> None:
-        offsets = [0]
-        for view in self.views:
-            offsets.append(offsets[-1] + view.stack_shape[0])
-        for i, view, start, stop in zip(self.leaf_indices, self.views, offsets, offsets[1:]):
-            out[i] = view.from_stack(stack[start:stop], jnp)
+    def scatter(self, stacked, out: list, viewed: bool) -> None:
+        """The inverse of gather: each leaf's rows of `stacked` into out[leaf index]."""
+        if stacked is None:
+            return
+        rows = stacked.shape[0] // self.shape[0]
+        start = 0
+        for i, view in zip(self.leaf_indices, self.views):
+            stop = start + rows * view.stack_shape[0]
+            out[i] = view.from_stack(stacked[start:stop], jnp) if viewed else stacked[start:stop]
+            start = stop
 
     def per_matrix(self, per_leaf_values):
         """A (matrices,) array repeating each leaf's value over its batch."""
@@ -206,6 +260,28 @@ def _plan(paths, leaves, dimension_numbers, transformation: str) -> tuple:
         stacks.setdefault(key, []).append((index, view))
     return tuple(_Stack(tuple(i for i, _ in members), tuple(v for _, v in members))
                  for members in stacks.values())
+
+
+# ----------------------------------------------------------------------------- explicit sharding
+
+def _explicit_spec(x):
+    """x's PartitionSpec when it lives on an explicit-sharding mesh, else None."""
+    if x is None or not hasattr(jax, "typeof"):
+        return None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return sharding.spec if sharding is not None and getattr(sharding.mesh, "explicit_axes", ()) else None
+
+
+def _gathered(x):
+    """x replicated when it is explicitly sharded: stacking reshapes a leaf's axes and the Gram
+    contracts them, which explicit sharding has no rule for while an axis is sharded."""
+    return x if _explicit_spec(x) is None else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def _sharded_like(x, like):
+    """x with like's explicit sharding (a no-op otherwise), so a state keeps its types."""
+    spec = _explicit_spec(like)
+    return x if spec is None else jax.sharding.reshard(x, spec)
 
 
 # ----------------------------------------------------------------------------- the transformation
@@ -247,6 +323,7 @@ def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mas
     _check_number("weight_decay", weight_decay)
     has_root = isinstance(config, ASGOConfig)
     refresh_every = config.precondition_frequency if has_root else 1
+    fields = state_type._fields[1:]
 
     def plan_for(tree, kind: str):
         leaves, paths = jax.tree.leaves(tree), _leaf_paths(tree)
@@ -257,43 +334,74 @@ def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mas
 
     def init_fn(params):
         leaves, plan = plan_for(params, "parameter")
-        stack_shapes = [(stack.shape, leaves[stack.leaf_indices[0]].dtype) for stack in plan]
+        stacks = [(stack, leaves[stack.leaf_indices[0]].dtype) for stack in plan]
         # Built under jit, so the arrays are placed like optax's own state (not committed to a
         # device); a committed/uncommitted mix would make the first jitted step compile twice.
-        stacks = jax.jit(lambda: tuple(asgo_core.init_state(jnp.zeros(shape, dtype), config)
-                                       for shape, dtype in stack_shapes))()
-        return state_type(count=jnp.zeros((), jnp.int32), stacks=stacks)
+        core_states = jax.jit(lambda: [asgo_core.init_state(jnp.zeros(stack.shape, dtype), config)
+                                       for stack, dtype in stacks])()
+        per_leaf = {field: [None] * len(leaves) for field in fields}
+        for stack, core_state in zip(plan, core_states):
+            for field, value in _per_leaf_fields(core_state).items():
+                stack.scatter(value, per_leaf[field], viewed=False)
+        # momentum like optax's own zeros_like(params): placed and sharded as the leaf
+        per_leaf["momentum"] = [jnp.zeros_like(leaf, dtype=asgo_core.statistics_dtype(leaf.dtype, jnp))
+                                for leaf in leaves]
+        treedef = jax.tree.structure(params)
+        return state_type(count=jnp.zeros((), jnp.int32),
+                          **{field: jax.tree.unflatten(treedef, values) for field, values in per_leaf.items()})
 
-    def core_steps(grads, stack_states, refresh_root: bool):
+    def core_steps(grads, core_states, refresh_root: bool):
         with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
             warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
             results = [asgo_core.step(g, s, None, config, refresh_root=refresh_root)
-                       for g, s in zip(grads, stack_states)]
+                       for g, s in zip(grads, core_states)]
         return tuple(r[0] for r in results), tuple(r[1] for r in results)
 
     def update_fn(updates, state, params=None):
         if params is not None and jax.tree.structure(params) == jax.tree.structure(updates):
             _check_shapes_match(updates, params)
         leaves, plan = plan_for(updates, "gradient")
-        _check_plan_matches_state(plan, state.stacks, _leaf_paths(updates))
-        grads = [stack.gather(leaves) for stack in plan]
+        treedef = jax.tree.structure(updates)
+        old = {field: _state_per_leaf(treedef, getattr(state, field), field) for field in fields}
+        _check_state_matches(plan, old["momentum"], leaves, _leaf_paths(updates))
+        grads = [stack.gather([_gathered(g) for g in leaves], viewed=True) for stack in plan]
+        gathered = {field: [_gathered(value) for value in values] for field, values in old.items()}
+        core_states = tuple(_core_state({field: stack.gather(values, viewed=field == "momentum")
+                                         for field, values in gathered.items()}, state.count)
+                            for stack in plan)
         if refresh_every == 1:
-            directions, stacks = core_steps(grads, state.stacks, True)
+            directions, new_states = core_steps(grads, core_states, True)
         else:
-            directions, stacks = jax.lax.cond(
+            directions, new_states = jax.lax.cond(
                 state.count % refresh_every == 0,
-                lambda: core_steps(grads, state.stacks, True),
-                lambda: core_steps(grads, state.stacks, False))
+                lambda: core_steps(grads, core_states, True),
+                lambda: core_steps(grads, core_states, False))
         decay_mask = _decay_mask_per_leaf(weight_decay_mask, updates if params is None else params)
         out = [None] * len(leaves)
-        for stack, direction, old, new in zip(plan, directions, state.stacks, stacks):
+        new = {field: [None] * len(leaves) for field in fields}
+        for stack, direction, old_core, new_core in zip(plan, directions, core_states, new_states):
             update = _with_weight_decay(direction, stack, params, weight_decay, decay_mask)
-            skipped_now = (new.skipped - old.skipped)[:, None, None] > 0
-            stack.scatter(jnp.where(skipped_now, jnp.zeros_like(update), update), out)
-        new_updates = jax.tree.unflatten(jax.tree.structure(updates), out)
-        return new_updates, state_type(count=optax.safe_increment(state.count), stacks=stacks)
+            skipped_now = (new_core.skipped - old_core.skipped)[:, None, None] > 0
+            stack.scatter(jnp.where(skipped_now, jnp.zeros_like(update), update), out, viewed=True)
+            for field, value in _per_leaf_fields(new_core).items():
+                stack.scatter(value, new[field], viewed=field == "momentum")
+        out = [_sharded_like(update, grad) for update, grad in zip(out, leaves)]
+        new_state = {field: jax.tree.unflatten(treedef, [_sharded_like(value, before) for value, before
+                                                         in zip(new[field], old[field])])
+                     for field in fields}
+        return (jax.tree.unflatten(treedef, out),
+                state_type(count=optax.safe_increment(state.count), **new_state))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _state_per_leaf(treedef, tree, field: str) -> list:
+    """The state field's entry for each gradient leaf; a clear error for a state of another tree."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"the state's {field} does not follow the gradients' tree (a state "
+                         f"initialised for other parameters?): {error}") from None
 
 
 def _check_shapes_match(updates, params) -> None:
@@ -304,18 +412,14 @@ def _check_shapes_match(updates, params) -> None:
                              f"shape {jnp.shape(param)}")
 
 
-def _check_plan_matches_state(plan, stack_states, paths) -> None:
-    """Trace time: the gradients stack into the matrices the state was initialised for."""
-    expected = [tuple(state.momentum.shape) for state in stack_states]
-    got = [stack.shape for stack in plan]
-    if got == expected:
-        return
-    for stack, shape in zip(plan, got):
-        if shape not in expected:
-            leaves = ", ".join(paths[i] for i in stack.leaf_indices)
-            raise ValueError(f"gradient {leaves} stacks to (matrices, outputs, inputs) = {shape}; the state "
-                             f"was initialised for {expected} (a gradient of another shape than its parameter?)")
-    raise ValueError(f"the gradients stack to {got}; the state was initialised for {expected}")
+def _check_state_matches(plan, momentum, leaves, paths) -> None:
+    """Trace time: each gradient has the shape the state was initialised for."""
+    for stack in plan:
+        for i, view in zip(stack.leaf_indices, stack.views):
+            if jnp.shape(momentum[i]) != jnp.shape(leaves[i]):
+                raise ValueError(f"gradient {paths[i]} of shape {jnp.shape(leaves[i])} stacks to (matrices, "
+                                 f"outputs, inputs) = {view.stack_shape}; the state was initialised for "
+                                 f"shape {jnp.shape(momentum[i])} (a gradient of another shape than its parameter?)")
 
 
 def _with_weight_decay(direction, stack: _Stack, params, weight_decay, decay_mask):
@@ -327,7 +431,7 @@ def _with_weight_decay(direction, stack: _Stack, params, weight_decay, decay_mas
     if params is None:
         raise ValueError("params are required by tx.update when weight_decay != 0 "
                          "(the update carries weight_decay·W)")
-    weights = stack.gather(jax.tree.leaves(params))
+    weights = stack.gather([_gathered(w) for w in jax.tree.leaves(params)], viewed=True)
     per_matrix = stack.per_matrix([1.0 if selected else 0.0 for selected in decay_mask])
     wide = jnp.promote_types(direction.dtype, jnp.float32)  # as the core: decay in float32 or wider
     decay = jnp.asarray(weight_decay, wide) * per_matrix.astype(wide)
@@ -448,9 +552,8 @@ def numerics_counters(opt_state) -> dict:
     a non-finite gradient, and root fallbacks per asgo_core.FALLBACK_LEVELS. A host read."""
     is_state = lambda x: isinstance(x, (ScaleByASGOState, ScaleByDASGOState))  # noqa: E731
     states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
-    stacks = [stack for state in states for stack in state.stacks]
-    fallbacks = [int(sum(jnp.sum(s.fallbacks[..., level]) for s in stacks if hasattr(s, "fallbacks")))
-                 for level in range(len(asgo_core.FALLBACK_LEVELS))]
-    return {"skipped": int(sum(jnp.sum(s.skipped) for s in stacks)),
-            "fallbacks": dict(zip(asgo_core.FALLBACK_LEVELS, fallbacks))}
+    fallbacks = [leaf for s in states if hasattr(s, "fallbacks") for leaf in jax.tree.leaves(s.fallbacks)]
+    return {"skipped": int(sum(jnp.sum(leaf) for s in states for leaf in jax.tree.leaves(s.skipped))),
+            "fallbacks": {name: int(sum(jnp.sum(leaf[..., level]) for leaf in fallbacks))
+                          for level, name in enumerate(asgo_core.FALLBACK_LEVELS)}}
 from .optax_portable import portable_state, state_from_portable  # noqa: E402,F401  (portable checkpoints)

@@ -39,7 +39,8 @@ from asgo_core.checkpoint import (FORMAT, VERSION, CheckpointError, check_entry_
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import ASGOConfig
 
-from .optax import ScaleByASGOState, ScaleByDASGOState, _as_axes, _dimension_numbers_per_leaf, _leaf_paths, _plan
+from .optax import (ScaleByASGOState, ScaleByDASGOState, _as_axes, _core_state, _dimension_numbers_per_leaf,
+                    _leaf_paths, _per_leaf_fields, _plan)
 
 __all__ = ["ADAMW_DEFAULTS", "portable_state", "state_from_portable"]
 
@@ -55,7 +56,10 @@ def portable_state(opt_state, params, config, *, adamw=None, names=None,
     adam_state = _only(opt_state, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
     arrays = {}
     if matrix_state is not None:
-        for stack, core_state in zip(layout.plan, matrix_state.stacks):
+        fields = layout.matrix_fields(matrix_state)
+        for stack in layout.plan:
+            core_state = _core_state({field: stack.gather(values, viewed=field == "momentum")
+                                      for field, values in fields.items()}, matrix_state.count)
             per_leaf = stacked_state_entries(core_state, layout.matrices_per_leaf(stack), np.asarray)
             arrays.update(zip(layout.stack_leaf_indices(stack), per_leaf))
     if adam_state is not None:
@@ -86,11 +90,18 @@ def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
     replacements = {}
     matrix_state = _only(template, (ScaleByASGOState, ScaleByDASGOState))
     if matrix_state is not None:
-        stacks = tuple(
-            stacked_state_from_entries(core_state, [entries[i] for i in layout.stack_leaf_indices(stack)],
-                                       layout.matrices_per_leaf(stack), _jax_like)
-            for stack, core_state in zip(layout.plan, matrix_state.stacks))
-        replacements[type(matrix_state)] = matrix_state._replace(stacks=stacks)
+        fields = layout.matrix_fields(matrix_state)
+        filled = {field: list(values) for field, values in fields.items()}
+        for stack in layout.plan:
+            template_core = _core_state({field: stack.gather(values, viewed=field == "momentum")
+                                         for field, values in fields.items()}, matrix_state.count)
+            core_state = stacked_state_from_entries(
+                template_core, [entries[i] for i in layout.stack_leaf_indices(stack)],
+                layout.matrices_per_leaf(stack), _jax_like)
+            for field, value in _per_leaf_fields(core_state).items():
+                stack.scatter(value, filled[field], viewed=field == "momentum")
+        replacements[type(matrix_state)] = matrix_state._replace(
+            **{field: jax.tree.unflatten(layout.matrix_treedef, values) for field, values in filled.items()})
     adam_state = _only(template, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
     if adam_state is not None:
         adamw_entries = [entries[i] for i in layout.adamw_indices]
@@ -106,12 +117,15 @@ class _Layout:
     """Which leaves are matrices (and in which core stack) and which are AdamW's."""
 
     def __init__(self, params, config, adamw, weight_dimension_numbers):
-        paths_and_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
         self.paths = [path for path, _ in paths_and_leaves]
         self.leaves = [leaf for _, leaf in paths_and_leaves]
         numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, params)
         self.matrix_indices = [i for i, n in enumerate(numbers) if n is not None]
         self.adamw_indices = [i for i, n in enumerate(numbers) if n is None]
+        # the matrix transformation's trees: asgo()/dasgo() mask the AdamW leaves (optax.partition)
+        self.matrix_treedef = jax.tree.structure(jax.tree.unflatten(
+            treedef, [leaf if n is not None else optax.MaskedNode() for leaf, n in zip(self.leaves, numbers)]))
         self.batch_dims = [0 if n is None else _batch_axes(leaf, n) for leaf, n in zip(self.leaves, numbers)]
         paths = _leaf_paths(params)
         self.plan = _plan([paths[i] for i in self.matrix_indices], [self.leaves[i] for i in self.matrix_indices],
@@ -121,6 +135,11 @@ class _Layout:
                         for key, value in {**ADAMW_DEFAULTS, **(adamw or {})}.items()}
         matrix_identity = (algorithm, dataclasses.asdict(config))
         self.identities = [matrix_identity if n is not None else ("adamw", adamw_config) for n in numbers]
+
+    def matrix_fields(self, matrix_state) -> dict:
+        """The state's per-leaf arrays, field by field, in the order of the matrix leaves."""
+        return {field: self.matrix_treedef.flatten_up_to(getattr(matrix_state, field))
+                for field in matrix_state._fields[1:]}
 
     def stack_leaf_indices(self, stack) -> list:
         """Positions in the full leaf list of one stack's leaves."""
