@@ -41,7 +41,8 @@ state was initialised for when params are not passed). Each error names the leaf
 jit. The root refresh every `precondition_frequency` steps is a `lax.cond` on the step count,
 so a training loop compiles once. `nonfinite="raise"` needs a host read and is refused. The
 ASGO options other than learning rates, `weight_decay` and the `adam_*` numbers are static
-Python values: with optax.inject_hyperparams pass `static_args=STATIC_ARGS`.
+Python values: with optax.inject_hyperparams pass `static_args=ASGO_STATIC_ARGS` for asgo and
+`static_args=DASGO_STATIC_ARGS` for dasgo.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ from optax.contrib import MuonDimensionNumbers
 import asgo_core
 from asgo_core.config import ASGOConfig, DASGOConfig
 from asgo_core.layout import PermutedStack
+from asgo_core.options import static_options
 
 __all__ = [
+    "ASGO_STATIC_ARGS",
+    "DASGO_STATIC_ARGS",
     "STATIC_ARGS",
     "MuonDimensionNumbers",
     "ScaleByASGOState",
@@ -72,15 +76,23 @@ __all__ = [
     "scale_by_dasgo",
 ]
 
-# Options that must be Python values, not arrays: optax.inject_hyperparams injects every numeric
-# argument unless it is named in static_args, so use
-# optax.inject_hyperparams(asgo, static_args=STATIC_ARGS)(learning_rate=...). The learning rates,
-# weight_decay and the adam_* numbers may be injected.
-STATIC_ARGS = ("b1", "b2", "eps", "precondition_frequency", "update_rms", "root_steps",
-               "root_tolerance", "residual_tolerance", "max_precond_dim", "num_heads", "matmul_dtype")
-
 # optax's names for the core's options, where they differ.
 _OPTAX_NAMES = {"beta1": "b1", "beta2": "b2"}
+
+
+def _static_args(config_type) -> tuple:
+    """What optax.inject_hyperparams must not inject (it injects every number and calls every
+    callable as a schedule): the core options that shape the traced program, and the leaf
+    selections, which may be callables. The learning rates, weight_decay and adam_* may be."""
+    return (tuple(_OPTAX_NAMES.get(name, name) for name in static_options(config_type))
+            + ("weight_decay_mask", "weight_dimension_numbers"))
+
+
+# optax.inject_hyperparams(asgo, static_args=ASGO_STATIC_ARGS)(learning_rate=...), and the same
+# with dasgo and DASGO_STATIC_ARGS; STATIC_ARGS is asgo's.
+ASGO_STATIC_ARGS = _static_args(ASGOConfig)
+DASGO_STATIC_ARGS = _static_args(DASGOConfig)
+STATIC_ARGS = ASGO_STATIC_ARGS
 
 
 class ScaleByASGOState(NamedTuple):
@@ -291,8 +303,8 @@ def _core_config(config_type, options: dict):
     for name, value in options.items():
         if hasattr(value, "shape"):
             raise ValueError(f"{name}={value!r} is invalid; accepted: a Python value (it shapes the "
-                             "traced program). With optax.inject_hyperparams pass "
-                             "static_args=asgo_core.adapters.optax.STATIC_ARGS")
+                             "traced program). With optax.inject_hyperparams pass static_args="
+                             f"asgo_core.adapters.optax.{config_type.__name__[:-len('Config')].upper()}_STATIC_ARGS")
     core_options = {("beta1" if k == "b1" else "beta2" if k == "b2" else k): v for k, v in options.items()}
     try:
         return config_type(weight_decay=0.0, **core_options)

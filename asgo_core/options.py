@@ -12,8 +12,16 @@ import functools
 from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config_field_names, fail, is_number
 
 ALGORITHMS = ("asgo", "dasgo", "adamw")
+# The one config option a jitted step may take as an array (optax.inject_hyperparams): it scales
+# the update; every other option shapes the traced program and must stay a Python value.
+TRACEABLE_OPTIONS = ("weight_decay",)
 CONFIG_TYPES = {"asgo": ASGOConfig, "dasgo": DASGOConfig}
 _FIELD_NAMES = {config_type: config_field_names(config_type) for config_type in CONFIG_TYPES.values()}
+
+
+def static_options(config_type) -> tuple[str, ...]:
+    """The options of ASGOConfig / DASGOConfig that must be Python values under jit."""
+    return tuple(name for name in config_field_names(config_type) if name not in TRACEABLE_OPTIONS)
 
 
 def check_betas(name: str, betas, *, beta2_may_be_one: bool) -> None:

@@ -16,7 +16,8 @@ import pytest
 
 from asgo_core import ASGOConfig, DASGOConfig, init_state, load_state, step
 from asgo_core.adapters.optax import (
-    STATIC_ARGS,
+    ASGO_STATIC_ARGS,
+    DASGO_STATIC_ARGS,
     MuonDimensionNumbers,
     asgo,
     dasgo,
@@ -168,13 +169,18 @@ def test_mlp_on_digits_trains(make):
     assert accuracy > 0.9
 
 
-def test_inject_hyperparams_matches_and_controls_the_learning_rate():
+@pytest.mark.parametrize("make, static_args, options", [
+    (asgo, ASGO_STATIC_ARGS, dict(precondition_frequency=2, b2=0.9, max_precond_dim=4)),
+    (dasgo, DASGO_STATIC_ARGS, dict(b2=0.9, eps=1e-6, update_rms=None)),
+], ids=["asgo", "dasgo"])
+def test_inject_hyperparams_matches_and_controls_the_learning_rate(make, static_args, options):
+    """Each algorithm's static arguments; weight_dimension_numbers a callable (not a schedule)."""
     rng = np.random.default_rng(2)
     params = jax.tree.map(jnp.asarray, _tree(rng))
     grad_sequence = [jax.tree.map(jnp.asarray, _tree(rng)) for _ in range(4)]
-    tx_kwargs = dict(precondition_frequency=2, weight_dimension_numbers=DIMENSION_NUMBERS)
-    plain, _ = _apply_jitted(asgo(LR, **tx_kwargs), params, grad_sequence)
-    injected_tx = optax.inject_hyperparams(asgo, static_args=STATIC_ARGS)(learning_rate=LR, **tx_kwargs)
+    tx_kwargs = dict(weight_dimension_numbers=lambda tree: DIMENSION_NUMBERS, **options)
+    plain, _ = _apply_jitted(make(LR, **tx_kwargs), params, grad_sequence)
+    injected_tx = optax.inject_hyperparams(make, static_args=static_args)(learning_rate=LR, **tx_kwargs)
     injected, state = _apply_jitted(injected_tx, params, grad_sequence)
     for name in params:
         np.testing.assert_allclose(injected[name], plain[name], rtol=1e-6, atol=1e-7)
