@@ -54,11 +54,14 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 import asgo_core
-from asgo_core.checkpoint import (FORMAT, VERSION, CheckpointError, check_entry_matches, common_step,
-                                  entries_in_order, stacked_state_entries, stacked_state_from_entries)
+from asgo_core.buckets import concat, split_rows
+from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
+                                  stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import portable as portable_dict
 from asgo_core.config import ASGOConfig, DASGOConfig, fail, is_number
 from asgo_core.layout import PermutedStack
-from asgo_core.options import static_options
+from asgo_core.options import spelled, static_args
+from asgo_core.state_codec import named_arrays, state_from_named
 
 __all__ = [
     "ADAMW_DEFAULTS",
@@ -82,22 +85,18 @@ __all__ = [
 ADAMW_DEFAULTS = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
 _ADAM_B1, _ADAM_B2 = ADAMW_DEFAULTS["betas"]
 
-# optax's names for the core's options, where they differ.
-_OPTAX_NAMES = {"beta1": "b1", "beta2": "b2"}
 
-
-def _static_args(config_type) -> tuple:
+def _static_args(algorithm: str) -> tuple:
     """What optax.inject_hyperparams must not inject (it injects every number and calls every
-    callable as a schedule): the core options that shape the traced program, and the leaf
-    selections, which may be callables. The learning rates, weight_decay and adam_* may be."""
-    return (tuple(_OPTAX_NAMES.get(name, name) for name in static_options(config_type))
-            + ("weight_decay_mask", "weight_dimension_numbers"))
+    callable as a schedule): the options that shape the traced program (asgo_core.options), and
+    the leaf selections, which may be callables. The learning rates, weight_decay and adam_* may be."""
+    return static_args(algorithm, "optax") + ("weight_decay_mask", "weight_dimension_numbers")
 
 
 # optax.inject_hyperparams(asgo, static_args=ASGO_STATIC_ARGS)(learning_rate=...), and the same
 # with dasgo and DASGO_STATIC_ARGS; STATIC_ARGS is asgo's.
-ASGO_STATIC_ARGS = _static_args(ASGOConfig)
-DASGO_STATIC_ARGS = _static_args(DASGOConfig)
+ASGO_STATIC_ARGS = _static_args("asgo")
+DASGO_STATIC_ARGS = _static_args("dasgo")
 STATIC_ARGS = ASGO_STATIC_ARGS
 
 
@@ -126,27 +125,23 @@ class ScaleByDASGOState(NamedTuple):
     skipped: Any
 
 
+# The per-leaf state fields that hold a core state's named arrays (asgo_core.state_codec) of
+# another name: the two block groups (full-size blocks, remainder blocks).
+_NAMED = {"gram": "gram/0", "root": "root/0", "remainder_gram": "gram/1", "remainder_root": "root/1"}
+
+
 def _per_leaf_fields(core_state) -> dict:
     """A core ASGOState / DASGOState of a stack as the per-leaf state fields (momentum stacked)."""
-    if isinstance(core_state, asgo_core.DASGOState):
-        return {"momentum": core_state.momentum, "second_moment": core_state.second_moment,
-                "skipped": core_state.skipped}
-    remainder = len(core_state.gram) > 1
-    return {"momentum": core_state.momentum, "gram": core_state.gram[0], "root": core_state.root[0],
-            "remainder_gram": core_state.gram[1] if remainder else None,
-            "remainder_root": core_state.root[1] if remainder else None,
-            "skipped": core_state.skipped, "fallbacks": core_state.fallbacks}
+    named = named_arrays(core_state)
+    fields = ScaleByDASGOState._fields if "second_moment" in named else ScaleByASGOState._fields
+    return {field: named.get(_NAMED.get(field, field)) for field in fields[1:]}
 
 
 def _core_state(fields: dict, count):
     """The inverse of _per_leaf_fields."""
-    if "second_moment" in fields:
-        return asgo_core.DASGOState(fields["momentum"], fields["second_moment"], count, fields["skipped"])
-    groups = [("gram", "root")] + ([("remainder_gram", "remainder_root")]
-                                   if fields["remainder_gram"] is not None else [])
-    return asgo_core.ASGOState(fields["momentum"], tuple(fields[gram] for gram, _ in groups),
-                               tuple(fields[root] for _, root in groups), count, fields["skipped"],
-                               fields["fallbacks"])
+    core_type = asgo_core.DASGOState if "second_moment" in fields else asgo_core.ASGOState
+    return state_from_named(core_type, {_NAMED.get(field, field): value for field, value in fields.items()
+                                        if value is not None}, count)
 
 
 # ----------------------------------------------------------------------------- matrix views
@@ -236,18 +231,15 @@ class _Stack:
             return None
         if viewed:
             parts = [view.to_stack(part, jnp) for view, part in zip(self.views, parts)]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+        return concat(parts, jnp)
 
     def scatter(self, stacked, out: list, viewed: bool) -> None:
         """The inverse of gather: each leaf's rows of `stacked` into out[leaf index]."""
         if stacked is None:
             return
-        rows = stacked.shape[0] // self.shape[0]
-        start = 0
-        for i, view in zip(self.leaf_indices, self.views):
-            stop = start + rows * view.stack_shape[0]
-            out[i] = view.from_stack(stacked[start:stop], jnp) if viewed else stacked[start:stop]
-            start = stop
+        counts = [view.stack_shape[0] for view in self.views]
+        for i, view, rows in zip(self.leaf_indices, self.views, split_rows(stacked, counts)):
+            out[i] = view.from_stack(rows, jnp) if viewed else rows
 
     def gather_state(self, fields: dict, count):
         """The stack's core ASGOState / DASGOState from per-leaf state fields."""
@@ -325,10 +317,7 @@ def _core_config(config_type, options: dict):
     try:
         return config_type(weight_decay=0.0, **core_options)
     except ValueError as error:
-        message = str(error)
-        for core_name, optax_name in _OPTAX_NAMES.items():
-            message = message.replace(f"{core_name}=", f"{optax_name}=")
-        raise ValueError(message) from None
+        raise ValueError(spelled(str(error), "optax")) from None
 
 
 def _check_number(name: str, value, *, below_one: bool = False) -> None:
@@ -591,7 +580,7 @@ def portable_state(opt_state, params, config, *, adamw=None, names=None,
                 "batch_dims": batch_dims, "config": entry_config, "arrays": arrays[index]}
                for index, (leaf, name, (algorithm, entry_config), batch_dims)
                in enumerate(zip(layout.leaves, layout.names(names), layout.identities, layout.batch_dims))]
-    return {"format": FORMAT, "version": VERSION, "params": entries}
+    return portable_dict(entries)
 
 
 def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
