@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config_field_names, fail, is_number
+from asgo_core.precision import check_param_rounding
 
 ALGORITHMS = ("asgo", "dasgo", "adamw")
 CONFIG_TYPES = {"asgo": ASGOConfig, "dasgo": DASGOConfig}
@@ -37,6 +38,7 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
     check_non_negative("adamw_weight_decay", group["adamw_weight_decay"])
     if not isinstance(group["maximize"], bool):
         fail("maximize", group["maximize"], "True | False")
+    check_param_rounding(group["param_rounding"])
     if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
         fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
 
