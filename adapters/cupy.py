@@ -41,7 +41,7 @@ from typing import Any
 
 import array_api_compat
 
-from asgo_core import ASGOConfig, DASGOConfig, init_state, needs_root_refresh
+from asgo_core import ASGOConfig, DASGOConfig, init_state, needs_root_refresh, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
@@ -49,6 +49,7 @@ from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_s
 from asgo_core.config import fail
 from asgo_core.options import check_group_options, group_config
 from asgo_core.layout import block_layout, check_batch_dims_value, matrix_stack_shape
+from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
 
@@ -56,7 +57,7 @@ _LAYOUT_OPTIONS = ("side", "max_precond_dim", "num_heads", "batch_dims")
 _ADAMW_OPTIONS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
 # A saved param group leaves out the options whose value is None; a state_dict saved before an
 # option existed lacks it too, and reads it as the value it had then.
-_ABSENT_OPTIONS = {"batch_dims": 0}
+_ABSENT_OPTIONS = {"batch_dims": 0, "param_rounding": "nearest"}
 
 
 @dataclass
@@ -104,11 +105,11 @@ class _ArrayOptimizer:
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
         self._check_adamw_finite(grads, settings)
-        for bucket, (update, new_state) in zip(self._buckets, planned):
-            self._apply_matrix_update(bucket, update, settings[bucket.group_index]["lr"])
+        for stream, (bucket, (update, new_state)) in enumerate(zip(self._buckets, planned)):
+            self._apply_matrix_update(bucket, update, settings[bucket.group_index]["lr"], stream)
             bucket.state = new_state
-        for slot in self._adamw_slots:
-            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index])
+        for stream, slot in enumerate(self._adamw_slots, start=len(self._buckets)):
+            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index], stream)
         self._step_count += 1
 
     def state_dict(self) -> dict:
@@ -249,6 +250,7 @@ class _ArrayOptimizer:
         check_batch_dims_value(group["batch_dims"])
         configs = {name: group_config(group, name) for name in self._matrix_algorithms()}
         return {"lr": group["lr"], "configs": configs, "maximize": group["maximize"],
+                "param_rounding": group["param_rounding"],
                 "adamw": {name: group[name] for name in _ADAMW_OPTIONS} | {
                     "adamw_lr": group["lr"] if group["adamw_lr"] is None else group["adamw_lr"],
                     "nonfinite": group["nonfinite"]}}
@@ -320,8 +322,10 @@ class _ArrayOptimizer:
             G = -G
         W = self._stacked_params(bucket) if config.weight_decay != 0.0 else None
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(self._step_count, config)
+        # a stochastically rounded write needs the update before it is rounded to a 16-bit param
+        update_dtype = statistics_dtype(G.dtype, xp) if self._rounds(bucket.group_index, G) else None
         try:
-            return core_step(G, bucket.state, W, config, refresh_root=refresh)
+            return core_step(G, bucket.state, W, config, refresh_root=refresh, update_dtype=update_dtype)
         except FloatingPointError:
             raise FloatingPointError(f"non-finite gradient for {_nonfinite_keys(bucket.keys, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
@@ -335,7 +339,22 @@ class _ArrayOptimizer:
                     raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
                                              "no state was changed")
 
-    def _apply_matrix_update(self, bucket, update, lr) -> None:
+    def _rounds(self, group_index: int, param) -> bool:
+        """Whether writes to param (or an array of its dtype) are rounded stochastically."""
+        xp = array_api_compat.array_namespace(param)
+        return self.param_groups[group_index]["param_rounding"] == "stochastic" and is_narrow(param.dtype, xp)
+
+    def _uniform(self, like, stream: int):
+        """Uniform numbers in [0, 1) shaped and typed like `like`, from a NumPy (CuPy) generator
+        seeded by this step and the stream."""
+        if array_api_compat.is_cupy_array(like):
+            import cupy as random_module
+        else:
+            import numpy as random_module
+        generator = random_module.random.default_rng(rounding_seed(self._step_count, stream))
+        return generator.random(like.shape, dtype=like.dtype)
+
+    def _apply_matrix_update(self, bucket, update, lr, stream: int) -> None:
         xp = array_api_compat.array_namespace(update)
         fused = getattr(backend_for(xp), "apply_update", None)
         start = 0
@@ -343,19 +362,25 @@ class _ArrayOptimizer:
             param = self._params[key]
             step_update = xp.reshape(update[start:start + count, ...], param.shape)
             start += count
-            if fused is not None:
+            if self._rounds(bucket.group_index, param):
+                value = xp.astype(param, update.dtype) - lr * step_update
+                param[...] = stochastic_round(value, param.dtype, self._uniform(value, stream), xp)
+            elif fused is not None:
                 fused(param, step_update, lr)
             else:
                 param -= lr * step_update
 
-    def _apply_adamw(self, slot, grad, settings) -> None:
+    def _apply_adamw(self, slot, grad, settings, stream: int) -> None:
         param = self._params[slot.key]
         xp = array_api_compat.array_namespace(param)
         if settings["maximize"]:
             grad = -grad
         fused = getattr(backend_for(xp), "adamw_update", None)
         hyper = _adamw_hyper(settings["adamw"], self._step_count + 1)
-        if fused is not None:
+        if self._rounds(slot.group_index, param):
+            uniform = self._uniform(slot.state["exp_avg"], stream)
+            _adamw_update(param, grad, slot.state, xp, uniform=uniform, **hyper)
+        elif fused is not None:
             fused(param, grad, slot.state, **hyper)
         else:
             _adamw_update(param, grad, slot.state, xp, **hyper)
@@ -416,7 +441,8 @@ class ASGO(_ArrayOptimizer):
                  accumulate=ASGOConfig.accumulate, damping=ASGOConfig.damping,
                  root_tolerance=ASGOConfig.root_tolerance,
                  residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
-                 matmul_dtype=ASGOConfig.matmul_dtype,
+                 matmul_dtype=ASGOConfig.matmul_dtype, mu_dtype=ASGOConfig.mu_dtype,
+                 precond_dtype=ASGOConfig.precond_dtype, param_rounding="nearest",
                  adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
                  maximize=False, algorithm=None, batch_dims=0):
         super().__init__(params, dict(
@@ -425,7 +451,8 @@ class ASGO(_ArrayOptimizer):
             root_method=root_method, root_steps=root_steps, side=side,
             max_precond_dim=max_precond_dim, num_heads=num_heads, accumulate=accumulate,
             damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-            nonfinite=nonfinite, matmul_dtype=matmul_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+            nonfinite=nonfinite, matmul_dtype=matmul_dtype, mu_dtype=mu_dtype, precond_dtype=precond_dtype,
+            param_rounding=param_rounding, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
             adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
             algorithm=algorithm, batch_dims=batch_dims))
 
@@ -439,11 +466,13 @@ class DASGO(_ArrayOptimizer):
     def __init__(self, params, lr=1e-2, betas=(DASGOConfig.beta1, DASGOConfig.beta2), *,
                  eps=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
                  update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
-                 nonfinite=DASGOConfig.nonfinite, adamw_lr=None, adamw_betas=(0.9, 0.95),
+                 nonfinite=DASGOConfig.nonfinite, mu_dtype=DASGOConfig.mu_dtype, param_rounding="nearest",
+                 adamw_lr=None, adamw_betas=(0.9, 0.95),
                  adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None, batch_dims=0):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_rms=update_rms,
-            accumulate=accumulate, nonfinite=nonfinite, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+            accumulate=accumulate, nonfinite=nonfinite, mu_dtype=mu_dtype, param_rounding=param_rounding,
+            adamw_lr=adamw_lr, adamw_betas=adamw_betas,
             adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
             algorithm=algorithm, batch_dims=batch_dims))
 
@@ -526,9 +555,10 @@ def _adamw_hyper(options: dict, step: int) -> dict:
 
 
 def _adamw_update(param, grad, state, xp, *, lr, beta1, beta2, eps, weight_decay, step_size,
-                  bias_correction2_sqrt) -> None:
+                  bias_correction2_sqrt, uniform=None) -> None:
     """torch.optim.AdamW's step in array-API code; a non-finite grad leaves everything as it was
-    (selected on the device, no host read) and is counted in state["skipped"]."""
+    (selected on the device, no host read) and is counted in state["skipped"]. uniform: numbers
+    in [0, 1) for a stochastically rounded parameter write (None: rounded to nearest)."""
     dtype = state["exp_avg"].dtype
     g = xp.astype(grad, dtype)
     finite = xp.all(xp.isfinite(g))
@@ -538,7 +568,9 @@ def _adamw_update(param, grad, state, xp, *, lr, beta1, beta2, eps, weight_decay
     denom = xp.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
     decayed = xp.astype(param, dtype) * (1 - lr * weight_decay)
     new_param = decayed - step_size * (exp_avg / denom)
-    param[...] = xp.astype(xp.where(finite, new_param, xp.astype(param, dtype)), param.dtype)
+    new_param = xp.where(finite, new_param, xp.astype(param, dtype))
+    param[...] = (xp.astype(new_param, param.dtype) if uniform is None
+                  else stochastic_round(new_param, param.dtype, uniform, xp))
     state["exp_avg"] = xp.where(finite, exp_avg, state["exp_avg"])
     state["exp_avg_sq"] = xp.where(finite, exp_avg_sq, state["exp_avg_sq"])
     state["skipped"] = state["skipped"] + xp.astype(~finite, xp.int32)

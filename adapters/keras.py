@@ -38,6 +38,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import array_api_compat
 import keras
 from keras import ops
 
@@ -46,6 +47,7 @@ from asgo_core import step as core_step
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import PermutedStack
 from asgo_core.options import check_group_options, group_config
+from asgo_core.precision import stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
 
@@ -269,11 +271,14 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         per_member = [[v.value for v in slot.variables] for _, _, slot in members]
         arrays = [_concat(list(parts)) for parts in zip(*per_member)]
         state = _core_state(first.state_type, first.layout, arrays, ops.cast(self.iterations, "int32"))
+        rounds = self._rounds(params.dtype)
+        update_dtype = keras.backend.result_type(params.dtype, "float32") if rounds else None
 
         def run(refresh_root: bool):
             with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
                 warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
-                update, new_state = core_step(grads, state, params, config, refresh_root=refresh_root)
+                update, new_state = core_step(grads, state, params, config, refresh_root=refresh_root,
+                                              update_dtype=update_dtype)
             return update, _state_arrays(new_state)
 
         frequency = getattr(config, "precondition_frequency", 1)
@@ -282,8 +287,23 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         else:
             update, new_arrays = ops.cond(ops.equal(ops.mod(self.iterations, frequency), 0),
                                           lambda: run(True), lambda: run(False))
-        new_params = params - ops.cast(lr, update.dtype) * update
+        new_params = ops.cast(params, update.dtype) - ops.cast(lr, update.dtype) * update
+        if rounds:
+            stream = self._get_variable_index(members[0][1])
+            new_params = self._stochastically_rounded(new_params, params.dtype, stream)
         return self._split_writes(members, new_params, new_arrays)
+
+    def _rounds(self, dtype) -> bool:
+        """Whether writes to variables of this dtype are rounded stochastically."""
+        return self._options["param_rounding"] == "stochastic" and keras.backend.standardize_dtype(dtype) \
+            in ("bfloat16", "float16")
+
+    def _stochastically_rounded(self, value, dtype, stream: int):
+        """value rounded stochastically to dtype with uniform numbers of a stateless seed made of
+        the stream and the step count (the `iterations` variable, saved with the optimizer)."""
+        seed = ops.stack([ops.convert_to_tensor(stream, "int32"), ops.cast(self.iterations, "int32")])
+        uniform = keras.random.uniform(ops.shape(value), dtype=value.dtype, seed=seed)
+        return stochastic_round(value, dtype, uniform, array_api_compat.array_namespace(value))
 
     @staticmethod
     def _split_writes(members: list, new_params, new_arrays: list) -> list:
@@ -316,7 +336,11 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         denom = ops.sqrt(exp_avg_sq) / ops.sqrt(1 - ops.power(beta_2, step)) + self._options["adam_epsilon"]
         param = ops.cast(variable.value, dtype)
         new_param = param * (1 - lr * decay) - lr / (1 - ops.power(beta_1, step)) * (exp_avg / denom)
-        return [(variable, ops.cast(ops.where(finite, new_param, param), variable.dtype)),
+        new_param = ops.where(finite, new_param, param)
+        if self._rounds(variable.dtype):
+            stream = self._get_variable_index(variable)
+            new_param = self._stochastically_rounded(new_param, variable.value.dtype, stream)
+        return [(variable, ops.cast(new_param, variable.dtype)),
                 (slot.exp_avg, ops.where(finite, exp_avg, slot.exp_avg.value)),
                 (slot.exp_avg_sq, ops.where(finite, exp_avg_sq, slot.exp_avg_sq.value)),
                 (slot.skipped, slot.skipped.value + ops.cast(ops.logical_not(finite), "int32"))]
@@ -358,7 +382,8 @@ class ASGO(_MatrixOptimizer):
                  root_tolerance=ASGOConfig.root_tolerance, residual_tolerance=ASGOConfig.residual_tolerance,
                  max_precond_dim=ASGOConfig.max_precond_dim, num_heads=ASGOConfig.num_heads,
                  nonfinite=ASGOConfig.nonfinite, matmul_dtype=ASGOConfig.matmul_dtype,
-                 adam_beta_1=0.9, adam_beta_2=0.95, adam_epsilon=1e-8, adam_weight_decay=0.0,
+                 mu_dtype=ASGOConfig.mu_dtype, precond_dtype=ASGOConfig.precond_dtype,
+                 param_rounding="nearest", adam_beta_1=0.9, adam_beta_2=0.95, adam_epsilon=1e-8, adam_weight_decay=0.0,
                  adam_lr_ratio=1.0, exclude_layers=None, exclude_embeddings=True, batch_dims=None,
                  **base_options):
         super().__init__(
@@ -367,7 +392,8 @@ class ASGO(_MatrixOptimizer):
                  accumulate=accumulate, side=side, root_method=root_method, root_steps=root_steps,
                  root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
                  max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite,
-                 matmul_dtype=matmul_dtype, adam_beta_1=adam_beta_1, adam_beta_2=adam_beta_2,
+                 matmul_dtype=matmul_dtype, mu_dtype=mu_dtype, precond_dtype=precond_dtype,
+                 param_rounding=param_rounding, adam_beta_1=adam_beta_1, adam_beta_2=adam_beta_2,
                  adam_epsilon=adam_epsilon, adam_weight_decay=adam_weight_decay),
             learning_rate=learning_rate, weight_decay=weight_decay, adam_lr_ratio=adam_lr_ratio,
             exclude_layers=exclude_layers, exclude_embeddings=exclude_embeddings, batch_dims=batch_dims,
@@ -383,12 +409,12 @@ class DASGO(_MatrixOptimizer):
     def __init__(self, learning_rate=0.01, beta_1=DASGOConfig.beta1, beta_2=DASGOConfig.beta2,
                  epsilon=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
                  update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
-                 nonfinite=DASGOConfig.nonfinite, adam_beta_1=0.9, adam_beta_2=0.95, adam_epsilon=1e-8,
-                 adam_weight_decay=0.0, adam_lr_ratio=1.0, exclude_layers=None, exclude_embeddings=True,
+                 nonfinite=DASGOConfig.nonfinite, mu_dtype=DASGOConfig.mu_dtype, param_rounding="nearest",
+                 adam_beta_1=0.9, adam_beta_2=0.95, adam_epsilon=1e-8, adam_weight_decay=0.0, adam_lr_ratio=1.0, exclude_layers=None, exclude_embeddings=True,
                  batch_dims=None, **base_options):
         super().__init__(
             dict(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, update_rms=update_rms, accumulate=accumulate,
-                 nonfinite=nonfinite, adam_beta_1=adam_beta_1, adam_beta_2=adam_beta_2,
+                 nonfinite=nonfinite, mu_dtype=mu_dtype, param_rounding=param_rounding, adam_beta_1=adam_beta_1, adam_beta_2=adam_beta_2,
                  adam_epsilon=adam_epsilon, adam_weight_decay=adam_weight_decay),
             learning_rate=learning_rate, weight_decay=weight_decay, adam_lr_ratio=adam_lr_ratio,
             exclude_layers=exclude_layers, exclude_embeddings=exclude_embeddings, batch_dims=batch_dims,

@@ -268,10 +268,16 @@ def stacked_state_entries(state, matrices_per_param, to_numpy) -> list:
         rows = value.shape[0] // total
         start = 0
         for arrays, count in zip(per_param, matrices_per_param):
-            part = to_numpy(value[start * rows:(start + count) * rows, ...])
+            part = _widened(to_numpy(value[start * rows:(start + count) * rows, ...]))
             arrays[key] = part[0] if count == 1 and key in _PER_MATRIX_KEYS else part
             start += count
     return per_param
+
+
+def _widened(array):
+    """ml_dtypes' bfloat16 (state stored with mu_dtype / precond_dtype) as float32, exactly: a
+    checkpoint holds dtypes every framework reads; loading casts back to the optimizer's dtype."""
+    return array.astype("float32") if array.dtype.kind == "V" else array
 
 
 def _check_kind(name, key: str, array) -> None:
