@@ -42,12 +42,12 @@ import array_api_compat
 import keras
 from keras import ops
 
-from asgo_core import ASGOConfig, DASGOConfig, check_batch_dims, init_state, matrix_stack_shape
+from asgo_core import ASGOConfig, DASGOConfig, check_batch_dims, init_state, matrix_stack_shape, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import PermutedStack
 from asgo_core.options import check_group_options, group_config
-from asgo_core.precision import stochastic_round
+from asgo_core.precision import rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
 
@@ -272,7 +272,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         arrays = [_concat(list(parts)) for parts in zip(*per_member)]
         state = _core_state(first.state_type, first.layout, arrays, ops.cast(self.iterations, "int32"))
         rounds = self._rounds(params.dtype)
-        update_dtype = keras.backend.result_type(params.dtype, "float32") if rounds else None
+        update_dtype = statistics_dtype(params.dtype, array_api_compat.array_namespace(params)) if rounds else None
 
         def run(refresh_root: bool):
             with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
@@ -300,8 +300,14 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
 
     def _stochastically_rounded(self, value, dtype, stream: int):
         """value rounded stochastically to dtype with uniform numbers of a stateless seed made of
-        the stream and the step count (the `iterations` variable, saved with the optimizer)."""
-        seed = ops.stack([ops.convert_to_tensor(stream, "int32"), ops.cast(self.iterations, "int32")])
+        the stream and the step count (the `iterations` variable, saved with the optimizer):
+        JAX key data under jit, an int under the torch backend (which steps eagerly and takes
+        only ints or SeedGenerators)."""
+        if keras.backend.backend() == "jax":
+            seed = ops.cast(ops.stack([ops.convert_to_tensor(stream, "int32"),
+                                       ops.cast(self.iterations, "int32")]), "uint32")
+        else:
+            seed = rounding_seed(int(self.iterations), stream)
         uniform = keras.random.uniform(ops.shape(value), dtype=value.dtype, seed=seed)
         return stochastic_round(value, dtype, uniform, array_api_compat.array_namespace(value))
 
