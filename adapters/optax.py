@@ -408,7 +408,8 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
          root_tolerance: Optional[float] = None, residual_tolerance: float = 0.1,
          max_precond_dim: Optional[int] = None, num_heads: Optional[int] = None,
          nonfinite: str = "skip", matmul_dtype: Optional[str] = None,
-         mu_dtype: Optional[str] = None, precond_dtype: Optional[str] = None, weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = 0.9,
+         mu_dtype: Optional[str] = None, precond_dtype: Optional[str] = None,
+         weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = 0.9,
          adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float = 0.0, adam_learning_rate: Any = None,
          weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
@@ -434,7 +435,8 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
 
 def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           update_rms: Optional[float] = 0.2, accumulate: str = "ema", nonfinite: str = "skip",
-          mu_dtype: Optional[str] = None, weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = 0.9,
+          mu_dtype: Optional[str] = None, weight_decay: float = 0.1, weight_decay_mask: Any = None,
+          adam_b1: float = 0.9,
           adam_b2: float = 0.95, adam_eps: float = 1e-8, adam_weight_decay: float = 0.0,
           adam_learning_rate: Any = None,
           weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
@@ -473,7 +475,8 @@ def apply_updates_stochastic(params, updates, key):
     leaves, structure = jax.tree.flatten(params, is_leaf=lambda x: x is None)
     keys = jax.random.split(key, len(leaves))
     update_leaves = structure.flatten_up_to(updates)
-    return jax.tree.unflatten(structure, [_rounded_sum(p, u, k) for p, u, k in zip(leaves, update_leaves, keys)])
+    summed = [_rounded_sum(p, u, k) for p, u, k in zip(leaves, update_leaves, keys)]
+    return jax.tree.unflatten(structure, summed)
 
 
 def _rounded_sum(param, update, key):

@@ -31,8 +31,10 @@ torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
+from collections import defaultdict
 from dataclasses import dataclass
 
 import array_api_compat.torch as torch_xp
@@ -40,17 +42,21 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 
-from asgo_core import (ASGOConfig, ASGOState, DASGOConfig, DASGOState, block_layout, init_state,
-                       matrix_stack_shape, needs_root_refresh)
-from asgo_core import FALLBACK_LEVELS, step_terms
+from asgo_core import (ASGOState, DASGOState, FALLBACK_LEVELS, block_layout, init_state, matrix_stack_shape,
+                       needs_root_refresh, step_terms)
+from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order, portable,
+                                  stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import check_group_options, group_config
+from asgo_core.options import check_group_options, defaults, group_config, signature
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order,
-                                  stacked_state_entries, stacked_state_from_entries)
+from asgo_core.state_codec import named_arrays, split_named
 
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
+
+# The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
+_SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
+               for algorithm in ("asgo", "dasgo")}
 
 def _check_lr(name: str, lr) -> None:
     """A learning rate: a number, or a one-element floating-point tensor (for schedulers)."""
@@ -95,12 +101,21 @@ class Bucket:
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
-    """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm and defaults."""
+    """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
 
-    def __init__(self, params, defaults: dict):
-        super().__init__(params, defaults)
+    def __init__(self, *args, **kwargs):
+        """(params, lr, betas, *, every other option of the class's signature)."""
+        accepted = _SIGNATURES[self.matrix_algorithm]
+        try:
+            arguments = accepted.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}(): {error}; accepted: "
+                            f"{', '.join(accepted.parameters)}") from None
+        arguments.apply_defaults()
+        options = dict(arguments.arguments)
+        super().__init__(options.pop("params"), options)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -281,25 +296,37 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return state
 
     # ---- state_dict ------------------------------------------------------------------------
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim.Optimizer's, but checked whole before anything changes: the group
-        and parameter counts, every saved group option (the constructor's checks), and each
-        parameter's state (its algorithm's fields, their shapes and kinds). A mismatch raises
-        ValueError naming the parameter and the field, and leaves the optimizer as it was.
-        Matrix statistics keep the statistics dtype (float32 for bf16 parameters) and move
-        to the parameter's device; AdamW state follows torch.optim.AdamW (moments in the
-        parameter's dtype and device, "step" a CPU tensor, also when saved as a number)."""
-        new_states, checked_groups = self._checked_states(state_dict)
-        super().load_state_dict({**state_dict, "state": {}})
-        for group, checked in zip(self.param_groups, checked_groups):
-            for name, value in checked.items():  # an option older files lack keeps this group's value
-                group.setdefault(name, value)
-        for param, state in new_states.items():
-            self.state[param] = state
+        """As torch.optim.Optimizer's, in its order: the load_state_dict pre-hooks get a
+        shallow copy of state_dict and may return a replacement; what they leave is checked
+        whole before anything changes (the group and parameter counts, every saved group
+        option with the constructor's checks, each parameter's state: its algorithm's fields,
+        their shapes and kinds), a mismatch raising ValueError naming the parameter and the
+        field and leaving the optimizer as it was; then the state is loaded and the post-hooks
+        run. Entries of "state" that belong to no parameter are kept as they are, as torch.optim
+        keeps them; an option an older file lacks keeps this group's value. Matrix statistics
+        keep the statistics dtype (float32 for bf16 parameters) and move to the parameter's
+        device; AdamW state follows torch.optim.AdamW (moments in the parameter's dtype and
+        device, "step" a CPU tensor, also when saved as a number)."""
+        if not isinstance(state_dict, dict):
+            fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            replacement = pre_hook(self, state_dict)
+            state_dict = state_dict if replacement is None else replacement
+        param_states, groups = self._checked_states(state_dict)
+        saved_ids = {saved_id for saved in state_dict["param_groups"] for saved_id in saved["params"]}
+        state = defaultdict(dict, {key: value for key, value in state_dict["state"].items()
+                                   if key not in saved_ids})
+        state.update(param_states)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _checked_states(self, state_dict: dict) -> tuple[dict, list]:
-        """({param: the state to load}, the checked groups: this optimizer's groups with the
-        saved options over them) after every check of load_state_dict."""
+        """({param: the state to load}, the groups to load: this optimizer's groups with
+        copies of the saved options over them) after every check of load_state_dict."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
@@ -310,7 +337,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 fail(f"state_dict['param_groups'][{group_index}]['params']",
                      f"{len(saved['params'])} parameters", f"{len(group['params'])}")
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
+            options = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
+            merged = {**group, **options, "params": group["params"]}
             self._validate_group(merged, group_index)
             checked_groups.append(merged)
             for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
@@ -338,9 +366,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _state_template(self, param, group: dict, algorithm: str) -> dict:
         """The matrix state a parameter holds, as meta tensors (shapes and dtypes only)."""
-        count, m, n = matrix_stack_shape(param.shape, group["batch_dims"])
-        meta_stack = torch.empty((count, m, n), dtype=param.dtype, device="meta")
-        core_state = init_state(meta_stack, group_config(group, algorithm))
+        core_state = self._fresh_core_state(param, group, algorithm, device="meta")
         return _split_state(core_state, (param,), group["batch_dims"])[0]
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
@@ -366,7 +392,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
                             "batch_dims": group["batch_dims"], "step": step, "config": config,
                             "arrays": arrays})
-        return {"format": "asgo-portable-state", "version": 1, "params": entries}
+        return portable(entries)
 
     def load_portable_state(self, portable: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
@@ -403,9 +429,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                                "weight_decay": group["adamw_weight_decay"]}
         return algorithm, dataclasses.asdict(group_config(group, algorithm))
 
-    def _fresh_core_state(self, param, group, algorithm):
-        stack_shape = matrix_stack_shape(param.shape, group["batch_dims"])
-        return init_state(param.detach().reshape(stack_shape), group_config(group, algorithm))
+    def _fresh_core_state(self, param, group, algorithm, device=None):
+        """The core's zero state of the parameter's (matrices, m, n) stack, on `device` (default:
+        the parameter's)."""
+        stack = torch.empty(matrix_stack_shape(param.shape, group["batch_dims"]), dtype=param.dtype,
+                            device=device or param.device)
+        return init_state(stack, group_config(group, algorithm))
 
     def _state_from_entry(self, param, group, entry) -> dict:
         if entry["algorithm"] == "adamw":
@@ -584,17 +613,16 @@ def _split_state(core_state, params, batch_dims: int) -> list[dict]:
     the parameter's batch shape in front ((m, n) momentum for a plain matrix, (E, m, n) for an
     expert stack); "gram"/"root" hold a list of (matrices·blocks, size, size) per block group."""
     counts = [matrix_stack_shape(p.shape, batch_dims)[0] for p in params]
-    split = [{} for _ in params]
-    for key, value in core_state._asdict().items():
-        if key == "count":
-            continue
-        if key in ("gram", "root"):
-            per_group = [blocks.split([c * blocks.shape[0] // sum(counts) for c in counts]) for blocks in value]
-            for index, state in enumerate(split):
-                state[key] = [parts[index] for parts in per_group]
-            continue
-        for state, part, param in zip(split, value.split(counts), params):
-            state[key] = part.view(param.shape[:batch_dims] + part.shape[1:])
+    split = []
+    for param, named in zip(params, split_named(named_arrays(core_state), counts)):
+        state = {}
+        for name, value in named.items():
+            field, block_group = name.split("/") if "/" in name else (name, None)
+            if block_group is None:
+                state[field] = value.view(param.shape[:batch_dims] + value.shape[1:])
+            else:
+                state.setdefault(field, []).append(value)
+        split.append(state)
     return split
 
 
@@ -683,50 +711,15 @@ class ASGO(_MatrixOptimizer):
 
     matrix_algorithm = "asgo"
 
-    def __init__(self, params, lr=1e-2, betas=(ASGOConfig.beta1, ASGOConfig.beta2), *,
-                 eps=ASGOConfig.eps, weight_decay=ASGOConfig.weight_decay,
-                 precondition_frequency=ASGOConfig.precondition_frequency,
-                 update_rms=ASGOConfig.update_rms, root_method=ASGOConfig.root_method,
-                 root_steps=ASGOConfig.root_steps, side=ASGOConfig.side,
-                 max_precond_dim=ASGOConfig.max_precond_dim, num_heads=ASGOConfig.num_heads,
-                 accumulate=ASGOConfig.accumulate, damping=ASGOConfig.damping,
-                 root_tolerance=ASGOConfig.root_tolerance,
-                 residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
-                 matmul_dtype=ASGOConfig.matmul_dtype, mu_dtype=ASGOConfig.mu_dtype,
-                 precond_dtype=ASGOConfig.precond_dtype, param_rounding="nearest",
-                 adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
-                 maximize=False, algorithm=None, batch_dims=0):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency, update_rms=update_rms,
-            root_method=root_method, root_steps=root_steps, side=side,
-            max_precond_dim=max_precond_dim, num_heads=num_heads, accumulate=accumulate,
-            damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-            nonfinite=nonfinite, matmul_dtype=matmul_dtype, mu_dtype=mu_dtype, precond_dtype=precond_dtype,
-            param_rounding=param_rounding, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
-            algorithm=algorithm, batch_dims=batch_dims)
-        super().__init__(params, defaults)
-
 
 class DASGO(_MatrixOptimizer):
     """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing as ASGO."""
 
     matrix_algorithm = "dasgo"
 
-    def __init__(self, params, lr=1e-2, betas=(DASGOConfig.beta1, DASGOConfig.beta2), *,
-                 eps=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
-                 update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
-                 nonfinite=DASGOConfig.nonfinite, mu_dtype=DASGOConfig.mu_dtype, param_rounding="nearest",
-                 adamw_lr=None, adamw_betas=(0.9, 0.95),
-                 adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None, batch_dims=0):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_rms=update_rms,
-            accumulate=accumulate, nonfinite=nonfinite, mu_dtype=mu_dtype, param_rounding=param_rounding,
-            adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize, algorithm=algorithm, batch_dims=batch_dims)
-        super().__init__(params, defaults)
+
+ASGO.__signature__ = _SIGNATURES["asgo"]
+DASGO.__signature__ = _SIGNATURES["dasgo"]
 
 
 def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,

@@ -46,7 +46,8 @@ def make_optimizer(name: str, variant: str, model, lr: float) -> ASGO:
         params = list(model.parameters())
         groups = [{"params": [p for p in params if p.ndim >= 2], "adamw_weight_decay": train_lm.WEIGHT_DECAY},
                   {"params": [p for p in params if p.ndim < 2], "adamw_weight_decay": 0.0}]
-        return ASGO(groups, lr=lr, algorithm="adamw", adamw_betas=train_lm.ADAM_BETAS, param_rounding=rounding)
+        return ASGO(groups, lr=lr, algorithm="adamw", adamw_betas=train_lm.ADAM_BETAS,
+                    param_rounding=rounding)
     state_dtypes = dict(mu_dtype="bfloat16", precond_dtype="bfloat16") if variant == "bf16_state" else {}
     return ASGO(asgo_param_groups(model), lr=lr, param_rounding=rounding, **state_dtypes)
 
@@ -72,8 +73,8 @@ def train(args, name: str, variant: str, lr: float, seed: int, train_data, val_b
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     with torch.no_grad():
-        val_loss = statistics.fmean(F.cross_entropy(float32_forward(model, x).flatten(0, 1), y.flatten()).item()
-                                    for x, y in val_batches)
+        val_loss = statistics.fmean(
+            F.cross_entropy(float32_forward(model, x).flatten(0, 1), y.flatten()).item() for x, y in val_batches)
     return {"optimizer": name, "variant": variant, "seed": seed, "lr": lr, "final_val_loss": val_loss,
             "seconds": time.perf_counter() - start}
 
@@ -96,7 +97,8 @@ def table(runs: list, optimizers, variants) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
@@ -108,7 +110,8 @@ def main() -> None:
     lrs = {name: train_lm.read_lr_choices()["quick"][entry]["lr"] for name, entry in OPTIMIZERS.items()}
     data, source = train_lm.load_corpus(args.text, args.max_bytes)
     split = int(len(data) * (1 - train_lm.VAL_FRACTION))
-    val_batches = train_lm.fixed_val_batches(data[split:], args.block_size, args.batch_size, args.eval_batches)
+    val_batches = train_lm.fixed_val_batches(data[split:], args.block_size, args.batch_size,
+                                             args.eval_batches)
     runs = []
     for seed in range(options.seeds):
         for name in options.optimizers:
@@ -117,8 +120,9 @@ def main() -> None:
                     runs.append(train(args, name, variant, lrs[name], seed, data[:split], val_batches))
                     print(json.dumps(runs[-1]), flush=True)
     options.out.mkdir(parents=True, exist_ok=True)
-    results = {"config": train_lm.model_config(args) | {"steps": args.steps}, "lrs": lrs, "text_source": source,
-               "machine": train_lm.machine_info(), "threads": options.threads, "torch_version": torch.__version__,
+    results = {"config": train_lm.model_config(args) | {"steps": args.steps}, "lrs": lrs,
+               "text_source": source, "machine": train_lm.machine_info(), "threads": options.threads,
+               "torch_version": torch.__version__,
                "python_version": sys.version, "runs": runs}
     (options.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print("final validation loss (seed 0 / seed 1):")

@@ -89,7 +89,8 @@ def template_bytes(optimizer) -> int:
     total = 0
     for group in optimizer.param_groups:
         for param in group["params"]:
-            algorithm = "adamw" if param.ndim < 2 or group["algorithm"] == "adamw" else optimizer.matrix_algorithm
+            matrix = param.ndim >= 2 and group["algorithm"] != "adamw"
+            algorithm = optimizer.matrix_algorithm if matrix else "adamw"
             if algorithm == "adamw":
                 total += 2 * param.numel() * param.element_size() + 4  # exp_avg, exp_avg_sq, step
                 continue
@@ -101,7 +102,7 @@ def template_bytes(optimizer) -> int:
 
 def step_once(optimizers: list, model: nn.Module) -> None:
     for param in model.parameters():
-        param.grad = torch.zeros_like(param).normal_() if param.device.type != "meta" else torch.empty_like(param)
+        param.grad = torch.empty_like(param) if param.device.type == "meta" else torch.randn_like(param)
     for optimizer in optimizers:
         optimizer.step()
 
@@ -134,7 +135,8 @@ def state_table() -> dict:
         small = train_lm_model(dtype)
         for name, (kind, options) in CONFIGURATIONS.items():
             rows[f"{name} | {str(dtype).split('.')[-1]} params"] = {
-                model_name: count(model, kind, options, real_step=model_name == "train_lm quick") / param_bytes(model)
+                model_name: count(model, kind, options, real_step=model_name == "train_lm quick")
+                / param_bytes(model)
                 for model_name, model in (("GPT-2 small", gpt2), ("train_lm quick", small))}
         rows[f"parameters | {str(dtype).split('.')[-1]}"] = {"GPT-2 small": param_bytes(gpt2),
                                                              "train_lm quick": param_bytes(small)}
@@ -165,7 +167,8 @@ def current_rss_bytes() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("results/memory_table.json"))
     options = parser.parse_args()
@@ -181,7 +184,8 @@ def main() -> None:
         rss[configuration] = json.loads(child.stdout.strip().splitlines()[-1])
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps({"state_bytes_per_param_byte": rows, "peak_rss": rss,
-                                       "machine": train_lm.machine_info(), "torch": torch.__version__}, indent=1))
+                                       "machine": train_lm.machine_info(), "torch": torch.__version__},
+                                      indent=1))
     print("| optimizer | params | GPT-2 small | train_lm quick |\n|---|---|---|---|")
     for key, values in rows.items():
         name, dtype = key.split(" | ")
@@ -189,8 +193,10 @@ def main() -> None:
             print(f"| parameter bytes | {dtype} | {values['GPT-2 small'] / 2**20:.0f} MiB | "
                   f"{values['train_lm quick'] / 2**20:.2f} MiB |")
         else:
-            print(f"| {name} | {dtype.split()[0]} | {values['GPT-2 small']:.2f} | {values['train_lm quick']:.2f} |")
-    print("\n| optimizer (train_lm quick, float32, 1 step) | peak RSS (MiB) | growth in the step (MiB) |\n|---|---|---|")
+            gpt2, small = values["GPT-2 small"], values["train_lm quick"]
+            print(f"| {name} | {dtype.split()[0]} | {gpt2:.2f} | {small:.2f} |")
+    print("\n| optimizer (train_lm quick, float32, 1 step) | peak RSS (MiB) | growth in the step (MiB) |")
+    print("|---|---|---|")
     for name, values in rss.items():
         print(f"| {name} | {values['peak_rss_mib']:.0f} | {values['step_growth_mib']:.1f} |")
 

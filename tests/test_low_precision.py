@@ -59,7 +59,8 @@ def _neighbours(exact, dtype_name: str):
     return np.where(near <= exact, near, down), np.where(near <= exact, up, near)
 
 
-@pytest.mark.parametrize("name, xp, dtype, asarray", _namespaces(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name, xp, dtype, asarray", _namespaces(),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_stochastic_round_is_unbiased_and_nearest_is_not(name, xp, dtype, asarray):
     rng = np.random.default_rng(0)
     exact = (rng.standard_normal(64) * 10.0 ** rng.uniform(-3, 3, 64)).astype(np.float32)
@@ -81,7 +82,8 @@ def test_stochastic_round_keeps_exact_and_special_values():
         result = stochastic_round(values, torch.bfloat16, uniform, torch_xp)
         expected = values.to(torch.bfloat16)
         assert torch.equal(result, expected)
-    assert torch.isnan(stochastic_round(torch.tensor([float("nan")]), torch.bfloat16, torch.zeros(1), torch_xp)).all()
+    nan = torch.tensor([float("nan")])
+    assert torch.isnan(stochastic_round(nan, torch.bfloat16, torch.zeros(1), torch_xp)).all()
 
 
 # ---- the adapters' writes ----------------------------------------------------------------
@@ -120,8 +122,8 @@ def test_torch_rounded_writes_average_to_the_float32_result(algorithm):
 def test_numpy_rounded_writes_average_to_the_float32_result(algorithm):
     results = {}
     for dtype, rounding in ((np.float32, "nearest"), (np.float16, "stochastic")):
-        start, grad = (t.numpy().astype(np.float32).astype(dtype) for t in _torch_copies(torch.float32, algorithm))
-        group = {"params": {"w": start}, "batch_dims": 1} if algorithm != "adamw" else {"params": {"w": start}}
+        start, grad = (t.numpy().astype(dtype) for t in _torch_copies(torch.float32, algorithm))
+        group = {"params": {"w": start}} | ({"batch_dims": 1} if algorithm != "adamw" else {})
         make = ArrayDASGO if algorithm == "dasgo" else ArrayASGO
         optimizer = make([group], lr=3e-3, param_rounding=rounding, adamw_weight_decay=0.1,
                          algorithm="adamw" if algorithm == "adamw" else None)
@@ -142,7 +144,7 @@ def _weights_moved(make, rounding: str, dtype=torch.bfloat16) -> int:
     torch.manual_seed(0)
     layer = torch.nn.Linear(10, 5).to(dtype)
     start = layer.weight.detach().clone()
-    optimizer = make(layer.parameters(), lr=1e-3, **({} if make is torch.optim.AdamW else {"param_rounding": rounding}))
+    optimizer = make(layer.parameters(), lr=1e-3, param_rounding=rounding)
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer)
     inputs, targets = torch.randn(64, 10, dtype=dtype), torch.randn(64, 5, dtype=dtype)
     for _ in range(20):
@@ -207,7 +209,8 @@ def test_torch_resume_is_bitwise(make, options, route, tmp_path):
 @pytest.mark.parametrize("route", ["state_dict", "portable"])
 def test_numpy_resume_is_bitwise(route, tmp_path):
     rng = np.random.default_rng(0)
-    start = {"w": rng.standard_normal((6, 4)).astype(np.float16), "b": rng.standard_normal(4).astype(np.float16)}
+    start = {"w": rng.standard_normal((6, 4)), "b": rng.standard_normal(4)}
+    start = {key: value.astype(np.float16) for key, value in start.items()}
     grads = [{key: rng.standard_normal(value.shape).astype(np.float16) for key, value in start.items()}
              for _ in range(6)]
     options = dict(lr=3e-3, param_rounding="stochastic", mu_dtype="bfloat16", precond_dtype="bfloat16",

@@ -253,7 +253,8 @@ def _optax_adamw_pair(start, grads, lrs, options, dtype):
     return ours, theirs
 
 
-@pytest.mark.parametrize("algorithm, name", [("asgo", "mu_dtype"), ("asgo", "precond_dtype"), ("dasgo", "mu_dtype")])
+@pytest.mark.parametrize("algorithm, name", [("asgo", "mu_dtype"), ("asgo", "precond_dtype"),
+                                             ("dasgo", "mu_dtype")])
 def test_bfloat16_state_agrees_between_adapters(algorithm, name, conformance_record):
     case = _option_case(algorithm, name, "bfloat16")
     reference = run_core(case, "float32")
@@ -271,5 +272,6 @@ def test_param_rounding_keeps_the_float32_displacement(algorithm, conformance_re
     for adapter in ROUNDING_RUNNERS:
         ratios = {rounding: displacement_ratio(run_rounded(adapter, algorithm, rounding), reference)
                   for rounding in ("stochastic", "nearest")}
-        conformance_record(f"core-numpy f32 vs {adapter} 16-bit", "rounding", abs(ratios["stochastic"] - 1), algorithm)
+        conformance_record(f"core-numpy f32 vs {adapter} 16-bit", "rounding", abs(ratios["stochastic"] - 1),
+                           algorithm)
         assert abs(ratios["stochastic"] - 1) <= 0.15 and ratios["nearest"] < 0.5, f"{adapter}: {ratios}"
