@@ -5,6 +5,7 @@ variables; bfloat16 state."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -51,8 +52,9 @@ def test_bfloat16_variables_keep_moving_with_stochastic_rounding():
 
 def test_stochastic_writes_average_to_the_float32_result():
     rng = np.random.default_rng(2)
-    start = np.broadcast_to(rng.standard_normal((1, 4, 3)), (COPIES, 4, 3)).astype("float32")
-    grad = np.broadcast_to(rng.standard_normal((1, 4, 3)), (COPIES, 4, 3)).astype("float32")
+    # values exact in bfloat16, so both runs start from the same parameters and gradients
+    start, grad = (np.broadcast_to(rng.standard_normal((1, 4, 3)), (COPIES, 4, 3)).astype(ml_dtypes.bfloat16)
+                   .astype("float32") for _ in range(2))
     results = {}
     for dtype, rounding in (("float32", "nearest"), ("bfloat16", "stochastic")):
         variable = keras.Variable(start.astype("float32"), dtype=dtype, name="experts")
