@@ -51,12 +51,14 @@ from optax.contrib import MuonDimensionNumbers
 import asgo_core
 from asgo_core.config import ASGOConfig, DASGOConfig
 from asgo_core.layout import PermutedStack
+from asgo_core.precision import stochastic_round
 
 __all__ = [
     "STATIC_ARGS",
     "MuonDimensionNumbers",
     "ScaleByASGOState",
     "ScaleByDASGOState",
+    "apply_updates_stochastic",
     "asgo",
     "dasgo",
     "numerics_counters",
@@ -69,7 +71,8 @@ __all__ = [
 # optax.inject_hyperparams(asgo, static_args=STATIC_ARGS)(learning_rate=...). The learning rates,
 # weight_decay and the adam_* numbers may be injected.
 STATIC_ARGS = ("b1", "b2", "eps", "precondition_frequency", "update_rms", "root_steps",
-               "root_tolerance", "residual_tolerance", "max_precond_dim", "num_heads", "matmul_dtype")
+               "root_tolerance", "residual_tolerance", "max_precond_dim", "num_heads", "matmul_dtype",
+               "mu_dtype", "precond_dtype")
 
 # optax's names for the core's options, where they differ.
 _OPTAX_NAMES = {"beta1": "b1", "beta2": "b2"}
@@ -340,7 +343,8 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
                   root_steps: Optional[int] = None, root_tolerance: Optional[float] = None,
                   residual_tolerance: float = 0.1, max_precond_dim: Optional[int] = None,
                   num_heads: Optional[int] = None, nonfinite: str = "skip",
-                  matmul_dtype: Optional[str] = None,
+                  matmul_dtype: Optional[str] = None, mu_dtype: Optional[str] = None,
+                  precond_dtype: Optional[str] = None,
                   weight_decay: float = 0.0, weight_decay_mask: Any = None,
                   weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO's update U (+ weight_decay·W) for every leaf of the tree, each seen as a matrix.
@@ -356,18 +360,19 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
         update_rms=update_rms, accumulate=accumulate, side=side, root_method=root_method,
         root_steps=root_steps, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
         max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite,
-        matmul_dtype=matmul_dtype))
+        matmul_dtype=matmul_dtype, mu_dtype=mu_dtype, precond_dtype=precond_dtype))
     return _scale_by_core(config, ScaleByASGOState, "scale_by_asgo", weight_decay,
                           weight_decay_mask, weight_dimension_numbers)
 
 
 def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                    update_rms: Optional[float] = 0.2, accumulate: str = "ema",
-                   nonfinite: str = "skip", weight_decay: float = 0.0, weight_decay_mask: Any = None,
+                   nonfinite: str = "skip", mu_dtype: Optional[str] = None,
+                   weight_decay: float = 0.0, weight_decay_mask: Any = None,
                    weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO's update (diagonal statistics over each matrix's inputs); see scale_by_asgo."""
     config = _core_config(DASGOConfig, dict(b1=b1, b2=b2, eps=eps, update_rms=update_rms,
-                                            accumulate=accumulate, nonfinite=nonfinite))
+                                            accumulate=accumulate, nonfinite=nonfinite, mu_dtype=mu_dtype))
     return _scale_by_core(config, ScaleByDASGOState, "scale_by_dasgo", weight_decay,
                           weight_decay_mask, weight_dimension_numbers)
 
@@ -403,6 +408,7 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
          root_tolerance: Optional[float] = None, residual_tolerance: float = 0.1,
          max_precond_dim: Optional[int] = None, num_heads: Optional[int] = None,
          nonfinite: str = "skip", matmul_dtype: Optional[str] = None,
+         mu_dtype: Optional[str] = None, precond_dtype: Optional[str] = None,
          weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = 0.9,
          adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float = 0.0, adam_learning_rate: Any = None,
@@ -420,7 +426,8 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
         update_rms=update_rms, accumulate=accumulate, side=side, root_method=root_method,
         root_steps=root_steps, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
         max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite,
-        matmul_dtype=matmul_dtype, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+        matmul_dtype=matmul_dtype, mu_dtype=mu_dtype, precond_dtype=precond_dtype,
+        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
         weight_dimension_numbers=weight_dimension_numbers)
     return _with_adamw(matrix_transform, learning_rate, weight_dimension_numbers, adam_b1, adam_b2,
                        adam_eps, adam_weight_decay, adam_learning_rate)
@@ -428,14 +435,15 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
 
 def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           update_rms: Optional[float] = 0.2, accumulate: str = "ema", nonfinite: str = "skip",
-          weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = 0.9,
+          mu_dtype: Optional[str] = None, weight_decay: float = 0.1, weight_decay_mask: Any = None,
+          adam_b1: float = 0.9,
           adam_b2: float = 0.95, adam_eps: float = 1e-8, adam_weight_decay: float = 0.0,
           adam_learning_rate: Any = None,
           weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO for matrix leaves, AdamW for the rest; options as asgo and scale_by_dasgo."""
     matrix_transform = scale_by_dasgo(
         b1=b1, b2=b2, eps=eps, update_rms=update_rms, accumulate=accumulate, nonfinite=nonfinite,
-        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+        mu_dtype=mu_dtype, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
         weight_dimension_numbers=weight_dimension_numbers)
     return _with_adamw(matrix_transform, learning_rate, weight_dimension_numbers, adam_b1, adam_b2,
                        adam_eps, adam_weight_decay, adam_learning_rate)
@@ -453,4 +461,32 @@ def numerics_counters(opt_state) -> dict:
                  for level in range(len(asgo_core.FALLBACK_LEVELS))]
     return {"skipped": int(sum(jnp.sum(s.skipped) for s in stacks)),
             "fallbacks": dict(zip(asgo_core.FALLBACK_LEVELS, fallbacks))}
+def apply_updates_stochastic(params, updates, key):
+    """optax.apply_updates with the sum rounded stochastically into 16-bit (bfloat16, float16)
+    parameters: each param + update is computed in float32 and rounded up with probability
+    equal to its fractional distance to the upper neighbour (asgo_core.precision), so small
+    updates are kept in expectation instead of being rounded away. Wider parameters and None
+    leaves are treated as optax.apply_updates treats them. key: a jax.random key, a new one each
+    step (e.g. jax.random.fold_in(key, step)) so a resumed run draws the same numbers.
+
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = apply_updates_stochastic(params, updates, jax.random.fold_in(key, step))
+    """
+    leaves, structure = jax.tree.flatten(params, is_leaf=lambda x: x is None)
+    keys = jax.random.split(key, len(leaves))
+    update_leaves = structure.flatten_up_to(updates)
+    summed = [_rounded_sum(p, u, k) for p, u, k in zip(leaves, update_leaves, keys)]
+    return jax.tree.unflatten(structure, summed)
+
+
+def _rounded_sum(param, update, key):
+    if param is None or update is None:
+        return param
+    if jnp.finfo(param.dtype).bits >= 32:
+        return jnp.asarray(param + update).astype(param.dtype)
+    value = param.astype(jnp.float32) + update.astype(jnp.float32)
+    uniform = jax.random.uniform(key, value.shape, jnp.float32)
+    return stochastic_round(value, param.dtype, uniform, jnp)
+
+
 from .optax_portable import portable_state, state_from_portable  # noqa: E402,F401  (portable checkpoints)
