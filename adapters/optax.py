@@ -61,6 +61,7 @@ from asgo_core.checkpoint import portable as portable_dict
 from asgo_core.config import ASGOConfig, DASGOConfig, fail, is_number
 from asgo_core.layout import PermutedStack
 from asgo_core.options import spelled, static_args
+from asgo_core.precision import stochastic_round
 from asgo_core.state_codec import named_arrays, state_from_named
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "MuonDimensionNumbers",
     "ScaleByASGOState",
     "ScaleByDASGOState",
+    "apply_updates_stochastic",
     "asgo",
     "dasgo",
     "numerics_counters",
@@ -361,8 +363,8 @@ def _scale_by_core(config_type, state_type, name: str, arguments: dict) -> optax
         for stack, core_state in zip(plan, core_states):
             stack.scatter_state(core_state, per_leaf)
         # momentum like optax's own zeros_like(params): placed and sharded as the leaf
-        per_leaf["momentum"] = [jnp.zeros_like(leaf, dtype=asgo_core.statistics_dtype(leaf.dtype, jnp))
-                                for leaf in leaves]
+        per_leaf["momentum"] = [jnp.zeros_like(leaf, dtype=momentum.dtype)
+                                for leaf, momentum in zip(leaves, per_leaf["momentum"])]
         treedef = jax.tree.structure(params)
         trees = {field: jax.tree.unflatten(treedef, values) for field, values in per_leaf.items()}
         return state_type(count=jnp.zeros((), jnp.int32), **trees)
@@ -458,8 +460,9 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
                   root_steps: Optional[int] = None, root_tolerance: Optional[float] = None,
                   residual_tolerance: float = 0.1, max_precond_dim: Optional[int] = None,
                   num_heads: Optional[int] = None, nonfinite: str = "skip",
-                  matmul_dtype: Optional[str] = None,
-                  weight_decay: float = 0.0, weight_decay_mask: Any = None,
+                  matmul_dtype: Optional[str] = None, mu_dtype: Optional[str] = None,
+                  precond_dtype: Optional[str] = None, weight_decay: float = 0.0,
+                  weight_decay_mask: Any = None,
                   weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO's update U (+ weight_decay·W) for every leaf of the tree, each seen as a matrix.
 
@@ -474,7 +477,8 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
 
 def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                    update_rms: Optional[float] = 0.2, accumulate: str = "ema",
-                   nonfinite: str = "skip", weight_decay: float = 0.0, weight_decay_mask: Any = None,
+                   nonfinite: str = "skip", mu_dtype: Optional[str] = None,
+                   weight_decay: float = 0.0, weight_decay_mask: Any = None,
                    weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO's update (diagonal statistics over each matrix's inputs); see scale_by_asgo."""
     return _scale_by_core(DASGOConfig, ScaleByDASGOState, "scale_by_dasgo", dict(locals()))
@@ -517,7 +521,8 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
          root_tolerance: Optional[float] = None, residual_tolerance: float = 0.1,
          max_precond_dim: Optional[int] = None, num_heads: Optional[int] = None,
          nonfinite: str = "skip", matmul_dtype: Optional[str] = None,
-         weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
+         mu_dtype: Optional[str] = None, precond_dtype: Optional[str] = None, weight_decay: float = 0.1,
+         weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
          adam_b2: float = _ADAM_B2, adam_eps: float = ADAMW_DEFAULTS["eps"],
          adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
          weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
@@ -534,7 +539,8 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
 
 def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           update_rms: Optional[float] = 0.2, accumulate: str = "ema", nonfinite: str = "skip",
-          weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
+          mu_dtype: Optional[str] = None, weight_decay: float = 0.1,
+          weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
           adam_b2: float = _ADAM_B2, adam_eps: float = ADAMW_DEFAULTS["eps"],
           adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
           weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
@@ -698,3 +704,31 @@ def _filled_like(tree, entries, key: str):
                                   f"{value.shape}, expected {like.shape}")
         filled.append(_jax_like(value, like))
     return jax.tree.unflatten(treedef, filled)
+
+
+def apply_updates_stochastic(params, updates, key):
+    """optax.apply_updates with the sum rounded stochastically into 16-bit (bfloat16, float16)
+    parameters: each param + update is computed in float32 and rounded up with probability
+    equal to its fractional distance to the upper neighbour (asgo_core.precision), so small
+    updates are kept in expectation instead of being rounded away. Wider parameters and None
+    leaves are treated as optax.apply_updates treats them. key: a jax.random key, a new one each
+    step (e.g. jax.random.fold_in(key, step)) so a resumed run draws the same numbers.
+
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = apply_updates_stochastic(params, updates, jax.random.fold_in(key, step))
+    """
+    leaves, structure = jax.tree.flatten(params, is_leaf=lambda x: x is None)
+    keys = jax.random.split(key, len(leaves))
+    update_leaves = structure.flatten_up_to(updates)
+    summed = [_rounded_sum(p, u, k) for p, u, k in zip(leaves, update_leaves, keys)]
+    return jax.tree.unflatten(structure, summed)
+
+
+def _rounded_sum(param, update, key):
+    if param is None or update is None:
+        return param
+    if jnp.finfo(param.dtype).bits >= 32:
+        return jnp.asarray(param + update).astype(param.dtype)
+    value = param.astype(jnp.float32) + update.astype(jnp.float32)
+    uniform = jax.random.uniform(key, value.shape, jnp.float32)
+    return stochastic_round(value, param.dtype, uniform, jnp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -398,3 +399,13 @@ def test_by_default_two_dimensional_leaves_are_in_out_matrices_and_the_rest_adam
     assert {name for name, leaf in adam_mu.items() if isinstance(leaf, jax.Array)} == {"b", "s", "stack"}
     # side="left" preconditions the outputs: the second axis of an (in, out) leaf
     assert gram["w"].shape == (1, 6, 6) and gram["v"].shape == (1, 3, 3)
+
+
+@pytest.mark.parametrize("make, algorithm", [(asgo, "asgo"), (dasgo, "dasgo")])
+def test_signature_defaults_are_the_options_tables(make, algorithm):
+    from asgo_core.options import defaults
+    table = defaults(algorithm, "optax")
+    signature = {name: p.default for name, p in inspect.signature(make).parameters.items()}
+    shared = (set(table) & set(signature)) - {"learning_rate"}  # asgo()/dasgo() require it
+    assert {"b1", "b2", "eps", "weight_decay", "adam_b1", "adam_eps"} <= shared
+    assert {name: signature[name] for name in shared} == {name: table[name] for name in shared}
