@@ -184,6 +184,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         """None (no state), "adamw", or (view, the zero core state of its stack)."""
         if self._overwrite_variable_with_gradient(variable):
             return None
+        if not keras.backend.is_float_dtype(variable.dtype):
+            fail(f"variable {variable.path!r}", variable.dtype, "a real floating-point dtype")
         if self.uses_adamw(variable):
             return "adamw"
         try:
@@ -212,6 +214,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         lr = ops.convert_to_tensor(learning_rate)
         members, grad_of, writes = [], {}, []
+        for grad, variable in zip(grads, trainable_variables):
+            _check_gradient(grad, variable, self._config.nonfinite)
         for grad, variable in zip(grads, trainable_variables):
             slot = self._slots[self._get_variable_index(variable)]
             if isinstance(slot, _AdamWSlot):
@@ -374,6 +378,18 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         config.update(self._options, adam_lr_ratio=self.adam_lr_ratio, exclude_layers=self.exclude_layers,
                       exclude_embeddings=self.exclude_embeddings, batch_dims=self.batch_dims)
         return config
+
+
+def _check_gradient(grad, variable, nonfinite: str) -> None:
+    """A gradient of the variable's shape and a real floating dtype; finite under
+    nonfinite="raise" (a host read, which only the torch backend allows: JAX refuses "raise")."""
+    where = f"gradient of variable {variable.path!r}"
+    if tuple(grad.shape) != tuple(variable.shape):
+        fail(where, f"shape {tuple(grad.shape)}", f"the variable's shape {tuple(variable.shape)}")
+    if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(grad.dtype)):
+        fail(where, keras.backend.standardize_dtype(grad.dtype), "a real floating-point dtype")
+    if nonfinite == "raise" and not bool(ops.all(ops.isfinite(grad))):
+        raise FloatingPointError(f"non-finite {where} (nonfinite='raise'); no state was changed")
 
 
 def _namespace(x):

@@ -117,6 +117,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         options = dict(arguments.arguments)
         super().__init__(options.pop("params"), options)
 
+    def __init_subclass__(cls, **kwargs):
+        """A subclass with its own __init__ shows that signature, not the inherited option list."""
+        super().__init_subclass__(**kwargs)
+        if cls.__init__ is not _MatrixOptimizer.__init__:
+            cls.__signature__ = None
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         try:

@@ -184,6 +184,59 @@ def run_optax(case: Case, dtype: str, device=None):
     return {name: np.asarray(value) for name, value in leaves.items()}, _state_arrays(portable)
 
 
+def keras_options(case: Case) -> dict:
+    """The case's options under Keras' names (asgo_core.options)."""
+    from asgo_core.options import option
+    return {option(name).spelling("keras"): value for name, value in dataclasses.asdict(case.config).items()}
+
+
+def run_keras(case: Case, dtype: str):
+    """The Keras adapter on the backend keras runs on, through jax.jit(stateless_apply) under
+    JAX (a jitted train step's path) and optimizer.apply under torch. Variables take the Keras
+    layout (outputs last), which the adapter reads back as the torch layout of the others."""
+    import keras
+    from asgo_core.adapters.keras import ASGO, DASGO
+
+    params, grads = problem(case, dtype)
+    keras_layout = lambda value: np.moveaxis(value, 0, -1)  # noqa: E731
+    variables = [keras.Variable(keras_layout(value), name=name, dtype=dtype) for name, value in params.items()]
+    make = ASGO if case.algorithm == "asgo" else DASGO
+    optimizer = make(learning_rate=_keras_schedule(case.learning_rates(), dtype), **keras_options(case))
+    optimizer.build(variables)
+    apply = _keras_apply(optimizer, variables)
+    for grad in grads:
+        step_or_refused(case, lambda: apply([keras.ops.convert_to_tensor(keras_layout(grad[name]), dtype=dtype)
+                                             for name in params]))
+    out_params = {name: np.moveaxis(keras.ops.convert_to_numpy(variable), -1, 0)
+                  for name, variable in zip(params, variables)}
+    return out_params, _state_arrays(optimizer.portable_state(names=list(params)))
+
+
+def _keras_schedule(values, dtype):
+    """The learning rates as a Keras schedule in the case's dtype (a float learning rate would
+    live in a float32 variable)."""
+    import keras
+
+    class Table(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            return keras.ops.take(keras.ops.convert_to_tensor(values, dtype=dtype), step)
+    return Table()
+
+
+def _keras_apply(optimizer, variables):
+    import keras
+    if keras.backend.backend() != "jax":
+        return lambda grads: optimizer.apply(grads, variables)
+    import jax
+    stateless = jax.jit(optimizer.stateless_apply)
+
+    def apply(grads):
+        new_values, new_state = stateless([v.value for v in optimizer.variables], grads, [v.value for v in variables])
+        for variable, value in zip(variables + optimizer.variables, new_values + new_state):
+            variable.assign(value)
+    return apply
+
+
 # ----------------------------------------------------------------------------- comparison
 
 def worst_relative_difference(run_a, run_b) -> tuple[float, str]:
@@ -296,4 +349,18 @@ def _rounded_optax(algorithm, rounding, start, grads):
     return {name: np.asarray(value.astype(jnp.float32)) for name, value in leaves.items()}
 
 
-ROUNDING_RUNNERS = {"torch": _rounded_torch, "numpy-adapter": _rounded_numpy, "optax": _rounded_optax}
+def _rounded_keras(algorithm, rounding, start, grads):
+    import keras
+    from asgo_core.adapters.keras import ASGO, DASGO
+
+    variables = {name: keras.Variable(value.T, name=name, dtype="bfloat16") for name, value in start.items()}
+    optimizer = (ASGO if algorithm == "asgo" else DASGO)(learning_rate=ROUNDING_LR, param_rounding=rounding)
+    for grad in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(grad[name].T, dtype="bfloat16") for name in variables],
+                        list(variables.values()))
+    return {name: keras.ops.convert_to_numpy(keras.ops.cast(variable.value, "float32")).T
+            for name, variable in variables.items()}
+
+
+ROUNDING_RUNNERS = {"torch": _rounded_torch, "numpy-adapter": _rounded_numpy, "optax": _rounded_optax,
+                    "keras": _rounded_keras}

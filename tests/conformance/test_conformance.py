@@ -1,5 +1,5 @@
 """Cross-framework conformance: the same seeded gradients through the core (NumPy) and every
-adapter (torch, optax, CuPy/NumPy; GPU ones when present) give the same params and state after
+adapter (torch, optax, CuPy/NumPy, Keras on both its backends; GPU ones when present) give the same params and state after
 20 steps, for every option that changes the math.
 
 Bounds (norm-wise relative, per array, worst over params and state; measured worst values
@@ -24,8 +24,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from runners import (ROUNDING_RUNNERS, Case, displacement_ratio, run_array_adapter, run_core, run_optax,
-                     run_rounded, run_rounding_reference, run_torch, worst_relative_difference)
+from helpers import keras_backend
+from runners import (ROUNDING_RUNNERS, Case, displacement_ratio, run_array_adapter, run_core, run_keras,
+                     run_optax, run_rounded, run_rounding_reference, run_torch, worst_relative_difference)
 
 from asgo_core import ASGOConfig, DASGOConfig
 from conftest import _gpu_available, jax_x64
@@ -123,6 +124,8 @@ def _adapter_runs(case: Case, dtype: str) -> dict:
     runs = {"torch": lambda: run_torch(case, dtype), "numpy-adapter": lambda: run_array_adapter(case, dtype)}
     if dict(case.options).get("nonfinite") != "raise":  # optax refuses it (a host read under jit)
         runs["optax"] = lambda: _optax(case, dtype)
+    if not (case.raises and keras_backend.backend() == "jax"):  # so does Keras under JAX
+        runs[f"keras-{keras_backend.backend()}"] = lambda: run_keras(case, dtype)
     if _gpu_available("torch-cuda"):
         runs["torch-cuda"] = lambda: run_torch(case, dtype, device="cuda")
     if _gpu_available("cupy"):
@@ -152,6 +155,16 @@ def test_every_adapter_matches_the_core(case, dtype, conformance_record):
         if not worst <= BOUNDS[dtype]:
             failures.append(f"{name}: {worst:.2e} at {where}")
     assert not failures, f"bound {BOUNDS[dtype]:.0e} exceeded: {failures}"
+
+
+def test_keras_matches_the_core_on_the_other_backend():
+    """The base cases (defaults, schedules, tau = 4 with blocks and the right side) with Keras
+    on the backend this process does not run, in a subprocess (keras' backend is fixed per
+    process); every other case runs Keras on this process' backend above."""
+    returncode, output = keras_backend.other_backend_run(
+        __file__, "test_every_adapter_matches_the_core and (defaults or lr-schedule or tau4)")
+    assert returncode == 0, output
+    assert " passed" in output and "skipped" not in output, output
 
 
 def test_bfloat16_matmuls_agree_between_torch_and_jax(conformance_record):
@@ -259,7 +272,7 @@ def test_bfloat16_state_agrees_between_adapters(algorithm, name, conformance_rec
     case = _option_case(algorithm, name, "bfloat16")
     reference = run_core(case, "float32")
     runs = {"torch": run_torch(case, "float32"), "numpy-adapter": run_array_adapter(case, "float32"),
-            "optax": run_optax(case, "float32")}
+            "optax": run_optax(case, "float32"), f"keras-{keras_backend.backend()}": run_keras(case, "float32")}
     for adapter, run in runs.items():
         worst, where = worst_relative_difference(run, reference)
         conformance_record(f"core-numpy vs {adapter}", "bfloat16", worst, case)
