@@ -349,4 +349,18 @@ def _rounded_optax(algorithm, rounding, start, grads):
     return {name: np.asarray(value.astype(jnp.float32)) for name, value in leaves.items()}
 
 
-ROUNDING_RUNNERS = {"torch": _rounded_torch, "numpy-adapter": _rounded_numpy, "optax": _rounded_optax}
+def _rounded_keras(algorithm, rounding, start, grads):
+    import keras
+    from asgo_core.adapters.keras import ASGO, DASGO
+
+    variables = {name: keras.Variable(value.T, name=name, dtype="bfloat16") for name, value in start.items()}
+    optimizer = (ASGO if algorithm == "asgo" else DASGO)(learning_rate=ROUNDING_LR, param_rounding=rounding)
+    for grad in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(grad[name].T, dtype="bfloat16") for name in variables],
+                        list(variables.values()))
+    return {name: keras.ops.convert_to_numpy(keras.ops.cast(variable.value, "float32")).T
+            for name, variable in variables.items()}
+
+
+ROUNDING_RUNNERS = {"torch": _rounded_torch, "numpy-adapter": _rounded_numpy, "optax": _rounded_optax,
+                    "keras": _rounded_keras}

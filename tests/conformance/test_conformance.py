@@ -272,7 +272,7 @@ def test_bfloat16_state_agrees_between_adapters(algorithm, name, conformance_rec
     case = _option_case(algorithm, name, "bfloat16")
     reference = run_core(case, "float32")
     runs = {"torch": run_torch(case, "float32"), "numpy-adapter": run_array_adapter(case, "float32"),
-            "optax": run_optax(case, "float32")}
+            "optax": run_optax(case, "float32"), f"keras-{keras_backend.backend()}": run_keras(case, "float32")}
     for adapter, run in runs.items():
         worst, where = worst_relative_difference(run, reference)
         conformance_record(f"core-numpy vs {adapter}", "bfloat16", worst, case)
