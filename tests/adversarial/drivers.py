@@ -286,8 +286,10 @@ class KerasDriver(Driver):
         options = dict(options)
         if "adamw_lr" in options:
             lr = options.get("lr", 1e-2)
-            options["adam_lr_ratio"] = options.pop("adamw_lr") / lr if _is_float(lr) else options.pop("adamw_lr")
-        return {name if name == "adam_lr_ratio" else self.field(name): value for name, value in options.items()}
+            adamw_lr = options.pop("adamw_lr")
+            options["adam_lr_ratio"] = adamw_lr / lr if _is_float(lr) else adamw_lr
+        return {name if name == "adam_lr_ratio" else self.field(name): value
+                for name, value in options.items()}
 
     def build(self, params: dict, options=None, groups=None):
         import keras
@@ -295,20 +297,21 @@ class KerasDriver(Driver):
         assert groups is None, "keras: one set of options per optimizer"
         self.keys = list(params)
         self.variables = [keras.Variable(np.moveaxis(value, 0, -1), name=key, dtype=str(value.dtype),
-                                         trainable=np.issubdtype(value.dtype, np.floating))  # torch: no int grads
-                          for key, value in params.items()]
+                                         trainable=np.issubdtype(value.dtype, np.floating))
+                          for key, value in params.items()]  # torch cannot make integer tensors trainable
         self.optimizer = ASGO(**self.adapter_options(options or {}))
         self.optimizer.build(self.variables)
         return self
 
     def step(self, grads: dict):
         import keras
-        self.optimizer.apply([keras.ops.convert_to_tensor(np.moveaxis(grads[key], 0, -1)) for key in self.keys],
-                             self.variables)
+        tensors = [keras.ops.convert_to_tensor(np.moveaxis(grads[key], 0, -1)) for key in self.keys]
+        self.optimizer.apply(tensors, self.variables)
 
     def params(self) -> dict:
         import keras
-        return {key: np.moveaxis(keras.ops.convert_to_numpy(v), -1, 0).copy() for key, v in zip(self.keys, self.variables)}
+        return {key: np.moveaxis(keras.ops.convert_to_numpy(v), -1, 0).copy()
+                for key, v in zip(self.keys, self.variables)}
 
     def _arrays(self):
         import keras
