@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
-import sys
 
 import helpers.keras_backend  # noqa: F401  (the Keras backend, set before keras is imported)
 import numpy as np
 
 from asgo_core.config import ASGOConfig
 
-# runners.py (tests/conformance) reads the torch layout for optax; reuse it rather than copy it.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "conformance"))
 
 SHAPES = {"w1": (6, 10), "w2": (5, 7), "conv": (4, 2, 3, 3), "bias": (6,)}
 
@@ -207,12 +203,12 @@ class OptaxDriver(Driver):
         return {self.field(name): value for name, value in options.items()}
 
     def context(self):
-        from conftest import jax_x64
+        from helpers.numerics import jax_x64
         return jax_x64() if self.x64 else contextlib.nullcontext()
 
     def build(self, params: dict, options=None, groups=None):
         import jax.numpy as jnp
-        from runners import torch_layout_dimension_numbers
+        from conformance.runners import torch_layout_dimension_numbers  # the torch layout for optax
 
         from asgo_core.adapters.optax import asgo
         assert groups is None, "optax: one set of options per transformation"

@@ -18,9 +18,9 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from helpers import keras_backend
 from drivers import DRIVERS, OptaxDriver, SHAPES, standard_grads, standard_params
-from test_checkpoint import assert_same_state, loads_with_one_bit_flipped
+from helpers import keras_backend
+from helpers.checkpoints import assert_same_state, loads_with_one_bit_flipped
 
 from asgo_core import CheckpointError, load_state, save_state
 

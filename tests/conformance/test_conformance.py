@@ -25,7 +25,8 @@ from runners import (Case, run_array_adapter, run_core, run_keras, run_optax, ru
                      worst_relative_difference)
 
 from asgo_core import ASGOConfig, DASGOConfig
-from conftest import _gpu_available, jax_x64
+from helpers.gpu import gpu_available
+from helpers.numerics import jax_x64
 
 BOUNDS = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 1e-2}
 
@@ -117,12 +118,12 @@ def _adapter_runs(case: Case, dtype: str) -> dict:
         runs["optax"] = lambda: _optax(case, dtype)
     if not (case.raises and keras_backend.backend() == "jax"):  # so does Keras under JAX
         runs[f"keras-{keras_backend.backend()}"] = lambda: run_keras(case, dtype)
-    if _gpu_available("torch-cuda"):
+    if gpu_available("torch-cuda"):
         runs["torch-cuda"] = lambda: run_torch(case, dtype, device="cuda")
-    if _gpu_available("cupy"):
+    if gpu_available("cupy"):
         import cupy
         runs["cupy"] = lambda: run_array_adapter(case, dtype, module=cupy)
-    if _gpu_available("jax-gpu") and "optax" in runs:
+    if gpu_available("jax-gpu") and "optax" in runs:
         import jax
         runs["jax-gpu"] = lambda: _optax(case, dtype, device=jax.devices("gpu")[0])
     return runs
