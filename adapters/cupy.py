@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from asgo_core import adamw, init_state, needs_root_refresh
+from asgo_core import adamw, init_state, needs_root_refresh, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
 from asgo_core.buckets import Member, plan_buckets
@@ -48,6 +48,7 @@ from asgo_core.config import fail
 from asgo_core.layout import PermutedStack, block_layout, check_batch_dims_value
 from asgo_core.options import (check_group_options, checkpoint_config, defaults, group_config, layout_options,
                                signature)
+from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
 
@@ -55,7 +56,7 @@ _LAYOUT_OPTIONS = layout_options()
 _ADAMW_OPTIONS = ("adamw_betas", "adamw_eps", "adamw_weight_decay")
 # A saved param group leaves out the options whose value is None; a state_dict saved before an
 # option existed lacks it too, and reads it as the value it had then.
-_ABSENT_OPTIONS = {"batch_dims": 0}
+_ABSENT_OPTIONS = {"batch_dims": 0, "param_rounding": "nearest"}
 
 
 @dataclass
@@ -96,11 +97,11 @@ class _ArrayOptimizer:
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
         self._check_adamw_finite(grads, settings)
-        for bucket, (update, new_state) in zip(self._buckets, planned):
-            self._apply_matrix_update(bucket, update, settings[bucket.key[1]]["lr"])
+        for stream, (bucket, (update, new_state)) in enumerate(zip(self._buckets, planned)):
+            self._apply_matrix_update(bucket, update, settings[bucket.key[1]]["lr"], stream)
             bucket.state = new_state
-        for slot in self._adamw_slots:
-            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index])
+        for stream, slot in enumerate(self._adamw_slots, start=len(self._buckets)):
+            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index], stream)
         self._step_count += 1
 
     def state_dict(self) -> dict:
@@ -297,8 +298,11 @@ class _ArrayOptimizer:
             G = -G
         W = self._stacked(bucket, self._params) if config.weight_decay != 0.0 else None
         refresh = algorithm == "asgo" and needs_root_refresh(self._step_count, config)
+        # a stochastically rounded write needs the update before it is rounded to a 16-bit param
+        xp = array_api_compat.array_namespace(G)
+        update_dtype = statistics_dtype(G.dtype, xp) if self._rounds(group_index, G) else None
         try:
-            return core_step(G, bucket.state, W, config, refresh_root=refresh)
+            return core_step(G, bucket.state, W, config, refresh_root=refresh, update_dtype=update_dtype)
         except FloatingPointError:
             raise FloatingPointError(f"non-finite gradient for {_nonfinite_keys(bucket.handles, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
@@ -312,28 +316,48 @@ class _ArrayOptimizer:
                     raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
                                              "no state was changed")
 
-    def _apply_matrix_update(self, bucket, update, lr) -> None:
+    def _rounds(self, group_index: int, param) -> bool:
+        """Whether writes to param (or an array of its dtype) are rounded stochastically."""
+        xp = array_api_compat.array_namespace(param)
+        return self.param_groups[group_index]["param_rounding"] == "stochastic" and is_narrow(param.dtype, xp)
+
+    def _uniform(self, like, stream: int):
+        """Uniform numbers in [0, 1) shaped and typed like `like`, from a NumPy (CuPy) generator
+        seeded by this step and the stream."""
+        if array_api_compat.is_cupy_array(like):
+            import cupy as random_module
+        else:
+            import numpy as random_module
+        generator = random_module.random.default_rng(rounding_seed(self._step_count, stream))
+        return generator.random(like.shape, dtype=like.dtype)
+
+    def _apply_matrix_update(self, bucket, update, lr, stream: int) -> None:
         xp = array_api_compat.array_namespace(update)
         fused = getattr(backend_for(xp), "apply_update", None)
         for key, step_update in zip(bucket.handles, bucket.scatter(update, xp)):
             param = self._params[key]
-            if fused is not None:
+            if self._rounds(bucket.key[1], param):
+                value = xp.astype(param, update.dtype) - lr * step_update
+                param[...] = stochastic_round(value, param.dtype, self._uniform(value, stream), xp)
+            elif fused is not None:
                 fused(param, step_update, lr)
             else:
                 param -= lr * step_update
 
-    def _apply_adamw(self, slot, grad, settings) -> None:
+    def _apply_adamw(self, slot, grad, settings, stream: int) -> None:
         param, state = self._params[slot.key], slot.state
         xp = array_api_compat.array_namespace(param)
         if settings["maximize"]:
             grad = -grad
         hyper = adamw.hyperparameters(lr=settings["adamw_lr"], step=self._step_count + 1, **settings["adamw"])
+        rounds = self._rounds(slot.group_index, param)
         fused = getattr(backend_for(xp), "adamw_update", None)
-        if fused is not None:
+        if fused is not None and not rounds:
             fused(param, grad, state, **hyper)
             return
+        uniform = self._uniform(state["exp_avg"], stream) if rounds else None
         param[...], state["exp_avg"], state["exp_avg_sq"], finite = adamw.adamw_step(
-            param, grad, state["exp_avg"], state["exp_avg_sq"], xp, **hyper)
+            param, grad, state["exp_avg"], state["exp_avg_sq"], xp, uniform=uniform, **hyper)
         state["skipped"] = state["skipped"] + xp.astype(~finite, xp.int32)
 
     # ---- loading --------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from asgo_core import adamw, init_state
+from asgo_core import adamw, init_state, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.buckets import Member, plan_buckets
 from asgo_core.checkpoint import check_entry_matches, common_step, entries_in_order, entry_names, portable
@@ -56,6 +56,7 @@ from asgo_core.checkpoint import stacked_state_entries, stacked_state_from_entri
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import PermutedStack
 from asgo_core.options import check_group_options, defaults, group_config, group_from, signature, spelled
+from asgo_core.precision import rounding_seed, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 
 __all__ = ["ASGO", "DASGO"]
@@ -238,11 +239,14 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         named = concat_named([{name: v.value for name, v in slot.variables.items()} for slot in slots], ops)
         state = state_from_named(slots[0].state_type, named, ops.cast(self.iterations, "int32"))
         stacked_grads = bucket.gather(grads, ops)
+        rounds = self._rounds(params.dtype)
+        update_dtype = statistics_dtype(params.dtype, _namespace(params)) if rounds else None
 
         def run(refresh_root: bool):
             with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
                 warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
-                update, new_state = core_step(stacked_grads, state, params, config, refresh_root=refresh_root)
+                update, new_state = core_step(stacked_grads, state, params, config, refresh_root=refresh_root,
+                                              update_dtype=update_dtype)
             return update, named_arrays(new_state)
 
         frequency = getattr(config, "precondition_frequency", 1)
@@ -251,7 +255,11 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         else:
             update, new_named = ops.cond(ops.equal(ops.mod(self.iterations, frequency), 0),
                                          lambda: run(True), lambda: run(False))
-        new_params = bucket.scatter(params - ops.cast(lr, update.dtype) * update, ops)
+        new_params = ops.cast(params, update.dtype) - ops.cast(lr, update.dtype) * update
+        if rounds:
+            stream = self._get_variable_index(variables[0])
+            new_params = self._stochastically_rounded(new_params, params.dtype, stream)
+        new_params = bucket.scatter(new_params, ops)
         writes = [(variable, ops.cast(value, variable.dtype))
                   for variable, value in zip(variables, new_params)]
         for slot, part in zip(slots, split_named(new_named, bucket.counts)):
@@ -269,10 +277,33 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             weight_decay=decay, betas=(self._options["adam_beta_1"], self._options["adam_beta_2"]),
             step=ops.cast(self.iterations + 1, dtype))
         xp = _namespace(variable.value)
+        uniform = (self._uniform(variable.shape, dtype, self._get_variable_index(variable))
+                   if self._rounds(variable.dtype) else None)
         new_param, exp_avg, exp_avg_sq, finite = adamw.adamw_step(
-            variable.value, grad, state["exp_avg"].value, state["exp_avg_sq"].value, xp, **hyper)
+            variable.value, grad, state["exp_avg"].value, state["exp_avg_sq"].value, xp, uniform=uniform,
+            **hyper)
         return [(variable, new_param), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq),
                 (state["skipped"], state["skipped"].value + ops.cast(ops.logical_not(finite), "int32"))]
+
+    def _rounds(self, dtype) -> bool:
+        """Whether writes to variables of this dtype are rounded stochastically."""
+        return self._options["param_rounding"] == "stochastic" and \
+            keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
+
+    def _stochastically_rounded(self, value, dtype, stream: int):
+        uniform = self._uniform(ops.shape(value), value.dtype, stream)
+        return stochastic_round(value, dtype, uniform, _namespace(value))
+
+    def _uniform(self, shape, dtype, stream: int):
+        """Uniform numbers in [0, 1) from a stateless seed made of the stream and the step count
+        (the `iterations` variable, saved with the optimizer): JAX key data under jit, an int
+        under the torch backend (which steps eagerly and takes only ints or SeedGenerators)."""
+        if keras.backend.backend() == "jax":
+            seed = ops.cast(ops.stack([ops.convert_to_tensor(stream, "int32"),
+                                       ops.cast(self.iterations, "int32")]), "uint32")
+        else:
+            seed = rounding_seed(int(self.iterations), stream)
+        return keras.random.uniform(shape, dtype=dtype, seed=seed)
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:

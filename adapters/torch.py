@@ -37,6 +37,7 @@ import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass
 
+import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
@@ -48,6 +49,7 @@ from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import check_batch_dims_value
 from asgo_core.options import check_group_options, defaults, group_config, signature
+from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 from asgo_core.state_codec import named_arrays, split_named
 
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
@@ -114,6 +116,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         arguments.apply_defaults()
         options = dict(arguments.arguments)
         super().__init__(options.pop("params"), options)
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass with its own __init__ shows that signature, not the inherited option list."""
+        super().__init_subclass__(**kwargs)
+        if cls.__init__ is not _MatrixOptimizer.__init__:
+            cls.__signature__ = None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -247,21 +255,44 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         _store_state(states, _split_state(new_state, bucket.params, bucket.batch_dims))
         for state in states:
             state["step"] = step_count + 1
-        _write_update(bucket, direction, scale, group["lr"], group_config(group, bucket.algorithm).weight_decay)
+        weight_decay = group_config(group, bucket.algorithm).weight_decay
+        if _rounds_stochastically(group, bucket.params[0]):
+            generator = self._rounding_generator(bucket.params[0], step_count)
+            _write_rounded_update(bucket, direction, scale, group["lr"], weight_decay, generator)
+        else:
+            _write_update(bucket, direction, scale, group["lr"], weight_decay)
+
+    def _rounding_generator(self, param, step_count: int) -> torch.Generator:
+        """The seeded generator of a stochastically rounded write to param (and the parameters
+        stepped with it) at step_count."""
+        stream = next(index for index, (other, _) in enumerate(self._params_and_groups()) if other is param)
+        return torch.Generator(device=param.device).manual_seed(rounding_seed(step_count, stream))
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in _params_with_grad(group)
                   if _algorithm_of(p, group, self.matrix_algorithm) == "adamw"]
         if not params:
             return
-        states = [self._adamw_state(p) for p in params]
-        beta1, beta2 = group["adamw_betas"]
-        lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
-        adamw_functional(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["adamw_weight_decay"],
-            eps=group["adamw_eps"], maximize=group["maximize"])
+        nearest = [p for p in params if not _rounds_stochastically(group, p)]
+        if nearest:
+            states = [self._adamw_state(p) for p in nearest]
+            _adamw(nearest, [p.grad for p in nearest], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [s["step"] for s in states], group)
+        for param in params:
+            if _rounds_stochastically(group, param):
+                self._rounded_adamw_step(param, group)
+
+    def _rounded_adamw_step(self, param, group: dict) -> None:
+        """torch.optim.AdamW's step computed in float32 on a 16-bit parameter, the result rounded
+        stochastically into the parameter; the moments keep the parameter's dtype (rounded to
+        nearest), as torch.optim.AdamW keeps them."""
+        state = self._adamw_state(param)
+        generator = self._rounding_generator(param, int(state["step"]))
+        wide = [t.float() for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+        _adamw([wide[0]], [wide[1]], [wide[2]], [wide[3]], [state["step"]], group)
+        state["exp_avg"].copy_(wide[2])
+        state["exp_avg_sq"].copy_(wide[3])
+        param.copy_(_stochastically_rounded(wide[0], param.dtype, generator))
 
     def _adamw_state(self, param: torch.Tensor) -> dict:
         """torch.optim.AdamW's state layout, so its arithmetic is reproduced bit for bit."""
@@ -357,13 +388,13 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             if algorithm == "adamw":
                 state = state or _fresh_adamw_state(param)
                 step = int(state["step"])
-                arrays = {key: state[key].detach().cpu().numpy() for key in ("exp_avg", "exp_avg_sq")}
+                arrays = {key: _numpy(state[key]) for key in ("exp_avg", "exp_avg_sq")}
             else:
                 step = state.get("step", 0)
                 count, *matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])
                 core_state = (_stack_state([state], matrix_shape, step, reuse_storage=False) if step
                               else self._fresh_core_state(param, group, algorithm))
-                arrays = stacked_state_entries(core_state, [count], lambda t: t.detach().cpu().numpy())[0]
+                arrays = stacked_state_entries(core_state, [count], _numpy)[0]
             entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
                             "batch_dims": group["batch_dims"], "step": step, "config": config,
                             "arrays": arrays})
@@ -442,6 +473,13 @@ def _fresh_adamw_state(param: torch.Tensor) -> dict:
             "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
 
+def _numpy(tensor: torch.Tensor):
+    """A state tensor for a portable checkpoint: NumPy has no bfloat16, so bfloat16 state is
+    written as float32 (exactly) and cast back to the optimizer's dtype on load."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
 def _tensor_from_numpy(array, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(array).to(dtype=like.dtype, device=like.device).clone()
 
@@ -492,6 +530,35 @@ def _write_update(bucket: Bucket, direction, scale, lr, weight_decay: float) -> 
         torch._foreach_mul_(params, per_param(1.0 - (lr * weight_decay) * (scale != 0).to(scale.dtype)))
     directions = [part.reshape(p.shape) for part, p in zip(direction.split(counts), params)]
     torch._foreach_addcmul_(params, directions, per_param(scale * -lr))
+
+
+def _rounds_stochastically(group: dict, param) -> bool:
+    return group["param_rounding"] == "stochastic" and is_narrow(param.dtype, torch_xp)
+
+
+def _write_rounded_update(bucket: Bucket, direction, scale, lr, weight_decay: float, generator) -> None:
+    """_write_update's W·(1 − lr·weight_decay) − lr·scale·D computed in the statistics dtype and
+    rounded stochastically into each 16-bit parameter."""
+    counts, batch_dims = bucket.matrix_counts, bucket.batch_dims
+    for param, part, factor in zip(bucket.params, direction.split(counts), scale.split(counts)):
+        factor = factor.view(param.shape[:batch_dims] + (1,) * (param.ndim - batch_dims))
+        decay = 1.0 - (lr * weight_decay) * (factor != 0).to(factor.dtype)
+        value = param.to(factor.dtype) * decay - (lr * factor) * part.reshape(param.shape)
+        param.copy_(_stochastically_rounded(value, param.dtype, generator))
+
+
+def _stochastically_rounded(value: torch.Tensor, dtype, generator) -> torch.Tensor:
+    uniform = torch.rand(value.shape, generator=generator, dtype=value.dtype, device=value.device)
+    return stochastic_round(value, dtype, uniform, torch_xp)
+
+
+def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
+    """torch.optim.AdamW's functional step with a group's adamw_* options."""
+    beta1, beta2 = group["adamw_betas"]
+    lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
+    adamw_functional(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1,
+                     beta2=beta2, lr=lr, weight_decay=group["adamw_weight_decay"], eps=group["adamw_eps"],
+                     maximize=group["maximize"])
 
 
 def _add_to_run(runs: list, step_count: int, param) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from asgo_core.precision import stochastic_round
+
 
 def moment_dtype(param_dtype, xp):
     return xp.result_type(param_dtype, xp.float32)
@@ -34,9 +36,10 @@ def hyperparameters(*, lr, betas, eps, weight_decay, step) -> dict:
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, xp, *, lr, beta1, beta2, eps, weight_decay, step_size,
-               bias_correction2_sqrt) -> tuple:
+               bias_correction2_sqrt, uniform=None) -> tuple:
     """(new param, exp_avg, exp_avg_sq, finite): one step, or the inputs unchanged where the
-    gradient is not finite (finite is the 0-d boolean that chose)."""
+    gradient is not finite (finite is the 0-d boolean that chose). uniform: numbers in [0, 1)
+    shaped like param for a stochastically rounded new param (None: rounded to nearest)."""
     dtype = exp_avg.dtype
     g = xp.astype(grad, dtype)
     finite = xp.all(xp.isfinite(g))
@@ -45,6 +48,8 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, xp, *, lr, beta1, beta2, eps, w
     new_exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * (g * g)
     denom = xp.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
     old = xp.astype(param, dtype)
-    new_param = old * (1 - lr * weight_decay) - step_size * (new_exp_avg / denom)
-    return (xp.astype(xp.where(finite, new_param, old), param.dtype), xp.where(finite, new_exp_avg, exp_avg),
+    new_param = xp.where(finite, old * (1 - lr * weight_decay) - step_size * (new_exp_avg / denom), old)
+    new_param = (xp.astype(new_param, param.dtype) if uniform is None
+                 else stochastic_round(new_param, param.dtype, uniform, xp))
+    return (new_param, xp.where(finite, new_exp_avg, exp_avg),
             xp.where(finite, new_exp_avg_sq, exp_avg_sq), finite)

@@ -268,12 +268,18 @@ def stacked_state_entries(state, matrices_per_param, to_numpy) -> list:
     """Split a core state whose stack holds the matrices of several parameters (in order,
     `matrices_per_param` each) into one portable `arrays` dict per parameter."""
     per_param = split_named(named_arrays(state), matrices_per_param)
-    return [{key: _squeezed(to_numpy(part), key, count) for key, part in arrays.items()}
+    return [{key: _squeezed(_widened(to_numpy(part)), key, count) for key, part in arrays.items()}
             for arrays, count in zip(per_param, matrices_per_param)]
 
 
 def _squeezed(array, key: str, count: int):
     return array[0] if count == 1 and key in _PER_MATRIX_KEYS else array
+
+
+def _widened(array):
+    """ml_dtypes' bfloat16 (state stored with mu_dtype / precond_dtype) as float32, exactly: a
+    checkpoint holds dtypes every framework reads; loading casts back to the optimizer's dtype."""
+    return array.astype("float32") if array.dtype.kind == "V" else array
 
 
 def _check_kind(name, key: str, array) -> None:

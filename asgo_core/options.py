@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config_field_names, fail, is_number
+from asgo_core.precision import check_param_rounding
 
 ALGORITHMS = ("asgo", "dasgo", "adamw")
 CONFIG_TYPES = {"asgo": ASGOConfig, "dasgo": DASGOConfig}
@@ -75,6 +76,9 @@ OPTIONS = (
     Option("num_heads", ("asgo",), static=True, layout=True),
     Option("nonfinite"),
     Option("matmul_dtype", ("asgo",), static=True),
+    Option("mu_dtype", static=True),
+    Option("precond_dtype", ("asgo",), static=True),
+    Option("param_rounding", default="nearest", spellings={"optax": None}),  # optax: apply_updates_stochastic
     Option("adamw_lr", default=None, spellings={"keras": None, "optax": "adam_learning_rate"}),
     Option("adamw_betas", pair=("adamw_beta1", "adamw_beta2"), spellings=_PAIRED),
     Option("adamw_beta1", default=0.9, spellings=_SEPARATE | {"keras": "adam_beta_1", "optax": "adam_b1"}),
@@ -182,6 +186,7 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
     check_non_negative("adamw_weight_decay", group["adamw_weight_decay"])
     if not isinstance(group["maximize"], bool):
         fail("maximize", group["maximize"], "True | False")
+    check_param_rounding(group["param_rounding"])
     if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
         fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
 

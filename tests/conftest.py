@@ -10,6 +10,11 @@ never skip (a missing CPU framework is an install error, not a skip).
 from __future__ import annotations
 
 import importlib
+import os
+
+# Before any test imports JAX: its default takes 75% of GPU memory at the first array, which
+# torch and CuPy, on the same GPU in this process, then lack.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np
 import pytest

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
 import subprocess
 import sys
@@ -378,6 +380,15 @@ def test_bad_arguments_raise_naming_the_argument(name, options):
     params = [nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(6))]
     with pytest.raises(ValueError, match=name):
         ASGO(params, **options)
+
+
+@pytest.mark.parametrize("optimizer_type, config_type", [(ASGO, ASGOConfig), (DASGO, DASGOConfig)])
+def test_the_signature_shows_every_config_option_with_the_configs_default(optimizer_type, config_type):
+    parameters = inspect.signature(optimizer_type).parameters
+    assert parameters["betas"].default == (config_type.beta1, config_type.beta2)
+    for field in dataclasses.fields(config_type):
+        if field.name not in ("beta1", "beta2"):
+            assert parameters[field.name].default == field.default, field.name
 
 
 @pytest.mark.parametrize("optimizer_type, option", [(ASGO, "learning_rate"), (DASGO, "precondition_frequency")])

@@ -28,7 +28,7 @@ def gpu_backend_problem(name: str) -> str | None:
             import jax
             if any(d.platform == "gpu" for d in jax.devices()):
                 return None
-            return f"jax {jax.__version__} sees no GPU (install jax[cuda12])"
+            return f"jax {jax.__version__} sees no GPU (install jax[cuda13])"
         if name == "cupy":
             import cupy
             return None if cupy.cuda.runtime.getDeviceCount() > 0 else "cupy sees no device"
