@@ -15,6 +15,7 @@ device), then one matrix whose statistics underflow; ddp_experts steps mixture-o
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -330,6 +331,20 @@ def train_ddp_experts(out_dir: str) -> None:
     save_owner_split_result(model, optimizer, grads_per_step, out_dir)
 
 
+def leave_process_group() -> None:
+    """End a worker whose results are saved: wait for every rank, free what still holds the
+    process group (DDP's reducer, device meshes), destroy it, and exit without the interpreter's
+    teardown. That teardown destroys whatever torch objects are left, gloo's threads among them,
+    in no fixed order while the peers are closing their connections; a rank killed there
+    (SIGABRT, "terminate called without an active exception") fails a run that succeeded."""
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     mode, out_dir, *checkpoint_dir = sys.argv[1:]
     torch.set_num_threads(1)
@@ -338,10 +353,8 @@ def main() -> None:
              "fsdp": lambda out: train_fsdp(out, FSDP_OPTIONS, os.path.join(out, "checkpoint")),
              "fsdp_other_side": lambda out: train_fsdp(out, OTHER_SIDE_OPTIONS),
              "fsdp_resume": lambda out: resume_fsdp(out, *checkpoint_dir), "fsdp_bf16": train_bf16}
-    try:
-        modes[mode](out_dir)
-    finally:
-        dist.destroy_process_group()
+    modes[mode](out_dir)  # an error ends this rank with its traceback (the others time out)
+    leave_process_group()
 
 
 if __name__ == "__main__":
