@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 from asgo_core import _xp
 from asgo_core.config import ASGOConfig, DASGOConfig
 from asgo_core.layout import block_layout
+from asgo_core.precision import storage_dtype
 from asgo_core.solvers import below_normal_range, damping_for_norm, eigh_root, resolve_method, solve_root
 
 # What a root refresh counts per block: the three levels of the fallback chain, and
@@ -82,7 +83,7 @@ def init_state(param, config):
     device = _xp.device(param)
     lead = tuple(param.shape[:-2])
     zeros = lambda shape, dt=dtype: xp.zeros(shape, dtype=dt, device=device)  # noqa: E731
-    momentum = zeros(param.shape)
+    momentum = zeros(param.shape, storage_dtype(config.mu_dtype, dtype, xp, "mu_dtype"))
     count = zeros((), xp.int32)
     skipped = zeros(lead, xp.int32)
     if isinstance(config, DASGOConfig):
@@ -90,8 +91,9 @@ def init_state(param, config):
     _check_config(config)
     layout = block_layout(param.shape, config)
     blocks = [(layout.num_matrices * c, s) for c, s in zip(layout.group_counts, layout.group_sizes)]
-    gram = tuple(zeros((count_, size, size)) for count_, size in blocks)
-    root = tuple(zeros((count_, size, size)) for count_, size in blocks)
+    stored = storage_dtype(config.precond_dtype, dtype, xp, "precond_dtype")
+    gram = tuple(zeros((count_, size, size), stored) for count_, size in blocks)
+    root = tuple(zeros((count_, size, size), stored) for count_, size in blocks)
     return ASGOState(momentum, gram, root, count, skipped, zeros(lead + (len(FALLBACK_LEVELS),), xp.int32))
 
 
@@ -101,13 +103,15 @@ def needs_root_refresh(step_count: int, config: ASGOConfig) -> bool:
 
 
 def step(grad, state, param, config, *, refresh_root: bool | None = None,
-         overwrite_state: bool = False):
+         overwrite_state: bool = False, update_dtype=None):
     """One optimizer step for a stack of matrices; returns (update, new_state).
 
     grad, param: (..., m, n) arrays of one namespace (param may be None when
     weight_decay = 0). refresh_root: whether this step recomputes the ASGO root; None reads
     it from state.count (a host read: adapters on GPUs pass it explicitly). Ignored by DASGO,
-    which has no root. The update has the parameter's dtype (the gradient's if param is None).
+    which has no root. The update has update_dtype, by default the parameter's dtype (the
+    gradient's if param is None); an adapter that rounds the parameter write itself asks for
+    the statistics dtype.
     overwrite_state: the caller drops the old state, so a backend may update its arrays in
     place instead of allocating new ones (the torch adapter does; the default leaves it intact).
 
@@ -125,7 +129,7 @@ def step(grad, state, param, config, *, refresh_root: bool | None = None,
         stepped = xp.astype(scale != 0, update.dtype)  # a skipped matrix is not decayed either
         weights = _flatten_lead(xp.astype(param, update.dtype, copy=False), xp)
         update = update + weights * (config.weight_decay * stepped)
-    out_dtype = (param if param is not None else grad).dtype
+    out_dtype = update_dtype or (param if param is not None else grad).dtype
     return xp.astype(xp.reshape(update, grad.shape), out_dtype, copy=False), new_state
 
 
@@ -144,7 +148,8 @@ def step_terms(grad, state, config, *, refresh_root: bool | None = None,
     """
     xp = _xp.namespace(grad, state.momentum)
     lead = tuple(grad.shape[:-2])
-    G = _flatten_lead(xp.astype(grad, state.momentum.dtype, copy=False), xp)
+    dtype = xp.result_type(grad.dtype, state.momentum.dtype, xp.float32)  # momentum may be stored lower
+    G = _flatten_lead(xp.astype(grad, dtype, copy=False), xp)
     if isinstance(config, DASGOConfig):
         if row_shards is not None:
             raise ValueError("row_shards needs an ASGOConfig (DASGO's row shards are not supported)")
@@ -154,8 +159,8 @@ def step_terms(grad, state, config, *, refresh_root: bool | None = None,
     finite = statistics.finite
     if config.nonfinite == "raise" and not bool(xp.all(finite)):
         raise FloatingPointError("non-finite gradient (nonfinite='raise'); no state was changed")
-    momentum = _masked_ema(finite, _flatten_lead(state.momentum, xp), G, config.beta1,
-                           overwrite_state, xp)
+    momentum = _masked_ema(finite, _flatten_lead(xp.astype(state.momentum, dtype, copy=False), xp), G,
+                           config.beta1, overwrite_state, xp)
     if isinstance(config, DASGOConfig):
         direction, new_state = _dasgo_direction(momentum, statistics, state, config, xp)
     else:
@@ -164,7 +169,7 @@ def step_terms(grad, state, config, *, refresh_root: bool | None = None,
         direction, new_state = _asgo_direction(momentum, statistics, state, config, refresh_root,
                                                row_shards, xp)
     new_state = new_state._replace(
-        momentum=xp.reshape(momentum, state.momentum.shape),
+        momentum=xp.reshape(xp.astype(momentum, state.momentum.dtype, copy=False), state.momentum.shape),
         count=state.count + 1,
         skipped=state.skipped + xp.reshape(xp.astype(~finite, xp.int32), lead))
     return direction, _scale(direction, finite, config, row_shards, xp), new_state
@@ -210,13 +215,19 @@ class _Statistics(NamedTuple):
 
 def _gram_update(V, G_blocks, config, row_shards, xp):
     decay, weight = _statistics_weights(config)
+    if row_shards is None:
+        return _decayed_gram(V, G_blocks, decay, weight, xp)
+    partial = _decayed_gram(xp.zeros_like(V), G_blocks, 0.0, 1.0, xp)  # this shard's Gram, in V's dtype
+    return decay * V + weight * row_shards.sum(partial)
+
+
+def _decayed_gram(V, G_blocks, decay: float, weight: float, xp):
+    """decay·V + weight·G·Gᵀ in V's dtype."""
     fused = _xp.backend_function(xp, "gram_update")
-    if fused is not None and row_shards is None:
+    if fused is not None:
         return fused(V, G_blocks, decay, weight)
-    gram = xp.astype(_xp.matmul(G_blocks, _xp.transpose(G_blocks, xp), xp), V.dtype, copy=False)
-    if row_shards is not None:
-        gram = row_shards.sum(gram)
-    return decay * V + weight * gram
+    gram = _xp.matmul(G_blocks, _xp.transpose(G_blocks, xp), xp)
+    return decay * V + weight * xp.astype(gram, V.dtype, copy=False)
 
 
 def _matmul_input(x, config, xp):
@@ -236,7 +247,8 @@ def _asgo_statistics(G, state, config, row_shards, xp) -> _Statistics:
         raise ValueError("row_shards needs the columns preconditioned as one block (side='right', "
                          "no num_heads or max_precond_dim blocks): only then is the Gram a sum over rows")
     G_blocks = layout.split(_matmul_input(G, config, xp), xp)
-    grams = tuple(_gram_update(V, G_b, config, row_shards, xp) for V, G_b in zip(state.gram, G_blocks))
+    grams = tuple(_gram_update(xp.astype(V, G.dtype, copy=False), G_b, config, row_shards, xp)
+                  for V, G_b in zip(state.gram, G_blocks))
     nonfinite_blocks = xp.zeros((layout.num_matrices,), dtype=xp.int32, device=_xp.device(G))
     for index, V in enumerate(grams):
         trace = xp.sum(xp.linalg.diagonal(V), axis=-1)
@@ -252,8 +264,9 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, row_shard
                                device=_xp.device(momentum))
     blocks = zip(state.gram, statistics.values, state.root,
                  layout.split(_matmul_input(momentum, config, xp), xp))
-    for index, (V_old, V_new, R_old, M_b) in enumerate(blocks):
+    for index, (V_stored, V_new, R_stored, M_b) in enumerate(blocks):
         keep = ~layout.per_block(statistics.finite, index, xp)[:, None, None]
+        V_old, R_old = (xp.astype(stored, V_new.dtype, copy=False) for stored in (V_stored, R_stored))
         V = _select(keep, V_old, V_new, xp)
         R = R_old
         if refresh_root:
@@ -266,8 +279,8 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, row_shard
             fallback_counts = fallback_counts + xp.stack(
                 [layout.per_matrix_sum(failed_levels[:, level], index, xp)
                  for level in range(len(FALLBACK_LEVELS))], axis=1)
-        grams.append(V)
-        roots.append(R)
+        grams.append(xp.astype(V, V_stored.dtype, copy=False))
+        roots.append(xp.astype(R, R_stored.dtype, copy=False))
         directions.append(_xp.matmul(xp.astype(R, M_b.dtype, copy=False), M_b, xp))
     lead = state.skipped.shape
     new_state = state._replace(

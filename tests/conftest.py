@@ -13,6 +13,11 @@ import contextlib
 import functools
 import glob
 import importlib
+import os
+
+# Before any test imports JAX: its default takes 75% of GPU memory at the first array, which
+# torch and CuPy, on the same GPU in this process, then lack.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np
 import pytest
@@ -41,7 +46,7 @@ def _gpu_backend_problem(name: str) -> str | None:
             import jax
             if any(d.platform == "gpu" for d in jax.devices()):
                 return None
-            return f"jax {jax.__version__} sees no GPU (install jax[cuda12])"
+            return f"jax {jax.__version__} sees no GPU (install jax[cuda13])"
         if name == "cupy":
             import cupy
             return None if cupy.cuda.runtime.getDeviceCount() > 0 else "cupy sees no device"

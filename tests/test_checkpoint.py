@@ -162,3 +162,41 @@ def test_a_zip_with_bad_metadata_raises_checkpoint_error(tmp_path, metadata):
     np.savez(path, **{"metadata.json": np.frombuffer(metadata, dtype=np.uint8)})
     with pytest.raises(CheckpointError, match="metadata"):
         load_state(path)
+
+
+def large_gram_state():
+    """An ASGO entry whose (1, 64, 64) float64 Gram member is far larger than zipfile's 4 KB
+    read-ahead, so a read of part of it never reaches the member's end, where zipfile checks
+    the CRC by itself."""
+    rng = np.random.default_rng(1)
+    return {"params": [{"name": "w", "algorithm": "asgo", "shape": [64, 64], "step": 1, "config": {},
+                        "arrays": {"momentum": rng.standard_normal((64, 64)),
+                                   "gram/0": rng.standard_normal((1, 64, 64)),
+                                   "root/0": rng.standard_normal((1, 64, 64)),
+                                   "skipped": np.array(0), "fallbacks": np.zeros(4, np.int32)}}]}
+
+
+def test_a_flipped_digit_in_a_large_members_npy_header_fails_the_crc_check(tmp_path):
+    """(1, 64, 64) read as (1, 44, 64) would load 44 rows of a 64-row member: only the
+    loader's own CRC check of every member refuses it."""
+    path = tmp_path / "state.npz"
+    save_state(path, large_gram_state())
+    content = bytearray(path.read_bytes())
+    member = content.index(b"0/gram/0.npy")
+    header = content.index(b"(1, 64, 64)", member)
+    content[header + 4] = ord("4")
+    path.write_bytes(bytes(content))
+    with pytest.raises(CheckpointError, match="CRC"):
+        load_state(path)
+
+
+def test_a_member_renamed_in_both_zip_headers_is_refused(tmp_path):
+    """Zip member names carry no checksum: a name changed in the local and the central header
+    alike is caught only by the member names the metadata records."""
+    path = tmp_path / "state.npz"
+    save_state(path, large_gram_state())
+    content = path.read_bytes()
+    assert content.count(b"0/gram/0.npy") == 2
+    path.write_bytes(content.replace(b"0/gram/0.npy", b"0/gram/1.npy"))
+    with pytest.raises(CheckpointError, match="recorded"):
+        load_state(path)

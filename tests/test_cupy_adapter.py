@@ -226,7 +226,7 @@ def test_maximize_ascends():
 
 def test_same_shaped_matrices_share_one_bucket():
     opt = ASGO(make_params())
-    assert [bucket.keys for bucket in opt._buckets] == [["a", "b"], ["conv"], ["tall"]]
+    assert [bucket.handles for bucket in opt._buckets] == [["a", "b"], ["conv"], ["tall"]]
 
 
 # ---- errors ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 
+import helpers.keras_backend  # noqa: F401  (the Keras backend, set before keras is imported)
 import numpy as np
 
 from asgo_core.config import ASGOConfig
@@ -268,6 +269,66 @@ class OptaxDriver(Driver):
         return re.escape(f"['{key}']")
 
 
+# ----------------------------------------------------------------------------- Keras
+
+class KerasDriver(Driver):
+    """The Keras adapter on the backend tests/helpers/keras_backend.py sets. Parameters are in
+    the torch layout here and in the Keras layout (outputs last) in the variables, which the
+    adapter reads back as the torch layout."""
+    name = "keras"
+
+    def field(self, option: str) -> str:
+        from asgo_core.options import option as table_option
+        return "adam_lr_ratio" if option == "adamw_lr" else table_option(option).spelling("keras")
+
+    def adapter_options(self, options: dict) -> dict:
+        """Neutral names → Keras'; adamw_lr becomes adam_lr_ratio = adamw_lr / lr."""
+        options = dict(options)
+        if "adamw_lr" in options:
+            lr = options.get("lr", 1e-2)
+            options["adam_lr_ratio"] = options.pop("adamw_lr") / lr if _is_float(lr) else options.pop("adamw_lr")
+        return {name if name == "adam_lr_ratio" else self.field(name): value for name, value in options.items()}
+
+    def build(self, params: dict, options=None, groups=None):
+        import keras
+        from asgo_core.adapters.keras import ASGO
+        assert groups is None, "keras: one set of options per optimizer"
+        self.keys = list(params)
+        self.variables = [keras.Variable(np.moveaxis(value, 0, -1), name=key, dtype=str(value.dtype),
+                                         trainable=np.issubdtype(value.dtype, np.floating))  # torch: no int grads
+                          for key, value in params.items()]
+        self.optimizer = ASGO(**self.adapter_options(options or {}))
+        self.optimizer.build(self.variables)
+        return self
+
+    def step(self, grads: dict):
+        import keras
+        self.optimizer.apply([keras.ops.convert_to_tensor(np.moveaxis(grads[key], 0, -1)) for key in self.keys],
+                             self.variables)
+
+    def params(self) -> dict:
+        import keras
+        return {key: np.moveaxis(keras.ops.convert_to_numpy(v), -1, 0).copy() for key, v in zip(self.keys, self.variables)}
+
+    def _arrays(self):
+        import keras
+        yield from ((f"param {k}", v) for k, v in self.params().items())
+        yield from ((f"state {v.path}", keras.ops.convert_to_numpy(v)) for v in self.optimizer.variables)
+
+    def portable(self) -> dict:
+        return self.optimizer.portable_state(names=self.keys)
+
+    def load_portable(self, portable):
+        self.optimizer.load_portable_state(portable, names=self.keys)
+
+    def param_pattern(self, key, params=None) -> str:
+        return re.escape(repr(key))
+
+
+def _is_float(value) -> bool:
+    return isinstance(value, float) and not isinstance(value, bool)
+
+
 def _to_torch(array):
     """A tensor copy of a NumPy array (ml_dtypes bfloat16 included, which torch cannot read)."""
     import torch
@@ -306,4 +367,4 @@ def _flatten(prefix, value):
 
 
 DRIVERS = {"torch": lambda: TorchDriver("asgo"), "torch-dasgo": lambda: TorchDriver("dasgo"),
-           "optax": OptaxDriver, "numpy": NumpyDriver}
+           "optax": OptaxDriver, "numpy": NumpyDriver, "keras": KerasDriver}
