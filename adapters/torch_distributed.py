@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from asgo_core import _xp, block_layout, init_state, matrix_stack_shape, matrix_view_shape
+from asgo_core.backends.torch import wide_gram
 from asgo_core.config import fail
 from asgo_core.layout import resolve_side
 from asgo_core.step import FALLBACK_LEVELS, needs_root_refresh, robust_root
@@ -525,9 +526,11 @@ class FSDPASGO(ASGO):
 
     @staticmethod
     def _partial_column_gram(grads, config):
-        """This rank's GᵀG of its rows (GEMM inputs in config.matmul_dtype, as ASGO rounds them)."""
+        """This rank's GᵀG of its rows (GEMM inputs in config.matmul_dtype, as ASGO rounds them),
+        summed in float32 at least, as ASGO's Gram is."""
         low = _matmul_in(grads, config)
-        return low.mT @ low
+        wide = torch.promote_types(low.dtype, torch.float32)
+        return low.mT @ low if low.dtype == wide else wide_gram(low.mT, wide)
 
     @staticmethod
     def _normalised(direction, mesh_group, numel: int, config):

@@ -91,11 +91,11 @@ def gram_update(V, G, decay, weight):
     GEMM, accumulated and returned in V's dtype (as JAX's preferred_element_type does), whose
     result is added to V."""
     if G.dtype != V.dtype:
-        return torch.add(V * decay, _wide_gram(G, V.dtype), alpha=weight)
+        return torch.add(V * decay, wide_gram(G, V.dtype), alpha=weight)
     return _gemm(V, G, G.mT, beta=decay, alpha=weight)
 
 
-def _wide_gram(G, dtype):
+def wide_gram(G, dtype):
     """G·Gᵀ of a low-precision G, summed and returned in `dtype`. On CUDA a float32 result is
     the GEMM's own output type (out_dtype: bf16 tensor cores, float32 accumulation); elsewhere
     G is widened first, which gives the same exact products of bf16 values, summed in `dtype`."""

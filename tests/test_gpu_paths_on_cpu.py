@@ -87,8 +87,8 @@ SHARDED = textwrap.dedent("""
 
 
 def test_an_array_on_two_devices_reports_a_sharding_and_still_finds_its_platform():
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env,
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,3 +109,14 @@ def test_the_gpu_runs_keep_jax_from_preallocating_gpu_memory(module, folder):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "false"
 
+
+
+def test_fsdp_partial_grams_of_bfloat16_gemm_inputs_are_summed_in_float32():
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+    from asgo_core.config import ASGOConfig
+    grads = torch.randn(2, 512, 8, generator=torch.Generator().manual_seed(3))
+    gram = FSDPASGO._partial_column_gram(grads, ASGOConfig(matmul_dtype="bfloat16"))
+    low = grads.to(torch.bfloat16).double()
+    exact = low.mT @ low
+    assert gram.dtype == torch.float32
+    assert float((gram.double() - exact).norm() / exact.norm()) < 1e-6
