@@ -341,13 +341,17 @@ def _rounded_optax(algorithm, rounding, start, grads):
                                                   torch_layout_dimension_numbers(start))
     state = tx.init(leaves)
     key = jax.random.key(0)
-    for count, grad in enumerate(grads):
-        updates, state = tx.update({name: jnp.asarray(value, jnp.bfloat16) for name, value in grad.items()},
-                                   state, leaves)
+
+    @jax.jit  # one compilation, not one per eager operation and step
+    def train_step(leaves, state, grad, count):
+        updates, state = tx.update(grad, state, leaves)
         if rounding == "stochastic":
-            leaves = apply_updates_stochastic(leaves, updates, jax.random.fold_in(key, count))
-        else:
-            leaves = optax.apply_updates(leaves, updates)
+            return apply_updates_stochastic(leaves, updates, jax.random.fold_in(key, count)), state
+        return optax.apply_updates(leaves, updates), state
+
+    for count, grad in enumerate(grads):
+        grad = {name: jnp.asarray(value, jnp.bfloat16) for name, value in grad.items()}
+        leaves, state = train_step(leaves, state, grad, count)
     return {name: np.asarray(value.astype(jnp.float32)) for name, value in leaves.items()}
 
 

@@ -282,12 +282,12 @@ def test_bfloat16_state_agrees_between_adapters(algorithm, name, conformance_rec
         assert worst <= BOUNDS["bfloat16"], f"{adapter} {name}: {worst:.2e} at {where}"
 
 
+@pytest.mark.parametrize("adapter", list(ROUNDING_RUNNERS))
 @pytest.mark.parametrize("algorithm", ["asgo", "dasgo"])
-def test_param_rounding_keeps_the_float32_displacement(algorithm, conformance_record):
+def test_param_rounding_keeps_the_float32_displacement(algorithm, adapter, conformance_record):
     reference = run_rounding_reference(algorithm)
-    for adapter in ROUNDING_RUNNERS:
-        ratios = {rounding: displacement_ratio(run_rounded(adapter, algorithm, rounding), reference)
-                  for rounding in ("stochastic", "nearest")}
-        conformance_record(f"core-numpy f32 vs {adapter} 16-bit", "rounding", abs(ratios["stochastic"] - 1),
-                           algorithm)
-        assert abs(ratios["stochastic"] - 1) <= 0.15 and ratios["nearest"] < 0.5, f"{adapter}: {ratios}"
+    ratios = {rounding: displacement_ratio(run_rounded(adapter, algorithm, rounding), reference)
+              for rounding in ("stochastic", "nearest")}
+    conformance_record(f"core-numpy f32 vs {adapter} 16-bit", "rounding", abs(ratios["stochastic"] - 1),
+                       algorithm)
+    assert abs(ratios["stochastic"] - 1) <= 0.15 and ratios["nearest"] < 0.5, f"{adapter}: {ratios}"
