@@ -176,7 +176,7 @@ def _cupy_target():
 
 def versions():
     found = {"python": platform.python_version(), "numpy": np.__version__}
-    for distribution in ("asgo", "torch", "jax", "jaxlib", "jax-cuda13-plugin", "cupy-cuda13x", "cupy-cuda12x"):
+    for distribution in ("asgo", "torch", "jax", "jaxlib", "jax-cuda13-plugin", "cupy-cuda13x"):
         try:
             found[distribution] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
@@ -431,7 +431,8 @@ def eigh_comparison(targets, plan, report):
         cells = []
         for name, solve in solvers.items():
             key = dict(target=torch_target.name, k=k, batch=batch, solver=name)
-            cells.append(f"{name}={_timing_cell(report['eigh_comparison'], key, lambda: timed(torch_target, solve, A))}")
+            cell = _timing_cell(report["eigh_comparison"], key, lambda: timed(torch_target, solve, A))
+            cells.append(f"{name}={cell}")
             figures = report["eigh_comparison"][-1]
             if name != "cupy_eigh" and figures.get("repeats"):
                 table.setdefault(k, {})[name] = figures["median_ms"]
@@ -500,6 +501,11 @@ def main(argv=None) -> int:
                 ("gpt2_step", lambda: gpt2_step_timings(targets, plan, report)))
     path = json_path(arguments.json)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not targets:
+        print("\nno framework target (torch, JAX, CuPy): nothing checked")
+        report.update(passed=False, total_s=round(time.perf_counter() - started, 1))
+        path.write_text(json.dumps(report, indent=1, default=str))
+        return 1
     checks = []
     for name, run in sections:  # the JSON is rewritten after each section: a killed run keeps its figures
         section_started = time.perf_counter()

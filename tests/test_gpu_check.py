@@ -33,7 +33,8 @@ def tf32_matmuls(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = True on a GPU."""
     for name in ("matmul", "bmm", "baddbmm"):
         exact = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *args, exact=exact, **kwargs: exact(*map(_tf32, args), **kwargs))
+        rounded = lambda *args, exact=exact, **kwargs: exact(*map(_tf32, args), **kwargs)  # noqa: E731
+        monkeypatch.setattr(torch, name, rounded)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def problem():
 def _float32_parity(problem):
     target = gpu_check.Target("torch-cpu", torch, "cpu")
     reference, start, grads = problem
-    return gpu_check.checked(lambda: gpu_check.parity_error(target, "eigh", "float32", reference, start, grads),
-                             gpu_check.TOLERANCE["float32"])
+    error = lambda: gpu_check.parity_error(target, "eigh", "float32", reference, start, grads)  # noqa: E731
+    return gpu_check.checked(error, gpu_check.TOLERANCE["float32"])
 
 
 def test_float32_parity_passes_in_float32(problem):

@@ -38,7 +38,8 @@ def _optax_run(device, steps=6):
 
     from asgo_core.adapters.optax import asgo
     rng = np.random.default_rng(0)
-    params = {"w": rng.standard_normal((24, 40)), "v": rng.standard_normal((3, 16, 8)), "b": rng.standard_normal(24)}
+    shapes = {"w": (24, 40), "v": (3, 16, 8), "b": (24,)}
+    params = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
     grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(steps)]
     params = jax.device_put(params, device)
     tx = asgo(1e-2, precondition_frequency=2)
@@ -85,7 +86,8 @@ def _model():
 
 def _batch(device):
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(32, 16, generator=generator).to(device), torch.randn(32, 8, generator=generator).to(device)
+    inputs, targets = torch.randn(32, 16, generator=generator), torch.randn(32, 8, generator=generator)
+    return inputs.to(device), targets.to(device)
 
 
 def _train(model, optimizer, device):
