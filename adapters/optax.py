@@ -383,24 +383,34 @@ def _scale_by_core(config_type, state_type, name: str, arguments: dict) -> optax
         treedef = jax.tree.structure(updates)
         old = {field: _state_per_leaf(treedef, getattr(state, field), field) for field in fields}
         _check_state_matches(plan, old["momentum"], leaves, _leaf_paths(updates))
-        grads = [stack.gather([_gathered(g) for g in leaves], viewed=True) for stack in plan]
+        grad_leaves = [_gathered(g) for g in leaves]
         gathered = {field: [_gathered(value) for value in values] for field, values in old.items()}
-        core_states = tuple(stack.gather_state(gathered, state.count) for stack in plan)
-        if refresh_every == 1:
-            directions, new_states = core_steps(grads, core_states, True)
-        else:
-            directions, new_states = jax.lax.cond(
-                state.count % refresh_every == 0,
-                lambda: core_steps(grads, core_states, True),
-                lambda: core_steps(grads, core_states, False))
         decay_mask = _decay_mask_per_leaf(weight_decay_mask, updates if params is None else params)
-        out = [None] * len(leaves)
-        new = {field: [None] * len(leaves) for field in fields}
-        for stack, direction, old_core, new_core in zip(plan, directions, core_states, new_states):
-            update = _with_weight_decay(direction, stack, params, weight_decay, decay_mask)
-            skipped_now = (new_core.skipped - old_core.skipped)[:, None, None] > 0
-            stack.scatter(jnp.where(skipped_now, jnp.zeros_like(update), update), out, viewed=True)
-            stack.scatter_state(new_core, new)
+
+        def step(stacks, refresh_root: bool):
+            """(update per leaf, new state fields per leaf): one core call per stack."""
+            core_states = [stack.gather_state(gathered, state.count) for stack in stacks]
+            directions, new_states = core_steps([stack.gather(grad_leaves, viewed=True) for stack in stacks],
+                                                core_states, refresh_root)
+            out, new = [None] * len(leaves), {field: [None] * len(leaves) for field in fields}
+            for stack, direction, old_core, new_core in zip(stacks, directions, core_states, new_states):
+                update = _with_weight_decay(direction, stack, params, weight_decay, decay_mask)
+                skipped_now = (new_core.skipped - old_core.skipped)[:, None, None] > 0
+                stack.scatter(jnp.where(skipped_now, jnp.zeros_like(update), update), out, viewed=True)
+                stack.scatter_state(new_core, new)
+            return out, new
+
+        # Stacking pays where the roots are refreshed (batched solves); elsewhere each leaf's own
+        # core call spares copying its statistics into and out of a stack.
+        singles = [_Stack((i,), (view,)) for stack in plan
+                   for i, view in zip(stack.leaf_indices, stack.views)]
+        if not has_root:
+            out, new = step(singles, False)
+        elif refresh_every == 1:
+            out, new = step(plan, True)
+        else:
+            out, new = jax.lax.cond(state.count % refresh_every == 0, lambda: step(plan, True),
+                                    lambda: step(singles, False))
         out = [_sharded_like(update, grad) for update, grad in zip(out, leaves)]
         new_state = {field: jax.tree.unflatten(treedef, [_sharded_like(value, before) for value, before
                                                          in zip(new[field], old[field])])

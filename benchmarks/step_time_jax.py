@@ -14,8 +14,8 @@ each), and the median of all is reported. Ratios are to muon. --baseline MODULE 
 asgo/dasgo (e.g. a copy of an earlier adapters/optax.py) to the same rounds, interleaved, with
 the ratio of this adapter's time to it.
 
-    python benchmarks/step_time_jax.py [--steps 20] [--reps 1] [--vocab 8192] [--baseline MODULE]
-                                       [--json PATH]
+    python benchmarks/step_time_jax.py [--steps 20] [--reps 1] [--vocab 8192] [--d-model 384]
+                                       [--layers 6] [--baseline MODULE] [--json PATH]
 """
 
 from __future__ import annotations
@@ -44,17 +44,17 @@ from asgo_core.adapters.optax import MuonDimensionNumbers  # noqa: E402
 D_MODEL, LAYERS, CONTEXT = 384, 6, 256
 
 
-def gpt2_params(vocab: int, key) -> dict:
-    shapes = {"token_embedding": (vocab, D_MODEL), "position_embedding": (CONTEXT, D_MODEL),
-              "final_norm": {"gain": (D_MODEL,), "bias": (D_MODEL,)}}
-    for layer in range(LAYERS):
+def gpt2_params(vocab: int, key, d_model: int = D_MODEL, layers: int = LAYERS) -> dict:
+    shapes = {"token_embedding": (vocab, d_model), "position_embedding": (CONTEXT, d_model),
+              "final_norm": {"gain": (d_model,), "bias": (d_model,)}}
+    for layer in range(layers):
         shapes[f"layer{layer}"] = {
-            "norm1": {"gain": (D_MODEL,), "bias": (D_MODEL,)},
-            "qkv": {"w": (D_MODEL, 3 * D_MODEL), "b": (3 * D_MODEL,)},
-            "attn_proj": {"w": (D_MODEL, D_MODEL), "b": (D_MODEL,)},
-            "norm2": {"gain": (D_MODEL,), "bias": (D_MODEL,)},
-            "fc": {"w": (D_MODEL, 4 * D_MODEL), "b": (4 * D_MODEL,)},
-            "mlp_proj": {"w": (4 * D_MODEL, D_MODEL), "b": (D_MODEL,)},
+            "norm1": {"gain": (d_model,), "bias": (d_model,)},
+            "qkv": {"w": (d_model, 3 * d_model), "b": (3 * d_model,)},
+            "attn_proj": {"w": (d_model, d_model), "b": (d_model,)},
+            "norm2": {"gain": (d_model,), "bias": (d_model,)},
+            "fc": {"w": (d_model, 4 * d_model), "b": (4 * d_model,)},
+            "mlp_proj": {"w": (4 * d_model, d_model), "b": (d_model,)},
         }
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
@@ -116,13 +116,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20,
                         help="timed steps per optimizer (τ = 10 needs ≥ 10 to average its refreshes)")
     parser.add_argument("--vocab", type=int, default=8192, help="token-embedding rows (GPT-2: 50304)")
+    parser.add_argument("--d-model", type=int, default=D_MODEL, help="model width (smaller: a quicker run)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="transformer layers")
     parser.add_argument("--reps", type=int, default=1, help="interleaved rounds of --steps per optimizer")
     parser.add_argument("--baseline", type=str, default=None,
                         help="a module with asgo/dasgo to time against this adapter, interleaved")
     parser.add_argument("--json", type=str, default=None, help="write the results to this path")
     args = parser.parse_args()
 
-    params = gpt2_params(args.vocab, jax.random.PRNGKey(0))
+    params = gpt2_params(args.vocab, jax.random.PRNGKey(0), args.d_model, args.layers)
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
     numbers = matrix_dimension_numbers(params)
     candidates = optimizers(numbers)
@@ -135,7 +137,7 @@ def main() -> None:
     medians = {name: statistics.median(run.times) for name, run in runs.items()}
 
     print(f"jax {jax.__version__} optax {optax.__version__} on {jax.devices()[0].device_kind} "
-          f"({platform.processor() or platform.machine()}), d_model {D_MODEL}, {LAYERS} layers, "
+          f"({platform.processor() or platform.machine()}), d_model {args.d_model}, {args.layers} layers, "
           f"vocab {args.vocab}, median of {args.reps} x {args.steps} jitted steps, "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'optimizer':<22}{'ms/step':>10}{'× muon':>9}{'× adamw':>9}")
