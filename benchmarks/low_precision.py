@@ -4,8 +4,9 @@ Variants, for ASGO (tau 1) and AdamW, each at train_lm's chosen quick lr (lr_cho
     float32          float32 parameters and state (the reference).
     bf16_nearest     bfloat16 parameters, every write rounded to nearest.
     bf16_stochastic  bfloat16 parameters, writes rounded stochastically (param_rounding).
+    bf16_momentum    float32 parameters; ASGO's momentum stored in bfloat16 (mu_dtype).
     bf16_state       float32 parameters; ASGO's momentum, Gram and root stored in bfloat16
-                     (mu_dtype, precond_dtype). AdamW has no such option here: the built-in
+                     (mu_dtype, precond_dtype). AdamW has neither option here: the built-in
                      AdamW keeps torch.optim.AdamW's state, in the parameter's dtype.
 With bfloat16 parameters the forward and backward passes still compute in float32 (each
 parameter is cast up for the call, its gradient rounded back to bfloat16): a CPU without native
@@ -14,7 +15,7 @@ the effect of storing the parameters in 16 bits. AdamW is the adapter's built-in
 (algorithm="adamw": torch.optim.AdamW's arithmetic, plus param_rounding), weight decay 0.1 on
 2-D parameters as in train_lm.
 
-    python benchmarks/low_precision.py                   # 2 seeds, 7 runs each, ~? min on 1 thread
+    python benchmarks/low_precision.py      # 2 seeds × 8 runs; 10-20 min a run on a loaded 2-core CPU
     python benchmarks/low_precision.py --seeds 1 --variants float32 bf16_stochastic
 
 Writes results/low_precision/results.json and prints the table of final validation losses.
@@ -36,7 +37,9 @@ from torch.func import functional_call
 import train_lm  # benchmarks/, the script's own directory
 from asgo_core.adapters.torch import ASGO, asgo_param_groups
 
-VARIANTS = ("float32", "bf16_nearest", "bf16_stochastic", "bf16_state")
+VARIANTS = ("float32", "bf16_nearest", "bf16_stochastic", "bf16_momentum", "bf16_state")
+STATE_DTYPES = {"bf16_momentum": dict(mu_dtype="bfloat16"),
+                "bf16_state": dict(mu_dtype="bfloat16", precond_dtype="bfloat16")}
 OPTIMIZERS = {"asgo_tau1": "asgo_tau1", "adamw": "adamw"}  # name → its lr_choices.json entry
 
 
@@ -48,17 +51,16 @@ def make_optimizer(name: str, variant: str, model, lr: float) -> ASGO:
                   {"params": [p for p in params if p.ndim < 2], "adamw_weight_decay": 0.0}]
         return ASGO(groups, lr=lr, algorithm="adamw", adamw_betas=train_lm.ADAM_BETAS,
                     param_rounding=rounding)
-    state_dtypes = dict(mu_dtype="bfloat16", precond_dtype="bfloat16") if variant == "bf16_state" else {}
-    return ASGO(asgo_param_groups(model), lr=lr, param_rounding=rounding, **state_dtypes)
+    return ASGO(asgo_param_groups(model), lr=lr, param_rounding=rounding, **STATE_DTYPES.get(variant, {}))
 
 
 def applies(name: str, variant: str) -> bool:
-    return not (name == "adamw" and variant == "bf16_state")
+    return not (name == "adamw" and variant in STATE_DTYPES)
 
 
 def train(args, name: str, variant: str, lr: float, seed: int, train_data, val_batches) -> dict:
     model = train_lm.build_model(args, seed)
-    if variant.startswith("bf16_") and variant != "bf16_state":
+    if variant in ("bf16_nearest", "bf16_stochastic"):
         model = model.to(torch.bfloat16)
     optimizer = make_optimizer(name, variant, model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_lm.warmup_cosine(args.steps))
