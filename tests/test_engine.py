@@ -32,7 +32,7 @@ def test_every_config_field_is_a_row_with_the_configs_default(algorithm, config_
 
 def test_static_args_are_per_algorithm():
     """DASGO's set holds only options dasgo() takes (optax.inject_hyperparams refuses others)."""
-    assert set(static_args("dasgo")) == {"b1", "b2", "eps", "update_rms"}
+    assert set(static_args("dasgo")) == {"b1", "b2", "eps", "update_rms", "mu_dtype"}
     assert set(static_args("dasgo")) < set(static_args("asgo"))
     assert {"precondition_frequency", "num_heads", "max_precond_dim", "matmul_dtype"} <= set(static_args("asgo"))
     assert set(static_args("dasgo")) <= set(defaults("dasgo", "optax"))
