@@ -34,7 +34,6 @@ is written, so an error leaves params and state as they were.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import array_api_compat
@@ -43,11 +42,12 @@ from asgo_core import adamw, init_state, needs_root_refresh, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
 from asgo_core.buckets import Member, plan_buckets
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order, portable,
-                                  stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
+                                  entry_names, portable, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.layout import PermutedStack, block_layout, check_batch_dims_value
-from asgo_core.options import check_group_options, defaults, group_config, layout_options, signature
+from asgo_core.options import (check_group_options, checkpoint_config, defaults, group_config, layout_options,
+                               signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
@@ -175,22 +175,15 @@ class _ArrayOptimizer:
         self._set_states(bucket_states, slot_states, common_step(list(entries.values())))
 
     def _entry_names(self, names) -> list:
-        if names is None:
-            return [str(key) for key in self._params]
-        names = [str(name) for name in names]
-        if len(names) != len(self._params):
-            fail("names", f"{len(names)} names", f"one per array ({len(self._params)})")
-        return names
+        return entry_names(names, [str(key) for key in self._params], "array")
 
     def _portable_identity(self, key) -> tuple:
         """(algorithm, the options a checkpoint must share, batch_dims); lr is left out:
         schedules change it. AdamW arrays are not matrices: their batch_dims is 0."""
         group = next(g for g in self.param_groups if key in g["params"])
         algorithm = self._algorithm_of(self._params[key], group)
-        if algorithm == "adamw":
-            return algorithm, {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
-                               "weight_decay": group["adamw_weight_decay"]}, 0
-        return algorithm, dataclasses.asdict(group_config(group, algorithm)), group["batch_dims"]
+        batch_dims = 0 if algorithm == "adamw" else group["batch_dims"]
+        return algorithm, checkpoint_config(group, algorithm), batch_dims
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -223,8 +216,8 @@ class _ArrayOptimizer:
         if algorithm != "adamw":
             try:
                 view = PermutedStack.outputs_first(array.shape, group["batch_dims"])
-                if algorithm == "asgo":
-                    block_layout(view.stack_shape[1:], group_config(group, algorithm))  # num_heads must divide
+                if algorithm == "asgo":  # num_heads must divide
+                    block_layout(view.stack_shape[1:], group_config(group, algorithm))
             except ValueError as error:
                 raise ValueError(f"params[{key!r}]: {error}") from None
 

@@ -51,7 +51,7 @@ from keras import ops
 from asgo_core import adamw, init_state, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.buckets import Member, plan_buckets
-from asgo_core.checkpoint import check_entry_matches, common_step, entries_in_order, portable
+from asgo_core.checkpoint import check_entry_matches, common_step, entries_in_order, entry_names, portable
 from asgo_core.checkpoint import stacked_state_entries, stacked_state_from_entries
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import PermutedStack
@@ -205,7 +205,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             return _AdamWSlot({name: add(name, variable.shape, dtype) for name in ("exp_avg", "exp_avg_sq")}
                               | {"skipped": add("skipped", (), "int32")})
         view, state = plan
-        return _MatrixSlot(view, type(state), {name: add(name, shape, dtype) for name, shape, dtype in flat_spec(state)})
+        variables = {name: add(name, shape, dtype) for name, shape, dtype in flat_spec(state)}
+        return _MatrixSlot(view, type(state), variables)
 
     # ---- one step -------------------------------------------------------------------------
     def _apply_weight_decay(self, variables):
@@ -259,7 +260,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             stream = self._get_variable_index(variables[0])
             new_params = self._stochastically_rounded(new_params, params.dtype, stream)
         new_params = bucket.scatter(new_params, ops)
-        writes = [(variable, ops.cast(value, variable.dtype)) for variable, value in zip(variables, new_params)]
+        writes = [(variable, ops.cast(value, variable.dtype))
+                  for variable, value in zip(variables, new_params)]
         for slot, part in zip(slots, split_named(new_named, bucket.counts)):
             writes += [(slot.variables[name], value) for name, value in part.items()]
         return writes
@@ -271,8 +273,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         dtype = state["exp_avg"].dtype
         decay = self._options["adam_weight_decay"] if self._use_weight_decay(variable) else 0.0
         hyper = adamw.hyperparameters(
-            lr=ops.cast(lr, dtype) * self.adam_lr_ratio, eps=self._options["adam_epsilon"], weight_decay=decay,
-            betas=(self._options["adam_beta_1"], self._options["adam_beta_2"]),
+            lr=ops.cast(lr, dtype) * self.adam_lr_ratio, eps=self._options["adam_epsilon"],
+            weight_decay=decay, betas=(self._options["adam_beta_1"], self._options["adam_beta_2"]),
             step=ops.cast(self.iterations + 1, dtype))
         xp = _namespace(variable.value)
         uniform = (self._uniform(variable.shape, dtype, self._get_variable_index(variable))
@@ -353,13 +355,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         return [(v, slot) for v, slot in zip(self._trainable_variables, self._slots) if slot is not None]
 
     def _entry_names(self, names) -> list:
-        paths = [variable.path for variable, _ in self._stateful()]
-        if names is None:
-            return paths
-        names = [str(name) for name in names]
-        if len(names) != len(paths):
-            fail("names", f"{len(names)} names", f"one per variable with optimizer state ({len(paths)})")
-        return names
+        return entry_names(names, [variable.path for variable, _ in self._stateful()],
+                           "variable with optimizer state")
 
     def _portable_identity(self, variable, slot) -> dict:
         """What a checkpoint entry must agree with: algorithm, shape (torch layout for a matrix),
@@ -370,7 +367,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
                       "eps": self._options["adam_epsilon"], "weight_decay": decay}
             return dict(algorithm="adamw", shape=list(variable.shape), batch_dims=0, config=config)
         return dict(algorithm=self.matrix_algorithm, shape=list(slot.view.permuted_shape),
-                    batch_dims=self._batch_dims_of(variable), config=dataclasses.asdict(self._config_of(variable)))
+                    batch_dims=self._batch_dims_of(variable),
+                    config=dataclasses.asdict(self._config_of(variable)))
 
     # ---- serialization --------------------------------------------------------------------
     def get_config(self):
@@ -401,7 +399,8 @@ def _converted(array, like):
     """A checkpoint array as a tensor of like's dtype (the shape is checked by the caller)."""
     if tuple(np.shape(array)) != tuple(like.shape):
         from asgo_core import CheckpointError
-        raise CheckpointError(f"checkpoint array of shape {tuple(np.shape(array))}, expected {tuple(like.shape)}")
+        raise CheckpointError(f"checkpoint array of shape {tuple(np.shape(array))}, "
+                              f"expected {tuple(like.shape)}")
     return ops.convert_to_tensor(np.asarray(array), dtype=like.dtype)
 
 

@@ -131,6 +131,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    def algorithm_of(self, param: torch.Tensor, group: dict) -> str:
+        """"asgo", "dasgo" or "adamw": what steps `param` as a member of `group`."""
+        return _algorithm_of(param, group, self.matrix_algorithm)
+
     def _validate_group(self, group: dict, group_index: int) -> None:
         """The constructor's checks of one group (options, then every parameter under them);
         load_state_dict runs them on the saved options too."""
@@ -454,16 +458,6 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         state = _split_state(core_state, (param,), group["batch_dims"])[0]
         state["step"] = int(entry["step"])
         return state
-
-
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, copy=True)
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
 
 
 def _fresh_adamw_state(param: torch.Tensor) -> dict:

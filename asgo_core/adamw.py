@@ -30,9 +30,9 @@ def hyperparameters(*, lr, betas, eps, weight_decay, step) -> dict:
     floats for a Python step, arrays for an array step (a traced iteration count)."""
     beta1, beta2 = betas
     correction2 = 1 - beta2 ** step
+    correction2_sqrt = math.sqrt(correction2) if isinstance(correction2, float) else correction2 ** 0.5
     return dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                step_size=lr / (1 - beta1 ** step),
-                bias_correction2_sqrt=math.sqrt(correction2) if isinstance(correction2, float) else correction2 ** 0.5)
+                step_size=lr / (1 - beta1 ** step), bias_correction2_sqrt=correction2_sqrt)
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, xp, *, lr, beta1, beta2, eps, weight_decay, step_size,

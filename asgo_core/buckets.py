@@ -51,7 +51,8 @@ class Bucket:
 
     def scatter(self, stack, ops) -> list:
         """Each member's rows of a (matrices, m, n) stack, in the member's own shape."""
-        return [member.view.from_stack(rows, ops) for member, rows in zip(self.members, split_rows(stack, self.counts))]
+        parts = split_rows(stack, self.counts)
+        return [member.view.from_stack(rows, ops) for member, rows in zip(self.members, parts)]
 
 
 def plan_buckets(members, adapter_key=lambda member: ()) -> list:

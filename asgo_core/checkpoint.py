@@ -44,6 +44,7 @@ import struct
 import zipfile
 import zlib
 
+from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims
 from asgo_core.state_codec import named_arrays, split_named, state_from_named
 
@@ -237,6 +238,17 @@ def entries_in_order(portable: dict, names) -> list:
         raise CheckpointError(f"checkpoint does not fit the optimizer: no entry for {missing}, "
                               f"entries for no parameter {unused} (pass names= to line them up)")
     return [by_name[name] for name in names]
+
+
+def entry_names(names, defaults: list, per: str) -> list:
+    """The entry names an adapter exports or loads: `names` given by the caller (one `per`
+    item, checked), or the adapter's `defaults`."""
+    if names is None:
+        return defaults
+    names = [str(name) for name in names]
+    if len(names) != len(defaults):
+        fail("names", f"{len(names)} names", f"one per {per} ({len(defaults)})")
+    return names
 
 
 def common_step(entries: list) -> int:

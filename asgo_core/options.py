@@ -15,6 +15,7 @@ Frameworks: "torch" (the torch and NumPy/CuPy adapters: torch.optim's names, bet
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -141,8 +142,8 @@ def signature(positional: tuple, keywords: dict) -> inspect.Signature:
     as **options: `positional` names first, then the other keywords with their defaults."""
     parameters = []
     for name in positional:
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        parameters.append(inspect.Parameter(name, kind, **({"default": keywords[name]} if name in keywords else {})))
+        default = keywords.get(name, inspect.Parameter.empty)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
     parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
                    for name, value in keywords.items() if name not in positional]
     return inspect.Signature(parameters)
@@ -203,6 +204,16 @@ def group_config(group: dict, algorithm: str):
     for name in sorted(options):
         key.append((name, type(options[name]), options[name]))
     return _cached_config(config_type, tuple(key))
+
+
+def checkpoint_config(group: dict, algorithm: str) -> dict:
+    """The options of a group that a portable checkpoint entry records and must match on load
+    (asgo_core.checkpoint): the core config's, or the AdamW ones; lr is left out (schedules
+    change it)."""
+    if algorithm == "adamw":
+        return {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
+                "weight_decay": group["adamw_weight_decay"]}
+    return dataclasses.asdict(group_config(group, algorithm))
 
 
 @functools.lru_cache(maxsize=256)

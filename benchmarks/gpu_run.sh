@@ -66,7 +66,9 @@ section() {
     local rc=$?
     local used=$((SECONDS - begun))
     tail -n 25 "$OUT_DIR/$name.log"
-    echo "== $name: rc $rc, used ${used} s of ${budget} s$([ $rc -eq 124 ] && echo ' (budget exceeded, stopped)')"
+    local note=""
+    [ $rc -eq 124 ] && note=" (budget exceeded, stopped)"
+    echo "== $name: rc $rc, used ${used} s of ${budget} s$note"
     SECTIONS+=("\"$name\": {\"budget_s\": $budget, \"used_s\": $used, \"rc\": $rc}")
     return $rc
 }
@@ -93,9 +95,10 @@ print("\n".join(f"{name}=={version}" for name, version in sorted(names.items()) 
 PY
     echo "python: $("$VENV/bin/python" -c 'import sys; print(sys.version)')"
     echo "installed distributions pinned: $(wc -l < "$VENV/installed.txt")"
-    "$VENV/bin/python" -m pip --isolated --disable-pip-version-check install --no-compile --no-index --find-links "$WHEELS" \
-        --constraint "$VENV/installed.txt" -r "$REQUIREMENTS" -e "$ROOT" || return
-    "$VENV/bin/python" -m pip --isolated --disable-pip-version-check freeze > "$OUT_DIR/environment.txt"
+    local pip=("$VENV/bin/python" -m pip --isolated --disable-pip-version-check)
+    "${pip[@]}" install --no-compile --no-index --find-links "$WHEELS" --constraint "$VENV/installed.txt" \
+        -r "$REQUIREMENTS" -e "$ROOT" || return
+    "${pip[@]}" freeze > "$OUT_DIR/environment.txt"
 }
 
 run_gpu_check() {

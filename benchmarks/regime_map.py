@@ -6,8 +6,8 @@ record per finished run to docs/regime_map/runs.jsonl, so a partial run is usabl
 
 The plan is fixed before the runs (PLAN below, printed at start and stored in meta.json):
   * Horizons 300, 1200, 4800 steps; optimizers adamw, muon, asgo_tau1, asgo_tau10.
-  * 300 steps: each optimizer trains with seed 0 at its previous best lr (train_lm's quick sweep,
-    benchmarks/lr_choices.json) times 1/2, 1, 2; if the best is on an edge, the grid is extended
+  * 300 steps: each optimizer trains with seed 0 at its previous best lr (PREVIOUS_BEST, from a
+    150-step sweep) times 1/2, 1, 2; if the best is on an edge, the grid is extended
     by a factor of 2 past it (at most twice). The chosen lr (lowest final val loss, seed 0) then
     runs with seed 1.
   * 1200 steps, breadth-first so that a cut leaves every optimizer measured: each optimizer at its
@@ -18,13 +18,22 @@ The plan is fixed before the runs (PLAN below, printed at start and stored in me
     x2; [train_mlp_jax.py --sensitivity]; one factor of 2 past a winning edge; seed 1 at the
     1200-step choice.
   * 4800 steps (reduced for time): each optimizer at its 1200-step choice, seed 0 (muon,
-    asgo_tau1, adamw, asgo_tau10); then the knobs' seed 1 at 1200; then seed 1 at 4800.
-  * One run at a time, one torch thread (the 2 cores are shared with other processes; with 2
+    asgo_tau1, adamw, asgo_tau10); then the knobs' seed 1 at 1200 (part "map").
+  * Part "long": seed 1 at 4800 steps at the 1200-step choice (same order); then, for asgo_tau1
+    and muon, seed 0 at the 1200-step grid's neighbour of that choice on the side it favoured
+    (the "lr points", shown beside the 4800-step row, not chosen among).
+  * Part "batch", the batch-size axis: batch 256 (8x train_lm's quick 32) at 300 steps, each
+    optimizer at its batch-32 300-step choice x 1, 2, 1/2 (breadth-first over optimizers), one
+    factor of 2 past a winning edge, then seed 1 at the batch-256 choice. Validation uses the same
+    fixed batch-32 batches as every other run. Records carry "batch_size" (records without it
+    ran at 32) and "cpu" (records without it ran on the first session's machine in meta.json).
+  * One run at a time per process, one torch thread (the 2 cores are shared with other processes; with 2
     threads under that load a step was 7x slower than with 1). A run is skipped (and listed in
     plan.json) when its estimated time, from the optimizer's measured seconds per step, would
     end past --deadline.
 
     python benchmarks/regime_map.py --deadline 22:05          # runs (resumes: finished runs kept)
+    python benchmarks/regime_map.py --parts long &  python benchmarks/regime_map.py --parts batch long
     python benchmarks/regime_map.py --report                  # summary.json, tables.md, *.png
 
 Timings come from train_lm.train_run (training seconds without evaluation); the load average
@@ -42,7 +51,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -69,10 +80,19 @@ KNOBS = {"asgo_tau3": train_lm.make_asgo(3),
          "asgo_tau1_mpd64": train_lm.make_asgo(1, max_precond_dim=64)}
 KNOB_LR_FROM = "asgo_tau1"
 LONG_HORIZON, LONG_LR_FROM = 4800, 1200
+BASE_BATCH = 32  # train_lm's quick preset; records without "batch_size" ran at it
+BATCH_AXIS = {"batch_size": 256, "horizon": 300, "lr_from_batch": BASE_BATCH,
+              "factors": (1.0, 2.0, 0.5)}  # x2 before x1/2: a larger batch tends to take a larger lr
+PARTS = ("map", "long", "batch")
+COLUMNS = [*((horizon, BASE_BATCH) for horizon in HORIZONS),
+           (BATCH_AXIS["horizon"], BATCH_AXIS["batch_size"])]
+LONG_LR_POINTS = ("asgo_tau1", "muon")
 BAND = 0.02  # lr band: final val loss within 2% of the optimizer's best
 THREADS = 1
 MLP_SECONDS = 600  # train_mlp_jax --sensitivity: 20 runs of ~25 s on the shared cores
 train_lm.OPTIMIZER_FACTORIES.update(KNOBS)
+COLORS = {"adamw": "C0", "muon": "C1", "asgo_tau1": "C2", "asgo_tau10": "C3",
+          "asgo_tau3": "C4", "asgo_tau1_mpd64": "C5"}
 
 
 def lr_round(lr: float) -> float:
@@ -99,12 +119,48 @@ PLAN = {
                               "knobs' seed 1 at 1200, 4800 seed 1"},
     "grid_1200": {"factors": [1.0, *LATER_GRID_FACTORS], "around": "the 300-step choice",
                   "edge_extensions": EDGE_EXTENSIONS_LATER, "order": ORDER},
+    "long_seed_1": {"steps": LONG_HORIZON, "seed": 1, "lr": "the 1200-step choice", "order": ORDER,
+                    "lr_points": "then seed 0 at the 1200-step grid's neighbour of the choice on "
+                                 "the side it favoured, for asgo_tau1 and muon"},
+    "batch_axis": {**BATCH_AXIS, "order": "grid breadth-first (every optimizer's centre, then "
+                                         "x2, then x1/2), one factor of 2 past a winning edge, "
+                                         "then seed 1 at each choice",
+                   "val_batches": f"the same {BASE_BATCH}-sequence validation batches as every "
+                                  f"other run"},
     "torch_threads": THREADS,
     "lr_band": f"final val loss <= (1 + {BAND}) x best, width in factors of lr",
 }
 
 
 # ----------------------------------------------------------------------------------- machine
+
+def newton_schulz_float32_gemms(grad: torch.Tensor, ns_coefficients: tuple[float, float, float],
+                                ns_steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz iteration (torch/optim/_muon.py) with each bf16 GEMM done
+    as a float32 GEMM on the bf16 operands and its result rounded to bf16: what a native bf16 GEMM
+    with float32 accumulation gives, up to summation order. On a CPU that emulates bf16 matmuls
+    torch's kernel took 20-60x longer on this model's matrices; the results differ by 0.2-0.7%
+    (relative Frobenius), the order of bf16 rounding."""
+    a, b, c = ns_coefficients
+    x = grad.bfloat16()
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(ns_steps):
+        xf = x.float()
+        gram = (xf @ xf.T).bfloat16().float()
+        update = torch.addmm(gram, gram, gram, beta=b, alpha=c).bfloat16().float()
+        x = torch.addmm(xf, update, xf, beta=a).bfloat16()
+    return x.T if grad.size(0) > grad.size(1) else x
+
+
+def use_float32_gemms_where_bf16_is_emulated() -> str:
+    """How Muon's bf16 GEMMs run here (stored in each record)."""
+    if train_lm.bfloat16_matmul_slowdown(torch.device("cpu")) < train_lm.BF16_SLOWDOWN_LIMIT:
+        return "native bf16"
+    torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_float32_gemms
+    return "float32 GEMMs on bf16 operands, rounded to bf16 (bf16 matmuls are emulated here)"
+
 
 def cpu_model() -> str:
     try:
@@ -134,18 +190,42 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def key(horizon: int, name: str, lr: float, seed: int) -> str:
-    return f"{horizon}/{name}/{lr:g}/{seed}"
+def claimed_by_live_process(claim: Path) -> bool:
+    """Whether another process of a parallel part is training this run now."""
+    try:
+        os.kill(int(claim.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def batch_size(record: dict) -> int:
+    return record.get("batch_size", BASE_BATCH)
+
+
+def key(horizon: int, name: str, lr: float, seed: int, batch: int = BASE_BATCH) -> str:
+    return f"{horizon}/{name}/{lr:g}/{seed}" + ("" if batch == BASE_BATCH else f"/b{batch}")
+
+
+def record_key(record: dict) -> str:
+    return key(record["horizon"], record["optimizer"], record["lr"], record["seed"],
+               batch_size(record))
+
+
+def at_batch(records: list[dict], batch: int) -> list[dict]:
+    return [r for r in records if batch_size(r) == batch]
 
 
 class Runner:
     def __init__(self, out: Path, deadline: dt.datetime | None):
         self.out, self.deadline = out, deadline
         self.runs_path = out / "runs.jsonl"
-        self.records = read_records(self.runs_path)
-        self.done = {key(r["horizon"], r["optimizer"], r["lr"], r["seed"]): r
-                     for r in self.records}
-        self.plan_log: list[dict] = []
+        self.reload()
+        self.cpu = cpu_model()
+        self.muon_gemms = use_float32_gemms_where_bf16_is_emulated()
+        self.claims = (Path(tempfile.gettempdir())
+                       / f"regime_map_running_{zlib.crc32(str(out.resolve()).encode())}")
+        self.claims.mkdir(exist_ok=True)
         self.args = train_lm.parse_args(["--quick", "--threads", str(THREADS)])
         data, self.source = train_lm.load_corpus(None, self.args.max_bytes)
         split = int(len(data) * (1 - train_lm.VAL_FRACTION))
@@ -153,34 +233,60 @@ class Runner:
         self.val_batches = train_lm.fixed_val_batches(
             data[split:], self.args.block_size, self.args.batch_size, self.args.eval_batches)
 
-    def seconds_per_step(self, name: str) -> float:
-        """From the optimizer's latest run: the load on the shared cores changes over time."""
-        mine = [r for r in self.records if r["optimizer"] == name]
-        return mine[-1]["wall_seconds"] / mine[-1]["steps"] if mine else 0.08
+    def reload(self) -> None:
+        """The finished runs, including those of a part running in parallel in another process."""
+        self.records = read_records(self.runs_path)
+        self.done = {record_key(r): r for r in self.records}
+
+    def seconds_per_step(self, name: str, batch: int) -> float:
+        """From the optimizer's latest run at this batch size, on this CPU if one ran here: the
+        load on the shared cores changes over time."""
+        mine = [r for r in at_batch(self.records, batch) if r["optimizer"] == name]
+        here = [r for r in mine if r.get("cpu") == self.cpu] or mine
+        return here[-1]["wall_seconds"] / here[-1]["steps"] if here else 0.0
 
     def log(self, entry: dict) -> None:
-        self.plan_log.append(entry)
-        (self.out / "plan.json").write_text(json.dumps(
-            {"plan": PLAN, "log": self.plan_log}, indent=1) + "\n")
+        """Re-read before appending: two parts of the plan may run in parallel processes."""
+        path = self.out / "plan.json"
+        log = json.loads(path.read_text())["log"] if path.exists() else []
+        path.write_text(json.dumps({"plan": PLAN, "log": log + [entry]}, indent=1) + "\n")
 
-    def run(self, horizon: int, name: str, lr: float, seed: int, stage: str) -> dict | None:
-        k = key(horizon, name, lr, seed)
+    def run(self, horizon: int, name: str, lr: float, seed: int, stage: str,
+            batch: int = BASE_BATCH) -> dict | None:
+        k = key(horizon, name, lr, seed, batch)
+        self.reload()
         if k in self.done:
             return self.done[k]
-        estimate = 1.1 * self.seconds_per_step(name) * horizon
+        claim = self.claims / k.replace("/", "_")
+        if claimed_by_live_process(claim):
+            print(f"skip {k} ({stage}): running in process {claim.read_text()}", flush=True)
+            return None
+        estimate = 1.1 * self.seconds_per_step(name, batch) * horizon
         now = dt.datetime.now(dt.timezone.utc)
         if self.deadline and now + dt.timedelta(seconds=estimate) > self.deadline:
             print(f"skip {k} ({stage}): ~{estimate:.0f}s would end past the deadline", flush=True)
             self.log({"run": k, "stage": stage, "status": "skipped (deadline)",
                       "estimated_seconds": round(estimate)})
             return None
+        claim.write_text(str(os.getpid()))
+        try:
+            return self.train(horizon, name, lr, seed, stage, batch)
+        finally:
+            claim.unlink()
+
+    def train(self, horizon: int, name: str, lr: float, seed: int, stage: str,
+              batch: int) -> dict:
+        k = key(horizon, name, lr, seed, batch)
         self.args.eval_every = EVAL_EVERY[horizon]
+        self.args.batch_size = batch
         load_before = os.getloadavg()
         start = time.perf_counter()
         run = train_lm.train_run(self.args, name, lr, seed, horizon, self.train_data,
                                  self.val_batches)
         record = {"horizon": horizon, "optimizer": name, "lr": lr, "seed": seed, "stage": stage,
-                  "steps": horizon, "wall_seconds": time.perf_counter() - start,
+                  "batch_size": batch, "cpu": self.cpu, "steps": horizon,
+                  **({"muon_gemms": self.muon_gemms} if name == "muon" else {}),
+                  "wall_seconds": time.perf_counter() - start,
                   "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "load_average_before": load_before, "load_average_after": os.getloadavg(),
                   **{f: run[f] for f in ("final_val_loss", "final_train_loss", "diverged",
@@ -218,23 +324,31 @@ class Runner:
         return best
 
 
-def chosen_lr(records: list[dict], horizon: int, name: str) -> float | None:
-    seed0 = [r for r in records if r["horizon"] == horizon and r["optimizer"] == name
-             and r["seed"] == 0 and r["stage"] in ("grid", "long")]
+def chosen_lr(records: list[dict], horizon: int, name: str,
+              batch: int = BASE_BATCH) -> float | None:
+    """The lowest final val loss of the seed-0 grid runs (and, at 4800 steps, of the run at the
+    1200-step choice; the extra lr points there are shown beside it, not chosen among)."""
+    seed0 = [r for r in at_batch(records, batch) if r["horizon"] == horizon
+             and r["optimizer"] == name and r["seed"] == 0 and r["stage"] in ("grid", "long")]
     finite = [r for r in seed0 if math.isfinite(r["final_val_loss"])]
     return min(finite, key=lambda r: r["final_val_loss"])["lr"] if finite else None
 
 
-def run_all(out: Path, deadline: dt.datetime | None, skip_mlp: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(THREADS)
-    meta = {"machine": machine(), "plan": PLAN, "started_utc":
-            dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "deadline_utc": deadline.isoformat() if deadline else None,
-            "command": " ".join(["python", "benchmarks/regime_map.py"] + sys.argv[1:])}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(json.dumps(meta, indent=1), flush=True)
-    runner = Runner(out, deadline)
+def start_session(out: Path, deadline: dt.datetime | None, parts: list[str]) -> None:
+    """Append this invocation's machine and command to meta.json (the runs of one map may come
+    from several machines; each record names its CPU too)."""
+    path = out / "meta.json"
+    sessions = json.loads(path.read_text()).get("sessions", []) if path.exists() else []
+    session = {"machine": machine(), "parts": parts,
+               "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "deadline_utc": deadline.isoformat() if deadline else None,
+               "command": " ".join(["python", "benchmarks/regime_map.py"] + sys.argv[1:])}
+    path.write_text(json.dumps({"plan": PLAN, "sessions": sessions + [session]}, indent=1) + "\n")
+    print(json.dumps(session, indent=1), flush=True)
+
+
+def map_part(runner: Runner, skip_mlp: bool) -> None:
+    """Batch 32: the 300- and 1200-step grids and seeds, the cost knobs, 4800 steps seed 0."""
     short, middle = GRID_HORIZONS
     centre = {}
     for name in OPTIMIZERS:
@@ -253,14 +367,14 @@ def run_all(out: Path, deadline: dt.datetime | None, skip_mlp: bool) -> None:
     for factor in LATER_GRID_FACTORS:
         for name in order:
             runner.run(middle, name, lr_round(centre[name] * factor), 0, "grid")
-    if not skip_mlp and not (out / "mlp_jax_lr_sensitivity.json").exists():
-        if deadline and dt.datetime.now(dt.timezone.utc) + dt.timedelta(
-                seconds=MLP_SECONDS) > deadline:
+    if not skip_mlp and not (runner.out / "mlp_jax_lr_sensitivity.json").exists():
+        if runner.deadline and dt.datetime.now(dt.timezone.utc) + dt.timedelta(
+                seconds=MLP_SECONDS) > runner.deadline:
             runner.log({"run": "train_mlp_jax --sensitivity", "status": "skipped (deadline)"})
         else:
             print("train_mlp_jax lr sensitivity", flush=True)
             subprocess.run([sys.executable, str(Path(__file__).with_name("train_mlp_jax.py")),
-                            "--sensitivity", "--out", str(out)], check=False)
+                            "--sensitivity", "--out", str(runner.out)], check=False)
     for name in order:  # one factor of 2 past an edge that wins, once all three points ran
         lrs = [lr_round(centre[name] * f) for f in (*LATER_GRID_FACTORS[:1], 1.0,
                                                      *LATER_GRID_FACTORS[1:])]
@@ -281,10 +395,65 @@ def run_all(out: Path, deadline: dt.datetime | None, skip_mlp: bool) -> None:
         for knob in KNOBS:
             for seed in SEEDS[1:]:
                 runner.run(KNOB_HORIZON, knob, centre[KNOB_LR_FROM], seed, "knob")
-    for name in order:
+
+
+def favoured_neighbour(records: list[dict], horizon: int, name: str) -> float | None:
+    """The grid neighbour (choice x1/2 or x2, seed 0) with the lower final val loss."""
+    choice = chosen_lr(records, horizon, name)
+    losses = {r["lr"]: r["final_val_loss"] for r in at_batch(records, BASE_BATCH)
+              if r["horizon"] == horizon and r["optimizer"] == name and r["seed"] == 0}
+    neighbours = [lr for lr in (lr_round(choice / 2), lr_round(choice * 2)) if lr in losses] \
+        if choice is not None else []
+    return min(neighbours, key=lambda lr: losses[lr]) if neighbours else None
+
+
+def long_part(runner: Runner) -> None:
+    """4800 steps: seed 1 at the 1200-step choice, then one more lr for LONG_LR_POINTS."""
+    chosen = {name: chosen_lr(runner.records, LONG_LR_FROM, name) for name in ORDER}
+    for name in ORDER:
         if chosen[name] is not None:
             for seed in SEEDS[1:]:
                 runner.run(LONG_HORIZON, name, chosen[name], seed, "seed")
+    for name in LONG_LR_POINTS:
+        neighbour = favoured_neighbour(runner.records, LONG_LR_FROM, name)
+        if neighbour is not None:
+            runner.run(LONG_HORIZON, name, neighbour, 0, "lr_point")
+
+
+def batch_part(runner: Runner) -> None:
+    """BATCH_AXIS: a 3-point grid around the base batch's choice, breadth-first; one factor of 2
+    past a winning edge; then seed 1 at each choice."""
+    horizon, batch = BATCH_AXIS["horizon"], BATCH_AXIS["batch_size"]
+    centre = {name: chosen_lr(runner.records, horizon, name, BATCH_AXIS["lr_from_batch"])
+              for name in ORDER}
+    grids = {name: sorted(lr_round(centre[name] * f) for f in BATCH_AXIS["factors"])
+             for name in ORDER if centre[name] is not None}
+    for factor in BATCH_AXIS["factors"]:
+        for name in grids:
+            runner.run(horizon, name, lr_round(centre[name] * factor), 0, "grid", batch)
+    for name, lrs in grids.items():
+        best = chosen_lr(runner.records, horizon, name, batch)
+        if best in (lrs[0], lrs[-1]) and all(key(horizon, name, lr, 0, batch) in runner.done
+                                              for lr in lrs):
+            runner.run(horizon, name, lr_round(best * (2.0 if best == lrs[-1] else 0.5)), 0,
+                       "grid", batch)
+    for name, lrs in grids.items():  # once its grid is complete (another process may run part)
+        best = chosen_lr(runner.records, horizon, name, batch)
+        if all(key(horizon, name, lr, 0, batch) in runner.done for lr in lrs):
+            for seed in SEEDS[1:]:
+                runner.run(horizon, name, best, seed, "seed", batch)
+
+
+def run_all(out: Path, deadline: dt.datetime | None, skip_mlp: bool, parts: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(THREADS)
+    start_session(out, deadline, parts)
+    runner = Runner(out, deadline)
+    for part in parts:  # in the order given
+        if part == "map":
+            map_part(runner, skip_mlp)
+        else:
+            {"long": long_part, "batch": batch_part}[part](runner)
     print("done", flush=True)
 
 
@@ -351,16 +520,32 @@ def mlp_sensitivity(out: Path) -> tuple[dict, str]:
     return {}, ""
 
 
+def column_name(horizon: int, batch: int) -> str:
+    return str(horizon) if batch == BASE_BATCH else f"{horizon}_b{batch}"
+
+
+def column_title(column: str) -> str:
+    horizon, _, batch = column.partition("_b")
+    return f"{horizon} steps" + (f", batch {batch}" if batch else "")
+
+
+def run_cpu(record: dict, meta: dict) -> str:
+    """Records written before runs named their CPU come from the first session in meta.json."""
+    return record.get("cpu") or meta["sessions"][0]["machine"]["cpu"]
+
+
 def report(out: Path) -> dict:
-    records = read_records(out / "runs.jsonl")
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    all_records = read_records(out / "runs.jsonl")
+    meta = json.loads((out / "meta.json").read_text())
     summary: dict = {"meta": meta, "horizons": {}, "lr_sensitivity": {}, "knobs": {}}
     names = OPTIMIZERS + list(KNOBS)
-    for horizon in HORIZONS:
+    for horizon, batch in COLUMNS:
+        column = column_name(horizon, batch)
+        records = at_batch(all_records, batch)
         rows = {}
         for name in names:
             knob_lrs = [r["lr"] for r in records if r["optimizer"] == name]
-            lr = (chosen_lr(records, horizon, name) if name in OPTIMIZERS
+            lr = (chosen_lr(records, horizon, name, batch) if name in OPTIMIZERS
                   else knob_lrs[0] if knob_lrs else None)
             runs = [r for r in records if r["horizon"] == horizon and r["optimizer"] == name
                     and r["lr"] == lr]
@@ -379,6 +564,7 @@ def report(out: Path) -> dict:
                           "load_average": [round(max(r["load_average_before"][0],
                                                      r["load_average_after"][0]), 2)
                                            for r in runs],
+                          "cpu_by_seed": {r["seed"]: run_cpu(r, meta) for r in runs},
                           "curve": train_lm.mean_curve(runs)}
         for name, row in rows.items():
             row["reach"] = {}
@@ -388,7 +574,7 @@ def report(out: Path) -> dict:
                     row["reach"][other] = None if hit is None else {"steps": hit[0],
                                                                     "seconds": hit[1]}
         if rows:
-            summary["horizons"][str(horizon)] = rows
+            summary["horizons"][column] = rows
         sensitivity = {}
         for name in OPTIMIZERS:
             losses = {r["lr"]: r["final_val_loss"] for r in records if r["horizon"] == horizon
@@ -398,7 +584,7 @@ def report(out: Path) -> dict:
                                                          sorted(losses.items())},
                                      "band": lr_band(losses)}
         if sensitivity:
-            summary["lr_sensitivity"][str(horizon)] = sensitivity
+            summary["lr_sensitivity"][column] = sensitivity
     mlp_by_lr, mlp_source = mlp_sensitivity(out)
     if mlp_by_lr:
         summary["lr_sensitivity"]["mlp_jax"] = {
@@ -423,11 +609,16 @@ def cell(row: dict | None) -> str:
             f"(lr {row['lr']:g}, {seeds} seed{'s' if seeds > 1 else ''})")
 
 
+def cpus_by_seed(row: dict) -> str:
+    return ", ".join(f"{seed}: {cpu.replace('(R)', '')}"
+                     for seed, cpu in sorted(row["cpu_by_seed"].items()))
+
+
 def tables_markdown(summary: dict) -> str:
     horizons = summary["horizons"]
-    lines = ["### Final validation loss by run length (lr chosen at each length; ± half-range "
-             "over seeds)", "",
-             "| optimizer | " + " | ".join(f"{h} steps" for h in horizons) + " |",
+    lines = ["### Final validation loss by run length and batch size (lr chosen in each column; "
+             "± half-range over seeds)", "",
+             "| optimizer | " + " | ".join(column_title(h) for h in horizons) + " |",
              "|---|" + "---|" * len(horizons)]
     for name in OPTIMIZERS:
         lines.append(f"| {name} | " + " | ".join(cell(rows.get(name))
@@ -446,19 +637,20 @@ def tables_markdown(summary: dict) -> str:
                              f"| {r['step_ms']:.1f} | {max(r['load_average']):.2f} |")
     lines.append("")
     for horizon, rows in summary["horizons"].items():
-        lines += [f"### {horizon} steps", "",
+        lines += [f"### {column_title(horizon)}", "",
                   "| optimizer | lr | seeds | final val ± half-range | final train ± half-range "
-                  "| step ms | opt ms | train s | load avg |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| step ms | opt ms | train s | load avg | CPU by seed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             lines.append(f"| {name} | {r['lr']:g} | {len(r['seeds'])} "
                          f"| {fmt(r['val_mean'])} ± {fmt(r['val_half_range'])} "
                          f"| {fmt(r['train_mean'])} ± {fmt(r['train_half_range'])} "
                          f"| {r['step_ms']:.1f} | {r['optimizer_ms']:.1f} "
-                         f"| {r['train_seconds']:.0f} | {max(r['load_average']):.2f} |")
+                         f"| {r['train_seconds']:.0f} | {max(r['load_average']):.2f} "
+                         f"| {cpus_by_seed(r)} |")
         main = [n for n in rows if n in OPTIMIZERS]
         lines += ["", f"Steps / training seconds for the row's mean val curve to reach the "
-                      f"column's final mean val loss at {horizon} steps (– never):", "",
+                      f"column's final mean val loss, {column_title(horizon)} (– never):", "",
                   "| optimizer | " + " | ".join(f"→ {n} ({fmt(rows[n]['val_mean'])})"
                                                  for n in main) + " |",
                   "|---|" + "---|" * len(main)]
@@ -475,7 +667,7 @@ def tables_markdown(summary: dict) -> str:
     for horizon, sens in summary["lr_sensitivity"].items():
         title = (f"train_mlp_jax.py (20 epochs, seed 0; {summary['mlp_jax_source']})"
                  if horizon == "mlp_jax"
-                 else f"{horizon} steps (seed 0)")
+                 else f"{column_title(horizon)} (seed 0)")
         lines += [f"### lr sensitivity, {title}", "",
                   "| optimizer | final val loss by lr | best lr | band within 2% "
                   "(grid points) | width, grid | width, interpolated |",
@@ -498,8 +690,7 @@ def plot(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"adamw": "C0", "muon": "C1", "asgo_tau1": "C2", "asgo_tau10": "C3",
-              "asgo_tau3": "C4", "asgo_tau1_mpd64": "C5"}
+    colors = COLORS
     horizons = list(summary["horizons"])
     for x_key, x_label, file_name in (("step", "step", "val_loss_vs_step.png"),
                                       ("seconds", "training seconds (no eval; shared 2 cores)",
@@ -520,7 +711,7 @@ def plot(summary: dict, out: Path) -> None:
             finite = [v for v in tails if math.isfinite(v)]
             if finite:
                 ax.set_ylim(min(finite) - 0.02, max(finite))
-            ax.set(title=f"{horizon} steps", xlabel=x_label, ylabel="validation loss (nats/byte)")
+            ax.set(title=column_title(horizon), xlabel=x_label, ylabel="validation loss (nats/byte)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         figure.tight_layout()
@@ -539,7 +730,7 @@ def plot(summary: dict, out: Path) -> None:
                 ax.plot([band["interpolated_low"], band["interpolated_high"]],
                         [band["limit"]] * 2, color=colors.get(name), lw=4, alpha=0.4)
             title = ("train_mlp_jax (digits MLP)" if horizon == "mlp_jax"
-                     else f"train_lm quick, {horizon} steps")
+                     else f"train_lm quick, {column_title(horizon)}")
             finite = [v for s in by_name.values() for v in s["final_val_by_lr"].values()
                       if math.isfinite(v)]
             if horizon == "mlp_jax":  # losses near 0.06..1.2: a log axis shows them all
@@ -555,22 +746,18 @@ def plot(summary: dict, out: Path) -> None:
         figure.savefig(out / "lr_sensitivity.png", dpi=110)
         plt.close(figure)
 
-    figure, ax = plt.subplots(figsize=(6, 4.2))
-    for name in OPTIMIZERS:
-        points = [(int(h), rows[name]) for h, rows in summary["horizons"].items() if name in rows]
-        if points:
-            ax.errorbar([h for h, _ in points], [r["val_mean"] for _, r in points],
-                        yerr=[0 if not math.isfinite(r["val_half_range"]) else r["val_half_range"]
-                              for _, r in points], fmt="o-", color=colors[name], label=name,
-                        capsize=3)
-    ax.set(xscale="log", xlabel="run length (steps; lr tuned per horizon, see docs)",
-           ylabel="final validation loss", title="train_lm quick: final val loss vs horizon")
-    ax.set_xticks([int(h) for h in summary["horizons"]], [h for h in summary["horizons"]])
-    ax.grid(alpha=0.3)
-    ax.legend()
-    figure.tight_layout()
-    figure.savefig(out / "final_val_vs_horizon.png", dpi=110)
-    plt.close(figure)
+    batch_axis = column_name(BATCH_AXIS["horizon"], BATCH_AXIS["batch_size"])
+    base_columns = [c for c in summary["horizons"] if c != batch_axis]
+    final_val_plot(summary, base_columns, [int(c) for c in base_columns],
+                   "run length (steps; lr tuned per horizon, see docs)",
+                   f"train_lm quick, batch {BASE_BATCH}: final val loss vs horizon",
+                   out / "final_val_vs_horizon.png")
+    if batch_axis in summary["horizons"]:
+        base = column_name(BATCH_AXIS["horizon"], BASE_BATCH)
+        final_val_plot(summary, [base, batch_axis], [BASE_BATCH, BATCH_AXIS["batch_size"]],
+                       "batch size (sequences of 64 bytes; lr chosen per batch size)",
+                       f"train_lm quick, {BATCH_AXIS['horizon']} steps: final val loss vs batch",
+                       out / "batch_axis.png")
 
     knob_rows = summary["horizons"].get(str(KNOB_HORIZON), {})
     if knob_rows:
@@ -588,12 +775,40 @@ def plot(summary: dict, out: Path) -> None:
         plt.close(figure)
 
 
+def final_val_plot(summary: dict, columns: list[str], xs: list[int], x_label: str, title: str,
+                   path: Path) -> None:
+    """Final val loss (mean, ± half-range bars) of each optimizer over the columns."""
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 4.2))
+    for name in OPTIMIZERS:
+        points = [(x, summary["horizons"][c][name]) for c, x in zip(columns, xs)
+                  if name in summary["horizons"][c]]
+        if points:
+            ax.errorbar([x for x, _ in points], [r["val_mean"] for _, r in points],
+                        yerr=[0 if not math.isfinite(r["val_half_range"]) else r["val_half_range"]
+                              for _, r in points], fmt="o-", color=COLORS[name], label=name,
+                        capsize=3)
+    ax.set(xscale="log", xlabel=x_label, ylabel="final validation loss", title=title)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", action="store_true", help="tables and plots from runs.jsonl")
     parser.add_argument("--deadline", help="HH:MM UTC today: skip runs that would end later")
     parser.add_argument("--skip-mlp", action="store_true", help="leave out train_mlp_jax")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="in this order. map: batch-32 grids, knobs, 4800 seed 0; long: 4800 "
+                             "seed 1 and lr points; batch: the batch-size axis (two processes may "
+                             "run parts in parallel: a run one has started, the other skips)")
     args = parser.parse_args()
     if args.report:
         summary = report(args.out)
@@ -606,7 +821,7 @@ def main() -> None:
         hour, minute = map(int, args.deadline.split(":"))
         deadline = dt.datetime.now(dt.timezone.utc).replace(hour=hour, minute=minute, second=0,
                                                             microsecond=0)
-    run_all(args.out, deadline, args.skip_mlp)
+    run_all(args.out, deadline, args.skip_mlp, args.parts)
     report(args.out)
 
 

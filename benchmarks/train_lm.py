@@ -26,9 +26,14 @@ Optimizers (one peak lr each; it is shared by the matrix optimizer and its AdamW
 The ASGO optimizers take asgo_param_groups(model), which sends the embeddings / tied head and the
 non-matrix params to the optimizer's built-in AdamW.
 
-Learning rates come from benchmarks/lr_choices.json, written by --sweep: each optimizer is trained
-with seed 0 for --sweep-steps steps (half the run by default) at every lr of its grid, and the lr
-with the lowest final validation loss is stored under the config name ("quick" or "full").
+Learning rates: with --quick, an optimizer the regime map covers (adamw, muon, asgo_tau1,
+asgo_tau10; asgo_reference takes asgo_tau1's) trains at the map's choice for the run's length and
+batch size (docs/regime_map/summary.json, written by benchmarks/regime_map.py --report: the lowest
+seed-0 final val loss of its lr grid; 300 steps and batch 32 by default). Every other lr comes
+from benchmarks/lr_choices.json, written by --sweep: each optimizer is trained with seed 0 for
+--sweep-steps steps (half the run by default) at every lr of its grid, and the lr with the lowest
+final validation loss is stored under the config name ("quick": only dasgo, which the map does
+not cover; "full"). The run prints where each lr came from.
 Grids (peak lr):
     adamw               3e-4, 1e-3, 3e-3, 1e-2
     muon, asgo_tau1, asgo_tau10          1e-3, 3e-3, 1e-2, 3e-2, 1e-1
@@ -39,7 +44,7 @@ at 1e-3, the bottom of the shared grid.)
 --lr NAME=VALUE overrides a stored choice (or stands in for a missing one).
 
 Usage:
-    python benchmarks/train_lm.py --quick --sweep              # fill lr_choices.json["quick"]
+    python benchmarks/train_lm.py --quick --sweep --optimizers dasgo   # lr_choices.json["quick"]
     python benchmarks/train_lm.py --quick                      # 5 optimizers, 1 seed, < 3 min
     python benchmarks/regime_map.py    # 300 / 1200 / 4800 steps, lr per horizon: docs/regime_map.md
     python benchmarks/train_lm.py --sweep && python benchmarks/train_lm.py   # full: 3 seeds
@@ -83,6 +88,7 @@ ALL_OPTIMIZERS = DEFAULT_OPTIMIZERS + list(SAME_LR_AS)
 BF16_SLOWDOWN_LIMIT = 4.0
 ASGO_OPTIMIZERS = {"asgo_tau1", "asgo_tau10", "dasgo"}
 LR_CHOICES_PATH = Path(__file__).with_name("lr_choices.json")
+REGIME_MAP_SUMMARY = Path(__file__).resolve().parent.parent / "docs" / "regime_map" / "summary.json"
 VOCAB_SIZE = 256
 VAL_FRACTION = 0.1
 VAL_BATCH_SEED = 1234
@@ -365,9 +371,13 @@ def read_lr_choices() -> dict:
 def run_sweep(args: argparse.Namespace, train_data: torch.Tensor, val_batches: list) -> None:
     choices = read_lr_choices()
     config_choices = choices.setdefault(args.config_name, {})
+    mapped = regime_map_lrs(args)
     for name in args.optimizers:
         if name in SAME_LR_AS:
             raise SystemExit(f"{name} is not swept: it trains at {SAME_LR_AS[name]}'s lr")
+        if name in mapped:
+            raise SystemExit(f"{name} is not swept with --quick: its lr comes from the regime map "
+                             f"({REGIME_MAP_SUMMARY}); python benchmarks/regime_map.py sweeps it")
         val_by_lr = {}
         for lr in LR_GRIDS[name]:
             run = train_run(args, name, lr, 0, args.sweep_steps, train_data, val_batches)
@@ -385,21 +395,46 @@ def run_sweep(args: argparse.Namespace, train_data: torch.Tensor, val_batches: l
               + (" -- at the edge of the grid, consider widening it" if at_edge else ""))
 
 
+def regime_map_lrs(args: argparse.Namespace) -> dict[str, float]:
+    """The regime map's lr choices for a --quick run of its model at the run's length and batch
+    size (its columns: 300, 1200, 4800 steps at batch 32; 300 at batch 256); {} otherwise."""
+    preset = PRESETS["quick"]
+    same_model = all(getattr(args, k) == preset[k] for k in ("n_layer", "n_head", "d_model",
+                                                             "block_size"))
+    if not (args.quick and same_model and REGIME_MAP_SUMMARY.exists()):
+        return {}
+    column = str(args.steps) + ("" if args.batch_size == preset["batch_size"]
+                                else f"_b{args.batch_size}")
+    rows = json.loads(REGIME_MAP_SUMMARY.read_text())["horizons"].get(column, {})
+    return {name: row["lr"] for name, row in rows.items() if name in ALL_OPTIMIZERS}
+
+
 def resolve_lrs(args: argparse.Namespace) -> dict[str, float]:
     stored = read_lr_choices().get(args.config_name, {})
-    lrs = {}
+    mapped = regime_map_lrs(args)
+    lrs, sources = {}, {}
     for name in args.optimizers:
         lr_source = SAME_LR_AS.get(name, name)
         if name in args.lr_overrides:
-            lrs[name] = args.lr_overrides[name]
+            lrs[name], sources[name] = args.lr_overrides[name], "--lr"
+        elif lr_source in mapped:
+            lrs[name] = mapped[lr_source]
+            sources[name] = (f"regime map, {args.steps} steps, batch {args.batch_size} "
+                             f"({REGIME_MAP_SUMMARY.relative_to(REGIME_MAP_SUMMARY.parents[2])})")
         elif lr_source in stored:
             lrs[name] = stored[lr_source]["lr"]
+            sources[name] = (f"{stored[lr_source]['sweep_steps']}-step sweep "
+                             f"({LR_CHOICES_PATH.relative_to(LR_CHOICES_PATH.parents[1])})")
         else:
             raise SystemExit(
                 f"no learning rate stored for {name!r} under config {args.config_name!r} in "
                 f"{LR_CHOICES_PATH}: run this script with --sweep first "
                 f"(e.g. {'--quick ' if args.quick else ''}--sweep --optimizers {name}), "
                 f"or pass --lr {name}=VALUE")
+    for name in args.optimizers:
+        print(f"lr {name:14s} {lrs[name]:<8g} from {sources[name]}"
+              + (f", {SAME_LR_AS[name]}'s" if name in SAME_LR_AS and sources[name] != "--lr"
+                 else ""))
     return lrs
 
 

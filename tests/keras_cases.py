@@ -181,13 +181,15 @@ def test_adamw_variables_excluded_from_weight_decay_are_not_decayed():
     variables = make_variables(rng)
     initial = {name: keras.ops.convert_to_numpy(v) for name, v in variables.items()}
     grads = make_grads(rng, 3)
-    optimizer = ASGO(learning_rate=0.05, adam_weight_decay=0.1, exclude_layers=["head"], batch_dims={"experts": 1})
+    optimizer = ASGO(learning_rate=0.05, adam_weight_decay=0.1, exclude_layers=["head"],
+                     batch_dims={"experts": 1})
     optimizer.exclude_from_weight_decay(var_names=["bias"])
     history = apply_steps(optimizer, variables, grads)
     for name, decay in (("bias", 0.0), ("token_embedding", 0.1), ("head", 0.1)):
         expected = adamw_reference(initial[name], [g[name] for g in grads], [0.05] * 3, weight_decay=decay)
         for t, value in enumerate(expected):
-            np.testing.assert_allclose(history[t][name], value, rtol=RTOL, atol=ATOL, err_msg=f"{name} step {t + 1}")
+            np.testing.assert_allclose(history[t][name], value, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name} step {t + 1}")
 
 
 def test_schedule_and_clipnorm_equal_the_core_on_clipped_grads():
@@ -284,7 +286,8 @@ def torch_linear_steps(start, grads, portable=None):
 
 def keras_dense_steps(start, grads, portable=None):
     """The Dense twin (kernel = weight transposed) stepped by this adapter; results in the torch layout."""
-    variables = {"kernel": keras.Variable(start[0].T.copy(), name="kernel"), "bias": keras.Variable(start[1], name="bias")}
+    variables = {"kernel": keras.Variable(start[0].T.copy(), name="kernel"),
+                 "bias": keras.Variable(start[1], name="bias")}
     optimizer = ASGO(learning_rate=0.05, **RESUME_OPTIONS)
     optimizer.build(list(variables.values()))
     if portable is not None:
@@ -301,10 +304,11 @@ def test_a_run_moves_between_keras_and_torch_through_a_portable_file(tmp_path):
              for _ in range(20)]
     expected, _ = torch_linear_steps(start, grads)
     halfway, torch_optimizer = torch_linear_steps(start, grads[:10])
-    asgo_core.save_state(tmp_path / "torch.npz", torch_optimizer.portable_state(names=["fc.weight", "fc.bias"]))
+    names = ["fc.weight", "fc.bias"]
+    asgo_core.save_state(tmp_path / "torch.npz", torch_optimizer.portable_state(names=names))
     from_torch, _ = keras_dense_steps(halfway, grads[10:], asgo_core.load_state(tmp_path / "torch.npz"))
     halfway, keras_optimizer = keras_dense_steps(start, grads[:10])
-    asgo_core.save_state(tmp_path / "keras.npz", keras_optimizer.portable_state(names=["fc.weight", "fc.bias"]))
+    asgo_core.save_state(tmp_path / "keras.npz", keras_optimizer.portable_state(names=names))
     from_keras, _ = torch_linear_steps(halfway, grads[10:], asgo_core.load_state(tmp_path / "keras.npz"))
     fresh, _ = keras_dense_steps(halfway, grads[10:])  # without the state: far off
     for resumed in (from_torch, from_keras):

@@ -7,6 +7,7 @@ import pytest
 
 from asgo_core import CheckpointError, load_state, save_state
 from asgo_core.checkpoint import check_entry_matches
+from helpers.checkpoints import assert_same_state, loads_with_one_bit_flipped
 
 
 def portable_state():
@@ -87,30 +88,6 @@ def tiny_portable_state():
     return {"params": [{"name": "bias", "algorithm": "adamw", "shape": [2], "step": 1, "config": {},
                         "arrays": {"exp_avg": np.array([1.0, -2.0], np.float32),
                                    "exp_avg_sq": np.array([3.0, 4.0], np.float32)}}]}
-
-
-def assert_same_state(loaded, original):
-    assert [{k: v for k, v in e.items() if k != "arrays"} for e in loaded["params"]] == \
-        [{k: v for k, v in e.items() if k != "arrays"} for e in original["params"]]
-    for after, before in zip(loaded["params"], original["params"]):
-        assert after["arrays"].keys() == before["arrays"].keys()
-        for key, value in before["arrays"].items():
-            assert after["arrays"][key].dtype == value.dtype and np.array_equal(after["arrays"][key], value)
-
-
-def loads_with_one_bit_flipped(path, bits):
-    """For each bit index, load_state of the file at `path` with that one bit flipped: the
-    loaded state, or None where it raised CheckpointError (any other exception propagates).
-    The file is left flipped at the last bit."""
-    content = path.read_bytes()
-    for bit in bits:
-        flipped = bytearray(content)
-        flipped[bit // 8] ^= 1 << (bit % 8)
-        path.write_bytes(bytes(flipped))
-        try:
-            yield load_state(path)
-        except CheckpointError:
-            yield None
 
 
 def test_every_single_bit_flip_loads_the_same_state_or_raises_checkpoint_error(tmp_path):

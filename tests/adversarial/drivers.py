@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
-import sys
 
 import helpers.keras_backend  # noqa: F401  (the Keras backend, set before keras is imported)
 import numpy as np
 
 from asgo_core.config import ASGOConfig
 
-# runners.py (tests/conformance) reads the torch layout for optax; reuse it rather than copy it.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "conformance"))
 
 SHAPES = {"w1": (6, 10), "w2": (5, 7), "conv": (4, 2, 3, 3), "bias": (6,)}
 
@@ -207,12 +203,12 @@ class OptaxDriver(Driver):
         return {self.field(name): value for name, value in options.items()}
 
     def context(self):
-        from conftest import jax_x64
+        from helpers.numerics import jax_x64
         return jax_x64() if self.x64 else contextlib.nullcontext()
 
     def build(self, params: dict, options=None, groups=None):
         import jax.numpy as jnp
-        from runners import torch_layout_dimension_numbers
+        from conformance.runners import torch_layout_dimension_numbers  # the torch layout for optax
 
         from asgo_core.adapters.optax import asgo
         assert groups is None, "optax: one set of options per transformation"
@@ -286,8 +282,10 @@ class KerasDriver(Driver):
         options = dict(options)
         if "adamw_lr" in options:
             lr = options.get("lr", 1e-2)
-            options["adam_lr_ratio"] = options.pop("adamw_lr") / lr if _is_float(lr) else options.pop("adamw_lr")
-        return {name if name == "adam_lr_ratio" else self.field(name): value for name, value in options.items()}
+            adamw_lr = options.pop("adamw_lr")
+            options["adam_lr_ratio"] = adamw_lr / lr if _is_float(lr) else adamw_lr
+        return {name if name == "adam_lr_ratio" else self.field(name): value
+                for name, value in options.items()}
 
     def build(self, params: dict, options=None, groups=None):
         import keras
@@ -295,20 +293,21 @@ class KerasDriver(Driver):
         assert groups is None, "keras: one set of options per optimizer"
         self.keys = list(params)
         self.variables = [keras.Variable(np.moveaxis(value, 0, -1), name=key, dtype=str(value.dtype),
-                                         trainable=np.issubdtype(value.dtype, np.floating))  # torch: no int grads
-                          for key, value in params.items()]
+                                         trainable=np.issubdtype(value.dtype, np.floating))
+                          for key, value in params.items()]  # torch cannot make integer tensors trainable
         self.optimizer = ASGO(**self.adapter_options(options or {}))
         self.optimizer.build(self.variables)
         return self
 
     def step(self, grads: dict):
         import keras
-        self.optimizer.apply([keras.ops.convert_to_tensor(np.moveaxis(grads[key], 0, -1)) for key in self.keys],
-                             self.variables)
+        tensors = [keras.ops.convert_to_tensor(np.moveaxis(grads[key], 0, -1)) for key in self.keys]
+        self.optimizer.apply(tensors, self.variables)
 
     def params(self) -> dict:
         import keras
-        return {key: np.moveaxis(keras.ops.convert_to_numpy(v), -1, 0).copy() for key, v in zip(self.keys, self.variables)}
+        return {key: np.moveaxis(keras.ops.convert_to_numpy(v), -1, 0).copy()
+                for key, v in zip(self.keys, self.variables)}
 
     def _arrays(self):
         import keras

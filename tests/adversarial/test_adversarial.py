@@ -18,9 +18,9 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from helpers import keras_backend
 from drivers import DRIVERS, OptaxDriver, SHAPES, standard_grads, standard_params
-from test_checkpoint import assert_same_state, loads_with_one_bit_flipped
+from helpers import keras_backend
+from helpers.checkpoints import assert_same_state, loads_with_one_bit_flipped
 
 from asgo_core import CheckpointError, load_state, save_state
 
@@ -157,8 +157,10 @@ BAD_GRADS = [
              drivers=RAISES, options={"nonfinite": "raise"}),
     bad_grad("inf-in-bias-raise", "bias", lambda g: g * np.inf, FloatingPointError, "non-finite",
              drivers=RAISES, options={"nonfinite": "raise"}),
-    bad_grad("complex", "w2", lambda g: g.astype(np.complex64), ValueError, "complex", drivers=("optax", "numpy", "keras")),
-    bad_grad("integer", "w2", lambda g: g.astype(np.int32), ValueError, "int32|floating", drivers=("optax", "numpy", "keras")),
+    bad_grad("complex", "w2", lambda g: g.astype(np.complex64), ValueError, "complex",
+             drivers=("optax", "numpy", "keras")),
+    bad_grad("integer", "w2", lambda g: g.astype(np.int32), ValueError, "int32|floating",
+             drivers=("optax", "numpy", "keras")),
     bad_grad("transposed", "w2", lambda g: g.T.copy(), ValueError, r"\(7, 5\)", r"\(5, 7\)",
              drivers=("optax", "numpy", "keras")),
     bad_grad("sparse", "w2", sparse, (RuntimeError, ValueError), "sparse", drivers=TORCH),
@@ -683,14 +685,16 @@ def test_case(case, driver_name, tmp_path):
 
 
 X64_CASES = {"float64"}
+KERAS_OTHER_BACKEND_CASES = ("keras and (nan-at-step-2 or nan-in-a-bias or float64 or bfloat16 or file-round-trip "
+                             "or grad-transposed) and not other_backend")
 
 
+@pytest.mark.timeout(1200)
 def test_keras_cases_on_the_other_backend():
-    """The Keras cases whose path depends on the backend most (non-finite and bad gradients,
-    16- and 64-bit dtypes, a file round trip; option and parameter checks run before any
-    backend op) on the backend this process does not run, in a subprocess (keras' backend is
-    fixed per process; eager JAX steps are slow, hence a selection)."""
-    returncode, output = keras_backend.other_backend_run(
-        __file__, "keras and (nan- or inf- or float or file-round-trip or grad-) and not other_backend")
+    """The Keras cases whose path depends on the backend most (non-finite and transposed
+    gradients, 16- and 64-bit dtypes, a file round trip; option and parameter checks run
+    before any backend op) on the backend this process does not run, in a subprocess (keras'
+    backend is fixed per process; eager JAX steps are slow, hence a selection)."""
+    returncode, output = keras_backend.other_backend_run(__file__, KERAS_OTHER_BACKEND_CASES)
     assert returncode == 0, output
     assert " passed" in output and "skipped" not in output, output

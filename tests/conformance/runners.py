@@ -199,14 +199,15 @@ def run_keras(case: Case, dtype: str):
 
     params, grads = problem(case, dtype)
     keras_layout = lambda value: np.moveaxis(value, 0, -1)  # noqa: E731
-    variables = [keras.Variable(keras_layout(value), name=name, dtype=dtype) for name, value in params.items()]
+    variables = [keras.Variable(keras_layout(value), name=name, dtype=dtype)
+                 for name, value in params.items()]
     make = ASGO if case.algorithm == "asgo" else DASGO
     optimizer = make(learning_rate=_keras_schedule(case.learning_rates(), dtype), **keras_options(case))
     optimizer.build(variables)
     apply = _keras_apply(optimizer, variables)
     for grad in grads:
-        step_or_refused(case, lambda: apply([keras.ops.convert_to_tensor(keras_layout(grad[name]), dtype=dtype)
-                                             for name in params]))
+        tensors = [keras.ops.convert_to_tensor(keras_layout(grad[name]), dtype=dtype) for name in params]
+        step_or_refused(case, lambda: apply(tensors))
     out_params = {name: np.moveaxis(keras.ops.convert_to_numpy(variable), -1, 0)
                   for name, variable in zip(params, variables)}
     return out_params, _state_arrays(optimizer.portable_state(names=list(params)))
@@ -231,7 +232,8 @@ def _keras_apply(optimizer, variables):
     stateless = jax.jit(optimizer.stateless_apply)
 
     def apply(grads):
-        new_values, new_state = stateless([v.value for v in optimizer.variables], grads, [v.value for v in variables])
+        new_values, new_state = stateless([v.value for v in optimizer.variables], grads,
+                                          [v.value for v in variables])
         for variable, value in zip(variables + optimizer.variables, new_values + new_state):
             variable.assign(value)
     return apply
