@@ -34,58 +34,51 @@ is written, so an error leaves params and state as they were.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import array_api_compat
 
-from asgo_core import ASGOConfig, DASGOConfig, init_state, needs_root_refresh
+from asgo_core import adamw, init_state, needs_root_refresh, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
+from asgo_core.buckets import Member, plan_buckets
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
-                                  stacked_state_entries, stacked_state_from_entries)
+                                  entry_names, portable, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
-from asgo_core.options import check_group_options, group_config
-from asgo_core.layout import block_layout, check_batch_dims_value, matrix_stack_shape
+from asgo_core.layout import PermutedStack, block_layout, check_batch_dims_value
+from asgo_core.options import (check_group_options, checkpoint_config, defaults, group_config, layout_options,
+                               signature)
+from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
 
-_LAYOUT_OPTIONS = ("side", "max_precond_dim", "num_heads", "batch_dims")
-_ADAMW_OPTIONS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
+_LAYOUT_OPTIONS = layout_options()
+_ADAMW_OPTIONS = ("adamw_betas", "adamw_eps", "adamw_weight_decay")
 # A saved param group leaves out the options whose value is None; a state_dict saved before an
 # option existed lacks it too, and reads it as the value it had then.
-_ABSENT_OPTIONS = {"batch_dims": 0}
-
-
-@dataclass
-class _Bucket:
-    """Same-shaped matrices of one group and algorithm: one core call per step. The stack holds
-    the matrices of keys[0], then those of keys[1], ...: matrices_per_key[i] for keys[i]."""
-    group_index: int
-    algorithm: str
-    keys: list
-    matrix_shape: tuple
-    matrices_per_key: list
-    state: Any = None
+_ABSENT_OPTIONS = {"batch_dims": 0, "param_rounding": "nearest"}
 
 
 @dataclass
 class _AdamWSlot:
     """One array on the built-in AdamW: state exp_avg, exp_avg_sq, skipped."""
     group_index: int
-    key: Any
+    key: object
     state: dict
 
 
 class _ArrayOptimizer:
-    """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm and defaults."""
+    """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
 
-    def __init__(self, params, defaults: dict):
-        self.defaults = dict(defaults)
+    def __init__(self, params, lr=defaults("asgo")["lr"], **options):
+        self.defaults = defaults(self.matrix_algorithm)
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}; "
+                            f"accepted: {', '.join(self.defaults)}")
+        self.defaults.update(options, lr=lr)
         self.param_groups = [dict(self.defaults, **overrides, params=arrays)
                              for overrides, arrays in _split_groups(params)]
         self._params = {key: array for group in self.param_groups
@@ -104,11 +97,11 @@ class _ArrayOptimizer:
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
         self._check_adamw_finite(grads, settings)
-        for bucket, (update, new_state) in zip(self._buckets, planned):
-            self._apply_matrix_update(bucket, update, settings[bucket.group_index]["lr"])
+        for stream, (bucket, (update, new_state)) in enumerate(zip(self._buckets, planned)):
+            self._apply_matrix_update(bucket, update, settings[bucket.key[1]]["lr"], stream)
             bucket.state = new_state
-        for slot in self._adamw_slots:
-            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index])
+        for stream, slot in enumerate(self._adamw_slots, start=len(self._buckets)):
+            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index], stream)
         self._step_count += 1
 
     def state_dict(self) -> dict:
@@ -121,11 +114,11 @@ class _ArrayOptimizer:
         """
         state = {}
         for bucket in self._buckets:
-            per_key = stacked_state_entries(bucket.state, bucket.matrices_per_key, _copy)
-            for key, arrays in zip(bucket.keys, per_key):
+            per_key = stacked_state_entries(bucket.state, bucket.counts, _copy)
+            for key, arrays in zip(bucket.handles, per_key):
                 state[str(key)] = _native_names(arrays) | {"count": _copy(bucket.state.count)}
         for slot in self._adamw_slots:
-            state[str(slot.key)] = _copy_all(slot.state)
+            state[str(slot.key)] = {name: _copy(value) for name, value in slot.state.items()}
         groups = [{name: value for name, value in group.items() if name != "params" and value is not None}
                   | {"params": [str(key) for key in group["params"]]} for group in self.param_groups]
         return {"step": self._step_count, "param_groups": groups, "state": state}
@@ -135,15 +128,18 @@ class _ArrayOptimizer:
         before anything changes."""
         groups = self._loaded_groups(state_dict["param_groups"])
         saved = state_dict["state"]
-        new_bucket_states = [self._loaded_bucket_state(bucket, saved) for bucket in self._buckets]
-        new_slot_states = [self._loaded_slot_state(slot, saved) for slot in self._adamw_slots]
+        bucket_states = [self._loaded_bucket_state(bucket, saved) for bucket in self._buckets]
+        slot_states = [self._loaded_slot_state(slot, saved) for slot in self._adamw_slots]
         for group, options in zip(self.param_groups, groups):
             group.update(options)
-        for bucket, state in zip(self._buckets, new_bucket_states):
+        self._set_states(bucket_states, slot_states, int(_to_python(state_dict["step"])))
+
+    def _set_states(self, bucket_states, slot_states, step_count: int) -> None:
+        for bucket, state in zip(self._buckets, bucket_states):
             bucket.state = state
-        for slot, state in zip(self._adamw_slots, new_slot_states):
+        for slot, state in zip(self._adamw_slots, slot_states):
             slot.state = state
-        self._step_count = int(_to_python(state_dict["step"]))
+        self._step_count = step_count
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
@@ -151,8 +147,7 @@ class _ArrayOptimizer:
         names: one string per array in key order; None uses str(key)."""
         arrays = {}
         for bucket in self._buckets:
-            per_key = stacked_state_entries(bucket.state, bucket.matrices_per_key, _to_numpy)
-            arrays.update(zip(bucket.keys, per_key))
+            arrays.update(zip(bucket.handles, stacked_state_entries(bucket.state, bucket.counts, _to_numpy)))
         for slot in self._adamw_slots:
             arrays[slot.key] = {name: _to_numpy(value) for name, value in slot.state.items()}
         entries = []
@@ -161,46 +156,34 @@ class _ArrayOptimizer:
             entries.append({"name": name, "algorithm": algorithm, "shape": list(self._params[key].shape),
                             "step": self._step_count, "batch_dims": batch_dims, "config": config,
                             "arrays": arrays[key]})
-        return {"format": "asgo-portable-state", "version": 1, "params": entries}
+        return portable(entries)
 
-    def load_portable_state(self, portable: dict, names=None) -> None:
+    def load_portable_state(self, portable_state: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
         Every entry is checked (algorithm, shape, math-changing options, array shapes) before
         anything changes; a mismatch raises asgo_core.CheckpointError. Arrays keep this
         optimizer's namespace, dtype and device. names: as in portable_state."""
-        entries = dict(zip(self._params, entries_in_order(portable, self._entry_names(names))))
+        entries = dict(zip(self._params, entries_in_order(portable_state, self._entry_names(names))))
         for key, entry in entries.items():
             algorithm, config, batch_dims = self._portable_identity(key)
             check_entry_matches(entry, name=entry["name"], algorithm=algorithm,
                                 shape=self._params[key].shape, config=config, batch_dims=batch_dims)
-        step_count = common_step(list(entries.values()))
-        bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.keys],
-                                                    bucket.matrices_per_key, _converted_like)
+        bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
+                                                    bucket.counts, _converted_like)
                          for bucket in self._buckets]
         slot_states = [_adamw_state_from_entry(slot.state, entries[slot.key]) for slot in self._adamw_slots]
-        for bucket, state in zip(self._buckets, bucket_states):
-            bucket.state = state
-        for slot, state in zip(self._adamw_slots, slot_states):
-            slot.state = state
-        self._step_count = step_count
+        self._set_states(bucket_states, slot_states, common_step(list(entries.values())))
 
     def _entry_names(self, names) -> list:
-        if names is None:
-            return [str(key) for key in self._params]
-        names = [str(name) for name in names]
-        if len(names) != len(self._params):
-            fail("names", f"{len(names)} names", f"one per array ({len(self._params)})")
-        return names
+        return entry_names(names, [str(key) for key in self._params], "array")
 
     def _portable_identity(self, key) -> tuple:
         """(algorithm, the options a checkpoint must share, batch_dims); lr is left out:
         schedules change it. AdamW arrays are not matrices: their batch_dims is 0."""
         group = next(g for g in self.param_groups if key in g["params"])
         algorithm = self._algorithm_of(self._params[key], group)
-        if algorithm == "adamw":
-            return algorithm, {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
-                               "weight_decay": group["adamw_weight_decay"]}, 0
-        return algorithm, dataclasses.asdict(group_config(group, algorithm)), group["batch_dims"]
+        batch_dims = 0 if algorithm == "adamw" else group["batch_dims"]
+        return algorithm, checkpoint_config(group, algorithm), batch_dims
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -222,19 +205,19 @@ class _ArrayOptimizer:
     def _validate_param(self, key, array, group) -> None:
         if not array_api_compat.is_array_api_obj(array) or not array_api_compat.is_writeable_array(array):
             fail(f"params[{key!r}]", type(array).__name__,
-                  "a writeable array-API array (NumPy, CuPy, ...); JAX arrays are immutable")
+                 "a writeable array-API array (NumPy, CuPy, ...); JAX arrays are immutable")
         xp = array_api_compat.array_namespace(array)
         if not xp.isdtype(array.dtype, "real floating"):
             fail(f"params[{key!r}]", array.dtype, "a real floating-point array")
         algorithm = self._algorithm_of(array, group)
         if algorithm != "adamw" and array.ndim < 2:
             fail("algorithm", algorithm, f"'adamw' or None for an array of shape {tuple(array.shape)} "
-                  "(ASGO/DASGO need at least 2 dims)")
+                 "(ASGO/DASGO need at least 2 dims)")
         if algorithm != "adamw":
             try:
-                _, *matrix_shape = matrix_stack_shape(array.shape, group["batch_dims"])
-                if algorithm == "asgo":
-                    block_layout(matrix_shape, group_config(group, algorithm))  # num_heads must divide
+                view = PermutedStack.outputs_first(array.shape, group["batch_dims"])
+                if algorithm == "asgo":  # num_heads must divide
+                    block_layout(view.stack_shape[1:], group_config(group, algorithm))
             except ValueError as error:
                 raise ValueError(f"params[{key!r}]: {error}") from None
 
@@ -248,10 +231,10 @@ class _ArrayOptimizer:
         check_group_options(group)
         check_batch_dims_value(group["batch_dims"])
         configs = {name: group_config(group, name) for name in self._matrix_algorithms()}
+        adamw_lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
         return {"lr": group["lr"], "configs": configs, "maximize": group["maximize"],
-                "adamw": {name: group[name] for name in _ADAMW_OPTIONS} | {
-                    "adamw_lr": group["lr"] if group["adamw_lr"] is None else group["adamw_lr"],
-                    "nonfinite": group["nonfinite"]}}
+                "nonfinite": group["nonfinite"], "adamw_lr": adamw_lr,
+                "adamw": {name[len("adamw_"):]: group[name] for name in _ADAMW_OPTIONS}}
 
     def _matrix_algorithms(self) -> tuple:
         return ("asgo", "dasgo") if "precondition_frequency" in self.defaults else ("dasgo",)
@@ -260,24 +243,22 @@ class _ArrayOptimizer:
         return tuple(group.get(name) for name in _LAYOUT_OPTIONS)
 
     def _build_state(self):
-        buckets, slots, by_signature = [], [], {}
+        members, slots = [], []
         for group_index, group in enumerate(self.param_groups):
             for key, array in group["params"].items():
                 algorithm = self._algorithm_of(array, group)
                 if algorithm == "adamw":
-                    slots.append(_AdamWSlot(group_index, key, _adamw_zero_state(array)))
+                    xp = array_api_compat.array_namespace(array)
+                    slots.append(_AdamWSlot(group_index, key, adamw.zero_state(array, xp)))
                     continue
-                count, *matrix_shape = matrix_stack_shape(array.shape, group["batch_dims"])
-                signature = (group_index, algorithm, tuple(matrix_shape), str(array.dtype),
-                             str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
-                if signature not in by_signature:
-                    by_signature[signature] = _Bucket(group_index, algorithm, [], signature[2], [])
-                    buckets.append(by_signature[signature])
-                by_signature[signature].keys.append(key)
-                by_signature[signature].matrices_per_key.append(count)
+                view = PermutedStack.outputs_first(array.shape, group["batch_dims"])
+                members.append((group_index, algorithm, Member(key, view)))
+        bucket_of = {id(member): (group_index, algorithm) for group_index, algorithm, member in members}
+        buckets = plan_buckets([member for *_, member in members], lambda member: (
+            *bucket_of[id(member)], *_array_identity(self._params[member.handle])))
         for bucket in buckets:
-            config = self._group_settings(self.param_groups[bucket.group_index])["configs"][bucket.algorithm]
-            bucket.state = init_state(self._stacked_params(bucket), config)
+            config = self._group_settings(self.param_groups[bucket.key[1]])["configs"][bucket.key[2]]
+            bucket.state = init_state(self._stacked(bucket, self._params), config)
         return buckets, slots
 
     # ---- one step -----------------------------------------------------------------------
@@ -298,67 +279,86 @@ class _ArrayOptimizer:
             _check_grad(key, grads[key], self._params[key])
         return grads
 
-    def _stacked(self, bucket, arrays_by_key, xp):
+    @staticmethod
+    def _stacked(bucket, arrays_by_key):
         """The bucket's (matrices, m, n) stack of one array per key (params or grads)."""
-        return xp.concat([xp.reshape(arrays_by_key[key], (count, *bucket.matrix_shape))
-                          for key, count in zip(bucket.keys, bucket.matrices_per_key)], axis=0)
-
-    def _stacked_params(self, bucket):
-        xp = array_api_compat.array_namespace(self._params[bucket.keys[0]])
-        return self._stacked(bucket, self._params, xp)
+        arrays = [arrays_by_key[key] for key in bucket.handles]
+        return bucket.gather(arrays, array_api_compat.array_namespace(arrays[0]))
 
     def _plan_bucket(self, bucket, grads, settings):
         """(update, new_state) of one bucket; nothing is written yet."""
-        group_settings = settings[bucket.group_index]
-        config = group_settings["configs"][bucket.algorithm]
-        if self._layout_options(self.param_groups[bucket.group_index]) != self._layouts[bucket.group_index]:
+        group_index, algorithm = bucket.key[1:3]
+        group_settings = settings[group_index]
+        config = group_settings["configs"][algorithm]
+        if self._layout_options(self.param_groups[group_index]) != self._layouts[group_index]:
             fail("param_groups", "a changed side / max_precond_dim / num_heads / batch_dims",
-                  "the layout options the state was built with")
-        xp = array_api_compat.array_namespace(bucket.state.momentum)
-        G = self._stacked(bucket, grads, xp)
+                 "the layout options the state was built with")
+        G = self._stacked(bucket, grads)
         if group_settings["maximize"]:
             G = -G
-        W = self._stacked_params(bucket) if config.weight_decay != 0.0 else None
-        refresh = bucket.algorithm == "asgo" and needs_root_refresh(self._step_count, config)
+        W = self._stacked(bucket, self._params) if config.weight_decay != 0.0 else None
+        refresh = algorithm == "asgo" and needs_root_refresh(self._step_count, config)
+        # a stochastically rounded write needs the update before it is rounded to a 16-bit param
+        xp = array_api_compat.array_namespace(G)
+        update_dtype = statistics_dtype(G.dtype, xp) if self._rounds(group_index, G) else None
         try:
-            return core_step(G, bucket.state, W, config, refresh_root=refresh)
+            return core_step(G, bucket.state, W, config, refresh_root=refresh, update_dtype=update_dtype)
         except FloatingPointError:
-            raise FloatingPointError(f"non-finite gradient for {_nonfinite_keys(bucket.keys, grads)} "
+            raise FloatingPointError(f"non-finite gradient for {_nonfinite_keys(bucket.handles, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
 
     def _check_adamw_finite(self, grads, settings) -> None:
         for slot in self._adamw_slots:
-            if settings[slot.group_index]["adamw"]["nonfinite"] == "raise":
+            if settings[slot.group_index]["nonfinite"] == "raise":
                 grad = grads[slot.key]
                 xp = array_api_compat.array_namespace(grad)
                 if not bool(xp.all(xp.isfinite(grad))):
                     raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
                                              "no state was changed")
 
-    def _apply_matrix_update(self, bucket, update, lr) -> None:
+    def _rounds(self, group_index: int, param) -> bool:
+        """Whether writes to param (or an array of its dtype) are rounded stochastically."""
+        xp = array_api_compat.array_namespace(param)
+        return self.param_groups[group_index]["param_rounding"] == "stochastic" and is_narrow(param.dtype, xp)
+
+    def _uniform(self, like, stream: int):
+        """Uniform numbers in [0, 1) shaped and typed like `like`, from a NumPy (CuPy) generator
+        seeded by this step and the stream."""
+        if array_api_compat.is_cupy_array(like):
+            import cupy as random_module
+        else:
+            import numpy as random_module
+        generator = random_module.random.default_rng(rounding_seed(self._step_count, stream))
+        return generator.random(like.shape, dtype=like.dtype)
+
+    def _apply_matrix_update(self, bucket, update, lr, stream: int) -> None:
         xp = array_api_compat.array_namespace(update)
         fused = getattr(backend_for(xp), "apply_update", None)
-        start = 0
-        for key, count in zip(bucket.keys, bucket.matrices_per_key):
+        for key, step_update in zip(bucket.handles, bucket.scatter(update, xp)):
             param = self._params[key]
-            step_update = xp.reshape(update[start:start + count, ...], param.shape)
-            start += count
-            if fused is not None:
+            if self._rounds(bucket.key[1], param):
+                value = xp.astype(param, update.dtype) - lr * step_update
+                param[...] = stochastic_round(value, param.dtype, self._uniform(value, stream), xp)
+            elif fused is not None:
                 fused(param, step_update, lr)
             else:
                 param -= lr * step_update
 
-    def _apply_adamw(self, slot, grad, settings) -> None:
-        param = self._params[slot.key]
+    def _apply_adamw(self, slot, grad, settings, stream: int) -> None:
+        param, state = self._params[slot.key], slot.state
         xp = array_api_compat.array_namespace(param)
         if settings["maximize"]:
             grad = -grad
+        hyper = adamw.hyperparameters(lr=settings["adamw_lr"], step=self._step_count + 1, **settings["adamw"])
+        rounds = self._rounds(slot.group_index, param)
         fused = getattr(backend_for(xp), "adamw_update", None)
-        hyper = _adamw_hyper(settings["adamw"], self._step_count + 1)
-        if fused is not None:
-            fused(param, grad, slot.state, **hyper)
-        else:
-            _adamw_update(param, grad, slot.state, xp, **hyper)
+        if fused is not None and not rounds:
+            fused(param, grad, state, **hyper)
+            return
+        uniform = self._uniform(state["exp_avg"], stream) if rounds else None
+        param[...], state["exp_avg"], state["exp_avg_sq"], finite = adamw.adamw_step(
+            param, grad, state["exp_avg"], state["exp_avg_sq"], xp, uniform=uniform, **hyper)
+        state["skipped"] = state["skipped"] + xp.astype(~finite, xp.int32)
 
     # ---- loading --------------------------------------------------------------------------
     def _loaded_groups(self, saved_groups) -> list:
@@ -380,13 +380,13 @@ class _ArrayOptimizer:
     def _loaded_bucket_state(self, bucket, saved: dict):
         """The bucket's core state from the state_dict entries of its keys (shapes checked)."""
         entries = []
-        for key in bucket.keys:
+        for key in bucket.handles:
             entry = _saved_entry(saved, key)
             if "count" not in entry:
                 fail("state_dict", f"no step 'count' in the state of {key!r}", "the entries state_dict() writes")
             arrays = {_portable_name(name): _to_numpy(value) for name, value in entry.items() if name != "count"}
             entries.append({"name": str(key), "step": int(_to_python(entry["count"])), "arrays": arrays})
-        return stacked_state_from_entries(bucket.state, entries, bucket.matrices_per_key, _converted_like)
+        return stacked_state_from_entries(bucket.state, entries, bucket.counts, _converted_like)
 
     def _loaded_slot_state(self, slot, saved: dict) -> dict:
         entry = _saved_entry(saved, slot.key)
@@ -396,7 +396,7 @@ class _ArrayOptimizer:
 class ASGO(_ArrayOptimizer):
     """ASGO (asgo_core.ASGOConfig) on arrays, updated in place; <2-D arrays → built-in AdamW.
 
-    Options (names and defaults shared with the torch and optax adapters): lr; betas =
+    Options (asgo_core.options: names and defaults shared with the torch adapter): lr; betas =
     (beta1, beta2); eps, weight_decay, precondition_frequency, update_rms, root_method,
     root_steps, side, max_precond_dim, num_heads, accumulate, damping, root_tolerance,
     residual_tolerance, nonfinite, matmul_dtype as in ASGOConfig; adamw_lr (None: lr), adamw_betas, adamw_eps,
@@ -407,28 +407,6 @@ class ASGO(_ArrayOptimizer):
 
     matrix_algorithm = "asgo"
 
-    def __init__(self, params, lr=1e-2, betas=(ASGOConfig.beta1, ASGOConfig.beta2), *,
-                 eps=ASGOConfig.eps, weight_decay=ASGOConfig.weight_decay,
-                 precondition_frequency=ASGOConfig.precondition_frequency,
-                 update_rms=ASGOConfig.update_rms, root_method=ASGOConfig.root_method,
-                 root_steps=ASGOConfig.root_steps, side=ASGOConfig.side,
-                 max_precond_dim=ASGOConfig.max_precond_dim, num_heads=ASGOConfig.num_heads,
-                 accumulate=ASGOConfig.accumulate, damping=ASGOConfig.damping,
-                 root_tolerance=ASGOConfig.root_tolerance,
-                 residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
-                 matmul_dtype=ASGOConfig.matmul_dtype,
-                 adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
-                 maximize=False, algorithm=None, batch_dims=0):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency, update_rms=update_rms,
-            root_method=root_method, root_steps=root_steps, side=side,
-            max_precond_dim=max_precond_dim, num_heads=num_heads, accumulate=accumulate,
-            damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-            nonfinite=nonfinite, matmul_dtype=matmul_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
-            algorithm=algorithm, batch_dims=batch_dims))
-
 
 class DASGO(_ArrayOptimizer):
     """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing and
@@ -436,24 +414,22 @@ class DASGO(_ArrayOptimizer):
 
     matrix_algorithm = "dasgo"
 
-    def __init__(self, params, lr=1e-2, betas=(DASGOConfig.beta1, DASGOConfig.beta2), *,
-                 eps=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
-                 update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
-                 nonfinite=DASGOConfig.nonfinite, adamw_lr=None, adamw_betas=(0.9, 0.95),
-                 adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None, batch_dims=0):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_rms=update_rms,
-            accumulate=accumulate, nonfinite=nonfinite, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
-            algorithm=algorithm, batch_dims=batch_dims))
-
     def _validate_group(self, group: dict) -> None:
         if group["algorithm"] == "asgo":
             fail("algorithm", "asgo", "None | 'dasgo' | 'adamw' (DASGO has no ASGO options)")
         super()._validate_group(group)
 
 
+ASGO.__signature__ = signature(("params", "lr"), defaults("asgo"))
+DASGO.__signature__ = signature(("params", "lr"), defaults("dasgo"))
+
+
 # ---- params and grads ---------------------------------------------------------------------
+def _array_identity(array) -> tuple:
+    """What arrays stacked together must share besides their matrix shape."""
+    return (str(array.dtype), str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
+
+
 def _split_groups(params):
     """[(overrides, {key: array})] from a dict, a list of arrays, or a list of group dicts."""
     if isinstance(params, dict):
@@ -507,43 +483,6 @@ def _check_grad(key, grad, param) -> None:
         fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
 
 
-# ---- AdamW --------------------------------------------------------------------------------
-def _adamw_zero_state(param) -> dict:
-    xp = array_api_compat.array_namespace(param)
-    dtype = xp.result_type(param.dtype, xp.float32)
-    device = array_api_compat.device(param)
-    return {"exp_avg": xp.zeros(param.shape, dtype=dtype, device=device),
-            "exp_avg_sq": xp.zeros(param.shape, dtype=dtype, device=device),
-            "skipped": xp.zeros((), dtype=xp.int32, device=device)}
-
-
-def _adamw_hyper(options: dict, step: int) -> dict:
-    """Python scalars of one AdamW step (torch.optim.AdamW's bias correction at `step`)."""
-    beta1, beta2 = options["adamw_betas"]
-    return dict(lr=options["adamw_lr"], beta1=beta1, beta2=beta2, eps=options["adamw_eps"],
-                weight_decay=options["adamw_weight_decay"], step_size=options["adamw_lr"] / (1 - beta1 ** step),
-                bias_correction2_sqrt=math.sqrt(1 - beta2 ** step))
-
-
-def _adamw_update(param, grad, state, xp, *, lr, beta1, beta2, eps, weight_decay, step_size,
-                  bias_correction2_sqrt) -> None:
-    """torch.optim.AdamW's step in array-API code; a non-finite grad leaves everything as it was
-    (selected on the device, no host read) and is counted in state["skipped"]."""
-    dtype = state["exp_avg"].dtype
-    g = xp.astype(grad, dtype)
-    finite = xp.all(xp.isfinite(g))
-    g = xp.where(finite, g, xp.zeros_like(g))
-    exp_avg = beta1 * state["exp_avg"] + (1 - beta1) * g
-    exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * (g * g)
-    denom = xp.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-    decayed = xp.astype(param, dtype) * (1 - lr * weight_decay)
-    new_param = decayed - step_size * (exp_avg / denom)
-    param[...] = xp.astype(xp.where(finite, new_param, xp.astype(param, dtype)), param.dtype)
-    state["exp_avg"] = xp.where(finite, exp_avg, state["exp_avg"])
-    state["exp_avg_sq"] = xp.where(finite, exp_avg_sq, state["exp_avg_sq"])
-    state["skipped"] = state["skipped"] + xp.astype(~finite, xp.int32)
-
-
 # ---- state_dict helpers ---------------------------------------------------------------------
 def _native_names(arrays: dict) -> dict:
     """Portable array names → state_dict names ("gram/0" → "gram_0": "/" separates the path
@@ -554,10 +493,6 @@ def _native_names(arrays: dict) -> dict:
 def _portable_name(name: str) -> str:
     """The inverse of _native_names for one name."""
     return name.replace("_", "/", 1) if name.startswith(("gram_", "root_")) else name
-
-
-def _copy_all(entry: dict) -> dict:
-    return {name: _copy(value) for name, value in entry.items()}
 
 
 def _copy(value):

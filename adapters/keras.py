@@ -26,6 +26,12 @@ stacked and stepped by one asgo_core.step call. The state lives in Keras variabl
 model variable (the core's momentum, Gram and root blocks, counters), so model.save /
 keras.models.load_model restore it; the step count is the optimizer's `iterations`.
 
+Portable checkpoints: portable_state() / load_portable_state() (asgo_core.checkpoint), entries
+named by variable path in the order the optimizer was built with. A matrix variable's entry
+has the torch layout (its output axis moved after the batch axes: a Dense kernel (in, out) is
+written as (out, in), the shape of the nn.Linear weight of the same layer), so a run moves
+between a Keras Dense model and a torch nn.Linear model; AdamW variables keep their shape.
+
 Weight decay is part of the core's update (weight_decay·W, none for a matrix skipped for a
 non-finite gradient); exclude_from_weight_decay(...) is honoured. Non-finite gradients of
 AdamW variables skip that variable's step too, counted in its `skipped` variable.
@@ -39,26 +45,25 @@ import warnings
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import ops
 
-from asgo_core import ASGOConfig, DASGOConfig, check_batch_dims, init_state, matrix_stack_shape
+from asgo_core import adamw, init_state, statistics_dtype
 from asgo_core import step as core_step
+from asgo_core.buckets import Member, plan_buckets
+from asgo_core.checkpoint import check_entry_matches, common_step, entries_in_order, entry_names, portable
+from asgo_core.checkpoint import stacked_state_entries, stacked_state_from_entries
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import PermutedStack
-from asgo_core.options import check_group_options, group_config
+from asgo_core.options import check_group_options, defaults, group_config, group_from, signature, spelled
+from asgo_core.precision import rounding_seed, stochastic_round
+from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 
 __all__ = ["ASGO", "DASGO"]
 
 SUPPORTED_BACKENDS = ("jax", "torch")
-
-# The shared option names (asgo_core.options, the torch adapter's) → this adapter's names, for
-# error messages.
-_KERAS_NAMES = {"lr": "learning_rate", "betas": "(beta_1, beta_2)", "beta1": "beta_1",
-                "beta2": "beta_2", "eps": "epsilon", "adamw_betas": "(adam_beta_1, adam_beta_2)",
-                "adamw_eps": "adam_epsilon", "adamw_weight_decay": "adam_weight_decay"}
-_SHARED_NAME = re.compile(r"\b(" + "|".join(_KERAS_NAMES) + r")=")
-_RENAMED_OPTIONS = ("learning_rate", "beta_1", "beta_2", "epsilon", "adam_beta_1", "adam_beta_2",
-                    "adam_epsilon", "adam_weight_decay")
+# This adapter's own options, besides the shared table's (asgo_core.options) and Keras' base ones.
+_OWN_DEFAULTS = dict(adam_lr_ratio=1.0, exclude_layers=None, exclude_embeddings=True, batch_dims=None)
 
 
 def _check_backend() -> None:
@@ -76,18 +81,14 @@ def _check_learning_rate(name: str, value) -> None:
 
 
 def _core_config(options: dict, matrix_algorithm: str):
-    """Check the options with the shared checks (asgo_core.options, under the torch names) and
-    build the core config; errors name the options as this adapter does."""
-    renamed = dict(lr=options["learning_rate"], betas=(options["beta_1"], options["beta_2"]),
-                   eps=options["epsilon"], adamw_betas=(options["adam_beta_1"], options["adam_beta_2"]),
-                   adamw_eps=options["adam_epsilon"], adamw_weight_decay=options["adam_weight_decay"],
-                   adamw_lr=None, maximize=False, algorithm=None)
-    group = {name: value for name, value in options.items() if name not in _RENAMED_OPTIONS} | renamed
+    """Check the options with the shared checks and build the core config; errors name the
+    options as this adapter does."""
     try:
+        group = group_from(options, "keras", matrix_algorithm)
         check_group_options(group, check_lr=_check_learning_rate)
         return group_config(group, matrix_algorithm)
     except ValueError as error:
-        raise ValueError(_SHARED_NAME.sub(lambda m: _KERAS_NAMES[m.group(1)] + "=", str(error))) from None
+        raise ValueError(spelled(str(error), "keras")) from None
 
 
 def _check_patterns(name: str, patterns, accepted: str) -> None:
@@ -111,54 +112,18 @@ def _check_batch_dims_option(batch_dims) -> None:
         fail("batch_dims", batch_dims, accepted)
 
 
-# ---- variables as stacks of matrices ----------------------------------------------------
-
-def _matrix_view(shape: tuple, batch_dims: int) -> PermutedStack:
-    check_batch_dims(shape, batch_dims)
-    last = len(shape) - 1
-    permutation = (*range(batch_dims), last, *range(batch_dims, last))
-    permuted = tuple(shape[axis] for axis in permutation)
-    return PermutedStack(permutation, permuted, matrix_stack_shape(permuted, batch_dims))
-
-
-def _state_layout(state) -> tuple:
-    """(field, number of arrays, or None for a single array) of a core state, count left out:
-    the optimizer's `iterations` is the step count."""
-    return tuple((name, len(value) if isinstance(value, tuple) else None)
-                 for name, value in zip(state._fields, state) if name != "count")
-
-
-def _state_arrays(state) -> list:
-    """The arrays of a core state in _state_layout order, each with the matrices first."""
-    arrays = []
-    for name, value in zip(state._fields, state):
-        if name != "count":
-            arrays.extend(value if isinstance(value, tuple) else (value,))
-    return arrays
-
-
-def _core_state(state_type, layout: tuple, arrays: list, count):
-    values, remaining = {"count": count}, iter(arrays)
-    for name, length in layout:
-        values[name] = next(remaining) if length is None else tuple(next(remaining) for _ in range(length))
-    return state_type(**values)
-
-
 @dataclass(frozen=True)
 class _MatrixSlot:
-    """The optimizer variables of one matrix variable, in _state_layout order."""
+    """The optimizer variables of one matrix variable, by state_codec name."""
     view: PermutedStack
     state_type: type
-    layout: tuple
-    variables: tuple
+    variables: dict
 
 
 @dataclass(frozen=True)
 class _AdamWSlot:
     """The optimizer variables of one AdamW variable (torch.optim.AdamW's state + a counter)."""
-    exp_avg: object
-    exp_avg_sq: object
-    skipped: object
+    variables: dict
 
 
 class _MatrixOptimizer(keras.optimizers.Optimizer):
@@ -166,27 +131,28 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
 
     matrix_algorithm: str
 
-    def __init__(self, options: dict, *, exclude_layers, exclude_embeddings, batch_dims,
-                 adam_lr_ratio, learning_rate, weight_decay, **base_options):
+    def __init__(self, learning_rate=defaults("asgo", "keras")["learning_rate"], **options):
         _check_backend()
-        options = dict(options, weight_decay=weight_decay)
-        config = _core_config(dict(options, learning_rate=learning_rate), self.matrix_algorithm)
-        check_non_negative("adam_lr_ratio", adam_lr_ratio)
-        _check_patterns("exclude_layers", exclude_layers or [], "a list of variable-path regexes")
-        if not isinstance(exclude_embeddings, bool):
-            fail("exclude_embeddings", exclude_embeddings, "True | False")
-        _check_batch_dims_option(batch_dims)
+        table = defaults(self.matrix_algorithm, "keras")
+        ours = {name: options.pop(name, default) for name, default in (table | _OWN_DEFAULTS).items()}
+        ours["learning_rate"] = learning_rate
+        config = _core_config(ours, self.matrix_algorithm)
+        check_non_negative("adam_lr_ratio", ours["adam_lr_ratio"])
+        _check_patterns("exclude_layers", ours["exclude_layers"] or [], "a list of variable-path regexes")
+        if not isinstance(ours["exclude_embeddings"], bool):
+            fail("exclude_embeddings", ours["exclude_embeddings"], "True | False")
+        _check_batch_dims_option(ours["batch_dims"])
         if config.nonfinite == "raise" and keras.backend.backend() == "jax":
             fail("nonfinite", "raise", "'skip' under the JAX backend ('raise' reads the gradients' "
                  "finiteness on the host, which a jitted train step cannot)")
-        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **base_options)
-        self._options = options
+        super().__init__(learning_rate=learning_rate, weight_decay=ours["weight_decay"], **options)
+        self._options = {name: ours[name] for name in table if name != "learning_rate"}
         self._config = config
         self._config_without_decay = dataclasses.replace(config, weight_decay=0.0)
-        self.adam_lr_ratio = adam_lr_ratio
-        self.exclude_layers = list(exclude_layers or [])
-        self.exclude_embeddings = exclude_embeddings
-        self.batch_dims = dict(batch_dims) if batch_dims else None
+        self.adam_lr_ratio = ours["adam_lr_ratio"]
+        self.exclude_layers = list(ours["exclude_layers"] or [])
+        self.exclude_embeddings = ours["exclude_embeddings"]
+        self.batch_dims = dict(ours["batch_dims"]) if ours["batch_dims"] else None
 
     # ---- which variables are matrices -----------------------------------------------------
     def uses_adamw(self, variable) -> bool:
@@ -203,6 +169,9 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
                 return dims
         return 0
 
+    def _config_of(self, variable):
+        return self._config if self._use_weight_decay(variable) else self._config_without_decay
+
     # ---- building the state ---------------------------------------------------------------
     def build(self, var_list):
         if self.built:
@@ -215,10 +184,12 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         """None (no state), "adamw", or (view, the zero core state of its stack)."""
         if self._overwrite_variable_with_gradient(variable):
             return None
+        if not keras.backend.is_float_dtype(variable.dtype):
+            fail(f"variable {variable.path!r}", variable.dtype, "a real floating-point dtype")
         if self.uses_adamw(variable):
             return "adamw"
         try:
-            view = _matrix_view(tuple(variable.shape), self._batch_dims_of(variable))
+            view = PermutedStack.outputs_last(tuple(variable.shape), self._batch_dims_of(variable))
             return view, init_state(ops.zeros(view.stack_shape, variable.dtype), self._config)
         except ValueError as error:
             raise ValueError(f"variable {variable.path!r}: {error}") from None
@@ -227,19 +198,15 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         if plan is None:
             return None
         path = variable.path.replace("/", "_")
+        add = lambda name, shape, dtype: self.add_variable(  # noqa: E731
+            shape, dtype=keras.backend.standardize_dtype(dtype), name=f"{path}_{name.replace('/', '_')}")
         if plan == "adamw":
             dtype = keras.backend.result_type(variable.dtype, "float32")
-            return _AdamWSlot(*(self.add_variable(variable.shape, dtype=dtype, name=f"{path}_{name}")
-                                for name in ("exp_avg", "exp_avg_sq")),
-                              self.add_variable((), dtype="int32", name=f"{path}_skipped"))
+            return _AdamWSlot({name: add(name, variable.shape, dtype) for name in ("exp_avg", "exp_avg_sq")}
+                              | {"skipped": add("skipped", (), "int32")})
         view, state = plan
-        layout = _state_layout(state)
-        names = [name if length is None else f"{name}_{i}"
-                 for name, length in layout for i in range(length or 1)]
-        variables = tuple(self.add_variable(tuple(array.shape), name=f"{path}_{name}",
-                                            dtype=keras.backend.standardize_dtype(array.dtype))
-                          for name, array in zip(names, _state_arrays(state)))
-        return _MatrixSlot(view, type(state), layout, variables)
+        variables = {name: add(name, shape, dtype) for name, shape, dtype in flat_spec(state)}
+        return _MatrixSlot(view, type(state), variables)
 
     # ---- one step -------------------------------------------------------------------------
     def _apply_weight_decay(self, variables):
@@ -247,79 +214,161 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         lr = ops.convert_to_tensor(learning_rate)
-        buckets, writes = {}, []
+        members, grad_of, writes = [], {}, []
+        for grad, variable in zip(grads, trainable_variables):
+            _check_gradient(grad, variable, self._config.nonfinite)
         for grad, variable in zip(grads, trainable_variables):
             slot = self._slots[self._get_variable_index(variable)]
             if isinstance(slot, _AdamWSlot):
                 writes += self._adamw_step(grad, variable, slot, lr)
             else:
-                key = (slot.view.stack_shape[1:], variable.dtype, self._use_weight_decay(variable))
-                buckets.setdefault(key, []).append((grad, variable, slot))
-        for (_, _, decays), members in buckets.items():
-            config = self._config if decays else self._config_without_decay
-            writes += self._matrix_step(members, lr, config)
+                members.append(Member((variable, slot), slot.view))
+                grad_of[id(variable)] = grad
+        buckets = plan_buckets(members, lambda member: (member.handle[0].dtype, self._use_weight_decay(
+            member.handle[0])))
+        for bucket in buckets:
+            writes += self._matrix_step(bucket, [grad_of[id(variable)] for variable, _ in bucket.handles], lr)
         for target, value in writes:  # every value is computed before anything is written
             target.assign(value)
 
-    def _matrix_step(self, members: list, lr, config) -> list:
-        """One core step on the stack of same-shaped matrices; returns (variable, new value) pairs."""
-        _, _, first = members[0]
-        grads = _concat([slot.view.to_stack(grad, ops) for grad, _, slot in members])
-        params = _concat([slot.view.to_stack(variable.value, ops) for _, variable, slot in members])
-        per_member = [[v.value for v in slot.variables] for _, _, slot in members]
-        arrays = [_concat(list(parts)) for parts in zip(*per_member)]
-        state = _core_state(first.state_type, first.layout, arrays, ops.cast(self.iterations, "int32"))
+    def _matrix_step(self, bucket, grads: list, lr) -> list:
+        """One core step on the bucket's stack; returns (variable, new value) pairs."""
+        variables, slots = zip(*bucket.handles)
+        config = self._config_of(variables[0])
+        params = bucket.gather([variable.value for variable in variables], ops)
+        named = concat_named([{name: v.value for name, v in slot.variables.items()} for slot in slots], ops)
+        state = state_from_named(slots[0].state_type, named, ops.cast(self.iterations, "int32"))
+        stacked_grads = bucket.gather(grads, ops)
+        rounds = self._rounds(params.dtype)
+        update_dtype = statistics_dtype(params.dtype, _namespace(params)) if rounds else None
 
         def run(refresh_root: bool):
             with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
                 warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
-                update, new_state = core_step(grads, state, params, config, refresh_root=refresh_root)
-            return update, _state_arrays(new_state)
+                update, new_state = core_step(stacked_grads, state, params, config, refresh_root=refresh_root,
+                                              update_dtype=update_dtype)
+            return update, named_arrays(new_state)
 
         frequency = getattr(config, "precondition_frequency", 1)
         if frequency == 1:
-            update, new_arrays = run(True)
+            update, new_named = run(True)
         else:
-            update, new_arrays = ops.cond(ops.equal(ops.mod(self.iterations, frequency), 0),
-                                          lambda: run(True), lambda: run(False))
-        new_params = params - ops.cast(lr, update.dtype) * update
-        return self._split_writes(members, new_params, new_arrays)
-
-    @staticmethod
-    def _split_writes(members: list, new_params, new_arrays: list) -> list:
-        """Each member's rows of the stepped stack and state (state arrays hold a whole number
-        of rows per matrix: one, or the matrix's Gram/root blocks)."""
-        writes, start = [], 0
-        for _, variable, slot in members:
-            count = slot.view.stack_shape[0]
-            value = slot.view.from_stack(new_params[start:start + count], ops)
-            writes.append((variable, ops.cast(value, variable.dtype)))
-            for target, array in zip(slot.variables, new_arrays):
-                rows = target.shape[0] // count
-                writes.append((target, array[start * rows:(start + count) * rows]))
-            start += count
+            update, new_named = ops.cond(ops.equal(ops.mod(self.iterations, frequency), 0),
+                                         lambda: run(True), lambda: run(False))
+        new_params = ops.cast(params, update.dtype) - ops.cast(lr, update.dtype) * update
+        if rounds:
+            stream = self._get_variable_index(variables[0])
+            new_params = self._stochastically_rounded(new_params, params.dtype, stream)
+        new_params = bucket.scatter(new_params, ops)
+        writes = [(variable, ops.cast(value, variable.dtype))
+                  for variable, value in zip(variables, new_params)]
+        for slot, part in zip(slots, split_named(new_named, bucket.counts)):
+            writes += [(slot.variables[name], value) for name, value in part.items()]
         return writes
 
     def _adamw_step(self, grad, variable, slot: _AdamWSlot, lr) -> list:
-        """torch.optim.AdamW's step; a non-finite gradient leaves the variable and its state as
-        they were and is counted."""
-        dtype = slot.exp_avg.dtype
-        lr = ops.cast(lr, dtype) * self.adam_lr_ratio
-        beta_1, beta_2 = self._options["adam_beta_1"], self._options["adam_beta_2"]
+        """torch.optim.AdamW's step (asgo_core.adamw); a non-finite gradient leaves the variable
+        and its state as they were and is counted."""
+        state = slot.variables
+        dtype = state["exp_avg"].dtype
         decay = self._options["adam_weight_decay"] if self._use_weight_decay(variable) else 0.0
-        step = ops.cast(self.iterations + 1, dtype)
-        g = ops.cast(grad, dtype)
-        finite = ops.all(ops.isfinite(g))
-        g = ops.where(finite, g, ops.zeros_like(g))
-        exp_avg = beta_1 * slot.exp_avg.value + (1 - beta_1) * g
-        exp_avg_sq = beta_2 * slot.exp_avg_sq.value + (1 - beta_2) * (g * g)
-        denom = ops.sqrt(exp_avg_sq) / ops.sqrt(1 - ops.power(beta_2, step)) + self._options["adam_epsilon"]
-        param = ops.cast(variable.value, dtype)
-        new_param = param * (1 - lr * decay) - lr / (1 - ops.power(beta_1, step)) * (exp_avg / denom)
-        return [(variable, ops.cast(ops.where(finite, new_param, param), variable.dtype)),
-                (slot.exp_avg, ops.where(finite, exp_avg, slot.exp_avg.value)),
-                (slot.exp_avg_sq, ops.where(finite, exp_avg_sq, slot.exp_avg_sq.value)),
-                (slot.skipped, slot.skipped.value + ops.cast(ops.logical_not(finite), "int32"))]
+        hyper = adamw.hyperparameters(
+            lr=ops.cast(lr, dtype) * self.adam_lr_ratio, eps=self._options["adam_epsilon"],
+            weight_decay=decay, betas=(self._options["adam_beta_1"], self._options["adam_beta_2"]),
+            step=ops.cast(self.iterations + 1, dtype))
+        xp = _namespace(variable.value)
+        uniform = (self._uniform(variable.shape, dtype, self._get_variable_index(variable))
+                   if self._rounds(variable.dtype) else None)
+        new_param, exp_avg, exp_avg_sq, finite = adamw.adamw_step(
+            variable.value, grad, state["exp_avg"].value, state["exp_avg_sq"].value, xp, uniform=uniform,
+            **hyper)
+        return [(variable, new_param), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq),
+                (state["skipped"], state["skipped"].value + ops.cast(ops.logical_not(finite), "int32"))]
+
+    def _rounds(self, dtype) -> bool:
+        """Whether writes to variables of this dtype are rounded stochastically."""
+        return self._options["param_rounding"] == "stochastic" and \
+            keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
+
+    def _stochastically_rounded(self, value, dtype, stream: int):
+        uniform = self._uniform(ops.shape(value), value.dtype, stream)
+        return stochastic_round(value, dtype, uniform, _namespace(value))
+
+    def _uniform(self, shape, dtype, stream: int):
+        """Uniform numbers in [0, 1) from a stateless seed made of the stream and the step count
+        (the `iterations` variable, saved with the optimizer): JAX key data under jit, an int
+        under the torch backend (which steps eagerly and takes only ints or SeedGenerators)."""
+        if keras.backend.backend() == "jax":
+            seed = ops.cast(ops.stack([ops.convert_to_tensor(stream, "int32"),
+                                       ops.cast(self.iterations, "int32")]), "uint32")
+        else:
+            seed = rounding_seed(int(self.iterations), stream)
+        return keras.random.uniform(shape, dtype=dtype, seed=seed)
+
+    # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
+    def portable_state(self, names=None) -> dict:
+        """The state in the framework-neutral format of asgo_core.checkpoint, one entry per
+        variable with optimizer state in build order; names: one per such variable (None: the
+        variables' paths). A host read of every state array."""
+        step = int(ops.convert_to_numpy(self.iterations))
+        entries = []
+        for (variable, slot), name in zip(self._stateful(), self._entry_names(names)):
+            identity = self._portable_identity(variable, slot)
+            if isinstance(slot, _MatrixSlot):
+                state = state_from_named(slot.state_type, {n: v.value for n, v in slot.variables.items()},
+                                         ops.convert_to_numpy(self.iterations))
+                arrays = stacked_state_entries(state, [slot.view.stack_shape[0]], ops.convert_to_numpy)[0]
+            else:
+                arrays = {n: ops.convert_to_numpy(v) for n, v in slot.variables.items()}
+            entries.append(dict(name=name, step=step, arrays=arrays, **identity))
+        return portable(entries)
+
+    def load_portable_state(self, portable_state: dict, names=None) -> None:
+        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export) into
+        a built optimizer. Every entry is checked (algorithm, shape, math-changing options,
+        array shapes) before any variable changes; a mismatch raises asgo_core.CheckpointError."""
+        if not self.built:
+            fail("load_portable_state", "an optimizer that is not built",
+                 "a built optimizer: call optimizer.build(model.trainable_variables) first")
+        stateful = self._stateful()
+        entries = entries_in_order(portable_state, self._entry_names(names))
+        for (variable, slot), entry in zip(stateful, entries):
+            identity = self._portable_identity(variable, slot)
+            check_entry_matches(entry, name=entry["name"], **identity)
+        writes = [(self.iterations, common_step(entries))]
+        for (_, slot), entry in zip(stateful, entries):
+            writes += self._slot_writes(slot, entry)
+        for target, value in writes:
+            target.assign(value)
+
+    def _slot_writes(self, slot, entry) -> list:
+        if isinstance(slot, _AdamWSlot):
+            template = {name: np.zeros(v.shape, v.dtype) for name, v in slot.variables.items()}
+            arrays = dict(template, **entry["arrays"])
+            return [(v, _converted(arrays[name], v)) for name, v in slot.variables.items()]
+        template = state_from_named(slot.state_type, {n: v.value for n, v in slot.variables.items()},
+                                    np.zeros((), np.int32))
+        state = stacked_state_from_entries(template, [entry], [slot.view.stack_shape[0]], _converted)
+        return [(slot.variables[name], value) for name, value in named_arrays(state).items()]
+
+    def _stateful(self) -> list:
+        return [(v, slot) for v, slot in zip(self._trainable_variables, self._slots) if slot is not None]
+
+    def _entry_names(self, names) -> list:
+        return entry_names(names, [variable.path for variable, _ in self._stateful()],
+                           "variable with optimizer state")
+
+    def _portable_identity(self, variable, slot) -> dict:
+        """What a checkpoint entry must agree with: algorithm, shape (torch layout for a matrix),
+        batch_dims and the math-changing options (lr left out: schedules change it)."""
+        if isinstance(slot, _AdamWSlot):
+            decay = self._options["adam_weight_decay"] if self._use_weight_decay(variable) else 0.0
+            config = {"betas": [self._options["adam_beta_1"], self._options["adam_beta_2"]],
+                      "eps": self._options["adam_epsilon"], "weight_decay": decay}
+            return dict(algorithm="adamw", shape=list(variable.shape), batch_dims=0, config=config)
+        return dict(algorithm=self.matrix_algorithm, shape=list(slot.view.permuted_shape),
+                    batch_dims=self._batch_dims_of(variable),
+                    config=dataclasses.asdict(self._config_of(variable)))
 
     # ---- serialization --------------------------------------------------------------------
     def get_config(self):
@@ -329,8 +378,30 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         return config
 
 
-def _concat(arrays: list):
-    return arrays[0] if len(arrays) == 1 else ops.concatenate(arrays, axis=0)
+def _check_gradient(grad, variable, nonfinite: str) -> None:
+    """A gradient of the variable's shape and a real floating dtype; finite under
+    nonfinite="raise" (a host read, which only the torch backend allows: JAX refuses "raise")."""
+    where = f"gradient of variable {variable.path!r}"
+    if tuple(grad.shape) != tuple(variable.shape):
+        fail(where, f"shape {tuple(grad.shape)}", f"the variable's shape {tuple(variable.shape)}")
+    if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(grad.dtype)):
+        fail(where, keras.backend.standardize_dtype(grad.dtype), "a real floating-point dtype")
+    if nonfinite == "raise" and not bool(ops.all(ops.isfinite(grad))):
+        raise FloatingPointError(f"non-finite {where} (nonfinite='raise'); no state was changed")
+
+
+def _namespace(x):
+    import array_api_compat
+    return array_api_compat.array_namespace(x)
+
+
+def _converted(array, like):
+    """A checkpoint array as a tensor of like's dtype (the shape is checked by the caller)."""
+    if tuple(np.shape(array)) != tuple(like.shape):
+        from asgo_core import CheckpointError
+        raise CheckpointError(f"checkpoint array of shape {tuple(np.shape(array))}, "
+                              f"expected {tuple(like.shape)}")
+    return ops.convert_to_tensor(np.asarray(array), dtype=like.dtype)
 
 
 @keras.saving.register_keras_serializable(package="asgo")
@@ -346,32 +417,10 @@ class ASGO(_MatrixOptimizer):
     is learning_rate × adam_lr_ratio. exclude_layers, exclude_embeddings: as
     keras.optimizers.Muon's. batch_dims: {variable-path regex: leading dims that index
     matrices}. The Keras base options (clipnorm, gradient_accumulation_steps, use_ema, ...) too.
+    Names and defaults: asgo_core.options.
     """
 
     matrix_algorithm = "asgo"
-
-    def __init__(self, learning_rate=0.01, beta_1=ASGOConfig.beta1, beta_2=ASGOConfig.beta2,
-                 epsilon=ASGOConfig.eps, weight_decay=ASGOConfig.weight_decay,
-                 precondition_frequency=ASGOConfig.precondition_frequency, update_rms=ASGOConfig.update_rms,
-                 damping=ASGOConfig.damping, accumulate=ASGOConfig.accumulate, side=ASGOConfig.side,
-                 root_method=ASGOConfig.root_method, root_steps=ASGOConfig.root_steps,
-                 root_tolerance=ASGOConfig.root_tolerance, residual_tolerance=ASGOConfig.residual_tolerance,
-                 max_precond_dim=ASGOConfig.max_precond_dim, num_heads=ASGOConfig.num_heads,
-                 nonfinite=ASGOConfig.nonfinite, matmul_dtype=ASGOConfig.matmul_dtype,
-                 adam_beta_1=0.9, adam_beta_2=0.95, adam_epsilon=1e-8, adam_weight_decay=0.0,
-                 adam_lr_ratio=1.0, exclude_layers=None, exclude_embeddings=True, batch_dims=None,
-                 **base_options):
-        super().__init__(
-            dict(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
-                 precondition_frequency=precondition_frequency, update_rms=update_rms, damping=damping,
-                 accumulate=accumulate, side=side, root_method=root_method, root_steps=root_steps,
-                 root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-                 max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite,
-                 matmul_dtype=matmul_dtype, adam_beta_1=adam_beta_1, adam_beta_2=adam_beta_2,
-                 adam_epsilon=adam_epsilon, adam_weight_decay=adam_weight_decay),
-            learning_rate=learning_rate, weight_decay=weight_decay, adam_lr_ratio=adam_lr_ratio,
-            exclude_layers=exclude_layers, exclude_embeddings=exclude_embeddings, batch_dims=batch_dims,
-            **base_options)
 
 
 @keras.saving.register_keras_serializable(package="asgo")
@@ -380,16 +429,6 @@ class DASGO(_MatrixOptimizer):
 
     matrix_algorithm = "dasgo"
 
-    def __init__(self, learning_rate=0.01, beta_1=DASGOConfig.beta1, beta_2=DASGOConfig.beta2,
-                 epsilon=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
-                 update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
-                 nonfinite=DASGOConfig.nonfinite, adam_beta_1=0.9, adam_beta_2=0.95, adam_epsilon=1e-8,
-                 adam_weight_decay=0.0, adam_lr_ratio=1.0, exclude_layers=None, exclude_embeddings=True,
-                 batch_dims=None, **base_options):
-        super().__init__(
-            dict(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, update_rms=update_rms, accumulate=accumulate,
-                 nonfinite=nonfinite, adam_beta_1=adam_beta_1, adam_beta_2=adam_beta_2,
-                 adam_epsilon=adam_epsilon, adam_weight_decay=adam_weight_decay),
-            learning_rate=learning_rate, weight_decay=weight_decay, adam_lr_ratio=adam_lr_ratio,
-            exclude_layers=exclude_layers, exclude_embeddings=exclude_embeddings, batch_dims=batch_dims,
-            **base_options)
+
+ASGO.__signature__ = signature(("learning_rate",), defaults("asgo", "keras") | _OWN_DEFAULTS)
+DASGO.__signature__ = signature(("learning_rate",), defaults("dasgo", "keras") | _OWN_DEFAULTS)

@@ -1,39 +1,43 @@
-"""ASGO and DASGO as optax gradient transformations.
+"""ASGO and DASGO as optax gradient transformations, and their portable checkpoints.
 
     from asgo_core.adapters.optax import asgo
     tx = asgo(learning_rate=1e-2)            # a drop-in for optax.adamw / optax.contrib.muon
 
-`scale_by_asgo` / `scale_by_dasgo` turn the gradients of matrix leaves into the core's
-update U + weight_decay·W; `asgo` / `dasgo` partition a parameter tree the way
-optax.contrib.muon does: matrix leaves go through scale_by_asgo and the learning rate, every
-other leaf through optax.adamw with the `adam_*` settings.
+`scale_by_asgo` / `scale_by_dasgo` turn the gradients of matrix leaves into the core's update
+U + weight_decay·W; `asgo` / `dasgo` partition a parameter tree as optax.contrib.muon does:
+matrix leaves through scale_by_* and the learning rate, the others through optax.adamw (adam_*).
 
-Matrix view of a leaf. `weight_dimension_numbers` uses optax.contrib.MuonDimensionNumbers
-(reduction axes = inputs, output axes = outputs, all other axes are batch axes, each batch
-element its own matrix), so one tree of dimension numbers serves muon and asgo alike. The
-core sees each matrix as (outputs × inputs), the torch (out, in) convention, so `side`,
-`num_heads` (head blocks split the outputs) and DASGO's per-column statistics mean the same in
-every adapter. A 2-D leaf with default dimension numbers is an `x @ W` weight of shape
-(in, out). `None` for a leaf sends it to AdamW (in `asgo`/`dasgo`).
+Matrix view. `weight_dimension_numbers` are optax.contrib.MuonDimensionNumbers (reduction axes
+= inputs, output axes = outputs, other axes index matrices), so one tree serves muon and asgo.
+The core sees (outputs × inputs), the torch (out, in) convention, so `side`, `num_heads` and
+DASGO's per-column statistics mean the same in every adapter. By default a 2-D leaf is an
+`x @ W` weight (in, out) and any other leaf goes to AdamW; a `None` entry sends a leaf to AdamW.
 
-Batching. Leaves whose matrix view has the same (m, n) and dtype are stacked and stepped by one
-core call, so the state holds one core ASGOState/DASGOState per such stack, not per leaf.
+State. As in optax's own transformations, every field but `count` is a tree shaped like the
+parameters, one array per matrix leaf (None where a leaf has none), so optax.tree.map_params and
+sharding rules written for the parameters apply to it. `update` (under jit) stacks the leaves
+whose matrix views share (m, n) and dtype and steps them by one core call. Under an
+explicit-sharding mesh (AxisType.Explicit) it gathers what it stacks and gives every update and
+state array back its sharding, so the state's types stay the same (a lax.scan loop runs).
 
-Weight decay and skipped steps. The decay is applied inside scale_by_asgo (not by a later
-optax.add_decayed_weights) so that a matrix whose gradient is not finite is skipped entirely,
-as in the core and the other adapters: zero update, no decay, state untouched, counted in
-`skipped` (read with `numerics_counters`). scale_by_asgo's own weight_decay defaults to 0 (an
-optax scale_by_* gives the direction only); asgo/dasgo default to the core's 0.1.
+Weight decay is applied inside scale_by_* so that a matrix whose gradient is not finite is
+skipped entirely, as in the core: zero update, no decay, state untouched, counted in `skipped`
+(`numerics_counters`). scale_by_*'s weight_decay defaults to 0, asgo/dasgo's to the core's 0.1.
+init refuses a matrix leaf that is not real floating point or has a zero-size matrix stack;
+update refuses, at trace time, a gradient of another dtype kind or shape. Errors name the leaf.
 
-Checks. init refuses a matrix leaf that is not real floating point (complex included) or whose
-matrix stack has a zero-size dimension; update refuses, at trace time, a gradient whose dtype is
-not real floating point or whose shape differs from its parameter's (or from the shapes the
-state was initialised for when params are not passed). Each error names the leaf's path.
+jit. The root refresh every `precondition_frequency` steps is a `lax.cond`, so a training loop
+compiles once; `nonfinite="raise"` (a host read) is refused. With optax.inject_hyperparams pass
+`static_args=ASGO_STATIC_ARGS` (asgo) or `DASGO_STATIC_ARGS` (dasgo).
 
-jit. The root refresh every `precondition_frequency` steps is a `lax.cond` on the step count,
-so a training loop compiles once. `nonfinite="raise"` needs a host read and is refused. The
-ASGO options other than learning rates, `weight_decay` and the `adam_*` numbers are static
-Python values: with optax.inject_hyperparams pass `static_args=STATIC_ARGS`.
+Portable checkpoints (asgo_core.checkpoint). The options live in closures, so
+`portable_state(opt_state, params, config)` and `state_from_portable(portable, params, tx,
+config)` take the core config the transformation was built with (core names, asgo()'s
+weight_decay), `adamw` = {"betas", "eps", "weight_decay"} (ADAMW_DEFAULTS unless given) and its
+weight_dimension_numbers. Entries are per leaf, named by the key path joined by "." ("fc.w")
+unless `names` lists one per leaf; batch_dims counts the leaf's batch axes. To move a run to or
+from torch, give the leaves torch's layout and dimension numbers that read it, batch axes first:
+MuonDimensionNumbers(reduction_axis=1, output_axis=0) for (out, in), (2, 1) for (E, out, in).
 """
 
 from __future__ import annotations
@@ -45,46 +49,101 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers
 
 import asgo_core
-from asgo_core.config import ASGOConfig, DASGOConfig
+from asgo_core.buckets import concat, split_rows
+from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
+                                  stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import portable as portable_dict
+from asgo_core.config import ASGOConfig, DASGOConfig, fail, is_number
 from asgo_core.layout import PermutedStack
+from asgo_core.options import spelled, static_args
+from asgo_core.precision import stochastic_round
+from asgo_core.state_codec import named_arrays, state_from_named
 
 __all__ = [
+    "ADAMW_DEFAULTS",
+    "ASGO_STATIC_ARGS",
+    "DASGO_STATIC_ARGS",
     "STATIC_ARGS",
     "MuonDimensionNumbers",
     "ScaleByASGOState",
     "ScaleByDASGOState",
+    "apply_updates_stochastic",
     "asgo",
     "dasgo",
     "numerics_counters",
+    "portable_state",
     "scale_by_asgo",
     "scale_by_dasgo",
+    "state_from_portable",
 ]
 
-# Options that must be Python values, not arrays: optax.inject_hyperparams injects every numeric
-# argument unless it is named in static_args, so use
-# optax.inject_hyperparams(asgo, static_args=STATIC_ARGS)(learning_rate=...). The learning rates,
-# weight_decay and the adam_* numbers may be injected.
-STATIC_ARGS = ("b1", "b2", "eps", "precondition_frequency", "update_rms", "root_steps",
-               "root_tolerance", "residual_tolerance", "max_precond_dim", "num_heads", "matmul_dtype")
+# The AdamW of non-matrix leaves: the reference recipe's betas, eps and no decay (asgo()/dasgo()'s
+# adam_* defaults, and what the portable functions assume unless given `adamw`).
+ADAMW_DEFAULTS = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
+_ADAM_B1, _ADAM_B2 = ADAMW_DEFAULTS["betas"]
 
-# optax's names for the core's options, where they differ.
-_OPTAX_NAMES = {"beta1": "b1", "beta2": "b2"}
+
+def _static_args(algorithm: str) -> tuple:
+    """What optax.inject_hyperparams must not inject (it injects every number and calls every
+    callable as a schedule): the options that shape the traced program (asgo_core.options), and
+    the leaf selections, which may be callables. The learning rates, weight_decay and adam_* may be."""
+    return static_args(algorithm, "optax") + ("weight_decay_mask", "weight_dimension_numbers")
+
+
+# optax.inject_hyperparams(asgo, static_args=ASGO_STATIC_ARGS)(learning_rate=...), and the same
+# with dasgo and DASGO_STATIC_ARGS; STATIC_ARGS is asgo's.
+ASGO_STATIC_ARGS = _static_args("asgo")
+DASGO_STATIC_ARGS = _static_args("dasgo")
+STATIC_ARGS = ASGO_STATIC_ARGS
 
 
 class ScaleByASGOState(NamedTuple):
-    """count: steps taken (int32). stacks: one core ASGOState per stack of same-shaped matrices."""
+    """count: steps taken (int32). The other fields are trees shaped like the parameters, per
+    matrix leaf: momentum, in the leaf's shape; gram and root, (matrices·blocks, size, size), the
+    statistics and inverse roots of the leaf's full-size blocks (asgo_core.layout), and
+    remainder_gram and remainder_root those of its remainder blocks (None when max_precond_dim
+    leaves none); skipped, (matrices,); fallbacks, (matrices, 4)."""
     count: Any
-    stacks: tuple
+    momentum: Any
+    gram: Any
+    root: Any
+    remainder_gram: Any
+    remainder_root: Any
+    skipped: Any
+    fallbacks: Any
 
 
 class ScaleByDASGOState(NamedTuple):
-    """count: steps taken (int32). stacks: one core DASGOState per stack of same-shaped matrices."""
+    """count: steps taken (int32). Trees shaped like the parameters, per matrix leaf: momentum,
+    in the leaf's shape; second_moment, (matrices, inputs); skipped, (matrices,)."""
     count: Any
-    stacks: tuple
+    momentum: Any
+    second_moment: Any
+    skipped: Any
+
+
+# The per-leaf state fields that hold a core state's named arrays (asgo_core.state_codec) of
+# another name: the two block groups (full-size blocks, remainder blocks).
+_NAMED = {"gram": "gram/0", "root": "root/0", "remainder_gram": "gram/1", "remainder_root": "root/1"}
+
+
+def _per_leaf_fields(core_state) -> dict:
+    """A core ASGOState / DASGOState of a stack as the per-leaf state fields (momentum stacked)."""
+    named = named_arrays(core_state)
+    fields = ScaleByDASGOState._fields if "second_moment" in named else ScaleByASGOState._fields
+    return {field: named.get(_NAMED.get(field, field)) for field in fields[1:]}
+
+
+def _core_state(fields: dict, count):
+    """The inverse of _per_leaf_fields."""
+    core_type = asgo_core.DASGOState if "second_moment" in fields else asgo_core.ASGOState
+    return state_from_named(core_type, {_NAMED.get(field, field): value for field, value in fields.items()
+                                        if value is not None}, count)
 
 
 # ----------------------------------------------------------------------------- matrix views
@@ -166,16 +225,33 @@ class _Stack:
         """(matrices, m, n) of the stacked leaves."""
         return (sum(view.stack_shape[0] for view in self.views), *self.views[0].stack_shape[1:])
 
-    def gather(self, leaves):
-        parts = [view.to_stack(leaves[i], jnp) for i, view in zip(self.leaf_indices, self.views)]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    def gather(self, per_leaf: list, viewed: bool):
+        """One array of the stack's leaves' arrays, in leaf order; viewed: through the matrix
+        views (gradients, momentum), else rows as they are (statistics). None stays None."""
+        parts = [per_leaf[i] for i in self.leaf_indices]
+        if parts[0] is None:
+            return None
+        if viewed:
+            parts = [view.to_stack(part, jnp) for view, part in zip(self.views, parts)]
+        return concat(parts, jnp)
 
-    def scatter(self, stack, out: list) -> None:
-        offsets = [0]
-        for view in self.views:
-            offsets.append(offsets[-1] + view.stack_shape[0])
-        for i, view, start, stop in zip(self.leaf_indices, self.views, offsets, offsets[1:]):
-            out[i] = view.from_stack(stack[start:stop], jnp)
+    def scatter(self, stacked, out: list, viewed: bool) -> None:
+        """The inverse of gather: each leaf's rows of `stacked` into out[leaf index]."""
+        if stacked is None:
+            return
+        counts = [view.stack_shape[0] for view in self.views]
+        for i, view, rows in zip(self.leaf_indices, self.views, split_rows(stacked, counts)):
+            out[i] = view.from_stack(rows, jnp) if viewed else rows
+
+    def gather_state(self, fields: dict, count):
+        """The stack's core ASGOState / DASGOState from per-leaf state fields."""
+        return _core_state({field: self.gather(values, viewed=field == "momentum")
+                            for field, values in fields.items()}, count)
+
+    def scatter_state(self, core_state, fields: dict) -> None:
+        """The inverse of gather_state, into fields[field][leaf index]."""
+        for field, value in _per_leaf_fields(core_state).items():
+            self.scatter(value, fields[field], viewed=field == "momentum")
 
     def per_matrix(self, per_leaf_values):
         """A (matrices,) array repeating each leaf's value over its batch."""
@@ -208,6 +284,28 @@ def _plan(paths, leaves, dimension_numbers, transformation: str) -> tuple:
                  for members in stacks.values())
 
 
+# ----------------------------------------------------------------------------- explicit sharding
+
+def _explicit_spec(x):
+    """x's PartitionSpec when it lives on an explicit-sharding mesh, else None."""
+    if x is None or not hasattr(jax, "typeof"):
+        return None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return sharding.spec if sharding is not None and getattr(sharding.mesh, "explicit_axes", ()) else None
+
+
+def _gathered(x):
+    """x replicated when it is explicitly sharded: stacking reshapes a leaf's axes and the Gram
+    contracts them, which explicit sharding has no rule for while an axis is sharded."""
+    return x if _explicit_spec(x) is None else jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def _sharded_like(x, like):
+    """x with like's explicit sharding (a no-op otherwise), so a state keeps its types."""
+    spec = _explicit_spec(like)
+    return x if spec is None else jax.sharding.reshard(x, spec)
+
+
 # ----------------------------------------------------------------------------- the transformation
 
 def _core_config(config_type, options: dict):
@@ -215,38 +313,37 @@ def _core_config(config_type, options: dict):
     for name, value in options.items():
         if hasattr(value, "shape"):
             raise ValueError(f"{name}={value!r} is invalid; accepted: a Python value (it shapes the "
-                             "traced program). With optax.inject_hyperparams pass "
-                             "static_args=asgo_core.adapters.optax.STATIC_ARGS")
+                             "traced program). With optax.inject_hyperparams pass static_args="
+                             f"asgo_core.adapters.optax.{config_type.__name__[:-6].upper()}_STATIC_ARGS")
     core_options = {("beta1" if k == "b1" else "beta2" if k == "b2" else k): v for k, v in options.items()}
     try:
         return config_type(weight_decay=0.0, **core_options)
     except ValueError as error:
-        message = str(error)
-        for core_name, optax_name in _OPTAX_NAMES.items():
-            message = message.replace(f"{core_name}=", f"{optax_name}=")
-        raise ValueError(message) from None
+        raise ValueError(spelled(str(error), "optax")) from None
 
 
 def _check_number(name: str, value, *, below_one: bool = False) -> None:
     """Numbers are checked here; arrays (optax.inject_hyperparams) and schedules pass."""
     if hasattr(value, "shape") and not isinstance(value, (int, float)):
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r} is invalid; accepted: a number")
-    upper_ok = value < 1.0 if below_one else math.isfinite(value)
-    if not (value >= 0.0 and upper_ok):
-        raise ValueError(f"{name}={value!r} is invalid; accepted: "
-                         + ("a number in [0, 1)" if below_one else "a finite number >= 0"))
+    if not is_number(value):
+        fail(name, value, "a number")
+    if not (value >= 0.0 and (value < 1.0 if below_one else math.isfinite(value))):
+        fail(name, value, "a number in [0, 1)" if below_one else "a finite number >= 0")
 
 
-def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mask,
-                   weight_dimension_numbers) -> optax.GradientTransformation:
+def _scale_by_core(config_type, state_type, name: str, arguments: dict) -> optax.GradientTransformation:
+    """`arguments`: scale_by_asgo()'s / scale_by_dasgo()'s, by name; all but three are the config's."""
+    weight_decay, weight_decay_mask, weight_dimension_numbers = (
+        arguments.pop(key) for key in ("weight_decay", "weight_decay_mask", "weight_dimension_numbers"))
+    config = _core_config(config_type, arguments)
     if config.nonfinite != "skip":
         raise ValueError(f"nonfinite={config.nonfinite!r} is invalid here; accepted: 'skip' "
                          "('raise' needs a host read, which jax.jit does not allow)")
     _check_number("weight_decay", weight_decay)
     has_root = isinstance(config, ASGOConfig)
     refresh_every = config.precondition_frequency if has_root else 1
+    fields = state_type._fields[1:]
 
     def plan_for(tree, kind: str):
         leaves, paths = jax.tree.leaves(tree), _leaf_paths(tree)
@@ -257,43 +354,80 @@ def _scale_by_core(config, state_type, name: str, weight_decay, weight_decay_mas
 
     def init_fn(params):
         leaves, plan = plan_for(params, "parameter")
-        stack_shapes = [(stack.shape, leaves[stack.leaf_indices[0]].dtype) for stack in plan]
+        stacks = [(stack, leaves[stack.leaf_indices[0]].dtype) for stack in plan]
         # Built under jit, so the arrays are placed like optax's own state (not committed to a
         # device); a committed/uncommitted mix would make the first jitted step compile twice.
-        stacks = jax.jit(lambda: tuple(asgo_core.init_state(jnp.zeros(shape, dtype), config)
-                                       for shape, dtype in stack_shapes))()
-        return state_type(count=jnp.zeros((), jnp.int32), stacks=stacks)
+        core_states = jax.jit(lambda: [asgo_core.init_state(jnp.zeros(stack.shape, dtype), config)
+                                       for stack, dtype in stacks])()
+        per_leaf = {field: [None] * len(leaves) for field in fields}
+        for stack, core_state in zip(plan, core_states):
+            stack.scatter_state(core_state, per_leaf)
+        # momentum like optax's own zeros_like(params): placed and sharded as the leaf
+        per_leaf["momentum"] = [jnp.zeros_like(leaf, dtype=momentum.dtype)
+                                for leaf, momentum in zip(leaves, per_leaf["momentum"])]
+        treedef = jax.tree.structure(params)
+        trees = {field: jax.tree.unflatten(treedef, values) for field, values in per_leaf.items()}
+        return state_type(count=jnp.zeros((), jnp.int32), **trees)
 
-    def core_steps(grads, stack_states, refresh_root: bool):
+    def core_steps(grads, core_states, refresh_root: bool):
         with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
             warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
             results = [asgo_core.step(g, s, None, config, refresh_root=refresh_root)
-                       for g, s in zip(grads, stack_states)]
+                       for g, s in zip(grads, core_states)]
         return tuple(r[0] for r in results), tuple(r[1] for r in results)
 
     def update_fn(updates, state, params=None):
         if params is not None and jax.tree.structure(params) == jax.tree.structure(updates):
             _check_shapes_match(updates, params)
         leaves, plan = plan_for(updates, "gradient")
-        _check_plan_matches_state(plan, state.stacks, _leaf_paths(updates))
-        grads = [stack.gather(leaves) for stack in plan]
-        if refresh_every == 1:
-            directions, stacks = core_steps(grads, state.stacks, True)
-        else:
-            directions, stacks = jax.lax.cond(
-                state.count % refresh_every == 0,
-                lambda: core_steps(grads, state.stacks, True),
-                lambda: core_steps(grads, state.stacks, False))
+        treedef = jax.tree.structure(updates)
+        old = {field: _state_per_leaf(treedef, getattr(state, field), field) for field in fields}
+        _check_state_matches(plan, old["momentum"], leaves, _leaf_paths(updates))
+        grad_leaves = [_gathered(g) for g in leaves]
+        gathered = {field: [_gathered(value) for value in values] for field, values in old.items()}
         decay_mask = _decay_mask_per_leaf(weight_decay_mask, updates if params is None else params)
-        out = [None] * len(leaves)
-        for stack, direction, old, new in zip(plan, directions, state.stacks, stacks):
-            update = _with_weight_decay(direction, stack, params, weight_decay, decay_mask)
-            skipped_now = (new.skipped - old.skipped)[:, None, None] > 0
-            stack.scatter(jnp.where(skipped_now, jnp.zeros_like(update), update), out)
-        new_updates = jax.tree.unflatten(jax.tree.structure(updates), out)
-        return new_updates, state_type(count=optax.safe_increment(state.count), stacks=stacks)
+
+        def step(stacks, refresh_root: bool):
+            """(update per leaf, new state fields per leaf): one core call per stack."""
+            core_states = [stack.gather_state(gathered, state.count) for stack in stacks]
+            directions, new_states = core_steps([stack.gather(grad_leaves, viewed=True) for stack in stacks],
+                                                core_states, refresh_root)
+            out, new = [None] * len(leaves), {field: [None] * len(leaves) for field in fields}
+            for stack, direction, old_core, new_core in zip(stacks, directions, core_states, new_states):
+                update = _with_weight_decay(direction, stack, params, weight_decay, decay_mask)
+                skipped_now = (new_core.skipped - old_core.skipped)[:, None, None] > 0
+                stack.scatter(jnp.where(skipped_now, jnp.zeros_like(update), update), out, viewed=True)
+                stack.scatter_state(new_core, new)
+            return out, new
+
+        # Stacking pays where the roots are refreshed (batched solves); elsewhere each leaf's own
+        # core call spares copying its statistics into and out of a stack.
+        singles = [_Stack((i,), (view,)) for stack in plan
+                   for i, view in zip(stack.leaf_indices, stack.views)]
+        if not has_root:
+            out, new = step(singles, False)
+        elif refresh_every == 1:
+            out, new = step(plan, True)
+        else:
+            out, new = jax.lax.cond(state.count % refresh_every == 0, lambda: step(plan, True),
+                                    lambda: step(singles, False))
+        out = [_sharded_like(update, grad) for update, grad in zip(out, leaves)]
+        new_state = {field: jax.tree.unflatten(treedef, [_sharded_like(value, before) for value, before
+                                                         in zip(new[field], old[field])])
+                     for field in fields}
+        return (jax.tree.unflatten(treedef, out),
+                state_type(count=optax.safe_increment(state.count), **new_state))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _state_per_leaf(treedef, tree, field: str) -> list:
+    """The state field's entry for each gradient leaf; a clear error for a state of another tree."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"the state's {field} does not follow the gradients' tree (a state "
+                         f"initialised for other parameters?): {error}") from None
 
 
 def _check_shapes_match(updates, params) -> None:
@@ -304,18 +438,14 @@ def _check_shapes_match(updates, params) -> None:
                              f"shape {jnp.shape(param)}")
 
 
-def _check_plan_matches_state(plan, stack_states, paths) -> None:
-    """Trace time: the gradients stack into the matrices the state was initialised for."""
-    expected = [tuple(state.momentum.shape) for state in stack_states]
-    got = [stack.shape for stack in plan]
-    if got == expected:
-        return
-    for stack, shape in zip(plan, got):
-        if shape not in expected:
-            leaves = ", ".join(paths[i] for i in stack.leaf_indices)
-            raise ValueError(f"gradient {leaves} stacks to (matrices, outputs, inputs) = {shape}; the state "
-                             f"was initialised for {expected} (a gradient of another shape than its parameter?)")
-    raise ValueError(f"the gradients stack to {got}; the state was initialised for {expected}")
+def _check_state_matches(plan, momentum, leaves, paths) -> None:
+    """Trace time: each gradient has the shape the state was initialised for."""
+    for stack in plan:
+        for i, view in zip(stack.leaf_indices, stack.views):
+            if jnp.shape(momentum[i]) != jnp.shape(leaves[i]):
+                raise ValueError(f"gradient {paths[i]} of shape {jnp.shape(leaves[i])} stacks to (matrices, "
+                                 f"outputs, inputs) = {view.stack_shape}; the state was initialised for "
+                                 f"shape {jnp.shape(momentum[i])} (a gradient shaped unlike its parameter?)")
 
 
 def _with_weight_decay(direction, stack: _Stack, params, weight_decay, decay_mask):
@@ -327,7 +457,7 @@ def _with_weight_decay(direction, stack: _Stack, params, weight_decay, decay_mas
     if params is None:
         raise ValueError("params are required by tx.update when weight_decay != 0 "
                          "(the update carries weight_decay·W)")
-    weights = stack.gather(jax.tree.leaves(params))
+    weights = stack.gather([_gathered(w) for w in jax.tree.leaves(params)], viewed=True)
     per_matrix = stack.per_matrix([1.0 if selected else 0.0 for selected in decay_mask])
     wide = jnp.promote_types(direction.dtype, jnp.float32)  # as the core: decay in float32 or wider
     decay = jnp.asarray(weight_decay, wide) * per_matrix.astype(wide)
@@ -340,8 +470,9 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
                   root_steps: Optional[int] = None, root_tolerance: Optional[float] = None,
                   residual_tolerance: float = 0.1, max_precond_dim: Optional[int] = None,
                   num_heads: Optional[int] = None, nonfinite: str = "skip",
-                  matmul_dtype: Optional[str] = None,
-                  weight_decay: float = 0.0, weight_decay_mask: Any = None,
+                  matmul_dtype: Optional[str] = None, mu_dtype: Optional[str] = None,
+                  precond_dtype: Optional[str] = None, weight_decay: float = 0.0,
+                  weight_decay_mask: Any = None,
                   weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO's update U (+ weight_decay·W) for every leaf of the tree, each seen as a matrix.
 
@@ -351,32 +482,29 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
     weight_dimension_numbers: a MuonDimensionNumbers prefix tree or callable; None treats every
     leaf as a 2-D (in, out) matrix. Bad options raise ValueError here, naming the option.
     """
-    config = _core_config(ASGOConfig, dict(
-        b1=b1, b2=b2, eps=eps, damping=damping, precondition_frequency=precondition_frequency,
-        update_rms=update_rms, accumulate=accumulate, side=side, root_method=root_method,
-        root_steps=root_steps, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-        max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite,
-        matmul_dtype=matmul_dtype))
-    return _scale_by_core(config, ScaleByASGOState, "scale_by_asgo", weight_decay,
-                          weight_decay_mask, weight_dimension_numbers)
+    return _scale_by_core(ASGOConfig, ScaleByASGOState, "scale_by_asgo", dict(locals()))
 
 
 def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                    update_rms: Optional[float] = 0.2, accumulate: str = "ema",
-                   nonfinite: str = "skip", weight_decay: float = 0.0, weight_decay_mask: Any = None,
+                   nonfinite: str = "skip", mu_dtype: Optional[str] = None,
+                   weight_decay: float = 0.0, weight_decay_mask: Any = None,
                    weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO's update (diagonal statistics over each matrix's inputs); see scale_by_asgo."""
-    config = _core_config(DASGOConfig, dict(b1=b1, b2=b2, eps=eps, update_rms=update_rms,
-                                            accumulate=accumulate, nonfinite=nonfinite))
-    return _scale_by_core(config, ScaleByDASGOState, "scale_by_dasgo", weight_decay,
-                          weight_decay_mask, weight_dimension_numbers)
+    return _scale_by_core(DASGOConfig, ScaleByDASGOState, "scale_by_dasgo", dict(locals()))
 
 
 # ----------------------------------------------------------------------------- full optimizers
 
-def _with_adamw(matrix_transform, learning_rate, weight_dimension_numbers, adam_b1, adam_b2,
-                adam_eps, adam_weight_decay, adam_learning_rate) -> optax.GradientTransformation:
-    """Partition: matrix leaves → matrix_transform then the learning rate; others → AdamW."""
+_ADAMW_ARGS = ("learning_rate", "adam_b1", "adam_b2", "adam_eps", "adam_weight_decay", "adam_learning_rate")
+
+
+def _with_adamw(scale_by, arguments: dict) -> optax.GradientTransformation:
+    """Partition: matrix leaves → scale_by(the matrix arguments) then the learning rate; the
+    others → AdamW. `arguments`: asgo()/dasgo()'s, by name."""
+    learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_learning_rate = (
+        arguments.pop(name) for name in _ADAMW_ARGS)
+    weight_dimension_numbers = arguments["weight_dimension_numbers"]
     for name, rate in (("learning_rate", learning_rate), ("adam_learning_rate", adam_learning_rate)):
         if not callable(rate) and not (name == "adam_learning_rate" and rate is None):
             _check_number(name, rate)
@@ -392,7 +520,7 @@ def _with_adamw(matrix_transform, learning_rate, weight_dimension_numbers, adam_
 
     adamw = optax.adamw(learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
                         b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay)
-    matrices = optax.chain(matrix_transform, optax.scale_by_learning_rate(learning_rate))
+    matrices = optax.chain(scale_by(**arguments), optax.scale_by_learning_rate(learning_rate))
     return optax.partition({"matrix": matrices, "adamw": adamw}, labels)
 
 
@@ -403,9 +531,10 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
          root_tolerance: Optional[float] = None, residual_tolerance: float = 0.1,
          max_precond_dim: Optional[int] = None, num_heads: Optional[int] = None,
          nonfinite: str = "skip", matmul_dtype: Optional[str] = None,
-         weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = 0.9,
-         adam_b2: float = 0.95, adam_eps: float = 1e-8,
-         adam_weight_decay: float = 0.0, adam_learning_rate: Any = None,
+         mu_dtype: Optional[str] = None, precond_dtype: Optional[str] = None, weight_decay: float = 0.1,
+         weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
+         adam_b2: float = _ADAM_B2, adam_eps: float = ADAMW_DEFAULTS["eps"],
+         adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
          weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO for matrix leaves, AdamW for the rest: W ← W − lr·(U + weight_decay·W).
 
@@ -415,30 +544,18 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
     learning_rate). weight_dimension_numbers: as optax.contrib.muon's; None makes 2-D leaves
     matrices and sends the rest to AdamW, a None entry sends that leaf to AdamW.
     """
-    matrix_transform = scale_by_asgo(
-        b1=b1, b2=b2, eps=eps, damping=damping, precondition_frequency=precondition_frequency,
-        update_rms=update_rms, accumulate=accumulate, side=side, root_method=root_method,
-        root_steps=root_steps, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-        max_precond_dim=max_precond_dim, num_heads=num_heads, nonfinite=nonfinite,
-        matmul_dtype=matmul_dtype, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-        weight_dimension_numbers=weight_dimension_numbers)
-    return _with_adamw(matrix_transform, learning_rate, weight_dimension_numbers, adam_b1, adam_b2,
-                       adam_eps, adam_weight_decay, adam_learning_rate)
+    return _with_adamw(scale_by_asgo, dict(locals()))
 
 
 def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           update_rms: Optional[float] = 0.2, accumulate: str = "ema", nonfinite: str = "skip",
-          weight_decay: float = 0.1, weight_decay_mask: Any = None, adam_b1: float = 0.9,
-          adam_b2: float = 0.95, adam_eps: float = 1e-8, adam_weight_decay: float = 0.0,
-          adam_learning_rate: Any = None,
+          mu_dtype: Optional[str] = None, weight_decay: float = 0.1,
+          weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
+          adam_b2: float = _ADAM_B2, adam_eps: float = ADAMW_DEFAULTS["eps"],
+          adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
           weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO for matrix leaves, AdamW for the rest; options as asgo and scale_by_dasgo."""
-    matrix_transform = scale_by_dasgo(
-        b1=b1, b2=b2, eps=eps, update_rms=update_rms, accumulate=accumulate, nonfinite=nonfinite,
-        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-        weight_dimension_numbers=weight_dimension_numbers)
-    return _with_adamw(matrix_transform, learning_rate, weight_dimension_numbers, adam_b1, adam_b2,
-                       adam_eps, adam_weight_decay, adam_learning_rate)
+    return _with_adamw(scale_by_dasgo, dict(locals()))
 
 
 # ----------------------------------------------------------------------------- numerics health
@@ -448,9 +565,180 @@ def numerics_counters(opt_state) -> dict:
     a non-finite gradient, and root fallbacks per asgo_core.FALLBACK_LEVELS. A host read."""
     is_state = lambda x: isinstance(x, (ScaleByASGOState, ScaleByDASGOState))  # noqa: E731
     states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
-    stacks = [stack for state in states for stack in state.stacks]
-    fallbacks = [int(sum(jnp.sum(s.fallbacks[..., level]) for s in stacks if hasattr(s, "fallbacks")))
-                 for level in range(len(asgo_core.FALLBACK_LEVELS))]
-    return {"skipped": int(sum(jnp.sum(s.skipped) for s in stacks)),
-            "fallbacks": dict(zip(asgo_core.FALLBACK_LEVELS, fallbacks))}
-from .optax_portable import portable_state, state_from_portable  # noqa: E402,F401  (portable checkpoints)
+    fallbacks = [leaf for s in states if hasattr(s, "fallbacks") for leaf in jax.tree.leaves(s.fallbacks)]
+    return {"skipped": int(sum(jnp.sum(leaf) for s in states for leaf in jax.tree.leaves(s.skipped))),
+            "fallbacks": {name: int(sum(jnp.sum(leaf[..., level]) for leaf in fallbacks))
+                          for level, name in enumerate(asgo_core.FALLBACK_LEVELS)}}
+
+
+# ----------------------------------------------------------------------------- portable checkpoints
+
+def portable_state(opt_state, params, config, *, adamw=None, names=None,
+                   weight_dimension_numbers=None) -> dict:
+    """The state of an asgo()/dasgo()/scale_by_asgo()/scale_by_dasgo() optimizer as a portable
+    dict (for asgo_core.save_state). A host read of every state array."""
+    layout = _Layout(params, config, adamw, weight_dimension_numbers)
+    matrix_state = _only(opt_state, (ScaleByASGOState, ScaleByDASGOState))
+    adam_state = _only(opt_state, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
+    arrays = {}
+    if matrix_state is not None:
+        fields = layout.matrix_fields(matrix_state)
+        for stack in layout.plan:
+            core_state = stack.gather_state(fields, matrix_state.count)
+            per_leaf = stacked_state_entries(core_state, layout.matrices_per_leaf(stack), np.asarray)
+            arrays.update(zip(layout.stack_leaf_indices(stack), per_leaf))
+    if adam_state is not None:
+        for index, mu, nu in zip(layout.adamw_indices, jax.tree.leaves(adam_state.mu),
+                                 jax.tree.leaves(adam_state.nu)):
+            arrays[index] = {"exp_avg": np.asarray(mu), "exp_avg_sq": np.asarray(nu)}
+    step = int((matrix_state if matrix_state is not None else adam_state).count)
+    entries = [{"name": name, "algorithm": algorithm, "shape": list(np.shape(leaf)), "step": step,
+                "batch_dims": batch_dims, "config": entry_config, "arrays": arrays[index]}
+               for index, (leaf, name, (algorithm, entry_config), batch_dims)
+               in enumerate(zip(layout.leaves, layout.names(names), layout.identities, layout.batch_dims))]
+    return portable_dict(entries)
+
+
+def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
+                        weight_dimension_numbers=None):
+    """tx's state for `params`, filled from a portable dict (asgo_core.load_state). Every entry
+    is checked before the state is built; a mismatch raises asgo_core.CheckpointError. Arrays
+    take the dtypes of tx.init(params) (float32 unless JAX x64 is enabled)."""
+    layout = _Layout(params, config, adamw, weight_dimension_numbers)
+    entries = entries_in_order(portable, layout.names(names))
+    for leaf, entry, (algorithm, entry_config), batch_dims in zip(layout.leaves, entries, layout.identities,
+                                                                  layout.batch_dims):
+        check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=np.shape(leaf),
+                            config=entry_config, batch_dims=batch_dims)
+    template = tx.init(params)
+    step = jnp.asarray(common_step(entries), jnp.int32)
+    replacements = {}
+    matrix_state = _only(template, (ScaleByASGOState, ScaleByDASGOState))
+    if matrix_state is not None:
+        fields = layout.matrix_fields(matrix_state)
+        filled = {field: list(values) for field, values in fields.items()}
+        for stack in layout.plan:
+            stack_entries = [entries[i] for i in layout.stack_leaf_indices(stack)]
+            template_core = stack.gather_state(fields, matrix_state.count)
+            core_state = stacked_state_from_entries(template_core, stack_entries,
+                                                    layout.matrices_per_leaf(stack), _jax_like)
+            stack.scatter_state(core_state, filled)
+        replacements[type(matrix_state)] = matrix_state._replace(
+            **{field: jax.tree.unflatten(layout.matrix_treedef, values) for field, values in filled.items()})
+    adam_state = _only(template, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
+    if adam_state is not None:
+        adamw_entries = [entries[i] for i in layout.adamw_indices]
+        replacements[optax.ScaleByAdamState] = adam_state._replace(
+            mu=_filled_like(adam_state.mu, adamw_entries, "exp_avg"),
+            nu=_filled_like(adam_state.nu, adamw_entries, "exp_avg_sq"))
+    is_replaced = lambda node: type(node) in replacements  # noqa: E731
+    state = jax.tree.map(lambda node: replacements.get(type(node), node), template, is_leaf=is_replaced)
+    return optax.tree_utils.tree_set(state, count=step)  # every step counter, schedules' included
+
+
+class _Layout:
+    """Which leaves are matrices (and in which core stack) and which are AdamW's."""
+
+    def __init__(self, params, config, adamw, weight_dimension_numbers):
+        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.paths = [path for path, _ in paths_and_leaves]
+        self.leaves = [leaf for _, leaf in paths_and_leaves]
+        numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, params)
+        self.matrix_indices = [i for i, n in enumerate(numbers) if n is not None]
+        self.adamw_indices = [i for i, n in enumerate(numbers) if n is None]
+        # the matrix transformation's trees: asgo()/dasgo() mask the AdamW leaves (optax.partition)
+        masked = [leaf if n is not None else optax.MaskedNode() for leaf, n in zip(self.leaves, numbers)]
+        self.matrix_treedef = jax.tree.structure(jax.tree.unflatten(treedef, masked))
+        self.batch_dims = [0 if n is None else _batch_axes(leaf, n) for leaf, n in zip(self.leaves, numbers)]
+        paths = _leaf_paths(params)
+        matrices = self.matrix_indices
+        self.plan = _plan([paths[i] for i in matrices], [self.leaves[i] for i in matrices],
+                          [numbers[i] for i in matrices], "portable_state")
+        algorithm = "asgo" if isinstance(config, ASGOConfig) else "dasgo"
+        adamw_config = {key: list(value) if key == "betas" else value
+                        for key, value in {**ADAMW_DEFAULTS, **(adamw or {})}.items()}
+        matrix_identity = (algorithm, dataclasses.asdict(config))
+        self.identities = [matrix_identity if n is not None else ("adamw", adamw_config) for n in numbers]
+
+    def matrix_fields(self, matrix_state) -> dict:
+        """The state's per-leaf arrays, field by field, in the order of the matrix leaves."""
+        return {field: self.matrix_treedef.flatten_up_to(getattr(matrix_state, field))
+                for field in matrix_state._fields[1:]}
+
+    def stack_leaf_indices(self, stack) -> list:
+        """Positions in the full leaf list of one stack's leaves."""
+        return [self.matrix_indices[i] for i in stack.leaf_indices]
+
+    def matrices_per_leaf(self, stack) -> list:
+        return [view.stack_shape[0] for view in stack.views]
+
+    def names(self, names) -> list:
+        if names is None:
+            return [jax.tree_util.keystr(path, simple=True, separator=".") for path in self.paths]
+        names = [str(name) for name in names]
+        if len(names) != len(self.leaves):
+            fail("names", f"{len(names)} names", f"one per leaf ({len(self.leaves)})")
+        return names
+
+
+def _batch_axes(leaf, dimension_numbers) -> int:
+    """How many axes of the leaf index matrices: those neither reduction nor output axes."""
+    ndim = np.ndim(leaf)
+    matrix_axes = (set(_as_axes(dimension_numbers.reduction_axis, ndim))
+                   | set(_as_axes(dimension_numbers.output_axis, ndim)))
+    return ndim - len(matrix_axes)
+
+
+def _only(opt_state, types, *, required=False):
+    """The one state of the given types inside opt_state (None when absent and not required)."""
+    is_wanted = lambda node: isinstance(node, types)  # noqa: E731
+    found = [node for node in jax.tree.leaves(opt_state, is_leaf=is_wanted) if is_wanted(node)]
+    if len(found) > 1 or (required and not found):
+        raise ValueError(f"opt_state holds {len(found)} {' / '.join(t.__name__ for t in types)}; "
+                         "accepted: the state of one asgo()/dasgo()/scale_by_* optimizer")
+    return found[0] if found else None
+
+
+def _jax_like(array, like):
+    return jnp.asarray(array, dtype=like.dtype)
+
+
+def _filled_like(tree, entries, key: str):
+    """tree (with MaskedNode for the matrix leaves) with its array leaves from the entries."""
+    leaves, treedef = jax.tree.flatten(tree)
+    filled = []
+    for like, entry in zip(leaves, entries):
+        value = np.asarray(entry["arrays"][key])
+        if value.shape != like.shape:
+            raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
+                                  f"{value.shape}, expected {like.shape}")
+        filled.append(_jax_like(value, like))
+    return jax.tree.unflatten(treedef, filled)
+
+
+def apply_updates_stochastic(params, updates, key):
+    """optax.apply_updates with the sum rounded stochastically into 16-bit (bfloat16, float16)
+    parameters: each param + update is computed in float32 and rounded up with probability
+    equal to its fractional distance to the upper neighbour (asgo_core.precision), so small
+    updates are kept in expectation instead of being rounded away. Wider parameters and None
+    leaves are treated as optax.apply_updates treats them. key: a jax.random key, a new one each
+    step (e.g. jax.random.fold_in(key, step)) so a resumed run draws the same numbers.
+
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = apply_updates_stochastic(params, updates, jax.random.fold_in(key, step))
+    """
+    leaves, structure = jax.tree.flatten(params, is_leaf=lambda x: x is None)
+    keys = jax.random.split(key, len(leaves))
+    update_leaves = structure.flatten_up_to(updates)
+    summed = [_rounded_sum(p, u, k) for p, u, k in zip(leaves, update_leaves, keys)]
+    return jax.tree.unflatten(structure, summed)
+
+
+def _rounded_sum(param, update, key):
+    if param is None or update is None:
+        return param
+    if jnp.finfo(param.dtype).bits >= 32:
+        return jnp.asarray(param + update).astype(param.dtype)
+    value = param.astype(jnp.float32) + update.astype(jnp.float32)
+    uniform = jax.random.uniform(key, value.shape, jnp.float32)
+    return stochastic_round(value, param.dtype, uniform, jnp)

@@ -31,24 +31,32 @@ torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
+from collections import defaultdict
 from dataclasses import dataclass
 
+import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 
-from asgo_core import (ASGOConfig, ASGOState, DASGOConfig, DASGOState, block_layout, init_state,
-                       matrix_stack_shape, needs_root_refresh)
-from asgo_core import FALLBACK_LEVELS, step_terms
+from asgo_core import (ASGOState, DASGOState, FALLBACK_LEVELS, block_layout, init_state, matrix_stack_shape,
+                       needs_root_refresh, step_terms)
+from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order, portable,
+                                  stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import check_group_options, group_config
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order,
-                                  stacked_state_entries, stacked_state_from_entries)
+from asgo_core.options import check_group_options, defaults, group_config, signature
+from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
+from asgo_core.state_codec import named_arrays, split_named
 
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
+
+# The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
+_SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
+               for algorithm in ("asgo", "dasgo")}
 
 def _check_lr(name: str, lr) -> None:
     """A learning rate: a number, or a one-element floating-point tensor (for schedulers)."""
@@ -93,12 +101,27 @@ class Bucket:
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
-    """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm and defaults."""
+    """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
 
-    def __init__(self, params, defaults: dict):
-        super().__init__(params, defaults)
+    def __init__(self, *args, **kwargs):
+        """(params, lr, betas, *, every other option of the class's signature)."""
+        accepted = _SIGNATURES[self.matrix_algorithm]
+        try:
+            arguments = accepted.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}(): {error}; accepted: "
+                            f"{', '.join(accepted.parameters)}") from None
+        arguments.apply_defaults()
+        options = dict(arguments.arguments)
+        super().__init__(options.pop("params"), options)
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass with its own __init__ shows that signature, not the inherited option list."""
+        super().__init_subclass__(**kwargs)
+        if cls.__init__ is not _MatrixOptimizer.__init__:
+            cls.__signature__ = None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -107,6 +130,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def algorithm_of(self, param: torch.Tensor, group: dict) -> str:
+        """"asgo", "dasgo" or "adamw": what steps `param` as a member of `group`."""
+        return _algorithm_of(param, group, self.matrix_algorithm)
 
     def _validate_group(self, group: dict, group_index: int) -> None:
         """The constructor's checks of one group (options, then every parameter under them);
@@ -232,21 +259,44 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         _store_state(states, _split_state(new_state, bucket.params, bucket.batch_dims))
         for state in states:
             state["step"] = step_count + 1
-        _write_update(bucket, direction, scale, group["lr"], group_config(group, bucket.algorithm).weight_decay)
+        weight_decay = group_config(group, bucket.algorithm).weight_decay
+        if _rounds_stochastically(group, bucket.params[0]):
+            generator = self._rounding_generator(bucket.params[0], step_count)
+            _write_rounded_update(bucket, direction, scale, group["lr"], weight_decay, generator)
+        else:
+            _write_update(bucket, direction, scale, group["lr"], weight_decay)
+
+    def _rounding_generator(self, param, step_count: int) -> torch.Generator:
+        """The seeded generator of a stochastically rounded write to param (and the parameters
+        stepped with it) at step_count."""
+        stream = next(index for index, (other, _) in enumerate(self._params_and_groups()) if other is param)
+        return torch.Generator(device=param.device).manual_seed(rounding_seed(step_count, stream))
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in _params_with_grad(group)
                   if _algorithm_of(p, group, self.matrix_algorithm) == "adamw"]
         if not params:
             return
-        states = [self._adamw_state(p) for p in params]
-        beta1, beta2 = group["adamw_betas"]
-        lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
-        adamw_functional(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["adamw_weight_decay"],
-            eps=group["adamw_eps"], maximize=group["maximize"])
+        nearest = [p for p in params if not _rounds_stochastically(group, p)]
+        if nearest:
+            states = [self._adamw_state(p) for p in nearest]
+            _adamw(nearest, [p.grad for p in nearest], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [s["step"] for s in states], group)
+        for param in params:
+            if _rounds_stochastically(group, param):
+                self._rounded_adamw_step(param, group)
+
+    def _rounded_adamw_step(self, param, group: dict) -> None:
+        """torch.optim.AdamW's step computed in float32 on a 16-bit parameter, the result rounded
+        stochastically into the parameter; the moments keep the parameter's dtype (rounded to
+        nearest), as torch.optim.AdamW keeps them."""
+        state = self._adamw_state(param)
+        generator = self._rounding_generator(param, int(state["step"]))
+        wide = [t.float() for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+        _adamw([wide[0]], [wide[1]], [wide[2]], [wide[3]], [state["step"]], group)
+        state["exp_avg"].copy_(wide[2])
+        state["exp_avg_sq"].copy_(wide[3])
+        param.copy_(_stochastically_rounded(wide[0], param.dtype, generator))
 
     def _adamw_state(self, param: torch.Tensor) -> dict:
         """torch.optim.AdamW's state layout, so its arithmetic is reproduced bit for bit."""
@@ -256,25 +306,37 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return state
 
     # ---- state_dict ------------------------------------------------------------------------
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim.Optimizer's, but checked whole before anything changes: the group
-        and parameter counts, every saved group option (the constructor's checks), and each
-        parameter's state (its algorithm's fields, their shapes and kinds). A mismatch raises
-        ValueError naming the parameter and the field, and leaves the optimizer as it was.
-        Matrix statistics keep the statistics dtype (float32 for bf16 parameters) and move
-        to the parameter's device; AdamW state follows torch.optim.AdamW (moments in the
-        parameter's dtype and device, "step" a CPU tensor, also when saved as a number)."""
-        new_states, checked_groups = self._checked_states(state_dict)
-        super().load_state_dict({**state_dict, "state": {}})
-        for group, checked in zip(self.param_groups, checked_groups):
-            for name, value in checked.items():  # an option older files lack keeps this group's value
-                group.setdefault(name, value)
-        for param, state in new_states.items():
-            self.state[param] = state
+        """As torch.optim.Optimizer's, in its order: the load_state_dict pre-hooks get a
+        shallow copy of state_dict and may return a replacement; what they leave is checked
+        whole before anything changes (the group and parameter counts, every saved group
+        option with the constructor's checks, each parameter's state: its algorithm's fields,
+        their shapes and kinds), a mismatch raising ValueError naming the parameter and the
+        field and leaving the optimizer as it was; then the state is loaded and the post-hooks
+        run. Entries of "state" that belong to no parameter are kept as they are, as torch.optim
+        keeps them; an option an older file lacks keeps this group's value. Matrix statistics
+        keep the statistics dtype (float32 for bf16 parameters) and move to the parameter's
+        device; AdamW state follows torch.optim.AdamW (moments in the parameter's dtype and
+        device, "step" a CPU tensor, also when saved as a number)."""
+        if not isinstance(state_dict, dict):
+            fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            replacement = pre_hook(self, state_dict)
+            state_dict = state_dict if replacement is None else replacement
+        param_states, groups = self._checked_states(state_dict)
+        saved_ids = {saved_id for saved in state_dict["param_groups"] for saved_id in saved["params"]}
+        state = defaultdict(dict, {key: value for key, value in state_dict["state"].items()
+                                   if key not in saved_ids})
+        state.update(param_states)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _checked_states(self, state_dict: dict) -> tuple[dict, list]:
-        """({param: the state to load}, the checked groups: this optimizer's groups with the
-        saved options over them) after every check of load_state_dict."""
+        """({param: the state to load}, the groups to load: this optimizer's groups with
+        copies of the saved options over them) after every check of load_state_dict."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
@@ -285,7 +347,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 fail(f"state_dict['param_groups'][{group_index}]['params']",
                      f"{len(saved['params'])} parameters", f"{len(group['params'])}")
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
+            options = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
+            merged = {**group, **options, "params": group["params"]}
             self._validate_group(merged, group_index)
             checked_groups.append(merged)
             for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
@@ -313,9 +376,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _state_template(self, param, group: dict, algorithm: str) -> dict:
         """The matrix state a parameter holds, as meta tensors (shapes and dtypes only)."""
-        count, m, n = matrix_stack_shape(param.shape, group["batch_dims"])
-        meta_stack = torch.empty((count, m, n), dtype=param.dtype, device="meta")
-        core_state = init_state(meta_stack, group_config(group, algorithm))
+        core_state = self._fresh_core_state(param, group, algorithm, device="meta")
         return _split_state(core_state, (param,), group["batch_dims"])[0]
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
@@ -331,17 +392,17 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             if algorithm == "adamw":
                 state = state or _fresh_adamw_state(param)
                 step = int(state["step"])
-                arrays = {key: state[key].detach().cpu().numpy() for key in ("exp_avg", "exp_avg_sq")}
+                arrays = {key: _numpy(state[key]) for key in ("exp_avg", "exp_avg_sq")}
             else:
                 step = state.get("step", 0)
                 count, *matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])
                 core_state = (_stack_state([state], matrix_shape, step, reuse_storage=False) if step
                               else self._fresh_core_state(param, group, algorithm))
-                arrays = stacked_state_entries(core_state, [count], lambda t: t.detach().cpu().numpy())[0]
+                arrays = stacked_state_entries(core_state, [count], _numpy)[0]
             entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
                             "batch_dims": group["batch_dims"], "step": step, "config": config,
                             "arrays": arrays})
-        return {"format": "asgo-portable-state", "version": 1, "params": entries}
+        return portable(entries)
 
     def load_portable_state(self, portable: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
@@ -378,9 +439,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                                "weight_decay": group["adamw_weight_decay"]}
         return algorithm, dataclasses.asdict(group_config(group, algorithm))
 
-    def _fresh_core_state(self, param, group, algorithm):
-        stack_shape = matrix_stack_shape(param.shape, group["batch_dims"])
-        return init_state(param.detach().reshape(stack_shape), group_config(group, algorithm))
+    def _fresh_core_state(self, param, group, algorithm, device=None):
+        """The core's zero state of the parameter's (matrices, m, n) stack, on `device` (default:
+        the parameter's)."""
+        stack = torch.empty(matrix_stack_shape(param.shape, group["batch_dims"]), dtype=param.dtype,
+                            device=device or param.device)
+        return init_state(stack, group_config(group, algorithm))
 
     def _state_from_entry(self, param, group, entry) -> dict:
         if entry["algorithm"] == "adamw":
@@ -396,21 +460,18 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return state
 
 
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, copy=True)
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
-
-
 def _fresh_adamw_state(param: torch.Tensor) -> dict:
     scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     return {"step": torch.tensor(0.0, dtype=scalar_dtype),
             "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+
+
+def _numpy(tensor: torch.Tensor):
+    """A state tensor for a portable checkpoint: NumPy has no bfloat16, so bfloat16 state is
+    written as float32 (exactly) and cast back to the optimizer's dtype on load."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def _tensor_from_numpy(array, like: torch.Tensor) -> torch.Tensor:
@@ -463,6 +524,35 @@ def _write_update(bucket: Bucket, direction, scale, lr, weight_decay: float) -> 
         torch._foreach_mul_(params, per_param(1.0 - (lr * weight_decay) * (scale != 0).to(scale.dtype)))
     directions = [part.reshape(p.shape) for part, p in zip(direction.split(counts), params)]
     torch._foreach_addcmul_(params, directions, per_param(scale * -lr))
+
+
+def _rounds_stochastically(group: dict, param) -> bool:
+    return group["param_rounding"] == "stochastic" and is_narrow(param.dtype, torch_xp)
+
+
+def _write_rounded_update(bucket: Bucket, direction, scale, lr, weight_decay: float, generator) -> None:
+    """_write_update's W·(1 − lr·weight_decay) − lr·scale·D computed in the statistics dtype and
+    rounded stochastically into each 16-bit parameter."""
+    counts, batch_dims = bucket.matrix_counts, bucket.batch_dims
+    for param, part, factor in zip(bucket.params, direction.split(counts), scale.split(counts)):
+        factor = factor.view(param.shape[:batch_dims] + (1,) * (param.ndim - batch_dims))
+        decay = 1.0 - (lr * weight_decay) * (factor != 0).to(factor.dtype)
+        value = param.to(factor.dtype) * decay - (lr * factor) * part.reshape(param.shape)
+        param.copy_(_stochastically_rounded(value, param.dtype, generator))
+
+
+def _stochastically_rounded(value: torch.Tensor, dtype, generator) -> torch.Tensor:
+    uniform = torch.rand(value.shape, generator=generator, dtype=value.dtype, device=value.device)
+    return stochastic_round(value, dtype, uniform, torch_xp)
+
+
+def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
+    """torch.optim.AdamW's functional step with a group's adamw_* options."""
+    beta1, beta2 = group["adamw_betas"]
+    lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
+    adamw_functional(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1,
+                     beta2=beta2, lr=lr, weight_decay=group["adamw_weight_decay"], eps=group["adamw_eps"],
+                     maximize=group["maximize"])
 
 
 def _add_to_run(runs: list, step_count: int, param) -> None:
@@ -523,17 +613,16 @@ def _split_state(core_state, params, batch_dims: int) -> list[dict]:
     the parameter's batch shape in front ((m, n) momentum for a plain matrix, (E, m, n) for an
     expert stack); "gram"/"root" hold a list of (matrices·blocks, size, size) per block group."""
     counts = [matrix_stack_shape(p.shape, batch_dims)[0] for p in params]
-    split = [{} for _ in params]
-    for key, value in core_state._asdict().items():
-        if key == "count":
-            continue
-        if key in ("gram", "root"):
-            per_group = [blocks.split([c * blocks.shape[0] // sum(counts) for c in counts]) for blocks in value]
-            for index, state in enumerate(split):
-                state[key] = [parts[index] for parts in per_group]
-            continue
-        for state, part, param in zip(split, value.split(counts), params):
-            state[key] = part.view(param.shape[:batch_dims] + part.shape[1:])
+    split = []
+    for param, named in zip(params, split_named(named_arrays(core_state), counts)):
+        state = {}
+        for name, value in named.items():
+            field, block_group = name.split("/") if "/" in name else (name, None)
+            if block_group is None:
+                state[field] = value.view(param.shape[:batch_dims] + value.shape[1:])
+            else:
+                state.setdefault(field, []).append(value)
+        split.append(state)
     return split
 
 
@@ -622,46 +711,15 @@ class ASGO(_MatrixOptimizer):
 
     matrix_algorithm = "asgo"
 
-    def __init__(self, params, lr=1e-2, betas=(ASGOConfig.beta1, ASGOConfig.beta2), *,
-                 eps=ASGOConfig.eps, weight_decay=ASGOConfig.weight_decay,
-                 precondition_frequency=ASGOConfig.precondition_frequency,
-                 update_rms=ASGOConfig.update_rms, root_method=ASGOConfig.root_method,
-                 root_steps=ASGOConfig.root_steps, side=ASGOConfig.side,
-                 max_precond_dim=ASGOConfig.max_precond_dim, num_heads=ASGOConfig.num_heads,
-                 accumulate=ASGOConfig.accumulate, damping=ASGOConfig.damping,
-                 root_tolerance=ASGOConfig.root_tolerance,
-                 residual_tolerance=ASGOConfig.residual_tolerance, nonfinite=ASGOConfig.nonfinite,
-                 matmul_dtype=ASGOConfig.matmul_dtype,
-                 adamw_lr=None, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0,
-                 maximize=False, algorithm=None, batch_dims=0):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency, update_rms=update_rms,
-            root_method=root_method, root_steps=root_steps, side=side,
-            max_precond_dim=max_precond_dim, num_heads=num_heads, accumulate=accumulate,
-            damping=damping, root_tolerance=root_tolerance, residual_tolerance=residual_tolerance,
-            nonfinite=nonfinite, matmul_dtype=matmul_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, maximize=maximize,
-            algorithm=algorithm, batch_dims=batch_dims)
-        super().__init__(params, defaults)
-
 
 class DASGO(_MatrixOptimizer):
     """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing as ASGO."""
 
     matrix_algorithm = "dasgo"
 
-    def __init__(self, params, lr=1e-2, betas=(DASGOConfig.beta1, DASGOConfig.beta2), *,
-                 eps=DASGOConfig.eps, weight_decay=DASGOConfig.weight_decay,
-                 update_rms=DASGOConfig.update_rms, accumulate=DASGOConfig.accumulate,
-                 nonfinite=DASGOConfig.nonfinite, adamw_lr=None, adamw_betas=(0.9, 0.95),
-                 adamw_eps=1e-8, adamw_weight_decay=0.0, maximize=False, algorithm=None, batch_dims=0):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_rms=update_rms,
-            accumulate=accumulate, nonfinite=nonfinite, adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas, adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
-            maximize=maximize, algorithm=algorithm, batch_dims=batch_dims)
-        super().__init__(params, defaults)
+
+ASGO.__signature__ = _SIGNATURES["asgo"]
+DASGO.__signature__ = _SIGNATURES["dasgo"]
 
 
 def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,

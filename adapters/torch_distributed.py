@@ -35,13 +35,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from asgo_core import _xp, block_layout, init_state, matrix_stack_shape, matrix_view_shape
+from asgo_core import (ASGOState, RowShards, block_layout, init_state, matrix_stack_shape, matrix_view_shape,
+                       needs_root_refresh, step_terms)
 from asgo_core.config import fail
 from asgo_core.layout import resolve_side
-from asgo_core.step import FALLBACK_LEVELS, needs_root_refresh, robust_root
+from asgo_core.options import group_config
 
-from .torch import (ASGO, DASGO, Bucket, _algorithm_of, _fresh_adamw_state, _split_state, _to_device,
-                    evaluate_closure, group_config)
+from .torch import ASGO, DASGO, Bucket, evaluate_closure
 
 __all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "assign_owners"]
 
@@ -79,7 +79,7 @@ def _balanced_owners(optimizer, world_size: int, needs_owner) -> dict:
     params, costs = [], []
     for group in optimizer.param_groups:
         for param in group["params"]:
-            algorithm = _algorithm_of(param, group, optimizer.matrix_algorithm)
+            algorithm = optimizer.algorithm_of(param, group)
             if needs_owner(param, group, algorithm):
                 params.append(param)
                 costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1),
@@ -224,6 +224,17 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
+def _to_device(value, device):
+    """A copy of nested state (dicts, lists, tuples of tensors) with every tensor on device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
 class DistributedASGO(_OwnerSplit, ASGO):
     """`ASGO` with each parameter stepped on one owner rank (see the module docstring).
     Same options as ASGO, plus process_group (None: the default group)."""
@@ -333,7 +344,7 @@ class FSDPASGO(ASGO):
 
     def _column_gram_config(self, param, group: dict):
         """The config the sharded-Gram path runs `param` with, or None where it cannot."""
-        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+        algorithm = self.algorithm_of(param, group)
         if algorithm != "asgo":
             return None
         config = group_config(group, algorithm)
@@ -347,15 +358,13 @@ class FSDPASGO(ASGO):
         return None
 
     def _state_template(self, param, group: dict, algorithm: str) -> dict:
-        """ASGO's, but a sharded-Gram matrix holds only this rank's momentum rows."""
-        config = self._column_gram_config(param, group)
-        if config is None:
+        """ASGO's, but a sharded-Gram matrix (its columns preconditioned) holds only this rank's
+        momentum rows."""
+        if self._column_gram_config(param, group) is None:
             return super()._state_template(param, group, algorithm)
-        m, n = matrix_view_shape(param.shape)
-        template = _split_state(init_state(torch.empty(1, m, n, dtype=param.dtype, device="meta"), config),
-                                (param,), 0)[0]
-        momentum = template["momentum"]
-        return {**template, "momentum": momentum.new_empty(_rows_on(param, self._mesh_rank), n)}
+        template = super()._state_template(param, {**group, "side": "right"}, algorithm)
+        n = matrix_view_shape(param.shape)[1]
+        return {**template, "momentum": template["momentum"].new_empty(_rows_on(param, self._mesh_rank), n)}
 
     def owner_of(self, param) -> int | None:
         """The mesh rank that steps this matrix; None where every rank steps its own rows
@@ -479,76 +488,46 @@ class FSDPASGO(ASGO):
         return list(received.split(from_rank_numel))
 
     def _sharded_gram_step(self, bucket: Bucket, group: dict, config) -> None:
-        params, mesh_group = bucket.params, self._mesh_group
-        m, n = bucket.matrix_shape
-        weights = torch.stack([p.to_local().reshape(-1, n) for p in params])
-        statistics_dtype = torch.promote_types(weights.dtype, torch.float32)
-        grads = torch.stack([p.grad.to_local().reshape(-1, n) for p in params]).to(statistics_dtype)
+        """The core step on this rank's rows (asgo_core.RowShards): the column Grams, the
+        squared norms and the momentum flags are all-reduced over the mesh."""
+        params, (m, n) = bucket.params, bucket.matrix_shape
+        config = _with_right_side(config)
+        grads = torch.stack([p.grad.to_local().reshape(-1, n) for p in params])
         if group["maximize"]:
-            grads = -grads
-        states = [self._sharded_state(p, weights[0].to(statistics_dtype), n) for p in params]
-        momentum_old = torch.stack([s["momentum"] for s in states])
-        gram_old = torch.cat([s["gram"][0] for s in states])
-        column_gram = self._partial_column_gram(grads, config).to(statistics_dtype)
-        dist.all_reduce(column_gram, group=mesh_group)
-        decay, weight = config.beta2, 1.0 if config.accumulate == "sum" else 1.0 - config.beta2
-        gram_new = decay * gram_old + weight * column_gram
-        finite = torch.isfinite(gram_new.diagonal(dim1=-2, dim2=-1).sum(-1))
-        keep = ~finite[:, None, None]
-        momentum = torch.where(keep, momentum_old, torch.lerp(momentum_old, grads, 1.0 - config.beta1))
-        gram = torch.where(keep, gram_old, gram_new)
-        root = torch.cat([s["root"][0] for s in states])
-        fallbacks = torch.zeros(len(params), len(FALLBACK_LEVELS), dtype=torch.int32, device=grads.device)
-        if needs_root_refresh(states[0]["step"], config):
-            new_root, fallbacks = robust_root(gram, root, config, _xp.namespace(gram),
-                                              moving=self._momentum_is_nonzero(momentum, mesh_group))
-            root = torch.where(keep, root, new_root)
-            fallbacks = torch.where(keep[:, :, 0], 0, fallbacks)
-        direction = _matmul_in(momentum, config) @ _matmul_in(root, config)
-        direction = direction.to(statistics_dtype)
-        update = self._normalised(direction, mesh_group, m * n, config) * finite[:, None, None]
-        update = update + config.weight_decay * weights.to(statistics_dtype) * finite[:, None, None]
-        for index, (param, state) in enumerate(zip(params, states)):
-            state.update(step=state["step"] + 1, momentum=momentum[index], gram=[gram[index:index + 1]],
-                         root=[root[index:index + 1]], skipped=state["skipped"] + (~finite[index]).int(),
-                         fallbacks=state["fallbacks"] + fallbacks[index])
+            grads = grads.neg()
+        step = self.state[params[0]].get("step", 0)
+        core_state = self._stacked_state(params, step) if step else init_state(grads, config)
+        row_shards = RowShards(rows=m, sum=self._sum_over_mesh, any=self._any_over_mesh)
+        direction, scale, new_state = step_terms(grads, core_state, config, row_shards=row_shards,
+                                                 refresh_root=needs_root_refresh(step, config))
+        for index, param in enumerate(params):
+            self.state[param].update(
+                step=step + 1, momentum=new_state.momentum[index], gram=[new_state.gram[0][index:index + 1]],
+                root=[new_state.root[0][index:index + 1]], skipped=new_state.skipped[index],
+                fallbacks=new_state.fallbacks[index])
             local = param.to_local()
-            local.sub_((group["lr"] * update[index]).to(local.dtype).view(local.shape))
+            rows = local.reshape(-1, n).to(direction.dtype)
+            update = direction[index] * scale[index] + config.weight_decay * (scale[index] != 0) * rows
+            local.sub_((group["lr"] * update).to(local.dtype).view(local.shape))
 
-    @staticmethod
-    def _momentum_is_nonzero(momentum, mesh_group):
-        """(bucket,) bool: whether some rank's rows of each momentum are nonzero (one small
-        all-reduce, so every rank counts the same fallbacks)."""
-        nonzero = (momentum.abs().amax(dim=(-2, -1)) > 0).to(torch.int32)
-        dist.all_reduce(nonzero, op=dist.ReduceOp.MAX, group=mesh_group)
-        return nonzero.bool()
+    def _stacked_state(self, params: tuple, step: int) -> ASGOState:
+        """The core state of a sharded-Gram bucket from its parameters' state (new tensors)."""
+        states = [self.state[p] for p in params]
+        stacked = lambda key: torch.stack([s[key] for s in states])  # noqa: E731
+        blocks = lambda key: (torch.cat([s[key][0] for s in states]),)  # noqa: E731
+        count = torch.tensor(step, dtype=torch.int32)
+        return ASGOState(stacked("momentum"), blocks("gram"), blocks("root"), count, stacked("skipped"),
+                         stacked("fallbacks"))
 
-    @staticmethod
-    def _partial_column_gram(grads, config):
-        """This rank's GᵀG of its rows (GEMM inputs in config.matmul_dtype, as ASGO rounds them)."""
-        low = _matmul_in(grads, config)
-        return low.mT @ low
+    def _sum_over_mesh(self, partial):
+        dist.all_reduce(partial, group=self._mesh_group)
+        return partial
 
-    @staticmethod
-    def _normalised(direction, mesh_group, numel: int, config):
-        """D·ρ·sqrt(m·n)/‖D‖_F with the global norm (one all-reduce); ρ = None: D itself."""
-        if config.update_rms is None:
-            return direction
-        squared_norm = direction.square().sum(dim=(-2, -1))
-        dist.all_reduce(squared_norm, group=mesh_group)
-        norm = squared_norm.sqrt()
-        scale = torch.where(norm > 0, config.update_rms * numel ** 0.5 / norm.clamp_min(1e-30), 0.0)
-        return direction * scale[:, None, None]
-
-    def _sharded_state(self, param, local_rows, n: int) -> dict:
-        """The state of a sharded-Gram matrix, in ASGO's layout (gram, root: one block group)."""
-        state = self.state[param]
-        if not state:
-            zeros = lambda *shape: local_rows.new_zeros(shape)  # noqa: E731
-            counter = lambda *shape: torch.zeros(shape, dtype=torch.int32, device=local_rows.device)  # noqa: E731
-            state.update(step=0, momentum=zeros(*local_rows.shape), gram=[zeros(1, n, n)],
-                         root=[zeros(1, n, n)], skipped=counter(), fallbacks=counter(len(FALLBACK_LEVELS)))
-        return state
+    def _any_over_mesh(self, flags):
+        """(bucket,) bool: whether some rank's flag is set, so every rank counts the same."""
+        flags = flags.to(torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._mesh_group)
+        return flags.bool()
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -564,9 +543,9 @@ class FSDPASGO(ASGO):
         return {"state": state, "param_groups": packed["param_groups"]}
 
     def _checkpoint_entry(self, param, group: dict, entry: dict, owner_held) -> dict:
-        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+        algorithm = self.algorithm_of(param, group)
         if algorithm == "adamw":
-            return entry or _fresh_adamw_state(param)
+            return entry or self._adamw_state(param)
         if param in self._owner:
             if owner_held is None:
                 return self._fresh_matrix_entry(param, group, algorithm)
@@ -577,12 +556,11 @@ class FSDPASGO(ASGO):
 
     def _fresh_matrix_entry(self, param, group: dict, algorithm: str) -> dict:
         """The zero state (step 0) of a matrix, in the checkpoint layout."""
-        config = self._column_gram_config(param, group) or group_config(group, algorithm)
-        m, n = matrix_view_shape(param.shape)
-        zero_matrix = torch.zeros(1, m, n, dtype=param.dtype, device=param.device)
-        entry = {**_split_state(init_state(zero_matrix, config), (param,), 0)[0], "step": 0}
-        rows = _rows_of(entry["momentum"], self._mesh_rank, self.device_mesh.size())
-        return {**entry, "momentum": _row_sharded_like(rows, param)}
+        zeros = lambda like: torch.zeros_like(like, device=param.device)  # noqa: E731
+        entry = {key: [zeros(b) for b in value] if isinstance(value, list) else zeros(value)
+                 for key, value in self._state_template(param, group, algorithm).items()}
+        rows = entry["momentum"].new_zeros(_rows_on(param, self._mesh_rank), entry["momentum"].shape[-1])
+        return {**entry, "step": 0, "momentum": _row_sharded_like(rows, param)}
 
     def _share_owner_held_state(self, local_state: dict, params: list) -> dict:
         """{index: state without momentum} of every owner-held matrix with state, on every
@@ -645,11 +623,6 @@ def _preconditions_whole_columns(shape: tuple[int, int], config) -> bool:
 @functools.lru_cache(maxsize=None)
 def _with_right_side(config):
     return dataclasses.replace(config, side="right")
-
-
-def _matmul_in(x, config):
-    """x as a GEMM input: rounded to config.matmul_dtype when it is set."""
-    return x if config.matmul_dtype is None else x.to(getattr(torch, config.matmul_dtype))
 
 
 def _rows_on(param, rank: int) -> int:

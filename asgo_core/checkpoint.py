@@ -44,7 +44,9 @@ import struct
 import zipfile
 import zlib
 
+from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims
+from asgo_core.state_codec import named_arrays, split_named, state_from_named
 
 FORMAT = "asgo-portable-state"
 VERSION = 1
@@ -238,6 +240,17 @@ def entries_in_order(portable: dict, names) -> list:
     return [by_name[name] for name in names]
 
 
+def entry_names(names, defaults: list, per: str) -> list:
+    """The entry names an adapter exports or loads: `names` given by the caller (one `per`
+    item, checked), or the adapter's `defaults`."""
+    if names is None:
+        return defaults
+    names = [str(name) for name in names]
+    if len(names) != len(defaults):
+        fail("names", f"{len(names)} names", f"one per {per} ({len(defaults)})")
+    return names
+
+
 def common_step(entries: list) -> int:
     """The one step count of entries that an adapter steps together."""
     steps = {int(entry["step"]) for entry in entries}
@@ -246,32 +259,27 @@ def common_step(entries: list) -> int:
     return steps.pop() if steps else 0
 
 
-def _state_arrays(state) -> dict:
-    """The portable keys of a core ASGOState / DASGOState and their (stacked) arrays."""
-    arrays = {"momentum": state.momentum, "skipped": state.skipped}
-    if hasattr(state, "second_moment"):
-        arrays["second_moment"] = state.second_moment
-        return arrays
-    arrays["fallbacks"] = state.fallbacks
-    for group, (gram, root) in enumerate(zip(state.gram, state.root)):
-        arrays[f"gram/{group}"] = gram
-        arrays[f"root/{group}"] = root
-    return arrays
+def portable(entries: list) -> dict:
+    """A portable-state dict of per-parameter entries (see the module docstring)."""
+    return {"format": FORMAT, "version": VERSION, "params": entries}
 
 
 def stacked_state_entries(state, matrices_per_param, to_numpy) -> list:
     """Split a core state whose stack holds the matrices of several parameters (in order,
     `matrices_per_param` each) into one portable `arrays` dict per parameter."""
-    total = sum(matrices_per_param)
-    per_param = [{} for _ in matrices_per_param]
-    for key, value in _state_arrays(state).items():
-        rows = value.shape[0] // total
-        start = 0
-        for arrays, count in zip(per_param, matrices_per_param):
-            part = to_numpy(value[start * rows:(start + count) * rows, ...])
-            arrays[key] = part[0] if count == 1 and key in _PER_MATRIX_KEYS else part
-            start += count
-    return per_param
+    per_param = split_named(named_arrays(state), matrices_per_param)
+    return [{key: _squeezed(_widened(to_numpy(part)), key, count) for key, part in arrays.items()}
+            for arrays, count in zip(per_param, matrices_per_param)]
+
+
+def _squeezed(array, key: str, count: int):
+    return array[0] if count == 1 and key in _PER_MATRIX_KEYS else array
+
+
+def _widened(array):
+    """ml_dtypes' bfloat16 (state stored with mu_dtype / precond_dtype) as float32, exactly: a
+    checkpoint holds dtypes every framework reads; loading casts back to the optimizer's dtype."""
+    return array.astype("float32") if array.dtype.kind == "V" else array
 
 
 def _check_kind(name, key: str, array) -> None:
@@ -291,7 +299,7 @@ def stacked_state_from_entries(template, entries, matrices_per_param, convert):
 
     total = sum(matrices_per_param)
     values = {}
-    for key, like in _state_arrays(template).items():
+    for key, like in named_arrays(template).items():
         rows = like.shape[0] // total
         parts = []
         for entry, count in zip(entries, matrices_per_param):
@@ -306,11 +314,5 @@ def stacked_state_from_entries(template, entries, matrices_per_param, convert):
             _check_kind(entry["name"], key, part)
             parts.append(part)
         values[key] = convert(np.concatenate(parts), like)
-    step = common_step(entries)
-    replaced = {key: values[key] for key in _PER_MATRIX_KEYS if key in values}
-    replaced["count"] = convert(np.asarray(step), template.count)
-    if "fallbacks" in values:
-        groups = range(len(template.gram))
-        replaced["gram"] = tuple(values[f"gram/{g}"] for g in groups)
-        replaced["root"] = tuple(values[f"root/{g}"] for g in groups)
-    return template._replace(**replaced)
+    count = convert(np.asarray(common_step(entries)), template.count)
+    return state_from_named(type(template), values, count)

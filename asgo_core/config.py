@@ -16,6 +16,7 @@ ACCUMULATE_MODES = ("ema", "sum")
 DAMPING_MODES = ("relative", "absolute")
 NONFINITE_POLICIES = ("skip", "raise")
 MATMUL_DTYPES = (None, "bfloat16")
+STATE_DTYPES = (None, "bfloat16")
 
 # Steps each iterative solver runs when `root_steps` is None. PolarExpress reaches
 # normalised eigenvalues down to ~1e-8 in ten steps (SPEC §5); Newton–Schulz lifts small
@@ -76,6 +77,7 @@ def _check_common(config) -> None:
     _check_update_rms(config.update_rms)
     _check_choice("accumulate", config.accumulate, ACCUMULATE_MODES)
     _check_choice("nonfinite", config.nonfinite, NONFINITE_POLICIES)
+    _check_choice("mu_dtype", config.mu_dtype, STATE_DTYPES)
     if config.accumulate == "ema" and config.beta2 == 1.0:
         fail("beta2", config.beta2, "a number in [0, 1) with accumulate='ema' "
               "(beta2=1 never updates the statistics; use accumulate='sum' for Algorithm 1)")
@@ -111,6 +113,12 @@ class ASGOConfig:
         R and the solve stay in the statistics dtype. About three significant digits of S and D
         for 2–4× faster GEMMs on bf16 hardware, the trade torch.optim.Muon makes for its whole
         iteration. Needs a namespace with bfloat16 (torch, JAX); None (default) keeps full precision.
+    mu_dtype: None, or "bfloat16": the dtype the momentum is stored in between steps (optax's
+        name). The step computes in the statistics dtype and rounds the new momentum to nearest
+        for storage. None (default): the statistics dtype (float32 for 16-bit parameters).
+    precond_dtype: None, or "bfloat16": the dtype the Gram statistics V and the root R are
+        stored in; both are computed in the statistics dtype each step. None (default): the
+        statistics dtype. NumPy's bfloat16 is ml_dtypes'; CuPy has none.
     """
 
     beta1: float = 0.9
@@ -130,10 +138,13 @@ class ASGOConfig:
     num_heads: Optional[int] = None
     nonfinite: str = "skip"
     matmul_dtype: Optional[str] = None
+    mu_dtype: Optional[str] = None
+    precond_dtype: Optional[str] = None
 
     def __post_init__(self):
         _check_common(self)
         _check_choice("matmul_dtype", self.matmul_dtype, MATMUL_DTYPES)
+        _check_choice("precond_dtype", self.precond_dtype, STATE_DTYPES)
         _check_choice("damping", self.damping, DAMPING_MODES)
         _check_positive_int("precondition_frequency", self.precondition_frequency, allow_none=False)
         _check_choice("side", self.side, SIDES)
@@ -155,7 +166,8 @@ class DASGOConfig:
     """Hyperparameters of DASGO, the diagonal variant (SPEC §3).
 
     v ← beta2·v + (1 − beta2)·colsum(G ⊙ G) ("ema") or beta2·v + colsum(G ⊙ G) ("sum"),
-    D = M · diag(v + eps)^{-1/2} with an absolute eps, as Adam's. Other fields as ASGOConfig.
+    D = M · diag(v + eps)^{-1/2} with an absolute eps, as Adam's. Other fields as ASGOConfig
+    (v, n numbers per matrix, stays in the statistics dtype).
     """
 
     beta1: float = 0.9
@@ -165,6 +177,7 @@ class DASGOConfig:
     update_rms: Optional[float] = 0.2
     accumulate: str = "ema"
     nonfinite: str = "skip"
+    mu_dtype: Optional[str] = None
 
     def __post_init__(self):
         _check_common(self)

@@ -55,18 +55,40 @@ def matrix_stack_shape(shape, batch_dims: int = 0) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class PermutedStack:
     """An N-D array as a (matrices, out, rest) stack: its axes put in `permutation` order (batch
-    axes, output axes, input axes), then reshaped to `stack_shape`. `ops` is the array module
-    whose numpy-style transpose(x, axes) and reshape(x, shape) do it (jax.numpy, keras.ops)."""
+    axes, output axes, input axes), then reshaped to `stack_shape`. `ops` is the array namespace
+    (or keras.ops) that does it: its permute_dims or numpy-style transpose, and reshape."""
     permutation: tuple
     permuted_shape: tuple
     stack_shape: tuple
 
+    @classmethod
+    def outputs_first(cls, shape, batch_dims: int = 0) -> "PermutedStack":
+        """The torch layout: batch dims, then the output dim, then the rest (a plain reshape)."""
+        return cls(tuple(range(len(shape))), tuple(shape), matrix_stack_shape(shape, batch_dims))
+
+    @classmethod
+    def outputs_last(cls, shape, batch_dims: int = 0) -> "PermutedStack":
+        """The Keras layout (Dense (in, out), Conv2D (kh, kw, in, out)): the last dim is the
+        output, moved after the batch dims."""
+        check_batch_dims(shape, batch_dims)
+        last = len(shape) - 1
+        permutation = (*range(batch_dims), last, *range(batch_dims, last))
+        permuted = tuple(shape[axis] for axis in permutation)
+        return cls(permutation, permuted, matrix_stack_shape(permuted, batch_dims))
+
     def to_stack(self, x, ops):
-        return ops.reshape(ops.transpose(x, self.permutation), self.stack_shape)
+        return ops.reshape(self._permuted(x, self.permutation, ops), self.stack_shape)
 
     def from_stack(self, stack, ops):
         inverse = tuple(sorted(range(len(self.permutation)), key=self.permutation.__getitem__))
-        return ops.transpose(ops.reshape(stack, self.permuted_shape), inverse)
+        return self._permuted(ops.reshape(stack, self.permuted_shape), inverse, ops)
+
+    @staticmethod
+    def _permuted(x, axes, ops):
+        if axes == tuple(range(len(axes))):
+            return x
+        permute = getattr(ops, "permute_dims", None) or ops.transpose
+        return permute(x, axes)
 
 
 def resolve_side(m: int, n: int, config: ASGOConfig) -> str:

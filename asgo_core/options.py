@@ -1,19 +1,168 @@
-"""The options the torch and array adapters share, checked once for both.
+"""Every option of every adapter, in one table, and what is derived from it.
 
-Both adapters spell the betas as a pair, route non-matrix parameters to a built-in AdamW with
-`adamw_*` options, and build the core config of a group of options. Errors name the option
-and what it accepts, like the configs' own checks.
+A row (`Option`) says once what an option is: its default (the core config's, for the options
+the config has), which matrix algorithms have it, whether it must be a Python value under jit
+(`static`: it shapes the traced program), whether it shapes the optimizer state (`layout`: fixed
+once the state exists), and how each framework spells it. From the table come the adapters'
+signature defaults (`defaults`), error messages in the caller's names (`spelled`), the
+per-algorithm static-argument sets of optax.inject_hyperparams (`static_args`) and the layout
+options (`layout_options`). Adding an option is adding a row; its check lives with the config
+(asgo_core.config) or, for the adapter-level options, in `check_group_options`.
+
+Frameworks: "torch" (the torch and NumPy/CuPy adapters: torch.optim's names, betas as pairs),
+"keras" (keras.optimizers' names) and "optax". A spelling of None: the framework lacks it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
 from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config_field_names, fail, is_number
+from asgo_core.precision import check_param_rounding
 
 ALGORITHMS = ("asgo", "dasgo", "adamw")
 CONFIG_TYPES = {"asgo": ASGOConfig, "dasgo": DASGOConfig}
+FRAMEWORKS = ("torch", "keras", "optax")
 _FIELD_NAMES = {config_type: config_field_names(config_type) for config_type in CONFIG_TYPES.values()}
+_FROM_CONFIG = object()  # the default is the algorithm's config default
+_BOTH = ("asgo", "dasgo")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str                       # the torch / NumPy name; the core config's where it has it
+    algorithms: tuple = _BOTH
+    default: Any = _FROM_CONFIG
+    static: bool = False            # a Python value under jit (optax.inject_hyperparams static_args)
+    layout: bool = False            # shapes the state: cannot change once the state exists
+    spellings: dict = field(default_factory=dict)  # framework → name (None: absent); else `name`
+    pair: tuple = ()                # a (first, second) pair of two other options (betas)
+
+    def spelling(self, framework: str):
+        return self.spellings.get(framework, self.name)
+
+    def default_for(self, algorithm: str):
+        if self.pair:
+            return tuple(option(name).default_for(algorithm) for name in self.pair)
+        if self.default is _FROM_CONFIG:
+            return getattr(CONFIG_TYPES[algorithm], self.name)
+        return self.default
+
+
+_SEPARATE = {"torch": None}  # torch.optim spells the two betas as one pair
+_PAIRED = {"keras": None, "optax": None}
+OPTIONS = (
+    Option("lr", default=1e-2, spellings={"keras": "learning_rate", "optax": "learning_rate"}),
+    Option("betas", pair=("beta1", "beta2"), spellings=_PAIRED),
+    Option("beta1", static=True, spellings=_SEPARATE | {"keras": "beta_1", "optax": "b1"}),
+    Option("beta2", static=True, spellings=_SEPARATE | {"keras": "beta_2", "optax": "b2"}),
+    Option("eps", static=True, spellings={"keras": "epsilon"}),
+    Option("weight_decay"),
+    Option("precondition_frequency", ("asgo",), static=True),
+    Option("update_rms", static=True),
+    Option("damping", ("asgo",)),
+    Option("accumulate"),
+    Option("side", ("asgo",), layout=True),
+    Option("root_method", ("asgo",)),
+    Option("root_steps", ("asgo",), static=True),
+    Option("root_tolerance", ("asgo",), static=True),
+    Option("residual_tolerance", ("asgo",), static=True),
+    Option("max_precond_dim", ("asgo",), static=True, layout=True),
+    Option("num_heads", ("asgo",), static=True, layout=True),
+    Option("nonfinite"),
+    Option("matmul_dtype", ("asgo",), static=True),
+    Option("mu_dtype", static=True),
+    Option("precond_dtype", ("asgo",), static=True),
+    Option("param_rounding", default="nearest", spellings={"optax": None}),  # optax: apply_updates_stochastic
+    Option("adamw_lr", default=None, spellings={"keras": None, "optax": "adam_learning_rate"}),
+    Option("adamw_betas", pair=("adamw_beta1", "adamw_beta2"), spellings=_PAIRED),
+    Option("adamw_beta1", default=0.9, spellings=_SEPARATE | {"keras": "adam_beta_1", "optax": "adam_b1"}),
+    Option("adamw_beta2", default=0.95, spellings=_SEPARATE | {"keras": "adam_beta_2", "optax": "adam_b2"}),
+    Option("adamw_eps", default=1e-8, spellings={"keras": "adam_epsilon", "optax": "adam_eps"}),
+    Option("adamw_weight_decay", default=0.0, spellings={"keras": "adam_weight_decay",
+                                                         "optax": "adam_weight_decay"}),
+    Option("maximize", default=False, spellings=_PAIRED),
+    Option("algorithm", default=None, spellings=_PAIRED),
+    Option("batch_dims", default=0, layout=True, spellings=_PAIRED),
+)
+_BY_NAME = {row.name: row for row in OPTIONS}
+
+
+def option(name: str) -> Option:
+    return _BY_NAME[name]
+
+
+def defaults(algorithm: str, framework: str = "torch") -> dict:
+    """{the framework's name: default} of every option `algorithm`'s optimizer takes there."""
+    return {row.spelling(framework): row.default_for(algorithm) for row in OPTIONS
+            if algorithm in row.algorithms and row.spelling(framework) is not None}
+
+
+def static_args(algorithm: str, framework: str = "optax") -> tuple:
+    """The numeric options of `algorithm` that must stay Python values under jit, spelled."""
+    return tuple(row.spelling(framework) for row in OPTIONS
+                 if row.static and algorithm in row.algorithms and row.spelling(framework) is not None)
+
+
+def layout_options(algorithm: str = "asgo") -> tuple:
+    return tuple(row.name for row in OPTIONS if row.layout and algorithm in row.algorithms)
+
+
+def message_name(name: str, framework: str) -> str:
+    """How an error about option `name` names it to a `framework` user: a pair the framework
+    spells as two options reads "(first, second)"."""
+    row = _BY_NAME[name]
+    spelled_name = row.spelling(framework)
+    if spelled_name is None and row.pair:
+        return "(" + ", ".join(message_name(part, framework) for part in row.pair) + ")"
+    return spelled_name or name
+
+
+@functools.lru_cache(maxsize=None)
+def _name_pattern(framework: str):
+    renamed = [row.name for row in OPTIONS if message_name(row.name, framework) != row.name]
+    return re.compile(r"\b(" + "|".join(sorted(renamed, key=len, reverse=True)) + r")=") if renamed else None
+
+
+def spelled(message: str, framework: str) -> str:
+    """An error message of the shared checks ("betas=... is invalid") in `framework`'s names."""
+    pattern = _name_pattern(framework)
+    if pattern is None:
+        return message
+    return pattern.sub(lambda match: message_name(match.group(1), framework) + "=", message)
+
+
+def signature(positional: tuple, keywords: dict) -> inspect.Signature:
+    """The signature an optimizer class shows (help, inspect) when its __init__ takes the options
+    as **options: `positional` names first, then the other keywords with their defaults."""
+    parameters = []
+    for name in positional:
+        default = keywords.get(name, inspect.Parameter.empty)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+                   for name, value in keywords.items() if name not in positional]
+    return inspect.Signature(parameters)
+
+
+def group_from(options: dict, framework: str, algorithm: str) -> dict:
+    """A group of options under the torch names (what check_group_options and group_config
+    read) from options spelled the `framework`'s way; an option absent there takes its default,
+    a pair the framework spells as two options is built from them."""
+    group = {}
+    for row in OPTIONS:
+        name = row.spelling(framework)
+        if algorithm in row.algorithms and not row.pair:
+            group[row.name] = options[name] if name in options else row.default_for(algorithm)
+    for row in OPTIONS:
+        if row.pair:
+            name, parts = row.spelling(framework), tuple(group.pop(part) for part in row.pair)
+            group[row.name] = options[name] if name in options else parts
+    return group
 
 
 def check_betas(name: str, betas, *, beta2_may_be_one: bool) -> None:
@@ -37,6 +186,7 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
     check_non_negative("adamw_weight_decay", group["adamw_weight_decay"])
     if not isinstance(group["maximize"], bool):
         fail("maximize", group["maximize"], "True | False")
+    check_param_rounding(group["param_rounding"])
     if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
         fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
 
@@ -54,6 +204,16 @@ def group_config(group: dict, algorithm: str):
     for name in sorted(options):
         key.append((name, type(options[name]), options[name]))
     return _cached_config(config_type, tuple(key))
+
+
+def checkpoint_config(group: dict, algorithm: str) -> dict:
+    """The options of a group that a portable checkpoint entry records and must match on load
+    (asgo_core.checkpoint): the core config's, or the AdamW ones; lr is left out (schedules
+    change it)."""
+    if algorithm == "adamw":
+        return {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
+                "weight_decay": group["adamw_weight_decay"]}
+    return dataclasses.asdict(group_config(group, algorithm))
 
 
 @functools.lru_cache(maxsize=256)

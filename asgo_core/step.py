@@ -15,11 +15,12 @@ torch.optim.AdamW decays a parameter whose gradient is zero). No Python branch l
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from asgo_core import _xp
 from asgo_core.config import ASGOConfig, DASGOConfig
 from asgo_core.layout import block_layout
+from asgo_core.precision import storage_dtype
 from asgo_core.solvers import below_normal_range, damping_for_norm, eigh_root, resolve_method, solve_root
 
 # What a root refresh counts per block: the three levels of the fallback chain, and
@@ -54,6 +55,22 @@ class DASGOState(NamedTuple):
     skipped: Any
 
 
+class RowShards(NamedTuple):
+    """Says that the matrices `step_terms` sees are row shards: each process holds some rows of
+    every matrix (FSDP2's dim-0 sharding) and the preconditioned side is the columns (side
+    "right", one block), so the column Gram GᵀG is the sum of the shards' Grams. The caller
+    supplies the reductions over the processes; each returns the reduced array (it may reduce
+    its argument in place and return it):
+
+    rows: rows of the whole matrix (the √(m·n) of the RMS normalisation).
+    sum: of the partial column Grams (B, n, n) and of the squared Frobenius norms (B,).
+    any: of (B,) bool flags, whether a matrix's momentum is nonzero on some process.
+    """
+    rows: int
+    sum: Callable
+    any: Callable
+
+
 def statistics_dtype(dtype, xp):
     """float32 for 16-bit parameters, the parameter's own dtype when it is wider."""
     return xp.result_type(dtype, xp.float32)
@@ -66,7 +83,7 @@ def init_state(param, config):
     device = _xp.device(param)
     lead = tuple(param.shape[:-2])
     zeros = lambda shape, dt=dtype: xp.zeros(shape, dtype=dt, device=device)  # noqa: E731
-    momentum = zeros(param.shape)
+    momentum = zeros(param.shape, storage_dtype(config.mu_dtype, dtype, xp, "mu_dtype"))
     count = zeros((), xp.int32)
     skipped = zeros(lead, xp.int32)
     if isinstance(config, DASGOConfig):
@@ -74,8 +91,9 @@ def init_state(param, config):
     _check_config(config)
     layout = block_layout(param.shape, config)
     blocks = [(layout.num_matrices * c, s) for c, s in zip(layout.group_counts, layout.group_sizes)]
-    gram = tuple(zeros((count_, size, size)) for count_, size in blocks)
-    root = tuple(zeros((count_, size, size)) for count_, size in blocks)
+    stored = storage_dtype(config.precond_dtype, dtype, xp, "precond_dtype")
+    gram = tuple(zeros((count_, size, size), stored) for count_, size in blocks)
+    root = tuple(zeros((count_, size, size), stored) for count_, size in blocks)
     return ASGOState(momentum, gram, root, count, skipped, zeros(lead + (len(FALLBACK_LEVELS),), xp.int32))
 
 
@@ -85,13 +103,15 @@ def needs_root_refresh(step_count: int, config: ASGOConfig) -> bool:
 
 
 def step(grad, state, param, config, *, refresh_root: bool | None = None,
-         overwrite_state: bool = False):
+         overwrite_state: bool = False, update_dtype=None):
     """One optimizer step for a stack of matrices; returns (update, new_state).
 
     grad, param: (..., m, n) arrays of one namespace (param may be None when
     weight_decay = 0). refresh_root: whether this step recomputes the ASGO root; None reads
     it from state.count (a host read: adapters on GPUs pass it explicitly). Ignored by DASGO,
-    which has no root. The update has the parameter's dtype (the gradient's if param is None).
+    which has no root. The update has update_dtype, by default the parameter's dtype (the
+    gradient's if param is None); an adapter that rounds the parameter write itself asks for
+    the statistics dtype.
     overwrite_state: the caller drops the old state, so a backend may update its arrays in
     place instead of allocating new ones (the torch adapter does; the default leaves it intact).
 
@@ -109,12 +129,12 @@ def step(grad, state, param, config, *, refresh_root: bool | None = None,
         stepped = xp.astype(scale != 0, update.dtype)  # a skipped matrix is not decayed either
         weights = _flatten_lead(xp.astype(param, update.dtype, copy=False), xp)
         update = update + weights * (config.weight_decay * stepped)
-    out_dtype = (param if param is not None else grad).dtype
+    out_dtype = update_dtype or (param if param is not None else grad).dtype
     return xp.astype(xp.reshape(update, grad.shape), out_dtype, copy=False), new_state
 
 
 def step_terms(grad, state, config, *, refresh_root: bool | None = None,
-               overwrite_state: bool = False):
+               overwrite_state: bool = False, row_shards: RowShards | None = None):
     """The parts of `step`'s update, for adapters that fuse them into the parameter write:
     (direction (B, m, n), scale (B, 1, 1), new_state) with B the flattened leading dims and
 
@@ -122,31 +142,37 @@ def step_terms(grad, state, config, *, refresh_root: bool | None = None,
         update = 0                                  for skipped ones (scale = 0, not decayed).
 
     scale = ρ·√(mn)/‖direction‖_F (1 when ρ is None or the direction is 0, so a matrix whose
-    gradients were all zero is still decayed). Arguments as in `step`.
+    gradients were all zero is still decayed). Arguments as in `step`; row_shards (ASGO only):
+    grad and state.momentum hold this process's rows of each matrix (see RowShards), and the
+    results are this process's rows of the whole matrices' results.
     """
     xp = _xp.namespace(grad, state.momentum)
     lead = tuple(grad.shape[:-2])
-    G = _flatten_lead(xp.astype(grad, state.momentum.dtype, copy=False), xp)
+    dtype = xp.result_type(grad.dtype, state.momentum.dtype, xp.float32)  # momentum may be stored lower
+    G = _flatten_lead(xp.astype(grad, dtype, copy=False), xp)
     if isinstance(config, DASGOConfig):
+        if row_shards is not None:
+            raise ValueError("row_shards needs an ASGOConfig (DASGO's row shards are not supported)")
         statistics = _dasgo_statistics(G, state, config, xp)
     else:
-        statistics = _asgo_statistics(G, state, config, xp)
+        statistics = _asgo_statistics(G, state, config, row_shards, xp)
     finite = statistics.finite
     if config.nonfinite == "raise" and not bool(xp.all(finite)):
         raise FloatingPointError("non-finite gradient (nonfinite='raise'); no state was changed")
-    momentum = _masked_ema(finite, _flatten_lead(state.momentum, xp), G, config.beta1,
-                           overwrite_state, xp)
+    momentum = _masked_ema(finite, _flatten_lead(xp.astype(state.momentum, dtype, copy=False), xp), G,
+                           config.beta1, overwrite_state, xp)
     if isinstance(config, DASGOConfig):
         direction, new_state = _dasgo_direction(momentum, statistics, state, config, xp)
     else:
         if refresh_root is None:
             refresh_root = needs_root_refresh(int(state.count), config)
-        direction, new_state = _asgo_direction(momentum, statistics, state, config, refresh_root, xp)
+        direction, new_state = _asgo_direction(momentum, statistics, state, config, refresh_root,
+                                               row_shards, xp)
     new_state = new_state._replace(
-        momentum=xp.reshape(momentum, state.momentum.shape),
+        momentum=xp.reshape(xp.astype(momentum, state.momentum.dtype, copy=False), state.momentum.shape),
         count=state.count + 1,
         skipped=state.skipped + xp.reshape(xp.astype(~finite, xp.int32), lead))
-    return direction, _scale(direction, finite, config, xp), new_state
+    return direction, _scale(direction, finite, config, row_shards, xp), new_state
 
 
 def _masked_ema(finite, old, new, beta: float, overwrite: bool, xp):
@@ -171,7 +197,7 @@ def _check_config(config) -> None:
 
 
 def _flatten_lead(x, xp):
-    return xp.reshape(x, (-1, *x.shape[-2:]))
+    return xp.reshape(x, (math.prod(x.shape[:-2]), *x.shape[-2:]))  # -1 fails for a 0-row shard
 
 
 def _statistics_weights(config) -> tuple[float, float]:
@@ -187,8 +213,16 @@ class _Statistics(NamedTuple):
     layout: Any       # ASGO: the BlockLayout; DASGO: None
 
 
-def _gram_update(V, G_blocks, config, xp):
+def _gram_update(V, G_blocks, config, row_shards, xp):
     decay, weight = _statistics_weights(config)
+    if row_shards is None:
+        return _decayed_gram(V, G_blocks, decay, weight, xp)
+    partial = _decayed_gram(xp.zeros_like(V), G_blocks, 0.0, 1.0, xp)  # this shard's Gram, in V's dtype
+    return decay * V + weight * row_shards.sum(partial)
+
+
+def _decayed_gram(V, G_blocks, decay: float, weight: float, xp):
+    """decay·V + weight·G·Gᵀ in V's dtype."""
     fused = _xp.backend_function(xp, "gram_update")
     if fused is not None:
         return fused(V, G_blocks, decay, weight)
@@ -207,10 +241,14 @@ def _matmul_input(x, config, xp):
     return xp.astype(x, low)
 
 
-def _asgo_statistics(G, state, config, xp) -> _Statistics:
+def _asgo_statistics(G, state, config, row_shards, xp) -> _Statistics:
     layout = block_layout(G.shape, config)
+    if row_shards is not None and not (layout.side == "right" and layout.is_single_block):
+        raise ValueError("row_shards needs the columns preconditioned as one block (side='right', "
+                         "no num_heads or max_precond_dim blocks): only then is the Gram a sum over rows")
     G_blocks = layout.split(_matmul_input(G, config, xp), xp)
-    grams = tuple(_gram_update(V, G_b, config, xp) for V, G_b in zip(state.gram, G_blocks))
+    grams = tuple(_gram_update(xp.astype(V, G.dtype, copy=False), G_b, config, row_shards, xp)
+                  for V, G_b in zip(state.gram, G_blocks))
     nonfinite_blocks = xp.zeros((layout.num_matrices,), dtype=xp.int32, device=_xp.device(G))
     for index, V in enumerate(grams):
         trace = xp.sum(xp.linalg.diagonal(V), axis=-1)
@@ -219,26 +257,30 @@ def _asgo_statistics(G, state, config, xp) -> _Statistics:
     return _Statistics(nonfinite_blocks == 0, grams, layout)
 
 
-def _asgo_direction(momentum, statistics, state, config, refresh_root, xp):
+def _asgo_direction(momentum, statistics, state, config, refresh_root, row_shards, xp):
     layout = statistics.layout
     grams, roots, directions = [], [], []
     fallback_counts = xp.zeros((layout.num_matrices, len(FALLBACK_LEVELS)), dtype=xp.int32,
                                device=_xp.device(momentum))
     blocks = zip(state.gram, statistics.values, state.root,
                  layout.split(_matmul_input(momentum, config, xp), xp))
-    for index, (V_old, V_new, R_old, M_b) in enumerate(blocks):
+    for index, (V_stored, V_new, R_stored, M_b) in enumerate(blocks):
         keep = ~layout.per_block(statistics.finite, index, xp)[:, None, None]
+        V_old, R_old = (xp.astype(stored, V_new.dtype, copy=False) for stored in (V_stored, R_stored))
         V = _select(keep, V_old, V_new, xp)
         R = R_old
         if refresh_root:
-            R, failed_levels = robust_root(V, R_old, config, xp, moving=xp.any(M_b != 0, axis=(-2, -1)))
+            moving = xp.any(M_b != 0, axis=(-2, -1))
+            if row_shards is not None:
+                moving = row_shards.any(moving)
+            R, failed_levels = robust_root(V, R_old, config, xp, moving=moving)
             failed_levels = xp.where(keep[:, :, 0], xp.zeros_like(failed_levels), failed_levels)
             R = _select(keep, R_old, R, xp)
             fallback_counts = fallback_counts + xp.stack(
                 [layout.per_matrix_sum(failed_levels[:, level], index, xp)
                  for level in range(len(FALLBACK_LEVELS))], axis=1)
-        grams.append(V)
-        roots.append(R)
+        grams.append(xp.astype(V, V_stored.dtype, copy=False))
+        roots.append(xp.astype(R, R_stored.dtype, copy=False))
         directions.append(_xp.matmul(xp.astype(R, M_b.dtype, copy=False), M_b, xp))
     lead = state.skipped.shape
     new_state = state._replace(
@@ -317,14 +359,18 @@ def _dasgo_direction(momentum, statistics, state, config, xp):
     return direction, state._replace(second_moment=xp.reshape(v, lead + (v.shape[-1],)))
 
 
-def _scale(direction, finite, config, xp):
+def _scale(direction, finite, config, row_shards, xp):
     """(B, 1, 1): ρ·√(mn)/‖D‖_F per matrix (1 when ρ is None or D = 0), 0 for skipped ones.
     D is finite here (skipped matrices carry their old momentum)."""
     mask = xp.astype(finite, direction.dtype)[:, None, None]
     if config.update_rms is None:
         return mask
     m, n = direction.shape[-2:]
-    norm = xp.linalg.vector_norm(direction, axis=(-2, -1), keepdims=True)
+    if row_shards is None:
+        norm = xp.linalg.vector_norm(direction, axis=(-2, -1), keepdims=True)
+    else:
+        m = row_shards.rows
+        norm = xp.sqrt(row_shards.sum(xp.sum(direction * direction, axis=(-2, -1))))[:, None, None]
     target = config.update_rms * math.sqrt(m * n)
     positive = norm > 0
     return mask * xp.where(positive, target / xp.where(positive, norm, xp.ones_like(norm)),

@@ -59,26 +59,19 @@ _adamw = cupy.ElementwiseKernel(
 # so `eigh` checks its result on the device instead.
 EIGH_ERRORS = (numpy.linalg.LinAlgError,)
 
-# cupy.linalg.eigh runs batched Jacobi (syevjBatched) on any 3-D input and divide-and-conquer
-# (syevd) on a 2-D one. Jacobi is the fast choice only for small matrices (torch draws the same
-# line at 32); larger ones go one matrix at a time through syevd.
-_BATCHED_JACOBI_MAX_K = 32
-
 
 def eigh(A):
-    """Batched symmetric eigendecomposition on cuSOLVER, the solver chosen by size (above).
-    Neither solver's convergence flag is read (that would be a host sync): a matrix whose
-    eigenpairs fail the residual check of `nan_where_eigh_inaccurate` comes back NaN, which
-    the core's fallback chain counts and retries."""
+    """Symmetric eigendecomposition on cuSOLVER, one call: cupy.linalg.eigh runs batched Jacobi
+    (syevjBatched) on a stack of any size — 500 matrices of 100×100 in 8.4 ms where torch's
+    one-syevd-per-matrix loop took 914 ms (pytorch issue 174674) — and divide and conquer
+    (syevd) on one matrix, which a stack of one is given as. Neither solver's convergence flag
+    is read (that would be a host sync): a matrix whose eigenpairs fail the residual check of
+    `nan_where_eigh_inaccurate` comes back NaN, which the core's fallback chain counts and
+    retries."""
     k = A.shape[-1]
-    if k <= _BATCHED_JACOBI_MAX_K:
-        eigenvalues, eigenvectors = cupy.linalg.eigh(A)
-    else:
-        flat = A.reshape(-1, k, k)
-        eigenvalues, eigenvectors = cupy.empty(flat.shape[:-1], A.dtype), cupy.empty_like(flat)
-        for index in range(flat.shape[0]):
-            eigenvalues[index], eigenvectors[index] = cupy.linalg.eigh(flat[index])
-        eigenvalues, eigenvectors = eigenvalues.reshape(A.shape[:-1]), eigenvectors.reshape(A.shape)
+    one_matrix = A.size == k * k
+    eigenvalues, eigenvectors = cupy.linalg.eigh(A.reshape(k, k) if one_matrix else A)
+    eigenvalues, eigenvectors = eigenvalues.reshape(A.shape[:-1]), eigenvectors.reshape(A.shape)
     return _xp.nan_where_eigh_inaccurate(A, eigenvalues, eigenvectors, array_api_compat.cupy)
 
 
@@ -96,8 +89,8 @@ def gram_update(V, G, decay, weight):
     return _scale_add(V, cupy.matmul(G, cupy.swapaxes(G, -1, -2)), decay, weight)
 
 
-# cuSOLVER's eigh is slow for large k while the iteration is matmul-bound; the same threshold
-# as the torch backend on CUDA (not yet measured on a GPU by this project).
+# The iteration is matmul-bound while batched Jacobi's cost grows faster with k; where the two
+# cross is not measured yet (benchmarks/gpu_check.py times both: its "eigh_comparison").
 _ITERATION_MIN_K = 512
 
 

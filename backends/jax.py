@@ -31,8 +31,14 @@ def matmul(a, b):
 
 
 def _platform(device) -> str:
-    """The platform of `device`; under jit (device None) the default backend's."""
-    return device.platform if device is not None else jax.default_backend()
+    """The platform of `device`: a Device, or the Sharding that an array spread over several
+    devices reports as its device (they share one platform); under jit (None) the default
+    backend's."""
+    if device is None:
+        return jax.default_backend()
+    if isinstance(device, jax.sharding.Sharding):
+        device = next(iter(device.device_set))
+    return device.platform
 
 
 def eigh(A):

@@ -9,6 +9,7 @@ fp32 matmuls on CUDA follow torch's global precision setting
 from __future__ import annotations
 
 import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -22,9 +23,14 @@ _CPU_LOOP_EIGH_MIN_K = 64
 # and out-of-memory are other types and propagate.
 EIGH_ERRORS = (torch.linalg.LinAlgError,)
 
-# On CUDA, cuSOLVER eigh is slow for large k while the iteration is matmul-bound; below this
-# size eigh's batched Jacobi kernels win. A conservative threshold, not measured on this project.
-_CUDA_ITERATION_MIN_K = 512
+# root_method="auto" on CUDA picks the faster of eigh and polar_express at the measured size
+# nearest to k (on a log scale), from benchmarks/gpu_check.py's "auto_table": median ms of one
+# float32 inverse root of a batch, per k and method. Until a GPU run fills it, the rule of
+# _CUDA_ITERATION_MIN_K applies: above k = 32 torch leaves batched Jacobi for one syevd call
+# per matrix, measured 100× slower than CuPy's batched eigh on a 500×100×100 batch (pytorch
+# issue 174674), while the iteration is a few batched GEMMs.
+CUDA_ROOT_TIMINGS_MS: dict[int, dict[str, float]] = {}
+_CUDA_ITERATION_MIN_K = 33
 
 
 def eigh(A):
@@ -82,16 +88,37 @@ def coupled_step(Y, Z, a, b, c):
 
 def gram_update(V, G, decay, weight):
     """decay·V + weight·G·Gᵀ in one baddbmm; a lower-precision G (matmul_dtype) gets its own
-    GEMM, whose result is added to V in V's dtype."""
+    GEMM, accumulated and returned in V's dtype (as JAX's preferred_element_type does), whose
+    result is added to V."""
     if G.dtype != V.dtype:
-        return torch.add(V * decay, torch.matmul(G, G.mT), alpha=weight)
+        return torch.add(V * decay, wide_gram(G, V.dtype), alpha=weight)
     return _gemm(V, G, G.mT, beta=decay, alpha=weight)
 
 
+def wide_gram(G, dtype):
+    """G·Gᵀ of a low-precision G, summed and returned in `dtype`. On CUDA a float32 result is
+    the GEMM's own output type (out_dtype: bf16 tensor cores, float32 accumulation); elsewhere
+    G is widened first, which gives the same exact products of bf16 values, summed in `dtype`."""
+    if G.device.type == "cuda" and dtype == torch.float32:
+        flat = G.reshape(-1, *G.shape[-2:])
+        return torch.bmm(flat, flat.mT, out_dtype=dtype).reshape(*G.shape[:-1], G.shape[-2])
+    wide = G.to(dtype)
+    return torch.matmul(wide, wide.mT)
+
+
 def choose_root_method(k, dtype, device):
-    if getattr(device, "type", str(device)) == "cuda" and k >= _CUDA_ITERATION_MIN_K:
-        return "polar_express"
-    return "eigh"
+    if getattr(device, "type", str(device)) != "cuda":
+        return "eigh"
+    if CUDA_ROOT_TIMINGS_MS:
+        return fastest_root_method(k, CUDA_ROOT_TIMINGS_MS)
+    return "polar_express" if k >= _CUDA_ITERATION_MIN_K else "eigh"
+
+
+def fastest_root_method(k: int, timings: dict[int, dict[str, float]]) -> str:
+    """The method with the smallest time at the measured size nearest to k (log scale; the
+    smaller size on a tie)."""
+    nearest = min(timings, key=lambda size: (abs(math.log(size / k)), size))
+    return min(timings[nearest], key=timings[nearest].get)
 
 
 def run_if(predicate, compute, otherwise):

@@ -9,9 +9,13 @@ positions (256 × 384) and a final LayerNorm. Embeddings and positions go to Ada
 ASGO and DASGO alike (the reference recipe), via weight_dimension_numbers None.
 
 Each optimizer's `update + apply_updates` is one jitted function; after two compile/warm-up
-calls, --steps timed calls (block_until_ready each) give a median. Ratios are to muon.
+calls, --reps rounds each time --steps calls of every optimizer in turn (block_until_ready
+each), and the median of all is reported. Ratios are to muon. --baseline MODULE adds MODULE's
+asgo/dasgo (e.g. a copy of an earlier adapters/optax.py) to the same rounds, interleaved, with
+the ratio of this adapter's time to it.
 
-    python benchmarks/step_time_jax.py [--steps 20] [--vocab 8192] [--json PATH]
+    python benchmarks/step_time_jax.py [--steps 20] [--reps 1] [--vocab 8192] [--d-model 384]
+                                       [--layers 6] [--baseline MODULE] [--json PATH]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -33,22 +38,23 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from asgo_core.adapters.optax import MuonDimensionNumbers, asgo, dasgo  # noqa: E402
+from asgo_core.adapters import optax as asgo_optax  # noqa: E402
+from asgo_core.adapters.optax import MuonDimensionNumbers  # noqa: E402
 
 D_MODEL, LAYERS, CONTEXT = 384, 6, 256
 
 
-def gpt2_params(vocab: int, key) -> dict:
-    shapes = {"token_embedding": (vocab, D_MODEL), "position_embedding": (CONTEXT, D_MODEL),
-              "final_norm": {"gain": (D_MODEL,), "bias": (D_MODEL,)}}
-    for layer in range(LAYERS):
+def gpt2_params(vocab: int, key, d_model: int = D_MODEL, layers: int = LAYERS) -> dict:
+    shapes = {"token_embedding": (vocab, d_model), "position_embedding": (CONTEXT, d_model),
+              "final_norm": {"gain": (d_model,), "bias": (d_model,)}}
+    for layer in range(layers):
         shapes[f"layer{layer}"] = {
-            "norm1": {"gain": (D_MODEL,), "bias": (D_MODEL,)},
-            "qkv": {"w": (D_MODEL, 3 * D_MODEL), "b": (3 * D_MODEL,)},
-            "attn_proj": {"w": (D_MODEL, D_MODEL), "b": (D_MODEL,)},
-            "norm2": {"gain": (D_MODEL,), "bias": (D_MODEL,)},
-            "fc": {"w": (D_MODEL, 4 * D_MODEL), "b": (4 * D_MODEL,)},
-            "mlp_proj": {"w": (4 * D_MODEL, D_MODEL), "b": (D_MODEL,)},
+            "norm1": {"gain": (d_model,), "bias": (d_model,)},
+            "qkv": {"w": (d_model, 3 * d_model), "b": (3 * d_model,)},
+            "attn_proj": {"w": (d_model, d_model), "b": (d_model,)},
+            "norm2": {"gain": (d_model,), "bias": (d_model,)},
+            "fc": {"w": (d_model, 4 * d_model), "b": (4 * d_model,)},
+            "mlp_proj": {"w": (4 * d_model, d_model), "b": (d_model,)},
         }
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
@@ -64,33 +70,45 @@ def matrix_dimension_numbers(params) -> dict:
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def asgo_optimizers(module, dimension_numbers, suffix="") -> dict:
+    """ASGO at τ = 1 and 10 and DASGO from `module` (this adapter, or a --baseline)."""
+    lr, numbers = 1e-3, dimension_numbers
+    return {f"asgo_tau1{suffix}": module.asgo(lr, precondition_frequency=1, weight_dimension_numbers=numbers),
+            f"asgo_tau10{suffix}": module.asgo(lr, precondition_frequency=10,
+                                               weight_dimension_numbers=numbers),
+            f"dasgo{suffix}": module.dasgo(lr, weight_dimension_numbers=numbers)}
+
+
 def optimizers(dimension_numbers) -> dict:
-    lr = 1e-3
     return {
-        "adamw": optax.adamw(lr, b1=0.9, b2=0.95),
-        "muon": optax.contrib.muon(lr, muon_weight_dimension_numbers=dimension_numbers),
-        "asgo_tau1": asgo(lr, precondition_frequency=1, weight_dimension_numbers=dimension_numbers),
-        "asgo_tau10": asgo(lr, precondition_frequency=10, weight_dimension_numbers=dimension_numbers),
-        "dasgo": dasgo(lr, weight_dimension_numbers=dimension_numbers),
+        "adamw": optax.adamw(1e-3, b1=0.9, b2=0.95),
+        "muon": optax.contrib.muon(1e-3, muon_weight_dimension_numbers=dimension_numbers),
+        **asgo_optimizers(asgo_optax, dimension_numbers),
     }
 
 
-def time_optimizer(tx, params, grads, steps: int) -> float:
-    """Median seconds of one jitted update + apply, over `steps` calls after warm-up."""
-    @jax.jit
-    def train_step(params, state, grads):  # grads as an argument: not folded in as constants
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+class Run:
+    """One optimizer's jitted update + apply, compiled and warmed up, timed in rounds."""
 
-    state = tx.init(params)
-    for _ in range(2):  # compile, then one more warm-up call
-        params, state = jax.block_until_ready(train_step(params, state, grads))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        params, state = jax.block_until_ready(train_step(params, state, grads))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    def __init__(self, tx, params, grads):
+        @jax.jit
+        def train_step(params, state, grads):  # grads as an argument: not folded in as constants
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        self.train_step, self.grads, self.times = train_step, grads, []
+        self.params, self.state = params, tx.init(params)
+        for _ in range(2):  # compile, then one more warm-up call
+            self.step()
+
+    def step(self) -> None:
+        self.params, self.state = jax.block_until_ready(self.train_step(self.params, self.state, self.grads))
+
+    def time(self, steps: int) -> None:
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.step()
+            self.times.append(time.perf_counter() - start)
 
 
 def main() -> None:
@@ -98,21 +116,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20,
                         help="timed steps per optimizer (τ = 10 needs ≥ 10 to average its refreshes)")
     parser.add_argument("--vocab", type=int, default=8192, help="token-embedding rows (GPT-2: 50304)")
+    parser.add_argument("--d-model", type=int, default=D_MODEL, help="model width (smaller: a quicker run)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="transformer layers")
+    parser.add_argument("--reps", type=int, default=1, help="interleaved rounds of --steps per optimizer")
+    parser.add_argument("--baseline", type=str, default=None,
+                        help="a module with asgo/dasgo to time against this adapter, interleaved")
     parser.add_argument("--json", type=str, default=None, help="write the results to this path")
     args = parser.parse_args()
 
-    params = gpt2_params(args.vocab, jax.random.PRNGKey(0))
+    params = gpt2_params(args.vocab, jax.random.PRNGKey(0), args.d_model, args.layers)
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
-    medians = {name: time_optimizer(tx, params, grads, args.steps)
-               for name, tx in optimizers(matrix_dimension_numbers(params)).items()}
+    numbers = matrix_dimension_numbers(params)
+    candidates = optimizers(numbers)
+    if args.baseline:
+        candidates.update(asgo_optimizers(importlib.import_module(args.baseline), numbers, " (baseline)"))
+    runs = {name: Run(tx, params, grads) for name, tx in candidates.items()}
+    for _ in range(args.reps):
+        for run in runs.values():
+            run.time(args.steps)
+    medians = {name: statistics.median(run.times) for name, run in runs.items()}
 
     print(f"jax {jax.__version__} optax {optax.__version__} on {jax.devices()[0].device_kind} "
-          f"({platform.processor() or platform.machine()}), d_model {D_MODEL}, {LAYERS} layers, "
-          f"vocab {args.vocab}, median of {args.steps} jitted steps")
-    print(f"{'optimizer':<12}{'ms/step':>10}{'× muon':>9}{'× adamw':>9}")
+          f"({platform.processor() or platform.machine()}), d_model {args.d_model}, {args.layers} layers, "
+          f"vocab {args.vocab}, median of {args.reps} x {args.steps} jitted steps, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'optimizer':<22}{'ms/step':>10}{'× muon':>9}{'× adamw':>9}")
     for name, seconds in medians.items():
-        print(f"{name:<12}{1e3 * seconds:>10.1f}{seconds / medians['muon']:>9.2f}"
-              f"{seconds / medians['adamw']:>9.2f}")
+        baseline = medians.get(f"{name} (baseline)")
+        versus = f"{seconds / baseline:>9.3f} × baseline" if baseline else ""
+        print(f"{name:<22}{1e3 * seconds:>10.1f}{seconds / medians['muon']:>9.2f}"
+              f"{seconds / medians['adamw']:>9.2f}{versus}")
     targets = {"asgo_tau10 <= 0.5 x muon": medians["asgo_tau10"] <= 0.5 * medians["muon"],
                "asgo_tau1 <= 1.25 x muon": medians["asgo_tau1"] <= 1.25 * medians["muon"]}
     for target, met in targets.items():
@@ -121,7 +154,8 @@ def main() -> None:
         with open(args.json, "w") as handle:
             json.dump({"jax": jax.__version__, "optax": optax.__version__,
                        "device": jax.devices()[0].device_kind, "vocab": args.vocab,
-                       "steps": args.steps, "median_seconds": medians,
+                       "steps": args.steps, "reps": args.reps, "baseline": args.baseline,
+                       "median_seconds": medians,
                        "ratio_to_muon": {k: v / medians["muon"] for k, v in medians.items()},
                        "targets_met": targets}, handle, indent=2)
 

@@ -9,56 +9,21 @@ never skip (a missing CPU framework is an install error, not a skip).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import glob
 import importlib
+import os
+
+# Before any test imports JAX: its default takes 75% of GPU memory at the first array, which
+# torch and CuPy, on the same GPU in this process, then lack.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np
 import pytest
+from helpers.gpu import gpu_available as _gpu_available  # the name tests import from here
+from helpers.gpu import nvidia_gpu_present
+from helpers.numerics import jax_x64, relative_error, tolerance  # noqa: F401  (tests import them from here)
 
 # Parameter values that put a test case on a GPU.
 GPU_PARAMETER_VALUES = {"torch-cuda": "torch-cuda", "cuda": "torch-cuda", "jax-gpu": "jax-gpu", "cupy": "cupy"}
-
-
-@functools.cache
-def _nvidia_gpu_present() -> bool:
-    """Whether the machine has an NVIDIA GPU, asked of the driver's device files, not of a
-    framework (which may be the broken part)."""
-    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"))
-
-
-@functools.cache
-def _gpu_backend_problem(name: str) -> str | None:
-    """None when backend `name` can use a GPU; otherwise what is wrong with it."""
-    try:
-        if name == "torch-cuda":
-            import torch
-            if torch.cuda.is_available():
-                return None
-            return f"torch {torch.__version__} sees no CUDA device (a CPU-only build?)"
-        if name == "jax-gpu":
-            import jax
-            if any(d.platform == "gpu" for d in jax.devices()):
-                return None
-            return f"jax {jax.__version__} sees no GPU (install jax[cuda12])"
-        if name == "cupy":
-            import cupy
-            return None if cupy.cuda.runtime.getDeviceCount() > 0 else "cupy sees no device"
-    except Exception as error:  # any failure to start is the finding to report
-        return f"{type(error).__name__}: {error}"
-    raise ValueError(f"unknown GPU backend {name!r}; accepted: torch-cuda | jax-gpu | cupy")
-
-
-def _gpu_available(name: str) -> bool:
-    """True when GPU backend `name` runs here; False only on a machine without an NVIDIA GPU.
-    With a GPU present, a backend that cannot use it fails the calling test."""
-    if not _nvidia_gpu_present():
-        return False
-    problem = _gpu_backend_problem(name)
-    if problem is not None:
-        pytest.fail(f"{name}: this machine has an NVIDIA GPU but {problem}", pytrace=False)
-    return True
 
 
 def _gpu_backends_of(item) -> set[str]:
@@ -79,7 +44,7 @@ def pytest_runtest_setup(item):
     backends = _gpu_backends_of(item)
     if not backends:
         return
-    if not _nvidia_gpu_present():
+    if not nvidia_gpu_present():
         pytest.skip("no NVIDIA GPU on this machine")
     for name in sorted(backends):
         _gpu_available(name)
@@ -137,28 +102,6 @@ def backend(request):
         yield Backend(request.param)
 
 
-@contextlib.contextmanager
-def jax_x64():
-    """Enable JAX float64 for one test only, restoring the previous setting afterwards."""
-    import jax
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-
-
 @pytest.fixture
 def xp(backend):
     return backend.xp
-
-
-def tolerance(dtype: str) -> float:
-    """The one relative tolerance per dtype used by parity tests."""
-    return {"float64": 1e-10, "float32": 1e-4}[str(dtype)]
-
-
-def relative_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))

@@ -10,11 +10,12 @@ every step saw (so the test can replay them through the single-process optimizer
 modes also save a torch.distributed.checkpoint in OUT_DIR/checkpoint, which fsdp_resume loads
 (at any world size) to train the remaining steps; fsdp_bf16 steps two matrices on synthetic
 gradients with matmul_dtype="bfloat16" (and records tensor factories its steps call without a
-device); ddp_experts steps mixture-of-experts stacks (batch_dims=1) with DistributedASGO.
+device), then one matrix whose statistics underflow; ddp_experts steps mixture-of-experts stacks (batch_dims=1) with DistributedASGO.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -257,8 +258,30 @@ def train_bf16(out_dir: str) -> None:
             optimizer.step()
     torch.save({"initial": full, "params": [p.full_tensor() for p in params],
                 "state_dict": full_tensors(optimizer.state_dict()), "refusal": refusal,
-                "deviceless_factories": factories.calls},
+                "deviceless_factories": factories.calls,
+                "underflow_fallbacks": underflow_fallbacks(mesh)},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+
+
+def underflow_grad() -> torch.Tensor:
+    """A (4, 2) gradient whose Gram lies below float32's normal range, nonzero in rank 0's rows
+    only (the rows of the other ranks are zero at 2 ranks and more)."""
+    grad = torch.zeros(4, 2)
+    grad[0] = 1e-17
+    return grad
+
+
+def underflow_fallbacks(mesh) -> list[int]:
+    """This rank's fallback counts after one FSDPASGO step on underflow_grad() (sharded Gram)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    param = nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+    optimizer = FSDPASGO([param])
+    param.grad = distribute_tensor(underflow_grad(), mesh, [Shard(0)])
+    optimizer.step()
+    return optimizer.state[param]["fallbacks"].tolist()
 
 
 class Experts(nn.Module):
@@ -308,6 +331,20 @@ def train_ddp_experts(out_dir: str) -> None:
     save_owner_split_result(model, optimizer, grads_per_step, out_dir)
 
 
+def leave_process_group() -> None:
+    """End a worker whose results are saved: wait for every rank, free what still holds the
+    process group (DDP's reducer, device meshes), destroy it, and exit without the interpreter's
+    teardown. That teardown destroys whatever torch objects are left, gloo's threads among them,
+    in no fixed order while the peers are closing their connections; a rank killed there
+    (SIGABRT, "terminate called without an active exception") fails a run that succeeded."""
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     mode, out_dir, *checkpoint_dir = sys.argv[1:]
     torch.set_num_threads(1)
@@ -316,10 +353,8 @@ def main() -> None:
              "fsdp": lambda out: train_fsdp(out, FSDP_OPTIONS, os.path.join(out, "checkpoint")),
              "fsdp_other_side": lambda out: train_fsdp(out, OTHER_SIDE_OPTIONS),
              "fsdp_resume": lambda out: resume_fsdp(out, *checkpoint_dir), "fsdp_bf16": train_bf16}
-    try:
-        modes[mode](out_dir)
-    finally:
-        dist.destroy_process_group()
+    modes[mode](out_dir)  # an error ends this rank with its traceback (the others time out)
+    leave_process_group()
 
 
 if __name__ == "__main__":

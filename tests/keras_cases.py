@@ -175,6 +175,23 @@ def test_steps_equal_the_core(algorithm):
                                rtol=RTOL, atol=ATOL)
 
 
+def test_adamw_variables_excluded_from_weight_decay_are_not_decayed():
+    """adam_weight_decay decays the AdamW variables except those exclude_from_weight_decay names."""
+    rng = np.random.default_rng(6)
+    variables = make_variables(rng)
+    initial = {name: keras.ops.convert_to_numpy(v) for name, v in variables.items()}
+    grads = make_grads(rng, 3)
+    optimizer = ASGO(learning_rate=0.05, adam_weight_decay=0.1, exclude_layers=["head"],
+                     batch_dims={"experts": 1})
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    history = apply_steps(optimizer, variables, grads)
+    for name, decay in (("bias", 0.0), ("token_embedding", 0.1), ("head", 0.1)):
+        expected = adamw_reference(initial[name], [g[name] for g in grads], [0.05] * 3, weight_decay=decay)
+        for t, value in enumerate(expected):
+            np.testing.assert_allclose(history[t][name], value, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name} step {t + 1}")
+
+
 def test_schedule_and_clipnorm_equal_the_core_on_clipped_grads():
     rng = np.random.default_rng(1)
     variables = make_variables(rng)
@@ -247,6 +264,78 @@ def test_a_kernel_gets_the_side_of_the_torch_weight(layer_name, side):
     np.testing.assert_allclose(history[-1]["kernel"].transpose(to_torch), module.weight.detach().numpy(),
                                rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(history[-1]["bias"], module.bias.detach().numpy(), rtol=RTOL, atol=ATOL)
+
+
+# ---- portable checkpoints ------------------------------------------------------------------------
+RESUME_OPTIONS = dict(precondition_frequency=3, max_precond_dim=4, weight_decay=0.05)
+
+
+def torch_linear_steps(start, grads, portable=None):
+    """An nn.Linear(8, 6) stepped by the torch adapter: its (weight, bias) and optimizer."""
+    import torch
+    from asgo_core.adapters.torch import ASGO as TorchASGO
+    tensors = [torch.nn.Parameter(torch.tensor(value)) for value in start]
+    optimizer = TorchASGO(tensors, lr=0.05, **RESUME_OPTIONS)
+    if portable is not None:
+        optimizer.load_portable_state(portable, names=["fc.weight", "fc.bias"])
+    for weight_grad, bias_grad in grads:
+        tensors[0].grad, tensors[1].grad = torch.tensor(weight_grad), torch.tensor(bias_grad)
+        optimizer.step()
+    return [t.detach().numpy().copy() for t in tensors], optimizer
+
+
+def keras_dense_steps(start, grads, portable=None):
+    """The Dense twin (kernel = weight transposed) stepped by this adapter; results in the torch layout."""
+    variables = {"kernel": keras.Variable(start[0].T.copy(), name="kernel"),
+                 "bias": keras.Variable(start[1], name="bias")}
+    optimizer = ASGO(learning_rate=0.05, **RESUME_OPTIONS)
+    optimizer.build(list(variables.values()))
+    if portable is not None:
+        optimizer.load_portable_state(portable, names=["fc.weight", "fc.bias"])
+    history = apply_steps(optimizer, variables, [{"kernel": w.T.copy(), "bias": b} for w, b in grads])
+    return [history[-1]["kernel"].T, history[-1]["bias"]], optimizer
+
+
+def test_a_run_moves_between_keras_and_torch_through_a_portable_file(tmp_path):
+    """10 steps in one adapter, saved, 10 in the other = 20 in torch (Dense kernel ↔ nn.Linear weight)."""
+    rng = np.random.default_rng(7)
+    start = [rng.standard_normal((6, 8)).astype("float32"), rng.standard_normal(6).astype("float32")]
+    grads = [(rng.standard_normal((6, 8)).astype("float32"), rng.standard_normal(6).astype("float32"))
+             for _ in range(20)]
+    expected, _ = torch_linear_steps(start, grads)
+    halfway, torch_optimizer = torch_linear_steps(start, grads[:10])
+    names = ["fc.weight", "fc.bias"]
+    asgo_core.save_state(tmp_path / "torch.npz", torch_optimizer.portable_state(names=names))
+    from_torch, _ = keras_dense_steps(halfway, grads[10:], asgo_core.load_state(tmp_path / "torch.npz"))
+    halfway, keras_optimizer = keras_dense_steps(start, grads[:10])
+    asgo_core.save_state(tmp_path / "keras.npz", keras_optimizer.portable_state(names=names))
+    from_keras, _ = torch_linear_steps(halfway, grads[10:], asgo_core.load_state(tmp_path / "keras.npz"))
+    fresh, _ = keras_dense_steps(halfway, grads[10:])  # without the state: far off
+    for resumed in (from_torch, from_keras):
+        for value, reference in zip(resumed, expected):
+            np.testing.assert_allclose(value, reference, rtol=RTOL, atol=ATOL)
+    assert np.max(np.abs(fresh[0] - expected[0])) > 100 * ATOL
+
+
+def test_load_portable_state_checks_everything_before_any_variable_changes():
+    rng = np.random.default_rng(8)
+    start = [rng.standard_normal((6, 8)).astype("float32"), rng.standard_normal(6).astype("float32")]
+    grads = [(rng.standard_normal((6, 8)).astype("float32"), rng.standard_normal(6).astype("float32"))] * 2
+    _, optimizer = keras_dense_steps(start, grads)
+    portable = optimizer.portable_state(names=["fc.weight", "fc.bias"])
+    before = [keras.ops.convert_to_numpy(v) for v in optimizer.variables]
+    broken = copy.deepcopy(portable)
+    broken["params"][1]["arrays"]["exp_avg"] = np.zeros(5, np.float32)
+    with pytest.raises(asgo_core.CheckpointError, match="shape"):
+        optimizer.load_portable_state(broken, names=["fc.weight", "fc.bias"])
+    other = copy.deepcopy(portable)
+    other["params"][0]["config"]["beta2"] = 0.5
+    with pytest.raises(asgo_core.CheckpointError, match="beta2"):
+        optimizer.load_portable_state(other, names=["fc.weight", "fc.bias"])
+    with pytest.raises(ValueError, match="build"):
+        ASGO().load_portable_state(portable)
+    for old, new in zip(before, [keras.ops.convert_to_numpy(v) for v in optimizer.variables]):
+        np.testing.assert_array_equal(old, new)
 
 
 # ---- training a model ---------------------------------------------------------------------------------

@@ -1,18 +1,23 @@
-"""batch_dims (stacked / mixture-of-experts weights) in the NumPy/CuPy adapter and in portable
-checkpoints: an (E, m, n) array with batch_dims=1 steps exactly as E separate (m, n) arrays, the
-E matrices share one bucket, and a stack moves between NumPy, torch and optax."""
+"""batch_dims (stacked / mixture-of-experts weights) in the torch and NumPy/CuPy adapters and in
+portable checkpoints: an (E, m, n) array with batch_dims=1 steps exactly as E separate (m, n)
+arrays, the E matrices share one bucket, a bad value is refused naming the parameter, a saved
+state resumes, and a stack moves between NumPy, torch and optax."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from asgo_core import ASGOConfig, CheckpointError, load_state, save_state
 from asgo_core.adapters import cupy as array_adapter
 from asgo_core.adapters.cupy import ASGO, DASGO
 from asgo_core.adapters.torch import ASGO as TorchASGO
 from asgo_core.adapters.torch import DASGO as TorchDASGO
+from asgo_core.adapters.torch import asgo_param_groups
 from conftest import _gpu_available, jax_x64, relative_error, tolerance
 from test_cupy_adapter import flatten, unflatten
 
@@ -80,16 +85,88 @@ def _matrix_part(stacked_array, field: str, index: int, count: int):
     return stacked_array[index]
 
 
-def test_a_nonfinite_expert_is_skipped_alone():
-    stack = _random((3, 6, 10), 0)
-    start = stack.copy()
-    opt = ASGO({"w": stack}, batch_dims=1)
+# every config field that applies to a stacked matrix: the side, size blocks, head blocks, τ
+TORCH_PARITY_CASES = [
+    pytest.param(TorchASGO, (8, 5), {}, id="asgo-tall-right-side"),
+    pytest.param(TorchASGO, (5, 8), {}, id="asgo-wide-left-side"),
+    pytest.param(TorchASGO, (8, 5), {"side": "left"}, id="asgo-side-left-on-tall"),
+    pytest.param(TorchASGO, (8, 12), {"max_precond_dim": 3}, id="asgo-blocks"),
+    pytest.param(TorchASGO, (8, 12), {"num_heads": 2}, id="asgo-heads-per-expert"),
+    pytest.param(TorchASGO, (6, 9), {"precondition_frequency": 3}, id="asgo-tau3"),
+    pytest.param(TorchASGO, (4, 3, 2, 2), {}, id="asgo-conv-like-4d-expert"),
+    pytest.param(TorchDASGO, (6, 9), {}, id="dasgo"),
+]
+EXPERTS = 3
+
+
+def _torch_stacked_and_separate(optimizer_type, shape, options):
+    """((E, *shape) stack after the steps, its state, the E separate matrices stacked, their states)."""
+    weights = torch.tensor(_random((EXPERTS, *shape), 0))
+    grads = [torch.tensor(_random((EXPERTS, *shape), 100 + t)) for t in range(STEPS)]
+    stacked = nn.Parameter(weights.clone())
+    stacked_optimizer = optimizer_type([stacked], lr=0.05, batch_dims=1, **options)
+    experts = [nn.Parameter(w.clone()) for w in weights]
+    separate_optimizer = optimizer_type(experts, lr=0.05, **options)
+    for grad in grads:
+        stacked.grad = grad.clone()
+        for expert, expert_grad in zip(experts, grad):
+            expert.grad = expert_grad.clone()
+        stacked_optimizer.step()
+        separate_optimizer.step()
+    return (stacked.detach(), stacked_optimizer.state[stacked], torch.stack([e.detach() for e in experts]),
+            [separate_optimizer.state[e] for e in experts])
+
+
+@pytest.mark.parametrize("optimizer_type, shape, options", TORCH_PARITY_CASES)
+def test_a_torch_stacked_parameter_steps_as_its_matrices_alone(optimizer_type, shape, options):
+    stacked, stacked_state, separate, separate_states = _torch_stacked_and_separate(optimizer_type, shape,
+                                                                                    options)
+    assert relative_error(stacked, separate) < PARITY
+    momentum = torch.stack([s["momentum"] for s in separate_states])
+    assert stacked_state["momentum"].shape == momentum.shape  # (E, m, n): the batch shape in front
+    assert relative_error(stacked_state["momentum"], momentum) < PARITY
+    if optimizer_type is TorchASGO:
+        for group, gram in enumerate(stacked_state["gram"]):
+            assert relative_error(gram, torch.cat([s["gram"][group] for s in separate_states])) < PARITY
+        assert torch.equal(stacked_state["skipped"], torch.stack([s["skipped"] for s in separate_states]))
+
+
+def test_torch_batch_dims_two_flattens_layers_and_experts():
+    weights = torch.tensor(_random((2, 3, 5, 7), 0))
+    grads = [torch.tensor(_random((2, 3, 5, 7), 10 + t)) for t in range(3)]
+    two = nn.Parameter(weights.clone())
+    one = nn.Parameter(weights.reshape(6, 5, 7).clone())
+    opt_two, opt_one = TorchASGO([two], batch_dims=2), TorchASGO([one], batch_dims=1)
+    for grad in grads:
+        two.grad, one.grad = grad.clone(), grad.reshape(6, 5, 7).clone()
+        opt_two.step()
+        opt_one.step()
+    assert relative_error(two.detach().reshape(6, 5, 7), one.detach()) < PARITY
+    assert opt_two.state[two]["skipped"].shape == (2, 3)
+
+
+def _one_step(adapter: str, stack, grad):
+    """(the stack after one ASGO step with batch_dims=1, each matrix's skipped count)."""
+    if adapter == "numpy":
+        opt = ASGO({"w": stack}, batch_dims=1)
+        opt.step({"w": grad})
+        return stack, opt.state_dict()["state"]["w"]["skipped"].tolist()
+    param = nn.Parameter(torch.tensor(stack))
+    opt = TorchASGO([param], batch_dims=1)
+    param.grad = torch.tensor(grad)
+    opt.step()
+    return param.detach().numpy(), opt.state[param]["skipped"].tolist()
+
+
+@pytest.mark.parametrize("adapter", ["numpy", "torch"])
+def test_a_nonfinite_expert_is_skipped_alone(adapter):
+    start = _random((3, 6, 10), 0)
     grad = _random((3, 6, 10), 1)
     grad[1, 2, 3] = np.nan
-    opt.step({"w": grad})
+    stack, skipped = _one_step(adapter, start.copy(), grad)
     assert np.array_equal(stack[1], start[1])
     assert not np.array_equal(stack[0], start[0]) and not np.array_equal(stack[2], start[2])
-    assert opt.state_dict()["state"]["w"]["skipped"].tolist() == [0, 1, 0]
+    assert skipped == [0, 1, 0]
 
 
 @pytest.mark.gpu
@@ -126,22 +203,59 @@ def test_same_shaped_stacks_join_one_bucket_of_all_their_matrices(monkeypatch):
     opt = ASGO([{"params": params, "batch_dims": 1}])
     opt.step({name: _random(array.shape, 10) for name, array in params.items()})
     assert sorted(stacks_stepped) == [(4, 10, 6), (9, 6, 10)]
-    assert [bucket.matrices_per_key for bucket in opt._buckets] == [[4, 2, 3], [4]]
+    assert [bucket.counts for bucket in opt._buckets] == [[4, 2, 3], [4]]
+
+
+def test_torch_stacks_of_the_same_matrix_shape_share_one_bucket():
+    """Two expert stacks (3 and 2 experts) and a plain matrix of the same (6, 9) shape in two
+    groups: the stacks form one bucket of five matrices (one batched root)."""
+    layer_a, layer_b = nn.Parameter(torch.randn(3, 6, 9)), nn.Parameter(torch.randn(2, 6, 9))
+    plain = nn.Parameter(torch.randn(6, 9))
+    optimizer = TorchASGO([{"params": [layer_a, layer_b], "batch_dims": 1}, {"params": [plain]}])
+    for param in (layer_a, layer_b, plain):
+        param.grad = torch.randn_like(param)
+    buckets = optimizer.plan_buckets()
+    assert [(b.params, b.matrix_counts) for b in buckets] == [((layer_a, layer_b), (3, 2)), ((plain,), (1,))]
 
 
 # ---- bad values -----------------------------------------------------------------------------
-@pytest.mark.parametrize("optimizer", [ASGO, DASGO])
+OPTIMIZERS = {"numpy": {"asgo": ASGO, "dasgo": DASGO}, "torch": {"asgo": TorchASGO, "dasgo": TorchDASGO}}
+
+
+def _built(adapter: str, algorithm: str, shapes: dict, **options):
+    """An optimizer of `adapter` over arrays of ones of `shapes` (in that order)."""
+    optimizer_type = OPTIMIZERS[adapter][algorithm]
+    if adapter == "numpy":
+        return optimizer_type({name: np.ones(shape) for name, shape in shapes.items()}, **options)
+    return optimizer_type([nn.Parameter(torch.ones(shape)) for shape in shapes.values()], **options)
+
+
+def _label(adapter: str, shapes: dict, name: str) -> str:
+    """How the adapter's errors name array `name` (a regular expression)."""
+    if adapter == "numpy":
+        return rf"params\['{name}'\]"
+    return rf"param_groups\[0\]\['params'\]\[{list(shapes).index(name)}\]"
+
+
+@pytest.mark.parametrize("adapter", OPTIMIZERS)
+@pytest.mark.parametrize("algorithm", ["asgo", "dasgo"])
 @pytest.mark.parametrize("batch_dims", [-1, True, 1.0, "1"])
-def test_a_batch_dims_that_is_no_count_is_refused_even_without_matrices(optimizer, batch_dims):
+def test_a_batch_dims_that_is_no_count_is_refused_even_without_matrices(adapter, algorithm, batch_dims):
     with pytest.raises(ValueError, match=r"batch_dims=.*accepted: an integer >= 0"):
-        optimizer({"bias": np.ones(6)}, batch_dims=batch_dims)
+        _built(adapter, algorithm, {"bias": (6,)}, batch_dims=batch_dims)
 
 
-@pytest.mark.parametrize("optimizer", [ASGO, DASGO])
-@pytest.mark.parametrize("batch_dims", [2, 3])
-def test_a_batch_dims_that_leaves_no_matrix_is_refused_naming_the_array(optimizer, batch_dims):
-    with pytest.raises(ValueError, match=r"params\['experts'\].*batch_dims.*shape \(3, 6, 10\)"):
-        optimizer({"experts": np.ones((3, 6, 10)), "bias": np.ones(6)}, batch_dims=batch_dims)
+@pytest.mark.parametrize("adapter", OPTIMIZERS)
+@pytest.mark.parametrize("algorithm", ["asgo", "dasgo"])
+@pytest.mark.parametrize("batch_dims, shapes, refused", [
+    (2, {"experts": (3, 6, 10), "bias": (6,)}, "experts"),
+    (3, {"experts": (3, 6, 10), "bias": (6,)}, "experts"),
+    (1, {"experts": (3, 6, 10), "w": (6, 10)}, "w")])
+def test_a_batch_dims_that_leaves_no_matrix_is_refused_naming_the_array(adapter, algorithm, batch_dims,
+                                                                        shapes, refused):
+    shape = re.escape(str(shapes[refused]))
+    with pytest.raises(ValueError, match=rf"{_label(adapter, shapes, refused)}.*batch_dims.*shape {shape}"):
+        _built(adapter, algorithm, shapes, batch_dims=batch_dims)
 
 
 def test_a_bad_batch_dims_in_a_group_names_the_group():
@@ -232,6 +346,59 @@ def test_a_state_dict_saved_before_batch_dims_reads_it_as_zero():
     assert target.state_dict()["step"] == 1 and target.param_groups[0]["batch_dims"] == 0
     with pytest.raises(ValueError, match="layout options"):
         ASGO({"w": _random((3, 6, 10), 0)}, batch_dims=1).load_state_dict(saved)
+
+
+def _torch_run(reload_at=None, drop_batch_dims=False):
+    """Five ASGO steps (τ = 2) of a stack in a group with batch_dims=1 (the constructor's
+    default is 0), reloaded through state_dict() before step `reload_at`, optionally from a
+    file that, as one saved before the option existed, lacks batch_dims."""
+    torch.manual_seed(0)
+    stacked = nn.Parameter(torch.randn(EXPERTS, 6, 9))
+    optimizer = TorchASGO([{"params": [stacked], "batch_dims": 1}], precondition_frequency=2)
+    for step in range(5):
+        if step == reload_at:
+            saved = optimizer.state_dict()
+            if drop_batch_dims:
+                del saved["param_groups"][0]["batch_dims"]
+            optimizer = TorchASGO([{"params": [stacked], "batch_dims": 1}], precondition_frequency=2)
+            optimizer.load_state_dict(saved)
+            assert optimizer.param_groups[0]["batch_dims"] == 1
+        stacked.grad = torch.randn_like(stacked)
+        optimizer.step()
+    return stacked.detach()
+
+
+@pytest.mark.parametrize("drop_batch_dims", [False, True], ids=["current file", "file without batch_dims"])
+def test_a_torch_state_dict_with_batch_dims_resumes_bitwise(drop_batch_dims):
+    """A torch state_dict saved before batch_dims existed lacks it: the loading group's own
+    value (1 here, not the default 0) fills it in."""
+    assert torch.equal(_torch_run(), _torch_run(reload_at=3, drop_batch_dims=drop_batch_dims))
+
+
+# ---- asgo_param_groups (torch) ---------------------------------------------------------------
+class _MixtureOfExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.experts_up = nn.Parameter(torch.randn(4, 16, 8))
+        self.experts_down = nn.Parameter(torch.randn(4, 8, 16))
+        self.conv = nn.Conv1d(8, 8, 3)
+
+
+def test_asgo_param_groups_marks_stacked_parameters_by_name_pattern():
+    model = _MixtureOfExperts()
+    groups = asgo_param_groups(model, stacked={"experts_*": 1})
+    by_param = {id(p): group for group in groups for p in group["params"]}
+    assert by_param[id(model.experts_up)]["batch_dims"] == 1
+    assert by_param[id(model.experts_down)]["batch_dims"] == 1
+    assert by_param[id(model.conv.weight)].get("batch_dims", 0) == 0  # a 3-D conv kernel stays a matrix
+    assert by_param[id(model.router.weight)].get("batch_dims", 0) == 0
+    TorchASGO(groups)  # every group is valid
+
+
+def test_asgo_param_groups_leaves_3d_kernels_unbatched_by_default():
+    groups = asgo_param_groups(_MixtureOfExperts())
+    assert all(group.get("batch_dims", 0) == 0 for group in groups)
 
 
 # ---- portable checkpoints -------------------------------------------------------------------

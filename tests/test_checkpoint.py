@@ -7,6 +7,7 @@ import pytest
 
 from asgo_core import CheckpointError, load_state, save_state
 from asgo_core.checkpoint import check_entry_matches
+from helpers.checkpoints import assert_same_state, loads_with_one_bit_flipped
 
 
 def portable_state():
@@ -89,30 +90,6 @@ def tiny_portable_state():
                                    "exp_avg_sq": np.array([3.0, 4.0], np.float32)}}]}
 
 
-def assert_same_state(loaded, original):
-    assert [{k: v for k, v in e.items() if k != "arrays"} for e in loaded["params"]] == \
-        [{k: v for k, v in e.items() if k != "arrays"} for e in original["params"]]
-    for after, before in zip(loaded["params"], original["params"]):
-        assert after["arrays"].keys() == before["arrays"].keys()
-        for key, value in before["arrays"].items():
-            assert after["arrays"][key].dtype == value.dtype and np.array_equal(after["arrays"][key], value)
-
-
-def loads_with_one_bit_flipped(path, bits):
-    """For each bit index, load_state of the file at `path` with that one bit flipped: the
-    loaded state, or None where it raised CheckpointError (any other exception propagates).
-    The file is left flipped at the last bit."""
-    content = path.read_bytes()
-    for bit in bits:
-        flipped = bytearray(content)
-        flipped[bit // 8] ^= 1 << (bit % 8)
-        path.write_bytes(bytes(flipped))
-        try:
-            yield load_state(path)
-        except CheckpointError:
-            yield None
-
-
 def test_every_single_bit_flip_loads_the_same_state_or_raises_checkpoint_error(tmp_path):
     """Flips in the zip headers read as encryption, an unknown compression method or zip
     version, ...: all of it must come out as CheckpointError; a flip the format does not
@@ -161,4 +138,42 @@ def test_a_zip_with_bad_metadata_raises_checkpoint_error(tmp_path, metadata):
     path = tmp_path / "state.npz"
     np.savez(path, **{"metadata.json": np.frombuffer(metadata, dtype=np.uint8)})
     with pytest.raises(CheckpointError, match="metadata"):
+        load_state(path)
+
+
+def large_gram_state():
+    """An ASGO entry whose (1, 64, 64) float64 Gram member is far larger than zipfile's 4 KB
+    read-ahead, so a read of part of it never reaches the member's end, where zipfile checks
+    the CRC by itself."""
+    rng = np.random.default_rng(1)
+    return {"params": [{"name": "w", "algorithm": "asgo", "shape": [64, 64], "step": 1, "config": {},
+                        "arrays": {"momentum": rng.standard_normal((64, 64)),
+                                   "gram/0": rng.standard_normal((1, 64, 64)),
+                                   "root/0": rng.standard_normal((1, 64, 64)),
+                                   "skipped": np.array(0), "fallbacks": np.zeros(4, np.int32)}}]}
+
+
+def test_a_flipped_digit_in_a_large_members_npy_header_fails_the_crc_check(tmp_path):
+    """(1, 64, 64) read as (1, 44, 64) would load 44 rows of a 64-row member: only the
+    loader's own CRC check of every member refuses it."""
+    path = tmp_path / "state.npz"
+    save_state(path, large_gram_state())
+    content = bytearray(path.read_bytes())
+    member = content.index(b"0/gram/0.npy")
+    header = content.index(b"(1, 64, 64)", member)
+    content[header + 4] = ord("4")
+    path.write_bytes(bytes(content))
+    with pytest.raises(CheckpointError, match="CRC"):
+        load_state(path)
+
+
+def test_a_member_renamed_in_both_zip_headers_is_refused(tmp_path):
+    """Zip member names carry no checksum: a name changed in the local and the central header
+    alike is caught only by the member names the metadata records."""
+    path = tmp_path / "state.npz"
+    save_state(path, large_gram_state())
+    content = path.read_bytes()
+    assert content.count(b"0/gram/0.npy") == 2
+    path.write_bytes(content.replace(b"0/gram/0.npy", b"0/gram/1.npy"))
+    with pytest.raises(CheckpointError, match="recorded"):
         load_state(path)

@@ -27,6 +27,8 @@ BAD_ASGO_VALUES = {
     "num_heads": [0],
     "nonfinite": ["ignore"],
     "matmul_dtype": ["float16", "bf16"],
+    "mu_dtype": ["float16", "bf16", "float32"],
+    "precond_dtype": ["float16", "bfloat"],
 }
 
 BAD_DASGO_VALUES = {
@@ -37,6 +39,7 @@ BAD_DASGO_VALUES = {
     "update_rms": [0.0],
     "accumulate": ["max"],
     "nonfinite": ["warn"],
+    "mu_dtype": ["float8"],
 }
 
 

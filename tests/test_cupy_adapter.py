@@ -12,7 +12,8 @@ import pytest
 
 from asgo_core import ASGOConfig, DASGOConfig, init_state, step
 from asgo_core.adapters.cupy import ASGO, DASGO
-from conftest import _gpu_available, relative_error, tolerance
+from helpers.gpu import gpu_available
+from helpers.numerics import relative_error, tolerance
 
 SHAPES = {"a": (6, 10), "b": (6, 10), "conv": (4, 2, 3, 3), "tall": (12, 5), "bias": (10,)}
 
@@ -226,7 +227,7 @@ def test_maximize_ascends():
 
 def test_same_shaped_matrices_share_one_bucket():
     opt = ASGO(make_params())
-    assert [bucket.keys for bucket in opt._buckets] == [["a", "b"], ["conv"], ["tall"]]
+    assert [bucket.handles for bucket in opt._buckets] == [["a", "b"], ["conv"], ["tall"]]
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def test_adapter_imports_and_steps_where_cupy_cannot_be_imported():
 @pytest.mark.parametrize("optimizer", [ASGO, DASGO])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_cupy_matches_numpy(optimizer, dtype):
-    if not _gpu_available("cupy"):
+    if not gpu_available("cupy"):
         pytest.skip("cupy: no GPU on this machine")
     import cupy
     host = {name: array.astype(dtype) for name, array in make_params().items()}

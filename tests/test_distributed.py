@@ -11,13 +11,15 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import distributed_worker as worker
+from asgo_core import FALLBACK_LEVELS
 from asgo_core.adapters.torch import ASGO
-from asgo_core.adapters.torch_distributed import FSDPASGO, assign_owners, parameter_cost
+from asgo_core.adapters.torch_distributed import DistributedASGO, FSDPASGO, assign_owners, parameter_cost
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
-TIMEOUT_S = 180  # per process; 4 ranks on a busy 2-core machine need the margin
+TIMEOUT_S = 600  # per process: 4 ranks on a 2-core machine shared with other jobs can take minutes
 
 
 def free_port() -> int:
@@ -28,8 +30,10 @@ def free_port() -> int:
 
 def launch(mode: str, world_size: int, out_dir, *worker_args) -> list[dict]:
     """Run `world_size` worker processes (as torchrun would) and load what each rank saved."""
+    tests_dir = os.path.dirname(__file__)  # workers import distributed_worker from here
+    python_path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
+           "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     processes = [subprocess.Popen([sys.executable, WORKER, mode, str(out_dir), *map(str, worker_args)],
                                   env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,6 +95,26 @@ def test_owners_balance_cost_deterministically():
     assert costs[0] == 4 * 64 * 256 * 64 + 64 ** 3
     assert assign_owners(costs, 2) == [0, 1, 0, 1]  # equal loads: the lower rank
     assert assign_owners(costs, 8) == [0, 1, 2, 3]  # more ranks than items: some own nothing
+
+
+@pytest.fixture
+def rank_0_of_2():
+    """A default process group of world size 2 in this process, whose collectives do nothing
+    (torch's fake backend): enough to construct the distributed optimizers."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
+def test_owner_split_counts_every_matrix_of_an_expert_stack(rank_0_of_2):
+    """An (8, 64, 64) stack with batch_dims=1 is 8 matrices of 64×64, costlier than one 64×512
+    matrix: it gets rank 0 alone and the two 64×512 matrices share rank 1."""
+    stack, wide, other_wide = (torch.nn.Parameter(torch.zeros(shape))
+                               for shape in ((8, 64, 64), (64, 512), (64, 512)))
+    optimizer = DistributedASGO([{"params": [stack], "batch_dims": 1}, {"params": [wide, other_wide]}])
+    assert [optimizer.owns(p) for p in (stack, wide, other_wide)] == [True, False, False]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -210,11 +234,17 @@ def test_fsdp2_other_side_policy_equals_single_process_right_side(tmp_path):
     assert (auto_side_params[name] - expected_params[name]).abs().max() > 1e-3
 
 
-def test_fsdp2_honours_matmul_dtype(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_synthetic_ranks(tmp_path_factory):
+    """The 2-rank FSDP2 run on synthetic gradients (bfloat16 matmuls, then an underflow)."""
+    return launch("fsdp_bf16", 2, tmp_path_factory.mktemp("fsdp_bf16"))
+
+
+def test_fsdp2_honours_matmul_dtype(fsdp_synthetic_ranks):
     """Gradients whose bfloat16 Grams are exact: the sharded Gram equals single-process ASGO's
     with matmul_dtype="bfloat16" and differs from the float32 one; the owner-held matrix is
     stepped by the single-process code itself (bitwise)."""
-    ranks = launch("fsdp_bf16", 2, tmp_path)
+    ranks = fsdp_synthetic_ranks
 
     def single_process(matmul_dtype):
         params = [torch.nn.Parameter(t.clone()) for t in ranks[0]["initial"]]
@@ -239,6 +269,19 @@ def test_fsdp2_honours_matmul_dtype(tmp_path):
         assert saved["deviceless_factories"] == [], rank  # every state tensor made on its device
 
 
+def test_fsdp2_ranks_agree_on_statistics_underflow(fsdp_synthetic_ranks):
+    """The gradient's only nonzero rows lie on rank 0, so rank 1's own momentum rows are zero:
+    every rank counts the underflow of the shared Gram, as the single-process ASGO does."""
+    ranks = fsdp_synthetic_ranks
+    param = torch.nn.Parameter(torch.ones(4, 2))
+    optimizer = ASGO([param])
+    param.grad = worker.underflow_grad()
+    optimizer.step()
+    expected = optimizer.state[param]["fallbacks"].tolist()
+    assert expected[FALLBACK_LEVELS.index("statistics_underflow")] == 1
+    assert [saved["underflow_fallbacks"] for saved in ranks] == [expected, expected]
+
+
 def test_fsdp2_rejects_an_unknown_sharded_side_policy():
     with pytest.raises(ValueError, match="sharded_side_policy='gather'.*'owner' | 'other_side'"):
         FSDPASGO([torch.nn.Parameter(torch.zeros(4, 8))], sharded_side_policy="gather")
@@ -257,7 +300,7 @@ def test_jax_sharded_over_a_mesh_equals_unsharded():
     assert report["param_specs"] == {"w_in": "P(None, 'model')", "b_in": "P('model',)",
                                      "w_mid": "P('model',)", "w_out": "P(None, 'model')",
                                      "w_out2": "P(None, 'model')"}
-    momentum = [spec for path, spec in report["state_specs"].items() if path.endswith("momentum")]
+    momentum = [spec for path, spec in report["state_specs"].items() if ".momentum[" in path]
     grams = [spec for path, spec in report["state_specs"].items() if "gram" in path or "root" in path]
     assert momentum and all("'model'" in spec for spec in momentum)  # sharded like the params
     assert grams and all(spec == "P()" for spec in grams)            # k×k: replicated

@@ -33,6 +33,16 @@ def test_the_gpu_marker_selects_every_gpu_parametrised_case():
     assert _collected("-m", "gpu", *files) == gpu_cases
 
 
+def test_the_gpu_marker_selects_every_case_of_the_gpu_files():
+    """The GPU-only files (optax, Keras, a world of one with NCCL, bf16 matmuls, auto, CuPy's
+    eigh; the torch adapter on CUDA) are selected whole by -m gpu."""
+    files = [str(TESTS / name) for name in ("test_gpu_coverage.py", "test_torch_cuda.py")]
+    everything = _collected(*files)
+    assert any("optax" in test_id for test_id in everything)
+    assert any("keras" in test_id for test_id in everything)
+    assert _collected("-m", "gpu", *files) == everything
+
+
 @pytest.fixture
 def gpu_machine(monkeypatch):
     """This machine as one with an NVIDIA GPU whose torch cannot use it."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import threading
 
 import numpy as np
 import pytest
 
-from asgo_core import ASGOConfig, DASGOConfig, FALLBACK_LEVELS, init_state, step
+from asgo_core import ASGOConfig, DASGOConfig, FALLBACK_LEVELS, RowShards, init_state, step, step_terms
 from conftest import relative_error, tolerance
 from reference import reference_asgo, reference_dasgo
 
@@ -422,3 +424,62 @@ def test_torch_masked_ema_on_the_cuda_path_honours_overwrite(overwrite, monkeypa
     assert (result.data_ptr() == old.data_ptr()) == overwrite
     if not overwrite:
         assert np.array_equal(old.numpy(), old_values)
+
+
+class ThreadGroup:
+    """All-reduces among threads, each thread standing for one process of a sharded run."""
+
+    def __init__(self, size: int):
+        self.barrier, self.values = threading.Barrier(size, timeout=60), [None] * size
+
+    def reduce(self, rank: int, value, combine):
+        self.values[rank] = value
+        self.barrier.wait()
+        result = functools.reduce(combine, self.values)
+        self.barrier.wait()  # every rank has read the values before any writes the next ones
+        return result
+
+
+def test_row_shards_with_their_reductions_step_like_the_whole_matrices():
+    """Rows 0–3 and 4–9 of a stack of three 10×6 matrices (the third with a zero gradient on
+    the second shard only), stepped by two threads whose RowShards sum and any over both: each
+    shard's update equals its rows of the unsharded step, and both count what it counts."""
+    config = ASGOConfig(update_rms=0.2, precondition_frequency=2, side="right")  # as for 10×6, not 4×6
+    grads = gradient_sequence((3, 10, 6), 3)
+    for grad in grads:
+        grad[2, 4:] = 0.0
+    bounds, group = [(0, 4), (4, 10)], ThreadGroup(2)
+    results = [[] for _ in bounds]
+
+    def run_shard(rank):
+        first, last = bounds[rank]
+        shards = RowShards(rows=10, sum=lambda x: group.reduce(rank, x, np.add),
+                           any=lambda flags: group.reduce(rank, flags, np.logical_or))
+        state = init_state(np.zeros((3, last - first, 6)), config)
+        for grad in grads:
+            direction, scale, state = step_terms(grad[:, first:last], state, config, row_shards=shards)
+            results[rank].append((direction * scale, state))
+
+    threads = [threading.Thread(target=run_shard, args=(rank,)) for rank in range(len(bounds))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    state = init_state(np.zeros((3, 10, 6)), config)
+    for index, grad in enumerate(grads):
+        direction, scale, state = step_terms(grad, state, config)
+        for (first, last), shard_results in zip(bounds, results):
+            shard_update, shard_state = shard_results[index]
+            np.testing.assert_allclose(shard_update, (direction * scale)[:, first:last], rtol=1e-12,
+                                       atol=1e-14)
+            np.testing.assert_allclose(shard_state.gram[0], state.gram[0], rtol=1e-12)
+            np.testing.assert_array_equal(shard_state.fallbacks, state.fallbacks)
+
+
+@pytest.mark.parametrize("config", [ASGOConfig(side="left"), ASGOConfig(num_heads=2), DASGOConfig()],
+                         ids=["rows preconditioned", "head blocks", "dasgo"])
+def test_row_shards_are_refused_where_the_gram_is_not_a_sum_over_rows(config):
+    shards = RowShards(rows=8, sum=lambda x: x, any=lambda flags: flags)
+    grad = np.ones((1, 8, 4))
+    with pytest.raises(ValueError, match="row_shards"):
+        step_terms(grad, init_state(grad, config), config, row_shards=shards)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
 import subprocess
 import sys
@@ -144,14 +146,14 @@ def _run_steps(params, optimizer, steps=5, seed=1):
         optimizer.step()
 
 
-@pytest.mark.parametrize("adamw_lr", [None, 3e-3])
-def test_adamw_route_equals_torch_adamw_bit_for_bit(adamw_lr):
+@pytest.mark.parametrize("adamw_lr, maximize", [(None, False), (3e-3, False), (None, True)])
+def test_adamw_route_equals_torch_adamw_bit_for_bit(adamw_lr, maximize):
     ours, theirs = _vector_params(), _vector_params()
     options = dict(adamw_betas=(0.8, 0.9), adamw_eps=1e-7, adamw_weight_decay=0.05)
     optimizer = ASGO([{"params": ours[:2]}, {"params": ours[2:], "algorithm": "adamw"}],
-                     lr=1e-2, adamw_lr=adamw_lr, **options)
+                     lr=1e-2, adamw_lr=adamw_lr, maximize=maximize, **options)
     reference = torch.optim.AdamW(theirs, lr=adamw_lr or 1e-2, betas=(0.8, 0.9), eps=1e-7,
-                                  weight_decay=0.05)
+                                  weight_decay=0.05, maximize=maximize)
     _run_steps(ours, optimizer)
     _run_steps(theirs, reference)
     for mine, expected in zip(ours, theirs):
@@ -380,6 +382,21 @@ def test_bad_arguments_raise_naming_the_argument(name, options):
         ASGO(params, **options)
 
 
+@pytest.mark.parametrize("optimizer_type, config_type", [(ASGO, ASGOConfig), (DASGO, DASGOConfig)])
+def test_the_signature_shows_every_config_option_with_the_configs_default(optimizer_type, config_type):
+    parameters = inspect.signature(optimizer_type).parameters
+    assert parameters["betas"].default == (config_type.beta1, config_type.beta2)
+    for field in dataclasses.fields(config_type):
+        if field.name not in ("beta1", "beta2"):
+            assert parameters[field.name].default == field.default, field.name
+
+
+@pytest.mark.parametrize("optimizer_type, option", [(ASGO, "learning_rate"), (DASGO, "precondition_frequency")])
+def test_an_option_the_optimizer_does_not_have_is_refused_by_name(optimizer_type, option):
+    with pytest.raises(TypeError, match=rf"{optimizer_type.__name__}\(\).*'{option}'.*accepted: params, lr"):
+        optimizer_type([nn.Parameter(torch.randn(6, 10))], **{option: 1})
+
+
 def test_bad_param_group_is_rejected_and_not_added():
     optimizer = ASGO([nn.Parameter(torch.randn(6, 10))])
     with pytest.raises(ValueError, match="weight_decay"):
@@ -422,6 +439,25 @@ def test_nan_gradient_skips_that_matrix_only_and_is_counted():
     assert [int(optimizer.state[p]["skipped"]) for p in (bad, good, other)] == [1, 0, 0]
     assert torch.equal(optimizer.state[bad]["momentum"], torch.zeros(6, 10))
     assert all(torch.isfinite(r).all() for p in (bad, good, other) for r in optimizer.state[p]["root"])
+
+
+@pytest.mark.parametrize("optimizer_type", [ASGO, DASGO])
+def test_a_zero_gradient_matrix_is_decayed_and_a_skipped_one_is_not(optimizer_type):
+    """One bucket of three matrices: a zero gradient gives a zero direction and the decoupled
+    decay W·(1 − lr·weight_decay) still applies (as torch.optim.AdamW decays a parameter whose
+    gradient is zero); a NaN gradient leaves its matrix as it was; a random one moves it."""
+    torch.manual_seed(0)
+    zero, nan, random = (nn.Parameter(torch.randn(6, 10, dtype=torch.float64)) for _ in range(3))
+    before = [p.detach().clone() for p in (zero, nan, random)]
+    optimizer = optimizer_type([zero, nan, random], lr=0.05, weight_decay=0.1)
+    zero.grad, nan.grad, random.grad = (torch.zeros(6, 10, dtype=torch.float64),
+                                        torch.full((6, 10), math.nan, dtype=torch.float64),
+                                        torch.randn(6, 10, dtype=torch.float64))
+    optimizer.step()
+    torch.testing.assert_close(zero.detach(), before[0] * (1 - 0.05 * 0.1), rtol=1e-15, atol=0)
+    assert torch.equal(nan.detach(), before[1])
+    assert not torch.allclose(random.detach(), before[2] * (1 - 0.05 * 0.1))
+    assert [int(optimizer.state[p]["skipped"]) for p in (zero, nan, random)] == [0, 1, 0]
 
 
 @pytest.mark.parametrize("optimizer_type", [ASGO, DASGO])

@@ -44,9 +44,13 @@ def _three_params():
     return [nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(4, 12)), nn.Parameter(torch.randn(6))]
 
 
+def _groups(params):
+    return [{"params": params[:2]}, {"params": params[2:]}]
+
+
 def _stepped(optimizer_type=ASGO, steps=2, **options):
     params = _three_params()
-    optimizer = optimizer_type([{"params": params[:2]}, {"params": params[2:]}], **options)
+    optimizer = optimizer_type(_groups(params), **options)
     for _ in range(steps):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -200,6 +204,96 @@ def test_an_adamw_step_saved_as_a_number_loads_as_torch_adamw_loads_it():
     _assert_same(optimizer.state_dict(), reference)
     params[2].grad = torch.randn_like(params[2])
     optimizer.step()
+
+
+# ---- load hooks and entries of no parameter: what torch.optim.AdamW does --------------------
+# Each check runs the same steps on torch.optim.AdamW and on ASGO/DASGO and compares what the two
+# show, so the expected behaviour is torch's own.
+MATRIX_OPTIMIZERS = [ASGO, DASGO]
+
+
+def _what_a_load_pre_hook_gets(optimizer_type):
+    _, optimizer = _stepped(optimizer_type)
+    saved, received = optimizer.state_dict(), []
+    optimizer.register_load_state_dict_pre_hook(lambda opt, state_dict: received.append((opt, state_dict)))
+    optimizer.load_state_dict(saved)
+    (hook_optimizer, state_dict), = received
+    return {"the optimizer": hook_optimizer is optimizer, "a copy of the dict": state_dict is not saved,
+            "the saved state": state_dict["state"] is saved["state"],
+            "the saved groups": state_dict["param_groups"] is saved["param_groups"],
+            "state entries": sorted(state_dict["state"])}
+
+
+@pytest.mark.parametrize("optimizer_type", MATRIX_OPTIMIZERS)
+def test_a_load_pre_hook_gets_the_saved_dict_as_with_torch_adamw(optimizer_type):
+    assert _what_a_load_pre_hook_gets(optimizer_type) == _what_a_load_pre_hook_gets(torch.optim.AdamW)
+
+
+def _loaded_through_a_replacing_pre_hook(optimizer_type):
+    """(lr of each group, step of each parameter) after a load whose pre-hook returns another
+    run's state (three steps instead of one) with lr 0.5."""
+    params, optimizer = _stepped(optimizer_type, steps=1)
+    other_run = _stepped(optimizer_type, steps=3)[1].state_dict()
+    optimizer.register_load_state_dict_pre_hook(lambda opt, state_dict: {
+        "state": other_run["state"], "param_groups": [{**g, "lr": 0.5} for g in other_run["param_groups"]]})
+    optimizer.load_state_dict(optimizer.state_dict())
+    return ([group["lr"] for group in optimizer.param_groups],
+            [int(optimizer.state[p]["step"]) for p in params])
+
+
+@pytest.mark.parametrize("optimizer_type", MATRIX_OPTIMIZERS)
+def test_what_a_load_pre_hook_returns_is_loaded_as_with_torch_adamw(optimizer_type):
+    assert _loaded_through_a_replacing_pre_hook(optimizer_type) == \
+        _loaded_through_a_replacing_pre_hook(torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("optimizer_type", [torch.optim.AdamW, *MATRIX_OPTIMIZERS])
+def test_the_load_checks_what_the_pre_hooks_return(optimizer_type):
+    """A dict that lacks a group loads when a pre-hook restores it; a good dict a pre-hook
+    spoils is refused, and nothing changes (torch.optim.AdamW first, as the reference)."""
+    params, optimizer = _stepped(optimizer_type)
+    saved = optimizer.state_dict()
+    repair = optimizer.register_load_state_dict_pre_hook(
+        lambda opt, state_dict: {**state_dict, "param_groups": saved["param_groups"]})
+    optimizer.load_state_dict({**saved, "param_groups": saved["param_groups"][:1]})
+    repair.remove()
+    optimizer.register_load_state_dict_pre_hook(
+        lambda opt, state_dict: {**state_dict, "param_groups": state_dict["param_groups"][:1]})
+    snapshot = _snapshot(optimizer, params)
+    with pytest.raises(ValueError, match="group"):
+        optimizer.load_state_dict(saved)
+    _assert_unchanged(optimizer, params, snapshot)
+
+
+def _what_a_load_post_hook_sees(optimizer_type):
+    """(lr, each parameter's step) in the optimizer as a post-hook sees it, loading a two-step
+    state with lr 0.02 into a fresh optimizer."""
+    params, optimizer = _stepped(optimizer_type, lr=0.02)
+    fresh, seen = optimizer_type(_groups(params)), []
+    fresh.register_load_state_dict_post_hook(lambda opt: seen.append(
+        (opt.param_groups[0]["lr"], [int(opt.state[p]["step"]) for p in params if p in opt.state])))
+    fresh.load_state_dict(optimizer.state_dict())
+    return seen
+
+
+@pytest.mark.parametrize("optimizer_type", MATRIX_OPTIMIZERS)
+def test_a_load_post_hook_sees_the_loaded_state_as_with_torch_adamw(optimizer_type):
+    assert _what_a_load_post_hook_sees(optimizer_type) == _what_a_load_post_hook_sees(torch.optim.AdamW)
+
+
+def _entry_of_no_parameter_after_a_round_trip(optimizer_type):
+    params, optimizer = _stepped(optimizer_type)
+    optimizer.state["ema"] = {"decay": 0.999, "updates": torch.tensor(7)}
+    resumed = optimizer_type(_groups(params))
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return resumed.state.get("ema")
+
+
+@pytest.mark.parametrize("optimizer_type", MATRIX_OPTIMIZERS)
+def test_a_state_entry_of_no_parameter_survives_a_round_trip_as_with_torch_adamw(optimizer_type):
+    expected = _entry_of_no_parameter_after_a_round_trip(torch.optim.AdamW)
+    assert expected is not None
+    _assert_same(_entry_of_no_parameter_after_a_round_trip(optimizer_type), expected)
 
 
 # ---- layouts -------------------------------------------------------------------------------

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
-import sys
 
+import helpers.keras_backend  # noqa: F401  (the Keras backend, set before keras is imported)
 import numpy as np
 
 from asgo_core.config import ASGOConfig
 
-# runners.py (tests/conformance) reads the torch layout for optax; reuse it rather than copy it.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "conformance"))
 
 SHAPES = {"w1": (6, 10), "w2": (5, 7), "conv": (4, 2, 3, 3), "bias": (6,)}
 
@@ -206,12 +203,12 @@ class OptaxDriver(Driver):
         return {self.field(name): value for name, value in options.items()}
 
     def context(self):
-        from conftest import jax_x64
+        from helpers.numerics import jax_x64
         return jax_x64() if self.x64 else contextlib.nullcontext()
 
     def build(self, params: dict, options=None, groups=None):
         import jax.numpy as jnp
-        from runners import torch_layout_dimension_numbers
+        from conformance.runners import torch_layout_dimension_numbers  # the torch layout for optax
 
         from asgo_core.adapters.optax import asgo
         assert groups is None, "optax: one set of options per transformation"
@@ -268,6 +265,69 @@ class OptaxDriver(Driver):
         return re.escape(f"['{key}']")
 
 
+# ----------------------------------------------------------------------------- Keras
+
+class KerasDriver(Driver):
+    """The Keras adapter on the backend tests/helpers/keras_backend.py sets. Parameters are in
+    the torch layout here and in the Keras layout (outputs last) in the variables, which the
+    adapter reads back as the torch layout."""
+    name = "keras"
+
+    def field(self, option: str) -> str:
+        from asgo_core.options import option as table_option
+        return "adam_lr_ratio" if option == "adamw_lr" else table_option(option).spelling("keras")
+
+    def adapter_options(self, options: dict) -> dict:
+        """Neutral names → Keras'; adamw_lr becomes adam_lr_ratio = adamw_lr / lr."""
+        options = dict(options)
+        if "adamw_lr" in options:
+            lr = options.get("lr", 1e-2)
+            adamw_lr = options.pop("adamw_lr")
+            options["adam_lr_ratio"] = adamw_lr / lr if _is_float(lr) else adamw_lr
+        return {name if name == "adam_lr_ratio" else self.field(name): value
+                for name, value in options.items()}
+
+    def build(self, params: dict, options=None, groups=None):
+        import keras
+        from asgo_core.adapters.keras import ASGO
+        assert groups is None, "keras: one set of options per optimizer"
+        self.keys = list(params)
+        self.variables = [keras.Variable(np.moveaxis(value, 0, -1), name=key, dtype=str(value.dtype),
+                                         trainable=np.issubdtype(value.dtype, np.floating))
+                          for key, value in params.items()]  # torch cannot make integer tensors trainable
+        self.optimizer = ASGO(**self.adapter_options(options or {}))
+        self.optimizer.build(self.variables)
+        return self
+
+    def step(self, grads: dict):
+        import keras
+        tensors = [keras.ops.convert_to_tensor(np.moveaxis(grads[key], 0, -1)) for key in self.keys]
+        self.optimizer.apply(tensors, self.variables)
+
+    def params(self) -> dict:
+        import keras
+        return {key: np.moveaxis(keras.ops.convert_to_numpy(v), -1, 0).copy()
+                for key, v in zip(self.keys, self.variables)}
+
+    def _arrays(self):
+        import keras
+        yield from ((f"param {k}", v) for k, v in self.params().items())
+        yield from ((f"state {v.path}", keras.ops.convert_to_numpy(v)) for v in self.optimizer.variables)
+
+    def portable(self) -> dict:
+        return self.optimizer.portable_state(names=self.keys)
+
+    def load_portable(self, portable):
+        self.optimizer.load_portable_state(portable, names=self.keys)
+
+    def param_pattern(self, key, params=None) -> str:
+        return re.escape(repr(key))
+
+
+def _is_float(value) -> bool:
+    return isinstance(value, float) and not isinstance(value, bool)
+
+
 def _to_torch(array):
     """A tensor copy of a NumPy array (ml_dtypes bfloat16 included, which torch cannot read)."""
     import torch
@@ -306,4 +366,4 @@ def _flatten(prefix, value):
 
 
 DRIVERS = {"torch": lambda: TorchDriver("asgo"), "torch-dasgo": lambda: TorchDriver("dasgo"),
-           "optax": OptaxDriver, "numpy": NumpyDriver}
+           "optax": OptaxDriver, "numpy": NumpyDriver, "keras": KerasDriver}

@@ -184,6 +184,61 @@ def run_optax(case: Case, dtype: str, device=None):
     return {name: np.asarray(value) for name, value in leaves.items()}, _state_arrays(portable)
 
 
+def keras_options(case: Case) -> dict:
+    """The case's options under Keras' names (asgo_core.options)."""
+    from asgo_core.options import option
+    return {option(name).spelling("keras"): value for name, value in dataclasses.asdict(case.config).items()}
+
+
+def run_keras(case: Case, dtype: str):
+    """The Keras adapter on the backend keras runs on, through jax.jit(stateless_apply) under
+    JAX (a jitted train step's path) and optimizer.apply under torch. Variables take the Keras
+    layout (outputs last), which the adapter reads back as the torch layout of the others."""
+    import keras
+    from asgo_core.adapters.keras import ASGO, DASGO
+
+    params, grads = problem(case, dtype)
+    keras_layout = lambda value: np.moveaxis(value, 0, -1)  # noqa: E731
+    variables = [keras.Variable(keras_layout(value), name=name, dtype=dtype)
+                 for name, value in params.items()]
+    make = ASGO if case.algorithm == "asgo" else DASGO
+    optimizer = make(learning_rate=_keras_schedule(case.learning_rates(), dtype), **keras_options(case))
+    optimizer.build(variables)
+    apply = _keras_apply(optimizer, variables)
+    for grad in grads:
+        tensors = [keras.ops.convert_to_tensor(keras_layout(grad[name]), dtype=dtype) for name in params]
+        step_or_refused(case, lambda: apply(tensors))
+    out_params = {name: np.moveaxis(keras.ops.convert_to_numpy(variable), -1, 0)
+                  for name, variable in zip(params, variables)}
+    return out_params, _state_arrays(optimizer.portable_state(names=list(params)))
+
+
+def _keras_schedule(values, dtype):
+    """The learning rates as a Keras schedule in the case's dtype (a float learning rate would
+    live in a float32 variable)."""
+    import keras
+
+    class Table(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            return keras.ops.take(keras.ops.convert_to_tensor(values, dtype=dtype), step)
+    return Table()
+
+
+def _keras_apply(optimizer, variables):
+    import keras
+    if keras.backend.backend() != "jax":
+        return lambda grads: optimizer.apply(grads, variables)
+    import jax
+    stateless = jax.jit(optimizer.stateless_apply)
+
+    def apply(grads):
+        new_values, new_state = stateless([v.value for v in optimizer.variables], grads,
+                                          [v.value for v in variables])
+        for variable, value in zip(variables + optimizer.variables, new_values + new_state):
+            variable.assign(value)
+    return apply
+
+
 # ----------------------------------------------------------------------------- comparison
 
 def worst_relative_difference(run_a, run_b) -> tuple[float, str]:
@@ -206,3 +261,112 @@ def worst_relative_difference(run_a, run_b) -> tuple[float, str]:
         if difference > worst:
             worst, where = difference, label
     return worst, where
+
+
+# ----------------------------------------------------------------------------- 16-bit params
+
+ROUNDING_SHAPES = {"wide": (48, 64), "tall": (64, 48)}
+ROUNDING_LR = 1e-3
+
+
+def rounding_problem(algorithm: str):
+    """Start values 1 + j/64 with random signs (exact in bfloat16 and float16, where an update
+    of lr·0.2 = 2e-4 is below half the spacing) and float32 gradients."""
+    rng = np.random.default_rng(3)
+    start = {name: (rng.choice([-1.0, 1.0], shape) * (1 + rng.integers(0, 64, shape) / 64)).astype("float32")
+             for name, shape in ROUNDING_SHAPES.items()}
+    grads = [{name: rng.standard_normal(shape).astype("float32") for name, shape in ROUNDING_SHAPES.items()}
+             for _ in range(STEPS)]
+    return start, grads
+
+
+def run_rounding_reference(algorithm: str) -> dict:
+    """The float32 core's displacement of each parameter after STEPS steps at ROUNDING_LR."""
+    case = Case(algorithm=algorithm, shapes=tuple(ROUNDING_SHAPES.items()))
+    start, grads = rounding_problem(algorithm)
+    weights = {name: value[None] for name, value in start.items()}
+    states = {name: init_state(W, case.config) for name, W in weights.items()}
+    for grad in grads:
+        for name, W in weights.items():
+            update, states[name] = step(grad[name][None], states[name], W, case.config)
+            weights[name] = W - ROUNDING_LR * update
+    return {name: (weights[name][0] - start[name]).astype(np.float64) for name in start}
+
+
+def displacement_ratio(displacement: dict, reference: dict) -> float:
+    """<displacement, reference> / <reference, reference> over every parameter."""
+    dot = sum(float(np.sum(displacement[name] * reference[name])) for name in reference)
+    return dot / sum(float(np.sum(reference[name] ** 2)) for name in reference)
+
+
+def run_rounded(adapter: str, algorithm: str, rounding: str) -> dict:
+    """An adapter's displacement of 16-bit parameters (bfloat16; float16 for NumPy)."""
+    start, grads = rounding_problem(algorithm)
+    final = ROUNDING_RUNNERS[adapter](algorithm, rounding, start, grads)
+    return {name: final[name].astype(np.float64) - start[name] for name in start}
+
+
+def _rounded_torch(algorithm, rounding, start, grads):
+    import torch
+    from asgo_core.adapters.torch import ASGO, DASGO
+
+    tensors = {name: torch.nn.Parameter(torch.tensor(value).bfloat16()) for name, value in start.items()}
+    optimizer = (ASGO if algorithm == "asgo" else DASGO)(list(tensors.values()), lr=ROUNDING_LR,
+                                                         param_rounding=rounding)
+    for grad in grads:
+        for name, tensor in tensors.items():
+            tensor.grad = torch.tensor(grad[name]).bfloat16()
+        optimizer.step()
+    return {name: tensor.detach().float().numpy() for name, tensor in tensors.items()}
+
+
+def _rounded_numpy(algorithm, rounding, start, grads):
+    from asgo_core.adapters.cupy import ASGO, DASGO
+
+    arrays = {name: value.astype(np.float16) for name, value in start.items()}
+    optimizer = (ASGO if algorithm == "asgo" else DASGO)(arrays, lr=ROUNDING_LR, param_rounding=rounding)
+    for grad in grads:
+        optimizer.step({name: value.astype(np.float16) for name, value in grad.items()})
+    return arrays
+
+
+def _rounded_optax(algorithm, rounding, start, grads):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from asgo_core.adapters.optax import apply_updates_stochastic, asgo, dasgo
+
+    leaves = {name: jnp.asarray(value, jnp.bfloat16) for name, value in start.items()}
+    tx = (asgo if algorithm == "asgo" else dasgo)(ROUNDING_LR, weight_dimension_numbers=
+                                                  torch_layout_dimension_numbers(start))
+    state = tx.init(leaves)
+    key = jax.random.key(0)
+
+    @jax.jit  # one compilation, not one per eager operation and step
+    def train_step(leaves, state, grad, count):
+        updates, state = tx.update(grad, state, leaves)
+        if rounding == "stochastic":
+            return apply_updates_stochastic(leaves, updates, jax.random.fold_in(key, count)), state
+        return optax.apply_updates(leaves, updates), state
+
+    for count, grad in enumerate(grads):
+        grad = {name: jnp.asarray(value, jnp.bfloat16) for name, value in grad.items()}
+        leaves, state = train_step(leaves, state, grad, count)
+    return {name: np.asarray(value.astype(jnp.float32)) for name, value in leaves.items()}
+
+
+def _rounded_keras(algorithm, rounding, start, grads):
+    import keras
+    from asgo_core.adapters.keras import ASGO, DASGO
+
+    variables = {name: keras.Variable(value.T, name=name, dtype="bfloat16") for name, value in start.items()}
+    optimizer = (ASGO if algorithm == "asgo" else DASGO)(learning_rate=ROUNDING_LR, param_rounding=rounding)
+    for grad in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(grad[name].T, dtype="bfloat16") for name in variables],
+                        list(variables.values()))
+    return {name: keras.ops.convert_to_numpy(keras.ops.cast(variable.value, "float32")).T
+            for name, variable in variables.items()}
+
+
+ROUNDING_RUNNERS = {"torch": _rounded_torch, "numpy-adapter": _rounded_numpy, "optax": _rounded_optax,
+                    "keras": _rounded_keras}

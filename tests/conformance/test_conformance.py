@@ -1,5 +1,6 @@
 """Cross-framework conformance: the same seeded gradients through the core (NumPy) and every
-adapter (torch, optax, CuPy/NumPy; GPU ones when present) give the same params and state after
+adapter (torch, optax, CuPy/NumPy, Keras on both its backends; GPU ones when
+present) give the same params and state after
 20 steps, for every option that changes the math.
 
 Bounds (norm-wise relative, per array, worst over params and state; measured worst values
@@ -9,7 +10,12 @@ from benchmarks/conformance_report.py on a 2-core CPU in brackets):
   different LAPACK/XLA eigh builds differ at float32 rounding and 20 RMS-normalised steps
   compound it]. The bound holds with a margin of 1.5; it is the tightest power of ten that does.
 - matmul_dtype="bfloat16" (torch and optax adapters and the core on JAX vs the core on torch): 1e-2
-  [1.4e-3]: three significant digits of the GEMM inputs, rounded by different kernels.
+  [1.4e-3]: three significant digits of the GEMM inputs, rounded by different kernels. The same
+  bound for mu_dtype / precond_dtype="bfloat16" (state stored in bfloat16; the core on NumPy
+  with ml_dtypes' bfloat16 as the reference).
+- param_rounding (16-bit parameters, lr 1e-3, where a nearest-rounded write loses most
+  updates): each adapter's displacement of the parameters, projected on the float32 core's,
+  is 1 ± 0.15 with "stochastic" and below 0.5 with "nearest".
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from runners import (Case, run_array_adapter, run_core, run_optax, run_torch,
-                     worst_relative_difference)
+from helpers import keras_backend
+from runners import (ROUNDING_RUNNERS, Case, displacement_ratio, run_array_adapter, run_core, run_keras,
+                     run_optax, run_rounded, run_rounding_reference, run_torch, worst_relative_difference)
 
 from asgo_core import ASGOConfig, DASGOConfig
-from conftest import _gpu_available, jax_x64
+from helpers.gpu import gpu_available
+from helpers.numerics import jax_x64
 
 BOUNDS = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 1e-2}
 
@@ -66,11 +74,16 @@ ASGO_OPTIONS = {
     "num_heads": [2],
     "nonfinite": ["raise"],
     "matmul_dtype": ["bfloat16"],
+    "mu_dtype": ["bfloat16"],
+    "precond_dtype": ["bfloat16"],
 }
 DASGO_OPTIONS = {
     "beta1": [0.0], "beta2": [0.5], "weight_decay": [0.0], "eps": [1e-4],
-    "update_rms": [None], "accumulate": ["sum"], "nonfinite": ["raise"],
+    "update_rms": [None], "accumulate": ["sum"], "nonfinite": ["raise"], "mu_dtype": ["bfloat16"],
 }
+# Options run by their own tests, under the bfloat16 bound: matmul_dtype (torch and JAX only) and
+# the bfloat16 state dtypes, where a float32 difference of one ulp can flip a bfloat16 rounding.
+BFLOAT16_OPTIONS = ("matmul_dtype", "mu_dtype", "precond_dtype")
 # Options whose second value needs a companion to be valid or to matter.
 COMPANIONS = {("accumulate", "sum"): {"beta2": 1.0}, ("root_steps", 14): {"root_method": "polar_express"},
               ("root_tolerance", 1e-3): {"root_method": "coupled_newton"},
@@ -93,8 +106,8 @@ def _cases() -> list:
     for algorithm, table in (("asgo", ASGO_OPTIONS), ("dasgo", DASGO_OPTIONS)):
         for name, values in table.items():
             for value in values:
-                if name == "matmul_dtype":
-                    continue  # its own test: torch and JAX only
+                if name in BFLOAT16_OPTIONS:
+                    continue  # their own tests
                 cases.append(pytest.param(_option_case(algorithm, name, value), id=f"{algorithm}-{name}={value}"))
     return cases
 
@@ -113,12 +126,14 @@ def _adapter_runs(case: Case, dtype: str) -> dict:
     runs = {"torch": lambda: run_torch(case, dtype), "numpy-adapter": lambda: run_array_adapter(case, dtype)}
     if dict(case.options).get("nonfinite") != "raise":  # optax refuses it (a host read under jit)
         runs["optax"] = lambda: _optax(case, dtype)
-    if _gpu_available("torch-cuda"):
+    if not (case.raises and keras_backend.backend() == "jax"):  # so does Keras under JAX
+        runs[f"keras-{keras_backend.backend()}"] = lambda: run_keras(case, dtype)
+    if gpu_available("torch-cuda"):
         runs["torch-cuda"] = lambda: run_torch(case, dtype, device="cuda")
-    if _gpu_available("cupy"):
+    if gpu_available("cupy"):
         import cupy
         runs["cupy"] = lambda: run_array_adapter(case, dtype, module=cupy)
-    if _gpu_available("jax-gpu") and "optax" in runs:
+    if gpu_available("jax-gpu") and "optax" in runs:
         import jax
         runs["jax-gpu"] = lambda: _optax(case, dtype, device=jax.devices("gpu")[0])
     return runs
@@ -142,6 +157,17 @@ def test_every_adapter_matches_the_core(case, dtype, conformance_record):
         if not worst <= BOUNDS[dtype]:
             failures.append(f"{name}: {worst:.2e} at {where}")
     assert not failures, f"bound {BOUNDS[dtype]:.0e} exceeded: {failures}"
+
+
+@pytest.mark.timeout(1200)
+def test_keras_matches_the_core_on_the_other_backend():
+    """The default cases with Keras on the backend this process does not run, in a subprocess
+    (keras' backend is fixed per process; under JAX through jax.jit, compiled per case); every
+    case runs Keras on this process' backend above."""
+    returncode, output = keras_backend.other_backend_run(
+        __file__, "test_every_adapter_matches_the_core and defaults")
+    assert returncode == 0, output
+    assert " passed" in output and "skipped" not in output, output
 
 
 def test_bfloat16_matmuls_agree_between_torch_and_jax(conformance_record):
@@ -241,3 +267,27 @@ def _optax_adamw_pair(start, grads, lrs, options, dtype):
                         adam_weight_decay=options["weight_decay"]))
         theirs = run(optax.adamw(schedule, b1=b1, b2=b2, eps=options["eps"], weight_decay=options["weight_decay"]))
     return ours, theirs
+
+
+@pytest.mark.parametrize("algorithm, name", [("asgo", "mu_dtype"), ("asgo", "precond_dtype"),
+                                             ("dasgo", "mu_dtype")])
+def test_bfloat16_state_agrees_between_adapters(algorithm, name, conformance_record):
+    case = _option_case(algorithm, name, "bfloat16")
+    reference = run_core(case, "float32")
+    runs = {"torch": run_torch(case, "float32"), "numpy-adapter": run_array_adapter(case, "float32"),
+            "optax": run_optax(case, "float32"), f"keras-{keras_backend.backend()}": run_keras(case, "float32")}
+    for adapter, run in runs.items():
+        worst, where = worst_relative_difference(run, reference)
+        conformance_record(f"core-numpy vs {adapter}", "bfloat16", worst, case)
+        assert worst <= BOUNDS["bfloat16"], f"{adapter} {name}: {worst:.2e} at {where}"
+
+
+@pytest.mark.parametrize("adapter", list(ROUNDING_RUNNERS))
+@pytest.mark.parametrize("algorithm", ["asgo", "dasgo"])
+def test_param_rounding_keeps_the_float32_displacement(algorithm, adapter, conformance_record):
+    reference = run_rounding_reference(algorithm)
+    ratios = {rounding: displacement_ratio(run_rounded(adapter, algorithm, rounding), reference)
+              for rounding in ("stochastic", "nearest")}
+    conformance_record(f"core-numpy f32 vs {adapter} 16-bit", "rounding", abs(ratios["stochastic"] - 1),
+                       algorithm)
+    assert abs(ratios["stochastic"] - 1) <= 0.15 and ratios["nearest"] < 0.5, f"{adapter}: {ratios}"

@@ -1,0 +1,57 @@
+"""A core state (ASGOState / DASGOState) as named arrays, and back.
+
+The names are the portable checkpoint's (asgo_core.checkpoint): one per field, a tuple field
+("gram", "root": one array per block group) as "<field>/<group>"; the step count is kept apart
+(adapters count steps their own way). Every named array has the stack's matrices on its leading
+axis (r rows per matrix), so the state of a bucket splits into its members' states and joins
+back by their matrix counts. A framework that keeps its state in variables makes one variable
+per name of `flat_spec`.
+"""
+
+from __future__ import annotations
+
+from asgo_core.buckets import concat, split_rows
+
+
+def named_arrays(state) -> dict:
+    """{name: array} of every field but count."""
+    named = {}
+    for name, value in zip(state._fields, state):
+        if name == "count":
+            continue
+        if isinstance(value, tuple):
+            named.update((f"{name}/{group}", array) for group, array in enumerate(value))
+        else:
+            named[name] = value
+    return named
+
+
+def state_from_named(state_type, named: dict, count):
+    """The inverse of named_arrays: a `state_type` of the named arrays and the step count."""
+    values = {"count": count}
+    for name in state_type._fields:
+        if name in named:
+            values[name] = named[name]
+        elif name != "count":
+            groups = sorted(int(key.split("/")[1]) for key in named if key.startswith(f"{name}/"))
+            values[name] = tuple(named[f"{name}/{group}"] for group in groups)
+    return state_type(**values)
+
+
+def flat_spec(state) -> tuple:
+    """((name, shape, dtype), ...) of named_arrays(state): what one variable per array needs."""
+    return tuple((name, tuple(array.shape), array.dtype) for name, array in named_arrays(state).items())
+
+
+def split_named(named: dict, counts) -> list:
+    """The named arrays of a stack of sum(counts) matrices → one dict per member (views)."""
+    parts = [{} for _ in counts]
+    for name, array in named.items():
+        for part, rows in zip(parts, split_rows(array, counts)):
+            part[name] = rows
+    return parts
+
+
+def concat_named(parts: list, ops) -> dict:
+    """The inverse of split_named."""
+    return {name: concat([part[name] for part in parts], ops) for name in parts[0]}

@@ -1,0 +1,119 @@
+"""The adapter engine in asgo_core: the options table, bucket planning, the state codec and the
+array-level AdamW, each against an independent statement of what it must do."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+import torch
+
+from asgo_core import ASGOConfig, DASGOConfig, adamw, init_state
+from asgo_core.buckets import Member, plan_buckets
+from asgo_core.layout import PermutedStack
+from asgo_core.options import OPTIONS, defaults, group_from, layout_options, spelled, static_args
+from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
+
+
+# ---- the options table ------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm, config_type", [("asgo", ASGOConfig), ("dasgo", DASGOConfig)])
+def test_every_config_field_is_a_row_with_the_configs_default(algorithm, config_type):
+    rows = {row.name for row in OPTIONS if algorithm in row.algorithms}
+    fields = {field.name: field.default for field in dataclasses.fields(config_type)}
+    assert set(fields) <= rows
+    table = defaults(algorithm, "optax")
+    for name, default in fields.items():
+        spelled_name = {"beta1": "b1", "beta2": "b2"}.get(name, name)
+        assert table[spelled_name] == default, name
+    assert defaults(algorithm)["betas"] == (fields["beta1"], fields["beta2"])
+
+
+def test_static_args_are_per_algorithm():
+    """DASGO's set holds only options dasgo() takes (optax.inject_hyperparams refuses others)."""
+    assert {"b1", "b2", "eps", "update_rms"} <= set(static_args("dasgo")) < set(static_args("asgo"))
+    asgo_only = {"precondition_frequency", "num_heads", "max_precond_dim", "matmul_dtype"}
+    assert asgo_only <= set(static_args("asgo")) and not asgo_only & set(static_args("dasgo"))
+    assert set(static_args("dasgo")) <= set(defaults("dasgo", "optax"))
+
+
+def test_layout_options():
+    assert set(layout_options("asgo")) == {"side", "max_precond_dim", "num_heads", "batch_dims"}
+    assert layout_options("dasgo") == ("batch_dims",)
+
+
+def test_messages_are_spelled_in_the_callers_names():
+    message = "betas=(1.5, 0.9) is invalid; adamw_betas=(0.9, 1.0) too; beta2=1.0; lr=-1; eps=-1"
+    assert spelled(message, "keras") == ("(beta_1, beta_2)=(1.5, 0.9) is invalid; (adam_beta_1, adam_beta_2)="
+                                         "(0.9, 1.0) too; beta_2=1.0; learning_rate=-1; epsilon=-1")
+    assert spelled(message, "optax").endswith("b2=1.0; learning_rate=-1; eps=-1")
+    assert spelled(message, "torch") == message
+
+
+def test_group_from_a_frameworks_spelling_pairs_the_betas():
+    group = group_from({"beta_1": 0.5, "adam_beta_2": 0.99, "epsilon": 1e-3}, "keras", "asgo")
+    assert group["betas"] == (0.5, ASGOConfig.beta2) and group["adamw_betas"] == (0.9, 0.99)
+    assert group["eps"] == 1e-3 and "beta1" not in group and group["maximize"] is False
+    assert group_from({"betas": (0.1, 0.2)}, "torch", "dasgo")["betas"] == (0.1, 0.2)
+
+
+# ---- buckets --------------------------------------------------------------------------------------
+def test_buckets_group_by_matrix_shape_and_key_and_round_trip():
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((8, 6)), "b": rng.standard_normal((2, 4, 6)),
+              "c": rng.standard_normal((8, 6)), "d": rng.standard_normal((6, 5))}
+    members = [Member("a", PermutedStack.outputs_last((8, 6))),
+               Member("b", PermutedStack.outputs_first((2, 4, 6), 1)),
+               Member("c", PermutedStack.outputs_last((8, 6))),
+               Member("d", PermutedStack.outputs_first((6, 5)))]
+    buckets = plan_buckets(members, lambda member: (member.handle == "d",))
+    assert [bucket.handles for bucket in buckets] == [["a", "c"], ["b"], ["d"]]
+    assert buckets[0].matrix_shape == (6, 8) and buckets[1].counts == [2]
+    stack = buckets[0].gather([arrays["a"], arrays["c"]], xp)
+    np.testing.assert_array_equal(stack, np.stack([arrays["a"].T, arrays["c"].T]))
+    for original, back in zip((arrays["a"], arrays["c"]), buckets[0].scatter(stack, xp)):
+        np.testing.assert_array_equal(back, original)
+    np.testing.assert_array_equal(buckets[1].gather([arrays["b"]], xp), arrays["b"])
+
+
+# ---- state codec ----------------------------------------------------------------------------------
+def test_state_codec_round_trips_and_splits_by_matrix_counts():
+    config = ASGOConfig(max_precond_dim=4)
+    state = init_state(np.zeros((3, 6, 10)), config)
+    rng = np.random.default_rng(1)
+    state = state_from_named(type(state), {name: rng.standard_normal(a.shape).astype(a.dtype)
+                                           for name, a in named_arrays(state).items()}, state.count)
+    named = named_arrays(state)
+    assert list(named) == ["momentum", "gram/0", "gram/1", "root/0", "root/1", "skipped", "fallbacks"]
+    assert [(name, shape) for name, shape, _ in flat_spec(state)][1] == ("gram/0", (3, 4, 4))
+    rebuilt = state_from_named(type(state), named, state.count)
+    assert all(np.array_equal(a, b) for a, b in zip(named_arrays(rebuilt).values(), named.values()))
+    first, second = split_named(named, [1, 2])
+    assert first["momentum"].shape == (1, 6, 10) and second["gram/0"].shape == (2, 4, 4)
+    np.testing.assert_array_equal(second["gram/1"], named["gram/1"][1:])
+    joined = concat_named([first, second], xp)
+    assert all(np.array_equal(joined[name], named[name]) for name in named)
+
+
+# ---- AdamW ----------------------------------------------------------------------------------------
+def test_adamw_step_is_torch_adamw_and_skips_a_non_finite_gradient():
+    rng = np.random.default_rng(2)
+    start = rng.standard_normal(5)
+    grads = [rng.standard_normal(5) for _ in range(4)]
+    grads[2] = grads[2].copy()
+    grads[2][1] = np.nan
+    param = torch.nn.Parameter(torch.tensor(start))
+    reference = torch.optim.AdamW([param], lr=0.1, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05)
+    state, value, taken = adamw.zero_state(start, xp), start.copy(), 0
+    for grad in grads:
+        hyper = adamw.hyperparameters(lr=0.1, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05, step=taken + 1)
+        value, state["exp_avg"], state["exp_avg_sq"], finite = adamw.adamw_step(
+            value, grad, state["exp_avg"], state["exp_avg_sq"], xp, **hyper)
+        if not np.all(np.isfinite(grad)):
+            assert not finite
+            continue
+        taken += 1
+        param.grad = torch.tensor(grad)
+        reference.step()
+        np.testing.assert_allclose(value, param.detach().numpy(), rtol=1e-14, atol=1e-15)
