@@ -86,8 +86,8 @@ def vector(name: str, size: int) -> Param:
 def mlp_params(shape: Shape, prefix: str) -> list[Param]:
     d, h, count = shape.d_model, shape.mlp_hidden, max(shape.experts, 1)
     if shape.mlp == "gelu":
-        params = [Param(prefix + "fc1", h, d, count), Param(prefix + "fc2", d, h, count)]
-        return params + ([vector(prefix + "fc1.bias", h), vector(prefix + "fc2.bias", d)] if shape.biases else [])
+        biases = [vector(prefix + "fc1.bias", h), vector(prefix + "fc2.bias", d)] if shape.biases else []
+        return [Param(prefix + "fc1", h, d, count), Param(prefix + "fc2", d, h, count)] + biases
     return [Param(prefix + "gate", h, d, count), Param(prefix + "up", h, d, count),
             Param(prefix + "down", d, h, count)]
 
