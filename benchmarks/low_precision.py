@@ -1,6 +1,7 @@
 """Quality at low precision: train_lm's quick configuration with 16-bit parameters or state.
 
-Variants, for ASGO (tau 1) and AdamW, each at train_lm's chosen quick lr (lr_choices.json):
+Variants, for ASGO (tau 1) and AdamW, each at the lr train_lm --quick uses (the regime map's
+300-step choice):
     float32          float32 parameters and state (the reference).
     bf16_nearest     bfloat16 parameters, every write rounded to nearest.
     bf16_stochastic  bfloat16 parameters, writes rounded stochastically (param_rounding).
@@ -15,10 +16,11 @@ the effect of storing the parameters in 16 bits. AdamW is the adapter's built-in
 (algorithm="adamw": torch.optim.AdamW's arithmetic, plus param_rounding), weight decay 0.1 on
 2-D parameters as in train_lm.
 
-    python benchmarks/low_precision.py      # 2 seeds × 8 runs; 10-20 min a run on a loaded 2-core CPU
-    python benchmarks/low_precision.py --seeds 1 --variants float32 bf16_stochastic
+    python benchmarks/low_precision.py      # seeds 0 and 1 × 8 runs; 1-2 min a run on an idle core
+    python benchmarks/low_precision.py --seeds 1 --optimizers adamw --variants float32 bf16_stochastic
 
-Writes results/low_precision/results.json and prints the table of final validation losses.
+Appends each finished run to results/low_precision/runs.jsonl (so separate invocations add up)
+and prints the table of final validation losses over every run in that file.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from asgo_core.adapters.torch import ASGO, asgo_param_groups
 VARIANTS = ("float32", "bf16_nearest", "bf16_stochastic", "bf16_momentum", "bf16_state")
 STATE_DTYPES = {"bf16_momentum": dict(mu_dtype="bfloat16"),
                 "bf16_state": dict(mu_dtype="bfloat16", precond_dtype="bfloat16")}
-OPTIMIZERS = {"asgo_tau1": "asgo_tau1", "adamw": "adamw"}  # name → its lr_choices.json entry
+OPTIMIZERS = ("asgo_tau1", "adamw")
 
 
 def make_optimizer(name: str, variant: str, model, lr: float) -> ASGO:
@@ -101,35 +102,35 @@ def table(runs: list, optimizers, variants) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results/low_precision"))
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
-    args = train_lm.parse_args(["--quick"])
-    lrs = {name: train_lm.read_lr_choices()["quick"][entry]["lr"] for name, entry in OPTIMIZERS.items()}
+    args = train_lm.parse_args(["--quick", "--optimizers", *options.optimizers])
+    lrs = train_lm.resolve_lrs(args)
     data, source = train_lm.load_corpus(args.text, args.max_bytes)
     split = int(len(data) * (1 - train_lm.VAL_FRACTION))
     val_batches = train_lm.fixed_val_batches(data[split:], args.block_size, args.batch_size,
                                              args.eval_batches)
-    runs = []
-    for seed in range(options.seeds):
+    options.out.mkdir(parents=True, exist_ok=True)
+    runs_path = options.out / "runs.jsonl"
+    machine = train_lm.machine_info()
+    for seed in options.seeds:
         for name in options.optimizers:
             for variant in options.variants:
                 if applies(name, variant):
-                    runs.append(train(args, name, variant, lrs[name], seed, data[:split], val_batches))
-                    print(json.dumps(runs[-1]), flush=True)
-    options.out.mkdir(parents=True, exist_ok=True)
-    results = {"config": train_lm.model_config(args) | {"steps": args.steps}, "lrs": lrs,
-               "text_source": source, "machine": train_lm.machine_info(), "threads": options.threads,
-               "torch_version": torch.__version__,
-               "python_version": sys.version, "runs": runs}
-    (options.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print("final validation loss (seed 0 / seed 1):")
-    print(table(runs, options.optimizers, options.variants))
-
+                    run = train(args, name, variant, lrs[name], seed, data[:split], val_batches)
+                    run |= {"machine": machine, "threads": options.threads, "text_source": source,
+                            "torch_version": torch.__version__}
+                    with runs_path.open("a") as runs_file:
+                        runs_file.write(json.dumps(run) + "\n")
+                    print(json.dumps(run), flush=True)
+    runs = [json.loads(line) for line in runs_path.read_text().splitlines()]
+    print(f"final validation loss, one figure per seed ({runs_path}):")
+    print(table(runs, OPTIMIZERS, VARIANTS))
 
 if __name__ == "__main__":
     main()

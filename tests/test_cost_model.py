@@ -1,0 +1,74 @@
+"""benchmarks/cost_model.py against counts done by hand on a tiny model at 2 ranks.
+
+Tiny model: 2 layers, d = 4, vocab 10, GELU MLP of 8, no biases, no position table. Its
+parameters: embedding 10×4 and five norm gains of 4 (AdamW); per layer q, k, v, o 4×4 and fc1
+8×4 (m >= n: sharded Gram under FSDP) and fc2 4×8 (m < n: owner-held). Every matrix has k = 4, so
+one PolarExpress root (10 steps, four k×k GEMMs of 2·k³ each) costs 80·64 = 5120 FLOPs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import cost_model  # noqa: E402
+
+TINY = cost_model.Shape("tiny", layers=2, d_model=4, vocab=10, mlp_hidden=8, mlp="gelu")
+ROOT = 80 * 4 ** 3
+WORLD = 2
+
+
+def tiny_cost(method: str, tau: int = 1) -> cost_model.Cost:
+    return cost_model.method_cost(method, cost_model.model_params(TINY), WORLD, tau)
+
+
+def test_fsdp_today_counts():
+    cost = tiny_cost("fsdp_today")
+    # Every rank: the 10 sharded-Gram roots, plus the one fc2 it owns (two equal fc2s, two ranks).
+    assert max(cost.root) == 10 * ROOT + ROOT
+    # All-reduce of each Gram (16 floats) + squared norm (1): 2·(1/2)·4·17 bytes, 10 matrices;
+    # each fc2: weight + gradient rows to the owner, rows back: 3 · (2 rows · 8) · 4 bytes / 2 ranks.
+    assert cost.comm == pytest.approx(10 * 68 + 2 * 3 * 16 * 4 / 2)
+    # One rank, float32: AdamW (5 embedding rows, 2 of each norm: 2·(20 + 5·2) floats);
+    # q, k, v, o: 2 momentum rows + V + R = 8 + 32 floats; fc1: 4 rows (16) + 32; its fc2: 32 + 32.
+    per_rank = 2 * (20 + 10) + 2 * (4 * (8 + 32) + (16 + 32)) + (32 + 32)
+    assert cost.state == [4 * per_rank] * WORLD
+
+
+def test_split_roots_share_the_roots_once_per_refresh():
+    for tau in (1, 10):
+        cost = tiny_cost("fsdp_split_roots", tau)
+        assert cost.root == [6 * ROOT] * WORLD            # 1 fc2 + 5 of the 10 Gram roots each
+        roots_gathered = 10 * 16 * 4                       # 10 roots of 16 floats
+        assert cost.comm == pytest.approx(10 * 68 + 2 * 96 + roots_gathered / 2 / tau)
+
+
+def test_ddp_owner_counts():
+    # parameter_cost (τ = 1): fc1, fc2 4·32·4 + 64 = 576; embedding 12·40 = 480; q-type
+    # 4·16·4 + 64 = 320; norms 12·4 = 48. Greedy: fc1, fc2, fc1, fc2 → 0, 1, 0, 1; the embedding
+    # → 0 (1632 vs 1152); the eight 320s → 1, 1, 0, 1, 0, 1, 0, 1; the norms → 0, 0, 0, 0, 1.
+    cost = tiny_cost("ddp_owner")
+    rank0_numel = 2 * 32 + 40 + 3 * 16 + 4 * 4
+    assert cost.payload == WORLD * rank0_numel * 4      # the all-gather pads to the larger share
+    assert cost.comm == pytest.approx(rank0_numel * 4)  # ring: (p − 1)/p of it
+    rank0_state = 2 * (32 + 32) + 2 * 40 + 3 * (16 + 32) + 4 * 2 * 4
+    rank1_state = 2 * (32 + 32) + 5 * (16 + 32) + 2 * 4
+    assert cost.state == [4 * rank0_state, 4 * rank1_state]
+    assert cost.root == [5 * ROOT, 7 * ROOT]
+
+
+def test_adamw_and_muon_counts():
+    # Rows per rank: embedding 5, norms 2 each, q-type 2 of 4 columns, fc1 4 of 4, fc2 2 of 8.
+    rows_numel = 5 * 4 + 5 * 2 + 8 * (2 * 4) + 2 * (4 * 4) + 2 * (2 * 8)
+    assert tiny_cost("adamw").state == [8 * rows_numel] * WORLD
+    muon = tiny_cost("muon")
+    matrix_rows = 8 * (2 * 4) + 2 * (4 * 4) + 2 * (2 * 8)
+    assert muon.state == [8 * (5 * 4 + 5 * 2) + 4 * matrix_rows] * WORLD
+    # Newton–Schulz, 5 steps of 4·k²·K + 2·k³: q-type 5·(256 + 128), fc1/fc2 5·(512 + 128).
+    total_ns = 8 * 5 * 384 + 4 * 5 * 640
+    assert sum(muon.root) == total_ns
+    # Momentum rows to the owner and the update rows back: 2 · (half of m·n) · 4 bytes / 2 ranks.
+    assert muon.comm == pytest.approx(sum(2 * (mn // 2) * 4 / 2 for mn in [16] * 8 + [32] * 4))
