@@ -44,8 +44,8 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from asgo_core import (ASGOState, DASGOState, FALLBACK_LEVELS, block_layout, init_state, matrix_stack_shape,
                        needs_root_refresh, step_terms)
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order, portable,
-                                  stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order, entry_names,
+                                  portable, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import check_batch_dims_value
 from asgo_core.options import check_group_options, defaults, group_config, signature
@@ -424,12 +424,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _entry_names(self, names) -> list:
         default = [f"{g}.{i}" for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))]
-        if names is None:
-            return default
-        names = [str(name) for name in names]
-        if len(names) != len(default):
-            fail("names", f"{len(names)} names", f"one per parameter ({len(default)})")
-        return names
+        return entry_names(names, default, "parameter")
 
     def _portable_identity(self, param, group) -> tuple:
         """(algorithm, the options a checkpoint must share); lr is left out: schedules change it."""
