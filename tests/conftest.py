@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from helpers.gpu import gpu_available as _gpu_available  # the name tests import from here
 from helpers.gpu import nvidia_gpu_present
+from helpers.gpu_install import start_resolution
 from helpers.numerics import jax_x64, relative_error, tolerance  # noqa: F401  (tests import them from here)
 
 # Parameter values that put a test case on a GPU.
@@ -39,6 +40,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session):
+    """A selected install check resolves in the background while the other tests run."""
+    if not session.config.option.collectonly and any(
+            item.get_closest_marker("install") for item in session.items):
+        start_resolution()
+
+
 def pytest_runtest_setup(item):
     """Before any skipif of the test itself: no GPU → skip; a GPU and a broken backend → fail."""
     backends = _gpu_backends_of(item)
