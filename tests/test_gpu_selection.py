@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import conftest
+from helpers import gpu
 
 TESTS = Path(__file__).parent
 # A GPU parameter value as it appears in a test id: "[torch-cuda]", "[cuda-float32]", "[x-cupy]".
@@ -46,18 +46,18 @@ def test_the_gpu_marker_selects_every_case_of_the_gpu_files():
 @pytest.fixture
 def gpu_machine(monkeypatch):
     """This machine as one with an NVIDIA GPU whose torch cannot use it."""
-    monkeypatch.setattr(conftest, "_nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(gpu, "nvidia_gpu_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    conftest._gpu_backend_problem.cache_clear()
+    gpu.gpu_backend_problem.cache_clear()
     yield
-    conftest._gpu_backend_problem.cache_clear()
+    gpu.gpu_backend_problem.cache_clear()
 
 
 def test_a_broken_gpu_stack_fails_instead_of_skipping(gpu_machine):
     with pytest.raises(pytest.fail.Exception, match="torch-cuda: this machine has an NVIDIA GPU but torch"):
-        conftest._gpu_available("torch-cuda")
+        gpu.gpu_available("torch-cuda")
 
 
 def test_without_a_gpu_the_gpu_backends_are_unavailable(monkeypatch):
-    monkeypatch.setattr(conftest, "_nvidia_gpu_present", lambda: False)
-    assert [conftest._gpu_available(name) for name in conftest.GPU_BACKENDS] == [False, False, False]
+    monkeypatch.setattr(gpu, "nvidia_gpu_present", lambda: False)
+    assert [gpu.gpu_available(name) for name in ("torch-cuda", "jax-gpu", "cupy")] == [False, False, False]
