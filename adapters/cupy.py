@@ -161,7 +161,7 @@ class _ArrayOptimizer:
         bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
                                                     bucket.counts, _converted_like)
                          for bucket in self._buckets]
-        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like)
+        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like, optional=("skipped",))
                        for slot in self._adamw_slots]
         self._set_states(bucket_states, slot_states, common_step(list(entries.values())))
 
