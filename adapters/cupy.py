@@ -28,8 +28,13 @@ Batching: matrices with the same group, algorithm, (m, n) view, dtype, device an
 a bucket stepped by one `asgo_core.step` call; a stacked array adds its count matrices to the
 bucket of its (m, n), so E experts cost one batched root, not E. The step counter is a Python
 int, so choosing a root-refresh step reads no device value; `step` never copies device values
-to the host unless nonfinite="raise" asks it to check. A step is atomic: every bucket is computed before any array
-is written, so an error leaves params and state as they were.
+to the host unless nonfinite="raise" asks it to check. A step is atomic: every bucket is
+computed before any array is written, so an error leaves params and state as they were.
+
+What is this adapter's own: in-place writes (CuPy's fused kernels through asgo_core.backends),
+stochastic rounding from NumPy/CuPy generators, host/device conversion of saved arrays and the
+state_dict format. The plumbing is the engine's: asgo_core.keyed (params, grads),
+asgo_core.options (option checks), asgo_core.buckets, asgo_core.checkpoint (portable state).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ _LAYOUT_OPTIONS = layout_options()
 # A saved param group leaves out the options whose value is None; a state_dict saved before an
 # option existed lacks it too, and reads it as the value it had then.
 _ABSENT_OPTIONS = {"batch_dims": 0, "param_rounding": "nearest"}
+_OWN_COUNTERS = ("skipped",)  # AdamW state of this adapter beyond the portable format's
 
 
 @dataclass
@@ -127,19 +133,10 @@ class _ArrayOptimizer:
         """Restore a state_dict() (also after a round trip through numpy.savez); all checks run
         before anything changes."""
         groups = self._loaded_groups(state_dict["param_groups"])
-        saved = state_dict["state"]
-        bucket_states = [self._loaded_bucket_state(bucket, saved) for bucket in self._buckets]
-        slot_states = [self._loaded_slot_state(slot, saved) for slot in self._adamw_slots]
+        bucket_states, slot_states = self._states_from(self._saved_entries(state_dict["state"]))
         for group, options in zip(self.param_groups, groups):
             group.update(options)
         self._set_states(bucket_states, slot_states, int(_to_python(state_dict["step"])))
-
-    def _set_states(self, bucket_states, slot_states, step_count: int) -> None:
-        for bucket, state in zip(self._buckets, bucket_states):
-            bucket.state = state
-        for slot, state in zip(self._adamw_slots, slot_states):
-            slot.state = state
-        self._step_count = step_count
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
@@ -158,18 +155,31 @@ class _ArrayOptimizer:
         Every entry is checked (algorithm, shape, math-changing options, array shapes) before
         anything changes; a mismatch raises asgo_core.CheckpointError. Arrays keep this
         optimizer's namespace, dtype and device. names: as in portable_state."""
-        entries = dict(zip(self._params, import_entries(portable_state, self._identities(), names, per="array")))
-        bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
-                                                    bucket.counts, _converted_like)
-                         for bucket in self._buckets]
-        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like, optional=("skipped",))
-                       for slot in self._adamw_slots]
-        self._set_states(bucket_states, slot_states, common_step(list(entries.values())))
+        entries = import_entries(portable_state, self._identities(), names, per="array")
+        bucket_states, slot_states = self._states_from(dict(zip(self._params, entries)))
+        self._set_states(bucket_states, slot_states, common_step(entries))
 
     def _identities(self) -> list:
         """Each array's checkpoint identity, in key order."""
         return [identity_from_group(str(key), group, self._algorithm_of(array, group), array.shape)
                 for group in self.param_groups for key, array in group["params"].items()]
+
+    def _states_from(self, entries: dict) -> tuple:
+        """(bucket states, AdamW slot states) converted from checkpoint entries by key, every
+        array checked (shape, kind) before the caller writes anything."""
+        bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
+                                                    bucket.counts, _converted_like)
+                         for bucket in self._buckets]
+        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like, _OWN_COUNTERS)
+                       for slot in self._adamw_slots]
+        return bucket_states, slot_states
+
+    def _set_states(self, bucket_states, slot_states, step_count: int) -> None:
+        for bucket, state in zip(self._buckets, bucket_states):
+            bucket.state = state
+        for slot, state in zip(self._adamw_slots, slot_states):
+            slot.state = state
+        self._step_count = step_count
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -316,20 +326,22 @@ class _ArrayOptimizer:
             loaded.append(options)
         return loaded
 
-    def _loaded_bucket_state(self, bucket, saved: dict):
-        """The bucket's core state from the state_dict entries of its keys (shapes checked)."""
-        entries = []
-        for key in bucket.handles:
-            entry = _saved_entry(saved, key)
-            if "count" not in entry:
-                fail("state_dict", f"no step 'count' in the state of {key!r}", "the entries state_dict() writes")
-            arrays = {_portable_name(name): _to_numpy(value) for name, value in entry.items() if name != "count"}
-            entries.append({"name": str(key), "step": int(_to_python(entry["count"])), "arrays": arrays})
-        return stacked_state_from_entries(bucket.state, entries, bucket.counts, _converted_like)
-
-    def _loaded_slot_state(self, slot, saved: dict) -> dict:
-        entry = _saved_entry(saved, slot.key)
-        return {name: _as_like(value, entry[name], name) for name, value in slot.state.items()}
+    def _saved_entries(self, saved: dict) -> dict:
+        """{key: a checkpoint entry} of a state_dict's "state": portable array names on the
+        host, and a matrix's step "count" as the entry's step."""
+        matrix_keys = {key for bucket in self._buckets for key in bucket.handles}
+        entries = {}
+        for key in self._params:
+            if str(key) not in saved:
+                fail("state_dict", f"no state for {key!r}", "an entry per param key")
+            entry = {"name": str(key), "arrays": {_portable_name(name): _to_numpy(value)
+                                                  for name, value in saved[str(key)].items()}}
+            if key in matrix_keys:
+                if "count" not in entry["arrays"]:
+                    fail("state_dict", f"no step 'count' in the state of {key!r}", "the entries state_dict() writes")
+                entry["step"] = int(_to_python(entry["arrays"].pop("count")))
+            entries[key] = entry
+        return entries
 
 
 class ASGO(_ArrayOptimizer):
@@ -378,7 +390,7 @@ def _array_identity(array) -> tuple:
     return (str(array.dtype), str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
 
 
-# ---- state_dict helpers ---------------------------------------------------------------------
+# ---- state_dict and host/device conversion ----------------------------------------------------
 def _native_names(arrays: dict) -> dict:
     """Portable array names → state_dict names ("gram/0" → "gram_0": "/" separates the path
     parts of a flattened state_dict)."""
@@ -395,36 +407,18 @@ def _copy(value):
     return array_api_compat.array_namespace(value).asarray(value, copy=True)
 
 
-def _saved_entry(saved: dict, key) -> dict:
-    if str(key) not in saved:
-        fail("state_dict", f"no state for {key!r}", "an entry per param key")
-    return saved[str(key)]
-
-
-def _as_like(reference, value, name: str):
-    """value converted to reference's namespace, dtype and device, with its shape checked."""
-    xp = array_api_compat.array_namespace(reference)
-    if tuple(getattr(value, "shape", ())) != tuple(reference.shape):
-        fail(f"state_dict {name}", f"shape {tuple(getattr(value, 'shape', ()))}", f"{tuple(reference.shape)}")
-    if array_api_compat.is_cupy_array(reference) or array_api_compat.is_numpy_array(reference):
-        value = _host_or_same(value)
-    return xp.asarray(value, dtype=reference.dtype, device=array_api_compat.device(reference), copy=True)
-
-
-def _host_or_same(value):
-    """NumPy and CuPy accept each other's arrays only through the host: CuPy arrays are
-    brought there with .get() (load time, not a step)."""
-    return value.get() if array_api_compat.is_cupy_array(value) else value
+def _to_numpy(value):
+    """A NumPy array on the host; NumPy and CuPy accept each other's arrays only through the
+    host, where CuPy arrays come with .get() (save and load time, not a step)."""
+    import numpy as np
+    return np.asarray(value.get() if array_api_compat.is_cupy_array(value) else value)
 
 
 def _converted_like(value, like):
-    """A checkpoint or state_dict array as like's namespace, dtype and device."""
-    return _as_like(like, value, "checkpoint array")
-
-
-def _to_numpy(value):
-    import numpy as np
-    return np.asarray(_host_or_same(value))
+    """A host array (a checkpoint's or a state_dict's, its shape checked) as like's namespace,
+    dtype and device."""
+    xp = array_api_compat.array_namespace(like)
+    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like), copy=True)
 
 
 def _to_python(value):
