@@ -35,15 +35,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from asgo_core import (ASGOState, RowShards, block_layout, init_state, matrix_stack_shape, matrix_view_shape,
-                       needs_root_refresh, step_terms)
+from asgo_core import (FALLBACK_LEVELS, ASGOState, RowShards, block_layout, init_state, matrix_stack_shape,
+                       matrix_view_shape, needs_root_refresh, step_terms)
 from asgo_core.config import fail
 from asgo_core.layout import resolve_side
 from asgo_core.options import group_config
 
 from .torch import ASGO, DASGO, Bucket, evaluate_closure
 
-__all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "assign_owners"]
+__all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "root_cost", "assign_owners"]
 
 _ADAMW_FLOPS_PER_ELEMENT = 12
 _DASGO_FLOPS_PER_ELEMENT = 8
@@ -57,14 +57,20 @@ def parameter_cost(param: torch.Tensor, algorithm: str, precondition_frequency: 
     if algorithm == "dasgo":
         return _DASGO_FLOPS_PER_ELEMENT * param.numel()
     count, m, n = matrix_stack_shape(param.shape, batch_dims)
-    k = min(m, n)
-    return count * (4 * m * n * k + k ** 3 // precondition_frequency)
+    return count * 4 * m * n * min(m, n) + root_cost(param, precondition_frequency, batch_dims)
 
 
-def assign_owners(costs: list[int], world_size: int) -> list[int]:
+def root_cost(param: torch.Tensor, precondition_frequency: int = 1, batch_dims: int = 0) -> int:
+    """Rough flops per step of the inverse roots of `param` (k³ a matrix every τ steps)."""
+    count, m, n = matrix_stack_shape(param.shape, batch_dims)
+    return count * (min(m, n) ** 3 // precondition_frequency)
+
+
+def assign_owners(costs: list[int], world_size: int, loads: list[int] | None = None) -> list[int]:
     """Owner rank of each item: the most expensive item goes to the least loaded rank (ties:
-    the lower index first, the lower rank first), so the split is the same on every rank."""
-    loads = [0] * world_size
+    the lower index first, the lower rank first), so the split is the same on every rank.
+    loads: the work each rank has already (default none); the assigned costs are added to it."""
+    loads = [0] * world_size if loads is None else loads
     owners = [0] * len(costs)
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
@@ -73,18 +79,22 @@ def assign_owners(costs: list[int], world_size: int) -> list[int]:
     return owners
 
 
-def _balanced_owners(optimizer, world_size: int, needs_owner) -> dict:
-    """param → owner rank for each parameter where needs_owner(param, group, algorithm) holds,
-    in param-group order, balanced by parameter_cost (the same split on every rank)."""
+def _balanced_owners(optimizer, loads: list[int], cost_of) -> dict:
+    """param → owner rank for each parameter to which cost_of(param, group, algorithm) gives a
+    cost (None: no owner), in param-group order, by assign_owners from `loads` (updated), so
+    the split is the same on every rank."""
     params, costs = [], []
     for group in optimizer.param_groups:
         for param in group["params"]:
-            algorithm = optimizer.algorithm_of(param, group)
-            if needs_owner(param, group, algorithm):
+            cost = cost_of(param, group, optimizer.algorithm_of(param, group))
+            if cost is not None:
                 params.append(param)
-                costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1),
-                                            group["batch_dims"]))
-    return dict(zip(params, assign_owners(costs, world_size)))
+                costs.append(cost)
+    return dict(zip(params, assign_owners(costs, len(loads), loads)))
+
+
+def _step_cost(param, group: dict, algorithm: str) -> int:
+    return parameter_cost(param, algorithm, group.get("precondition_frequency", 1), group["batch_dims"])
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,7 @@ class _OwnerSplit:
         super()._validate_group(group, group_index)
 
     def _plan_ownership(self) -> None:
-        self._owner = _balanced_owners(self, self.world_size, lambda param, group, algorithm: True)
+        self._owner = _balanced_owners(self, [0] * self.world_size, _step_cost)
         self._slots = self._gather_slots()
 
     def _gather_slots(self) -> list[_GatherSlot]:
@@ -361,12 +371,22 @@ class FSDPASGO(ASGO):
             self._plan_ownership()
 
     def _plan_ownership(self) -> None:
-        """Owners of the matrices the sharded-Gram path cannot take, balanced by cost (a stack
-        is stepped where its matrices lie)."""
-        def needs_owner(param, group, algorithm):
-            return (algorithm != "adamw" and not group["batch_dims"]
-                    and self._column_gram_config(param, group) is None)
-        self._owner = _balanced_owners(self, self.device_mesh.size(), needs_owner)
+        """Owners of the matrices the sharded-Gram path cannot take, balanced by cost; then
+        the rank that computes each sharded-Gram root, balancing roots on top of that work (a
+        stack is stepped where its matrices lie)."""
+        def owner_cost(param, group, algorithm):
+            if (algorithm != "adamw" and not group["batch_dims"]
+                    and self._column_gram_config(param, group) is None):
+                return _step_cost(param, group, algorithm)
+            return None
+
+        def sharded_root_cost(param, group, algorithm):
+            if algorithm != "adamw" and self._column_gram_config(param, group) is not None:
+                return root_cost(param, group["precondition_frequency"])
+            return None
+        loads = [0] * self.device_mesh.size()
+        self._owner = _balanced_owners(self, loads, owner_cost)
+        self._root_owner = _balanced_owners(self, loads, sharded_root_cost)
 
     def _column_gram_config(self, param, group: dict):
         """The config the sharded-Gram path runs `param` with, or None where it cannot."""
@@ -412,6 +432,10 @@ class FSDPASGO(ASGO):
         """The mesh rank that steps this matrix; None where every rank steps its own rows
         (sharded-Gram matrices, AdamW) or its own matrices (stacks)."""
         return self._owner.get(param)
+
+    def root_owner_of(self, param) -> int | None:
+        """The mesh rank that computes this sharded-Gram matrix's root; None for the others."""
+        return self._root_owner.get(param)
 
     @property
     def _mesh_group(self):
@@ -555,7 +579,9 @@ class FSDPASGO(ASGO):
             grads = grads.neg()
         step = self.state[params[0]].get("step", 0)
         core_state = self._stacked_state(params, step) if step else init_state(grads, config)
-        row_shards = RowShards(rows=m, sum=self._sum_over_mesh, any=self._any_over_mesh)
+        root_owners = tuple(self._root_owner[p] for p in params)
+        row_shards = RowShards(rows=m, sum=self._sum_over_mesh, any=self._any_over_mesh,
+                               roots=functools.partial(self._share_roots, root_owners))
         direction, scale, new_state = step_terms(grads, core_state, config, row_shards=row_shards,
                                                  refresh_root=needs_root_refresh(step, config))
         for index, param in enumerate(params):
@@ -576,6 +602,27 @@ class FSDPASGO(ASGO):
         count = torch.tensor(step, dtype=torch.int32)
         return ASGOState(stacked("momentum"), blocks("gram"), blocks("root"), count, stacked("skipped"),
                          stacked("fallbacks"))
+
+    def _share_roots(self, root_owners: tuple[int, ...], solve, grams, previous_roots, moving):
+        """RowShards.roots: each rank solves the roots it owns, then one all-to-all sends them,
+        with their fallback flags, to every rank (an all-gather of uneven shares, which gloo's
+        all_gather refuses; no padding, and a rank that owns none of them sends nothing)."""
+        world, me = self.device_mesh.size(), self._mesh_rank
+        mine = [index for index, owner in enumerate(root_owners) if owner == me]
+        size = grams.shape[-1]
+        packed = grams.new_empty(len(mine), size * size + len(FALLBACK_LEVELS))
+        if mine:
+            index = torch.tensor(mine, device=grams.device)
+            roots, flags = solve(grams[index], previous_roots[index], moving[index])
+            torch.cat([roots.reshape(len(mine), -1), flags.to(packed.dtype)], dim=1, out=packed)
+        received = grams.new_empty(len(root_owners), packed.shape[1])
+        dist.all_to_all_single(received, packed.repeat(world, 1),
+                               [root_owners.count(rank) for rank in range(world)], [len(mine)] * world,
+                               group=self._mesh_group)
+        by_rank = sorted(range(len(root_owners)), key=lambda i: (root_owners[i], i))
+        shared = torch.empty_like(received)
+        shared[by_rank] = received
+        return shared[:, :size * size].reshape(grams.shape), shared[:, size * size:].to(torch.int32)
 
     def _sum_over_mesh(self, partial):
         dist.all_reduce(partial, group=self._mesh_group)

@@ -1,7 +1,7 @@
 """One rank of the distributed tests, launched torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT in the environment) by tests/test_distributed.py:
 
-    python tests/distributed_worker.py ddp|ddp_experts|fsdp|fsdp_other_side|fsdp_bf16 OUT_DIR
+    python tests/distributed_worker.py ddp|ddp_experts|fsdp|fsdp_other_side|fsdp_bf16|fsdp_split_roots OUT_DIR
     python tests/distributed_worker.py fsdp_moe|fsdp_moe_hsdp OUT_DIR
     python tests/distributed_worker.py fsdp_resume|fsdp_moe_resume OUT_DIR CHECKPOINT_DIR
 
@@ -11,7 +11,9 @@ every step saw (so the test can replay them through the single-process optimizer
 modes also save a torch.distributed.checkpoint in OUT_DIR/checkpoint, which fsdp_resume loads
 (at any world size) to train the remaining steps; fsdp_bf16 steps two matrices on synthetic
 gradients with matmul_dtype="bfloat16" (and records tensor factories its steps call without a
-device), then one matrix whose statistics underflow; ddp_experts steps mixture-of-experts stacks (batch_dims=1) with DistributedASGO.
+device), then one matrix whose statistics underflow; fsdp_split_roots steps float64 matrices whose
+sharded-Gram roots are split between the ranks (and counts the roots each rank solves);
+ddp_experts steps mixture-of-experts stacks (batch_dims=1) with DistributedASGO.
 The fsdp_moe modes train `DenseAndExperts` (float64) under FSDPASGO: on a 1-D mesh (saving a
 checkpoint, as fsdp does) or on a 2 × 2 HSDP mesh (fsdp_moe_hsdp, 4 ranks).
 """
@@ -19,6 +21,7 @@ checkpoint, as fsdp does) or on a 2 × 2 HSDP mesh (fsdp_moe_hsdp, 4 ranks).
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 
@@ -43,6 +46,15 @@ CHECKPOINT_AT_STEP = 5    # FSDP runs: DCP checkpoint taken before this step
 BF16_SHAPES = ((32, 16), (16, 32))
 BF16_OPTIONS = dict(FSDP_OPTIONS, matmul_dtype="bfloat16")
 BF16_STEPS = 3
+# fsdp_split_roots: float64 matrices whose sharded Grams are exact (see split_root_grad); "many"
+# has 8 sharded-Gram roots in 3 buckets and one owner-held 4×12 matrix, "few" fewer roots than
+# 4 ranks. Coupled Newton's 6 steps fail on the rank-1 Grams, so their eigh fallback is counted.
+SPLIT_ROOT_SHAPES = {"many": ((24, 8),) * 5 + ((16, 16),) * 2 + ((32, 12), (4, 12)),
+                     "few": ((16, 8), (12, 12))}
+SPLIT_ROOT_OPTIONS = dict(lr=0.05, precondition_frequency=3, betas=(0.9, 0.5), eps=1e-3,
+                          root_method="coupled_newton", root_steps=6)
+SPLIT_ROOT_STEPS = 7
+SPLIT_ROOT_SKIPPED = (3, 0)   # (step, matrix): a gradient with an inf, at a root refresh
 
 
 class Block(nn.Module):
@@ -312,6 +324,67 @@ def underflow_fallbacks(mesh) -> list[int]:
     return optimizer.state[param]["fallbacks"].tolist()
 
 
+def split_root_initial(index: int, shape) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+
+
+def split_root_grad(step: int, index: int, shape) -> torch.Tensor:
+    """Multiples of 1/8 (with beta2 = 0.5 every Gram, sharded or not, is exact, so the shared
+    roots can be compared bitwise with single-process ASGO's); every third matrix rank-1."""
+    generator = torch.Generator().manual_seed(100 * step + index)
+    if index % 3 == 1:
+        rows, columns = (torch.randint(-3, 4, (size,), generator=generator) for size in shape)
+        grad = torch.outer(rows, columns).double() / 8
+    else:
+        grad = torch.randint(-3, 4, shape, generator=generator).double() / 8
+    if (step, index) == SPLIT_ROOT_SKIPPED:
+        grad[-1, 0] = float("inf")
+    return grad
+
+
+class CountedRoots:
+    """Counts the root blocks this process solves (asgo_core.step.robust_root) while active."""
+
+    core = importlib.import_module("asgo_core.step")  # the module: asgo_core.step is also the function
+
+    def __enter__(self):
+        self.blocks, self._original = 0, self.core.robust_root
+
+        def counted(grams, *args, **kwargs):
+            self.blocks += grams.shape[0]
+            return self._original(grams, *args, **kwargs)
+        self.core.robust_root = counted
+        return self
+
+    def __exit__(self, *exc_info):
+        self.core.robust_root = self._original
+
+
+def train_split_roots(out_dir: str) -> None:
+    """FSDPASGO on SPLIT_ROOT_SHAPES' two sets: final params, state and root blocks solved."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = {}
+    for name, shapes in SPLIT_ROOT_SHAPES.items():
+        params = [nn.Parameter(distribute_tensor(split_root_initial(index, shape), mesh, [Shard(0)]))
+                  for index, shape in enumerate(shapes)]
+        optimizer = FSDPASGO(params, **SPLIT_ROOT_OPTIONS)
+        with CountedRoots() as solved:
+            for step in range(SPLIT_ROOT_STEPS):
+                for index, (param, shape) in enumerate(zip(params, shapes)):
+                    param.grad = distribute_tensor(split_root_grad(step, index, shape), mesh, [Shard(0)])
+                optimizer.step()
+        results[name] = {"params": [p.full_tensor() for p in params], "roots_solved": solved.blocks,
+                         "state_dict": full_tensors(optimizer.state_dict()),
+                         "root_owners": [optimizer.root_owner_of(p) for p in params],
+                         "owners": [optimizer.owner_of(p) for p in params]}
+    torch.save(results, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+
+
 class Experts(nn.Module):
     """Two expert stacks (experts, out, in) of a mixture-of-experts layer, every token through
     every expert (the routing does not matter to the optimizer)."""
@@ -489,6 +562,7 @@ def main() -> None:
              "fsdp": lambda out: train_fsdp(out, FSDP_OPTIONS, os.path.join(out, "checkpoint")),
              "fsdp_other_side": lambda out: train_fsdp(out, OTHER_SIDE_OPTIONS),
              "fsdp_resume": lambda out: resume_fsdp(out, *checkpoint_dir), "fsdp_bf16": train_bf16,
+             "fsdp_split_roots": train_split_roots,
              "fsdp_moe": lambda out: train_fsdp_moe(out, hsdp=False),
              "fsdp_moe_hsdp": lambda out: train_fsdp_moe(out, hsdp=True),
              "fsdp_moe_resume": lambda out: resume_fsdp_moe(out, *checkpoint_dir)}

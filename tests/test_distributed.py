@@ -313,6 +313,52 @@ def test_fsdp2_ranks_agree_on_statistics_underflow(fsdp_synthetic_ranks):
     assert [saved["underflow_fallbacks"] for saved in ranks] == [expected, expected]
 
 
+def split_roots_single_process(shapes):
+    """Single-process ASGO on the gradients the fsdp_split_roots workers used."""
+    params = [torch.nn.Parameter(worker.split_root_initial(index, shape))
+              for index, shape in enumerate(shapes)]
+    optimizer = ASGO(params, **worker.SPLIT_ROOT_OPTIONS)
+    for step in range(worker.SPLIT_ROOT_STEPS):
+        for index, (param, shape) in enumerate(zip(params, shapes)):
+            param.grad = worker.split_root_grad(step, index, shape)
+        optimizer.step()
+    return [p.detach() for p in params], optimizer.state_dict()["state"]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_solves_each_root_on_one_rank_and_equals_single_process(world_size, tmp_path):
+    """The sharded-Gram roots are split between the ranks and shared: every rank ends with the
+    single-process state bitwise in float64 (Grams exact here, so roots, momentum and the
+    fallback and skip counters must match exactly), while each root was solved on one rank
+    only, including when there are fewer roots than ranks. τ = 3 over 7 steps: refreshes at
+    steps 0, 3 and 6. The params agree within 1e-8 of their largest entry: the sharded-Gram
+    path writes W − lr·(s·D + wd·W) with s from the all-reduced norm, ASGO
+    W·(1 − lr·wd) − lr·s·D."""
+    ranks = launch("fsdp_split_roots", world_size, tmp_path)
+    refreshes = 3
+    for run, shapes in worker.SPLIT_ROOT_SHAPES.items():
+        expected_params, expected_state = split_roots_single_process(shapes)
+        eigh_fallbacks = [int(entry["fallbacks"][FALLBACK_LEVELS.index("eigh")])
+                          for entry in expected_state.values()]
+        assert 0 in eigh_fallbacks and max(eigh_fallbacks) > 0  # counts that tell the matrices apart
+        for rank, saved in enumerate(ranks):
+            result = saved[run]
+            assert_same(result["state_dict"]["state"], expected_state, f"{run}: rank {rank} state")
+            for index, (actual, expected) in enumerate(zip(result["params"], expected_params)):
+                error = (actual - expected).abs().max().item()
+                assert error <= 1e-8 * expected.abs().max().item(), (run, rank, index, error)
+        root_owners, owners = ranks[0][run]["root_owners"], ranks[0][run]["owners"]
+        assert all(saved[run]["root_owners"] == root_owners for saved in ranks)
+        solved = [saved[run]["roots_solved"] for saved in ranks]
+        assert solved == [refreshes * (root_owners.count(rank) + owners.count(rank))
+                          for rank in range(world_size)]
+        assert sum(solved) == refreshes * len(shapes)  # each root once, not once per rank
+        if run == "many":
+            assert min(root_owners.count(rank) for rank in range(world_size)) > 0
+        else:
+            assert sorted(solved) == [0] * (world_size - 2) + [refreshes] * 2
+
+
 def test_fsdp2_rejects_an_unknown_sharded_side_policy():
     with pytest.raises(ValueError, match="sharded_side_policy='gather'.*'owner' | 'other_side'"):
         FSDPASGO([torch.nn.Parameter(torch.zeros(4, 8))], sharded_side_policy="gather")
