@@ -276,9 +276,12 @@ class FSDPASGO(ASGO):
 
     Sharded-Gram path — a bucket whose preconditioned side is the columns (side "right": the
     default for m >= n) with no head or size blocks: the column Gram GᵀG is the sum of the
-    shards' Grams, so each step all-reduces one (bucket, n, n) stack, every rank computes the
-    same root, applies it to its own momentum rows, and one more all-reduce of the (bucket,)
-    squared norms gives the global ‖D‖_F of the RMS normalisation. No gradient is gathered.
+    shards' Grams, so each step all-reduces one (bucket, n, n) stack; at a refresh each root is
+    solved by one rank (`root_owner_of`: assign_owners on root_cost, starting from the
+    owner-held matrices' cost on each rank) and one all-to-all per bucket gives every rank all
+    the roots and their fallback flags; every rank applies the roots to its own momentum rows,
+    and one more all-reduce of the (bucket,) squared norms gives the global ‖D‖_F of the RMS
+    normalisation. No gradient is gathered.
     Equal to single-process ASGO within float32 rounding (the partial Grams are summed in
     another order). matmul_dtype="bfloat16" rounds the Gram and apply GEMM inputs as ASGO
     does; the partial Grams are summed in float32.
@@ -371,9 +374,9 @@ class FSDPASGO(ASGO):
             self._plan_ownership()
 
     def _plan_ownership(self) -> None:
-        """Owners of the matrices the sharded-Gram path cannot take, balanced by cost; then
-        the rank that computes each sharded-Gram root, balancing roots on top of that work (a
-        stack is stepped where its matrices lie)."""
+        """Owners of the matrices the sharded-Gram path cannot take, balanced by cost (a stack
+        is stepped where its matrices lie); then the rank that computes each sharded-Gram
+        root, balancing roots on top of that work."""
         def owner_cost(param, group, algorithm):
             if (algorithm != "adamw" and not group["batch_dims"]
                     and self._column_gram_config(param, group) is None):
@@ -381,7 +384,7 @@ class FSDPASGO(ASGO):
             return None
 
         def sharded_root_cost(param, group, algorithm):
-            if algorithm != "adamw" and self._column_gram_config(param, group) is not None:
+            if self._column_gram_config(param, group) is not None:
                 return root_cost(param, group["precondition_frequency"])
             return None
         loads = [0] * self.device_mesh.size()

@@ -1,8 +1,8 @@
 """One rank of the distributed tests, launched torchrun-style (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT in the environment) by tests/test_distributed.py:
 
-    python tests/distributed_worker.py ddp|ddp_experts|fsdp|fsdp_other_side|fsdp_bf16|fsdp_split_roots OUT_DIR
-    python tests/distributed_worker.py fsdp_moe|fsdp_moe_hsdp OUT_DIR
+    python tests/distributed_worker.py ddp|ddp_experts|fsdp|fsdp_other_side|fsdp_bf16 OUT_DIR
+    python tests/distributed_worker.py fsdp_split_roots|fsdp_moe|fsdp_moe_hsdp OUT_DIR
     python tests/distributed_worker.py fsdp_resume|fsdp_moe_resume OUT_DIR CHECKPOINT_DIR
 
 Trains `TinyTransformer` for STEPS steps on rank-specific batches and saves, per rank,
