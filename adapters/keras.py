@@ -40,12 +40,12 @@ AdamW variables skip that variable's step too, counted in its `skipped` variable
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from dataclasses import dataclass
 
 import keras
 import numpy as np
+from array_api_compat import array_namespace
 from keras import ops
 
 from asgo_core import adamw, init_state, statistics_dtype
@@ -53,17 +53,16 @@ from asgo_core import step as core_step
 from asgo_core.buckets import Member, plan_buckets
 from asgo_core.checkpoint import check_entry_matches, common_step, entries_in_order, entry_names, portable
 from asgo_core.checkpoint import stacked_state_entries, stacked_state_from_entries
-from asgo_core.config import check_non_negative, fail
+from asgo_core.config import fail
 from asgo_core.layout import PermutedStack
-from asgo_core.options import check_group_options, defaults, group_config, group_from, signature, spelled
+from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, checked_group, checkpoint_config,
+                                defaults, matches_path, signature)
 from asgo_core.precision import rounding_seed, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 
 __all__ = ["ASGO", "DASGO"]
 
 SUPPORTED_BACKENDS = ("jax", "torch")
-# This adapter's own options, besides the shared table's (asgo_core.options) and Keras' base ones.
-_OWN_DEFAULTS = dict(adam_lr_ratio=1.0, exclude_layers=None, exclude_embeddings=True, batch_dims=None)
 
 
 def _check_backend() -> None:
@@ -72,44 +71,6 @@ def _check_backend() -> None:
         raise RuntimeError(f"asgo_core.adapters.keras needs the 'jax' or 'torch' Keras backend; the "
                            f"backend is {backend!r}. Set KERAS_BACKEND=jax or KERAS_BACKEND=torch "
                            "before importing keras.")
-
-
-def _check_learning_rate(name: str, value) -> None:
-    """A number >= 0, or a schedule / callable (Keras checks those)."""
-    if not callable(value):
-        check_non_negative(name, value)
-
-
-def _core_config(options: dict, matrix_algorithm: str):
-    """Check the options with the shared checks and build the core config; errors name the
-    options as this adapter does."""
-    try:
-        group = group_from(options, "keras", matrix_algorithm)
-        check_group_options(group, check_lr=_check_learning_rate)
-        return group_config(group, matrix_algorithm)
-    except ValueError as error:
-        raise ValueError(spelled(str(error), "keras")) from None
-
-
-def _check_patterns(name: str, patterns, accepted: str) -> None:
-    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-        fail(name, patterns, accepted)
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            fail(name, pattern, f"{accepted} (regex error: {error})")
-
-
-def _check_batch_dims_option(batch_dims) -> None:
-    accepted = "None or a dict {variable-path regex: integer >= 0}"
-    if batch_dims is None:
-        return
-    if not isinstance(batch_dims, dict):
-        fail("batch_dims", batch_dims, accepted)
-    _check_patterns("batch_dims", list(batch_dims), accepted)
-    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in batch_dims.values()):
-        fail("batch_dims", batch_dims, accepted)
 
 
 @dataclass(frozen=True)
@@ -134,25 +95,21 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     def __init__(self, learning_rate=defaults("asgo", "keras")["learning_rate"], **options):
         _check_backend()
         table = defaults(self.matrix_algorithm, "keras")
-        ours = {name: options.pop(name, default) for name, default in (table | _OWN_DEFAULTS).items()}
+        ours = {name: options.pop(name, default) for name, default in table.items()}
         ours["learning_rate"] = learning_rate
-        config = _core_config(ours, self.matrix_algorithm)
-        check_non_negative("adam_lr_ratio", ours["adam_lr_ratio"])
-        _check_patterns("exclude_layers", ours["exclude_layers"] or [], "a list of variable-path regexes")
-        if not isinstance(ours["exclude_embeddings"], bool):
-            fail("exclude_embeddings", ours["exclude_embeddings"], "True | False")
-        _check_batch_dims_option(ours["batch_dims"])
+        group, config = checked_group(ours, "keras", self.matrix_algorithm, check_lr=check_rate_or_schedule)
         if config.nonfinite == "raise" and keras.backend.backend() == "jax":
             fail("nonfinite", "raise", "'skip' under the JAX backend ('raise' reads the gradients' "
                  "finiteness on the host, which a jitted train step cannot)")
-        super().__init__(learning_rate=learning_rate, weight_decay=ours["weight_decay"], **options)
+        super().__init__(learning_rate=learning_rate, weight_decay=group["weight_decay"], **options)
         self._options = {name: ours[name] for name in table if name != "learning_rate"}
+        self._group = group
         self._config = config
         self._config_without_decay = dataclasses.replace(config, weight_decay=0.0)
-        self.adam_lr_ratio = ours["adam_lr_ratio"]
-        self.exclude_layers = list(ours["exclude_layers"] or [])
-        self.exclude_embeddings = ours["exclude_embeddings"]
-        self.batch_dims = dict(ours["batch_dims"]) if ours["batch_dims"] else None
+        self.adam_lr_ratio = group["adamw_lr_ratio"]
+        self.exclude_layers = group["exclude_layers"]
+        self.exclude_embeddings = group["exclude_embeddings"]
+        self.batch_dims = group["batch_dims_by_path"]
 
     # ---- which variables are matrices -----------------------------------------------------
     def uses_adamw(self, variable) -> bool:
@@ -161,13 +118,15 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             return True
         if self.exclude_embeddings and "embedding" in variable.path.lower():
             return True
-        return any(re.search(pattern, variable.path) for pattern in self.exclude_layers)
+        return matches_path(self.exclude_layers, variable.path)
 
     def _batch_dims_of(self, variable) -> int:
-        for pattern, dims in (self.batch_dims or {}).items():
-            if re.search(pattern, variable.path):
-                return dims
-        return 0
+        return batch_dims_for_path(self.batch_dims, variable.path)
+
+    def _adamw_options(self, variable) -> dict:
+        """The AdamW betas, eps and weight_decay of a variable (no decay where it is excluded)."""
+        options = checkpoint_config(self._group, "adamw")
+        return options if self._use_weight_decay(variable) else dict(options, weight_decay=0.0)
 
     def _config_of(self, variable):
         return self._config if self._use_weight_decay(variable) else self._config_without_decay
@@ -240,7 +199,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         state = state_from_named(slots[0].state_type, named, ops.cast(self.iterations, "int32"))
         stacked_grads = bucket.gather(grads, ops)
         rounds = self._rounds(params.dtype)
-        update_dtype = statistics_dtype(params.dtype, _namespace(params)) if rounds else None
+        update_dtype = statistics_dtype(params.dtype, array_namespace(params)) if rounds else None
 
         def run(refresh_root: bool):
             with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
@@ -271,12 +230,10 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         and its state as they were and is counted."""
         state = slot.variables
         dtype = state["exp_avg"].dtype
-        decay = self._options["adam_weight_decay"] if self._use_weight_decay(variable) else 0.0
-        hyper = adamw.hyperparameters(
-            lr=ops.cast(lr, dtype) * self.adam_lr_ratio, eps=self._options["adam_epsilon"],
-            weight_decay=decay, betas=(self._options["adam_beta_1"], self._options["adam_beta_2"]),
-            step=ops.cast(self.iterations + 1, dtype))
-        xp = _namespace(variable.value)
+        hyper = adamw.hyperparameters(lr=ops.cast(lr, dtype) * self.adam_lr_ratio,
+                                      step=ops.cast(self.iterations + 1, dtype),
+                                      **self._adamw_options(variable))
+        xp = array_namespace(variable.value)
         uniform = (self._uniform(variable.shape, dtype, self._get_variable_index(variable))
                    if self._rounds(variable.dtype) else None)
         new_param, exp_avg, exp_avg_sq, finite = adamw.adamw_step(
@@ -287,12 +244,12 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
 
     def _rounds(self, dtype) -> bool:
         """Whether writes to variables of this dtype are rounded stochastically."""
-        return self._options["param_rounding"] == "stochastic" and \
+        return self._group["param_rounding"] == "stochastic" and \
             keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
 
     def _stochastically_rounded(self, value, dtype, stream: int):
         uniform = self._uniform(ops.shape(value), value.dtype, stream)
-        return stochastic_round(value, dtype, uniform, _namespace(value))
+        return stochastic_round(value, dtype, uniform, array_namespace(value))
 
     def _uniform(self, shape, dtype, stream: int):
         """Uniform numbers in [0, 1) from a stateless seed made of the stream and the step count
@@ -362,10 +319,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         """What a checkpoint entry must agree with: algorithm, shape (torch layout for a matrix),
         batch_dims and the math-changing options (lr left out: schedules change it)."""
         if isinstance(slot, _AdamWSlot):
-            decay = self._options["adam_weight_decay"] if self._use_weight_decay(variable) else 0.0
-            config = {"betas": [self._options["adam_beta_1"], self._options["adam_beta_2"]],
-                      "eps": self._options["adam_epsilon"], "weight_decay": decay}
-            return dict(algorithm="adamw", shape=list(variable.shape), batch_dims=0, config=config)
+            return dict(algorithm="adamw", shape=list(variable.shape), batch_dims=0,
+                        config=self._adamw_options(variable))
         return dict(algorithm=self.matrix_algorithm, shape=list(slot.view.permuted_shape),
                     batch_dims=self._batch_dims_of(variable),
                     config=dataclasses.asdict(self._config_of(variable)))
@@ -373,8 +328,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     # ---- serialization --------------------------------------------------------------------
     def get_config(self):
         config = super().get_config()
-        config.update(self._options, adam_lr_ratio=self.adam_lr_ratio, exclude_layers=self.exclude_layers,
-                      exclude_embeddings=self.exclude_embeddings, batch_dims=self.batch_dims)
+        config.update(self._options)
         return config
 
 
@@ -388,11 +342,6 @@ def _check_gradient(grad, variable, nonfinite: str) -> None:
         fail(where, keras.backend.standardize_dtype(grad.dtype), "a real floating-point dtype")
     if nonfinite == "raise" and not bool(ops.all(ops.isfinite(grad))):
         raise FloatingPointError(f"non-finite {where} (nonfinite='raise'); no state was changed")
-
-
-def _namespace(x):
-    import array_api_compat
-    return array_api_compat.array_namespace(x)
 
 
 def _converted(array, like):
@@ -430,5 +379,5 @@ class DASGO(_MatrixOptimizer):
     matrix_algorithm = "dasgo"
 
 
-ASGO.__signature__ = signature(("learning_rate",), defaults("asgo", "keras") | _OWN_DEFAULTS)
-DASGO.__signature__ = signature(("learning_rate",), defaults("dasgo", "keras") | _OWN_DEFAULTS)
+ASGO.__signature__ = signature(("learning_rate",), defaults("asgo", "keras"))
+DASGO.__signature__ = signature(("learning_rate",), defaults("dasgo", "keras"))
