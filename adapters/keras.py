@@ -40,7 +40,6 @@ AdamW variables skip that variable's step too, counted in its `skipped` variable
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import keras
@@ -202,10 +201,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         update_dtype = statistics_dtype(params.dtype, array_namespace(params)) if rounds else None
 
         def run(refresh_root: bool):
-            with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
-                warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
-                update, new_state = core_step(stacked_grads, state, params, config, refresh_root=refresh_root,
-                                              update_dtype=update_dtype)
+            update, new_state = core_step(stacked_grads, state, params, config, refresh_root=refresh_root,
+                                          update_dtype=update_dtype)
             return update, named_arrays(new_state)
 
         frequency = getattr(config, "precondition_frequency", 1)
