@@ -39,7 +39,6 @@ AdamW variables skip that variable's step too, counted in its `skipped` variable
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import keras
@@ -50,18 +49,19 @@ from keras import ops
 from asgo_core import adamw, init_state, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.buckets import Member, plan_buckets
-from asgo_core.checkpoint import check_entry_matches, common_step, entries_in_order, entry_names, portable
-from asgo_core.checkpoint import stacked_state_entries, stacked_state_from_entries
+from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
+                                  import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.layout import PermutedStack
 from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, checked_group, checkpoint_config,
-                                defaults, matches_path, signature)
+                                defaults, group_config, matches_path, signature)
 from asgo_core.precision import rounding_seed, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 
 __all__ = ["ASGO", "DASGO"]
 
 SUPPORTED_BACKENDS = ("jax", "torch")
+_PER_ENTRY = "variable with optimizer state"  # what a portable entry stands for, in messages
 
 
 def _check_backend() -> None:
@@ -73,17 +73,15 @@ def _check_backend() -> None:
 
 
 @dataclass(frozen=True)
-class _MatrixSlot:
-    """The optimizer variables of one matrix variable, by state_codec name."""
-    view: PermutedStack
-    state_type: type
+class _Slot:
+    """The optimizer variables of one model variable, by state_codec name: a matrix's core state
+    (view: its stack), or AdamW's (view None; torch.optim.AdamW's state and a counter)."""
+    view: PermutedStack | None
+    state_type: type              # the core state's, or dict
     variables: dict
 
-
-@dataclass(frozen=True)
-class _AdamWSlot:
-    """The optimizer variables of one AdamW variable (torch.optim.AdamW's state + a counter)."""
-    variables: dict
+    def values(self) -> dict:
+        return {name: variable.value for name, variable in self.variables.items()}
 
 
 class _MatrixOptimizer(keras.optimizers.Optimizer):
@@ -104,7 +102,6 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         self._options = {name: ours[name] for name in table if name != "learning_rate"}
         self._group = group
         self._config = config
-        self._config_without_decay = dataclasses.replace(config, weight_decay=0.0)
         self.adam_lr_ratio = group["adamw_lr_ratio"]
         self.exclude_layers = group["exclude_layers"]
         self.exclude_embeddings = group["exclude_embeddings"]
@@ -119,16 +116,13 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             return True
         return matches_path(self.exclude_layers, variable.path)
 
-    def _batch_dims_of(self, variable) -> int:
-        return batch_dims_for_path(self.batch_dims, variable.path)
-
-    def _adamw_options(self, variable) -> dict:
-        """The AdamW betas, eps and weight_decay of a variable (no decay where it is excluded)."""
-        options = checkpoint_config(self._group, "adamw")
-        return options if self._use_weight_decay(variable) else dict(options, weight_decay=0.0)
-
-    def _config_of(self, variable):
-        return self._config if self._use_weight_decay(variable) else self._config_without_decay
+    def _group_of(self, variable) -> dict:
+        """The variable's options as a torch-named group (asgo_core.options): its batch_dims, and
+        no weight decay where exclude_from_weight_decay excludes it."""
+        group = dict(self._group, batch_dims=batch_dims_for_path(self.batch_dims, variable.path))
+        if not self._use_weight_decay(variable):
+            group.update(weight_decay=0.0, adamw_weight_decay=0.0)
+        return group
 
     # ---- building the state ---------------------------------------------------------------
     def build(self, var_list):
@@ -139,15 +133,16 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         self._slots = [self._add_slot(variable, plan) for variable, plan in zip(var_list, plans)]
 
     def _plan(self, variable):
-        """None (no state), "adamw", or (view, the zero core state of its stack)."""
+        """None (no state), or (view, the zero state of its stack); AdamW's state has no view."""
         if self._overwrite_variable_with_gradient(variable):
             return None
         if not keras.backend.is_float_dtype(variable.dtype):
             fail(f"variable {variable.path!r}", variable.dtype, "a real floating-point dtype")
         if self.uses_adamw(variable):
-            return "adamw"
+            zeros = ops.zeros(variable.shape, variable.dtype)
+            return None, adamw.zero_state(zeros, array_namespace(zeros))
         try:
-            view = PermutedStack.outputs_last(tuple(variable.shape), self._batch_dims_of(variable))
+            view = PermutedStack.outputs_last(tuple(variable.shape), self._group_of(variable)["batch_dims"])
             return view, init_state(ops.zeros(view.stack_shape, variable.dtype), self._config)
         except ValueError as error:
             raise ValueError(f"variable {variable.path!r}: {error}") from None
@@ -155,16 +150,12 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     def _add_slot(self, variable, plan):
         if plan is None:
             return None
-        path = variable.path.replace("/", "_")
-        add = lambda name, shape, dtype: self.add_variable(  # noqa: E731
-            shape, dtype=keras.backend.standardize_dtype(dtype), name=f"{path}_{name.replace('/', '_')}")
-        if plan == "adamw":
-            dtype = keras.backend.result_type(variable.dtype, "float32")
-            return _AdamWSlot({name: add(name, variable.shape, dtype) for name in ("exp_avg", "exp_avg_sq")}
-                              | {"skipped": add("skipped", (), "int32")})
         view, state = plan
-        variables = {name: add(name, shape, dtype) for name, shape, dtype in flat_spec(state)}
-        return _MatrixSlot(view, type(state), variables)
+        path = variable.path.replace("/", "_")
+        variables = {name: self.add_variable(shape, dtype=keras.backend.standardize_dtype(dtype),
+                                             name=f"{path}_{name.replace('/', '_')}")
+                     for name, shape, dtype in flat_spec(state)}
+        return _Slot(view, type(state), variables)
 
     # ---- one step -------------------------------------------------------------------------
     def _apply_weight_decay(self, variables):
@@ -177,7 +168,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             _check_gradient(grad, variable, self._config.nonfinite)
         for grad, variable in zip(grads, trainable_variables):
             slot = self._slots[self._get_variable_index(variable)]
-            if isinstance(slot, _AdamWSlot):
+            if slot.view is None:
                 writes += self._adamw_step(grad, variable, slot, lr)
             else:
                 members.append(Member((variable, slot), slot.view))
@@ -192,9 +183,9 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     def _matrix_step(self, bucket, grads: list, lr) -> list:
         """One core step on the bucket's stack; returns (variable, new value) pairs."""
         variables, slots = zip(*bucket.handles)
-        config = self._config_of(variables[0])
+        config = group_config(self._group_of(variables[0]), self.matrix_algorithm)
         params = bucket.gather([variable.value for variable in variables], ops)
-        named = concat_named([{name: v.value for name, v in slot.variables.items()} for slot in slots], ops)
+        named = concat_named([slot.values() for slot in slots], ops)
         state = state_from_named(slots[0].state_type, named, ops.cast(self.iterations, "int32"))
         stacked_grads = bucket.gather(grads, ops)
         rounds = self._rounds(params.dtype)
@@ -222,14 +213,14 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             writes += [(slot.variables[name], value) for name, value in part.items()]
         return writes
 
-    def _adamw_step(self, grad, variable, slot: _AdamWSlot, lr) -> list:
+    def _adamw_step(self, grad, variable, slot: _Slot, lr) -> list:
         """torch.optim.AdamW's step (asgo_core.adamw); a non-finite gradient leaves the variable
         and its state as they were and is counted."""
         state = slot.variables
         dtype = state["exp_avg"].dtype
         hyper = adamw.hyperparameters(lr=ops.cast(lr, dtype) * self.adam_lr_ratio,
                                       step=ops.cast(self.iterations + 1, dtype),
-                                      **self._adamw_options(variable))
+                                      **checkpoint_config(self._group_of(variable), "adamw"))
         xp = array_namespace(variable.value)
         uniform = (self._uniform(variable.shape, dtype, self._get_variable_index(variable))
                    if self._rounds(variable.dtype) else None)
@@ -264,18 +255,9 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         """The state in the framework-neutral format of asgo_core.checkpoint, one entry per
         variable with optimizer state in build order; names: one per such variable (None: the
         variables' paths). A host read of every state array."""
-        step = int(ops.convert_to_numpy(self.iterations))
-        entries = []
-        for (variable, slot), name in zip(self._stateful(), self._entry_names(names)):
-            identity = self._portable_identity(variable, slot)
-            if isinstance(slot, _MatrixSlot):
-                state = state_from_named(slot.state_type, {n: v.value for n, v in slot.variables.items()},
-                                         ops.convert_to_numpy(self.iterations))
-                arrays = stacked_state_entries(state, [slot.view.stack_shape[0]], ops.convert_to_numpy)[0]
-            else:
-                arrays = {n: ops.convert_to_numpy(v) for n, v in slot.variables.items()}
-            entries.append(dict(name=name, step=step, arrays=arrays, **identity))
-        return portable(entries)
+        arrays = [self._slot_arrays(slot) for _, slot in self._stateful()]
+        return export_portable(self._identities(), arrays, int(ops.convert_to_numpy(self.iterations)),
+                               names, per=_PER_ENTRY)
 
     def load_portable_state(self, portable_state: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export) into
@@ -284,43 +266,40 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             fail("load_portable_state", "an optimizer that is not built",
                  "a built optimizer: call optimizer.build(model.trainable_variables) first")
-        stateful = self._stateful()
-        entries = entries_in_order(portable_state, self._entry_names(names))
-        for (variable, slot), entry in zip(stateful, entries):
-            identity = self._portable_identity(variable, slot)
-            check_entry_matches(entry, name=entry["name"], **identity)
+        entries = import_entries(portable_state, self._identities(), names, per=_PER_ENTRY)
         writes = [(self.iterations, common_step(entries))]
-        for (_, slot), entry in zip(stateful, entries):
+        for (_, slot), entry in zip(self._stateful(), entries):
             writes += self._slot_writes(slot, entry)
         for target, value in writes:
             target.assign(value)
 
-    def _slot_writes(self, slot, entry) -> list:
-        if isinstance(slot, _AdamWSlot):
-            template = {name: np.zeros(v.shape, v.dtype) for name, v in slot.variables.items()}
-            arrays = dict(template, **entry["arrays"])
-            return [(v, _converted(arrays[name], v)) for name, v in slot.variables.items()]
-        template = state_from_named(slot.state_type, {n: v.value for n, v in slot.variables.items()},
-                                    np.zeros((), np.int32))
-        state = stacked_state_from_entries(template, [entry], [slot.view.stack_shape[0]], _converted)
-        return [(slot.variables[name], value) for name, value in named_arrays(state).items()]
+    @staticmethod
+    def _slot_arrays(slot) -> dict:
+        if slot.view is None:
+            return {name: ops.convert_to_numpy(value) for name, value in slot.values().items()}
+        state = state_from_named(slot.state_type, slot.values(), 0)
+        return stacked_state_entries(state, [slot.view.stack_shape[0]], ops.convert_to_numpy)[0]
+
+    @staticmethod
+    def _slot_writes(slot, entry) -> list:
+        if slot.view is None:
+            arrays = arrays_from_entry(entry, slot.variables, _converted, optional=("skipped",))
+        else:
+            template = state_from_named(slot.state_type, slot.values(), np.zeros((), np.int32))
+            state = stacked_state_from_entries(template, [entry], [slot.view.stack_shape[0]], _converted)
+            arrays = named_arrays(state)
+        return [(slot.variables[name], value) for name, value in arrays.items()]
 
     def _stateful(self) -> list:
         return [(v, slot) for v, slot in zip(self._trainable_variables, self._slots) if slot is not None]
 
-    def _entry_names(self, names) -> list:
-        return entry_names(names, [variable.path for variable, _ in self._stateful()],
-                           "variable with optimizer state")
-
-    def _portable_identity(self, variable, slot) -> dict:
-        """What a checkpoint entry must agree with: algorithm, shape (torch layout for a matrix),
-        batch_dims and the math-changing options (lr left out: schedules change it)."""
-        if isinstance(slot, _AdamWSlot):
-            return dict(algorithm="adamw", shape=list(variable.shape), batch_dims=0,
-                        config=self._adamw_options(variable))
-        return dict(algorithm=self.matrix_algorithm, shape=list(slot.view.permuted_shape),
-                    batch_dims=self._batch_dims_of(variable),
-                    config=dataclasses.asdict(self._config_of(variable)))
+    def _identities(self) -> list:
+        """Each variable with optimizer state as its checkpoint entry records it: a matrix in the
+        torch layout (outputs first)."""
+        return [identity_from_group(variable.path, self._group_of(variable),
+                                    "adamw" if slot.view is None else self.matrix_algorithm,
+                                    variable.shape if slot.view is None else slot.view.permuted_shape)
+                for variable, slot in self._stateful()]
 
     # ---- serialization --------------------------------------------------------------------
     def get_config(self):
@@ -342,11 +321,7 @@ def _check_gradient(grad, variable, nonfinite: str) -> None:
 
 
 def _converted(array, like):
-    """A checkpoint array as a tensor of like's dtype (the shape is checked by the caller)."""
-    if tuple(np.shape(array)) != tuple(like.shape):
-        from asgo_core import CheckpointError
-        raise CheckpointError(f"checkpoint array of shape {tuple(np.shape(array))}, "
-                              f"expected {tuple(like.shape)}")
+    """A checkpoint array (its shape checked by asgo_core.checkpoint) as a tensor of like's dtype."""
     return ops.convert_to_tensor(np.asarray(array), dtype=like.dtype)
 
 
