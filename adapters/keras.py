@@ -55,7 +55,7 @@ from asgo_core.config import fail
 from asgo_core.layout import PermutedStack
 from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, checked_group, checkpoint_config,
                                 defaults, group_config, matches_path, signature)
-from asgo_core.precision import rounding_seed, stochastic_round
+from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 
 __all__ = ["ASGO", "DASGO"]
@@ -188,7 +188,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         named = concat_named([slot.values() for slot in slots], ops)
         state = state_from_named(slots[0].state_type, named, ops.cast(self.iterations, "int32"))
         stacked_grads = bucket.gather(grads, ops)
-        rounds = self._rounds(params.dtype)
+        rounds = self._rounds(params)
         update_dtype = statistics_dtype(params.dtype, array_namespace(params)) if rounds else None
 
         def run(refresh_root: bool):
@@ -204,8 +204,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
                                          lambda: run(True), lambda: run(False))
         new_params = ops.cast(params, update.dtype) - ops.cast(lr, update.dtype) * update
         if rounds:
-            stream = self._get_variable_index(variables[0])
-            new_params = self._stochastically_rounded(new_params, params.dtype, stream)
+            uniform = self._uniform(new_params, self._get_variable_index(variables[0]))
+            new_params = stochastic_round(new_params, params.dtype, uniform, array_namespace(new_params))
         new_params = bucket.scatter(new_params, ops)
         writes = [(variable, ops.cast(value, variable.dtype))
                   for variable, value in zip(variables, new_params)]
@@ -222,33 +222,28 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
                                       step=ops.cast(self.iterations + 1, dtype),
                                       **checkpoint_config(self._group_of(variable), "adamw"))
         xp = array_namespace(variable.value)
-        uniform = (self._uniform(variable.shape, dtype, self._get_variable_index(variable))
-                   if self._rounds(variable.dtype) else None)
+        stream = self._get_variable_index(variable)
+        uniform = self._uniform(state["exp_avg"], stream) if self._rounds(variable.value) else None
         new_param, exp_avg, exp_avg_sq, finite = adamw.adamw_step(
             variable.value, grad, state["exp_avg"].value, state["exp_avg_sq"].value, xp, uniform=uniform,
             **hyper)
         return [(variable, new_param), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq),
                 (state["skipped"], state["skipped"].value + ops.cast(ops.logical_not(finite), "int32"))]
 
-    def _rounds(self, dtype) -> bool:
-        """Whether writes to variables of this dtype are rounded stochastically."""
-        return self._group["param_rounding"] == "stochastic" and \
-            keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
+    def _rounds(self, like) -> bool:
+        """Whether writes to variables of like's dtype are rounded stochastically."""
+        return rounds_stochastically(self._group["param_rounding"], like.dtype, array_namespace(like))
 
-    def _stochastically_rounded(self, value, dtype, stream: int):
-        uniform = self._uniform(ops.shape(value), value.dtype, stream)
-        return stochastic_round(value, dtype, uniform, array_namespace(value))
-
-    def _uniform(self, shape, dtype, stream: int):
-        """Uniform numbers in [0, 1) from a stateless seed made of the stream and the step count
-        (the `iterations` variable, saved with the optimizer): JAX key data under jit, an int
-        under the torch backend (which steps eagerly and takes only ints or SeedGenerators)."""
+    def _uniform(self, like, stream: int):
+        """Uniform numbers in [0, 1) shaped and typed like `like`, from a stateless seed made of
+        the stream and the step count (the `iterations` variable, saved with the optimizer): JAX
+        key data under jit, an int under the torch backend (eager; it takes ints or SeedGenerators)."""
         if keras.backend.backend() == "jax":
             seed = ops.cast(ops.stack([ops.convert_to_tensor(stream, "int32"),
                                        ops.cast(self.iterations, "int32")]), "uint32")
         else:
             seed = rounding_seed(int(self.iterations), stream)
-        return keras.random.uniform(shape, dtype=dtype, seed=seed)
+        return keras.random.uniform(tuple(like.shape), dtype=like.dtype, seed=seed)
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
