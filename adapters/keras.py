@@ -52,6 +52,7 @@ from asgo_core.buckets import Member, plan_buckets
 from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
+from asgo_core.gradients import check_gradient
 from asgo_core.layout import PermutedStack
 from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, checked_group, checkpoint_config,
                                 defaults, group_config, matches_path, signature)
@@ -165,7 +166,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         lr = ops.convert_to_tensor(learning_rate)
         members, grad_of, writes = [], {}, []
         for grad, variable in zip(grads, trainable_variables):
-            _check_gradient(grad, variable, self._config.nonfinite)
+            where = f"gradient of variable {variable.path!r}"
+            check_gradient(where, grad, variable.shape, self._config.nonfinite)
         for grad, variable in zip(grads, trainable_variables):
             slot = self._slots[self._get_variable_index(variable)]
             if slot.view is None:
@@ -301,18 +303,6 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         config = super().get_config()
         config.update(self._options)
         return config
-
-
-def _check_gradient(grad, variable, nonfinite: str) -> None:
-    """A gradient of the variable's shape and a real floating dtype; finite under
-    nonfinite="raise" (a host read, which only the torch backend allows: JAX refuses "raise")."""
-    where = f"gradient of variable {variable.path!r}"
-    if tuple(grad.shape) != tuple(variable.shape):
-        fail(where, f"shape {tuple(grad.shape)}", f"the variable's shape {tuple(variable.shape)}")
-    if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(grad.dtype)):
-        fail(where, keras.backend.standardize_dtype(grad.dtype), "a real floating-point dtype")
-    if nonfinite == "raise" and not bool(ops.all(ops.isfinite(grad))):
-        raise FloatingPointError(f"non-finite {where} (nonfinite='raise'); no state was changed")
 
 
 def _converted(array, like):
