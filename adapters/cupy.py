@@ -45,14 +45,15 @@ from asgo_core.buckets import Member, plan_buckets
 from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
-from asgo_core.layout import PermutedStack, block_layout, check_batch_dims_value
-from asgo_core.options import check_group_options, defaults, group_config, layout_options, signature
+from asgo_core.keyed import is_finite, keyed_grads, nonfinite_keys, split_groups
+from asgo_core.layout import PermutedStack
+from asgo_core.options import (algorithm_of, check_param_shape, checked_group, defaults, layout_options,
+                               signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
 
 _LAYOUT_OPTIONS = layout_options()
-_ADAMW_OPTIONS = ("adamw_betas", "adamw_eps", "adamw_weight_decay")
 # A saved param group leaves out the options whose value is None; a state_dict saved before an
 # option existed lacks it too, and reads it as the value it had then.
 _ABSENT_OPTIONS = {"batch_dims": 0, "param_rounding": "nearest"}
@@ -79,7 +80,7 @@ class _ArrayOptimizer:
                             f"accepted: {', '.join(self.defaults)}")
         self.defaults.update(options, lr=lr)
         self.param_groups = [dict(self.defaults, **overrides, params=arrays)
-                             for overrides, arrays in _split_groups(params)]
+                             for overrides, arrays in split_groups(params)]
         self._params = {key: array for group in self.param_groups
                         for key, array in group["params"].items()}
         for index, group in enumerate(self.param_groups):
@@ -91,16 +92,16 @@ class _ArrayOptimizer:
     # ---- public API -------------------------------------------------------------------
     def step(self, grads) -> None:
         """One step: grads (dict by key or list by position, like params) updates in place."""
-        grads = self._keyed_grads(grads)
+        grads = keyed_grads(grads, self._params)
         settings = [self._with_group_context(i, self._group_settings, g)
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
-        self._check_adamw_finite(grads, settings)
+        self._check_adamw_finite(grads)
         for stream, (bucket, (update, new_state)) in enumerate(zip(self._buckets, planned)):
-            self._apply_matrix_update(bucket, update, settings[bucket.key[1]]["lr"], stream)
+            self._apply_matrix_update(bucket, update, self.param_groups[bucket.key[1]]["lr"], stream)
             bucket.state = new_state
         for stream, slot in enumerate(self._adamw_slots, start=len(self._buckets)):
-            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index], stream)
+            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index]["adamw"], stream)
         self._step_count += 1
 
     def state_dict(self) -> dict:
@@ -185,50 +186,25 @@ class _ArrayOptimizer:
             fail("param_groups", sorted(unknown), "option names of " + type(self).__name__)
         self._group_settings(group)
         for key, array in group["params"].items():
-            self._validate_param(key, array, group)
-
-    def _validate_param(self, key, array, group) -> None:
-        if not array_api_compat.is_array_api_obj(array) or not array_api_compat.is_writeable_array(array):
-            fail(f"params[{key!r}]", type(array).__name__,
-                 "a writeable array-API array (NumPy, CuPy, ...); JAX arrays are immutable")
-        xp = array_api_compat.array_namespace(array)
-        if not xp.isdtype(array.dtype, "real floating"):
-            fail(f"params[{key!r}]", array.dtype, "a real floating-point array")
-        algorithm = self._algorithm_of(array, group)
-        if algorithm != "adamw" and array.ndim < 2:
-            fail("algorithm", algorithm, f"'adamw' or None for an array of shape {tuple(array.shape)} "
-                 "(ASGO/DASGO need at least 2 dims)")
-        if algorithm != "adamw":
+            _check_param_array(key, array)
             try:
-                view = PermutedStack.outputs_first(array.shape, group["batch_dims"])
-                if algorithm == "asgo":  # num_heads must divide
-                    block_layout(view.stack_shape[1:], group_config(group, algorithm))
+                check_param_shape(array.shape, group, self._algorithm_of(array, group))
             except ValueError as error:
                 raise ValueError(f"params[{key!r}]: {error}") from None
 
     def _algorithm_of(self, array, group) -> str:
-        if group["algorithm"] is not None:
-            return group["algorithm"]
-        return self.matrix_algorithm if array.ndim >= 2 else "adamw"
+        return algorithm_of(array.ndim, group, self.matrix_algorithm)
 
     def _group_settings(self, group: dict) -> dict:
-        """Validated options of one group: lr, configs per matrix algorithm, AdamW options."""
-        check_group_options(group)
-        check_batch_dims_value(group["batch_dims"])
-        configs = {name: group_config(group, name) for name in self._matrix_algorithms()}
-        adamw_lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
-        return {"lr": group["lr"], "configs": configs, "maximize": group["maximize"],
-                "nonfinite": group["nonfinite"], "adamw_lr": adamw_lr,
-                "adamw": {name[len("adamw_"):]: group[name] for name in _ADAMW_OPTIONS}}
-
-    def _matrix_algorithms(self) -> tuple:
-        return ("asgo", "dasgo") if "precondition_frequency" in self.defaults else ("dasgo",)
+        """The checked options of one group: configs per matrix algorithm, AdamW options."""
+        algorithms = ("asgo", "dasgo") if "precondition_frequency" in self.defaults else ("dasgo",)
+        return checked_group(group, algorithms)
 
     def _layout_options(self, group: dict) -> tuple:
         return tuple(group.get(name) for name in _LAYOUT_OPTIONS)
 
     def _build_state(self):
-        members, slots = [], []
+        members, slots, placement = [], [], {}
         for group_index, group in enumerate(self.param_groups):
             for key, array in group["params"].items():
                 algorithm = self._algorithm_of(array, group)
@@ -236,34 +212,15 @@ class _ArrayOptimizer:
                     xp = array_api_compat.array_namespace(array)
                     slots.append(_AdamWSlot(group_index, key, adamw.zero_state(array, xp)))
                     continue
-                view = PermutedStack.outputs_first(array.shape, group["batch_dims"])
-                members.append((group_index, algorithm, Member(key, view)))
-        bucket_of = {id(member): (group_index, algorithm) for group_index, algorithm, member in members}
-        buckets = plan_buckets([member for *_, member in members], lambda member: (
-            *bucket_of[id(member)], *_array_identity(self._params[member.handle])))
+                placement[key] = (group_index, algorithm, *_array_identity(array))
+                members.append(Member(key, PermutedStack.outputs_first(array.shape, group["batch_dims"])))
+        buckets = plan_buckets(members, lambda member: placement[member.handle])
         for bucket in buckets:
             config = self._group_settings(self.param_groups[bucket.key[1]])["configs"][bucket.key[2]]
             bucket.state = init_state(self._stacked(bucket, self._params), config)
         return buckets, slots
 
     # ---- one step -----------------------------------------------------------------------
-    def _keyed_grads(self, grads) -> dict:
-        keys = list(self._params)
-        if isinstance(grads, dict):
-            missing = [key for key in keys if key not in grads]
-            extra = [key for key in grads if key not in self._params]
-            if missing or extra:
-                fail("grads", f"dict missing {missing}, unexpected {extra}", "a dict with the params' keys")
-        elif isinstance(grads, (list, tuple)):
-            if len(grads) != len(keys):
-                fail("grads", f"a sequence of {len(grads)} arrays", f"{len(keys)} arrays, one per param")
-            grads = dict(zip(keys, grads))
-        else:
-            fail("grads", type(grads).__name__, "a dict or list shaped like params")
-        for key in keys:
-            _check_grad(key, grads[key], self._params[key])
-        return grads
-
     @staticmethod
     def _stacked(bucket, arrays_by_key):
         """The bucket's (matrices, m, n) stack of one array per key (params or grads)."""
@@ -273,13 +230,13 @@ class _ArrayOptimizer:
     def _plan_bucket(self, bucket, grads, settings):
         """(update, new_state) of one bucket; nothing is written yet."""
         group_index, algorithm = bucket.key[1:3]
-        group_settings = settings[group_index]
-        config = group_settings["configs"][algorithm]
-        if self._layout_options(self.param_groups[group_index]) != self._layouts[group_index]:
+        group = self.param_groups[group_index]
+        config = settings[group_index]["configs"][algorithm]
+        if self._layout_options(group) != self._layouts[group_index]:
             fail("param_groups", "a changed side / max_precond_dim / num_heads / batch_dims",
                  "the layout options the state was built with")
         G = self._stacked(bucket, grads)
-        if group_settings["maximize"]:
+        if group["maximize"]:
             G = -G
         W = self._stacked(bucket, self._params) if config.weight_decay != 0.0 else None
         refresh = algorithm == "asgo" and needs_root_refresh(self._step_count, config)
@@ -289,17 +246,14 @@ class _ArrayOptimizer:
         try:
             return core_step(G, bucket.state, W, config, refresh_root=refresh, update_dtype=update_dtype)
         except FloatingPointError:
-            raise FloatingPointError(f"non-finite gradient for {_nonfinite_keys(bucket.handles, grads)} "
+            raise FloatingPointError(f"non-finite gradient for {nonfinite_keys(bucket.handles, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
 
-    def _check_adamw_finite(self, grads, settings) -> None:
+    def _check_adamw_finite(self, grads) -> None:
         for slot in self._adamw_slots:
-            if settings[slot.group_index]["nonfinite"] == "raise":
-                grad = grads[slot.key]
-                xp = array_api_compat.array_namespace(grad)
-                if not bool(xp.all(xp.isfinite(grad))):
-                    raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
-                                             "no state was changed")
+            if self.param_groups[slot.group_index]["nonfinite"] == "raise" and not is_finite(grads[slot.key]):
+                raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
+                                         "no state was changed")
 
     def _rounds(self, group_index: int, param) -> bool:
         """Whether writes to param (or an array of its dtype) are rounded stochastically."""
@@ -329,12 +283,12 @@ class _ArrayOptimizer:
             else:
                 param -= lr * step_update
 
-    def _apply_adamw(self, slot, grad, settings, stream: int) -> None:
+    def _apply_adamw(self, slot, grad, options: dict, stream: int) -> None:
         param, state = self._params[slot.key], slot.state
         xp = array_api_compat.array_namespace(param)
-        if settings["maximize"]:
+        if self.param_groups[slot.group_index]["maximize"]:
             grad = -grad
-        hyper = adamw.hyperparameters(lr=settings["adamw_lr"], step=self._step_count + 1, **settings["adamw"])
+        hyper = adamw.hyperparameters(step=self._step_count + 1, **options)
         rounds = self._rounds(slot.group_index, param)
         fused = getattr(backend_for(xp), "adamw_update", None)
         if fused is not None and not rounds:
@@ -409,63 +363,19 @@ ASGO.__signature__ = signature(("params", "lr"), defaults("asgo"))
 DASGO.__signature__ = signature(("params", "lr"), defaults("dasgo"))
 
 
-# ---- params and grads ---------------------------------------------------------------------
+# ---- params ---------------------------------------------------------------------------------
+def _check_param_array(key, array) -> None:
+    """A param this adapter can update in place: a writeable real floating-point array."""
+    if not array_api_compat.is_array_api_obj(array) or not array_api_compat.is_writeable_array(array):
+        fail(f"params[{key!r}]", type(array).__name__,
+             "a writeable array-API array (NumPy, CuPy, ...); JAX arrays are immutable")
+    if not array_api_compat.array_namespace(array).isdtype(array.dtype, "real floating"):
+        fail(f"params[{key!r}]", array.dtype, "a real floating-point array")
+
+
 def _array_identity(array) -> tuple:
     """What arrays stacked together must share besides their matrix shape."""
     return (str(array.dtype), str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
-
-
-def _split_groups(params):
-    """[(overrides, {key: array})] from a dict, a list of arrays, or a list of group dicts."""
-    if isinstance(params, dict):
-        groups = [({}, params)]
-    elif isinstance(params, (list, tuple)) and params and all(isinstance(p, dict) for p in params):
-        for index, group in enumerate(params):
-            if "params" not in group:
-                fail(f"params[{index}]", sorted(group), "a group dict with a 'params' entry")
-        groups = [({k: v for k, v in group.items() if k != "params"}, group["params"]) for group in params]
-    elif isinstance(params, (list, tuple)):
-        groups = [({}, params)]
-    else:
-        fail("params", type(params).__name__, "a dict name → array, a list of arrays, or a list of group dicts")
-    keyed, position, seen_keys, seen_arrays = [], 0, set(), set()
-    for overrides, arrays in groups:
-        if isinstance(arrays, dict):
-            if not all(isinstance(key, str) for key in arrays):
-                fail("params", list(arrays), "string names as dict keys")
-            items = dict(arrays)
-        else:
-            items = {position + offset: array for offset, array in enumerate(arrays)}
-        position += len(items)
-        for key, array in items.items():
-            if key in seen_keys or id(array) in seen_arrays:
-                fail("params", key, "each array and each name once")
-            seen_keys.add(key)
-            seen_arrays.add(id(array))
-        keyed.append((overrides, items))
-    if not seen_keys:
-        fail("params", params, "at least one array")
-    return keyed
-
-
-def _nonfinite_keys(keys, grads) -> list:
-    """The keys whose gradient has a NaN or inf (a host read, on the error path only); all keys
-    when none has: their squares overflowed the statistics dtype."""
-    xp = array_api_compat.array_namespace(grads[keys[0]])
-    return [key for key in keys if not bool(xp.all(xp.isfinite(grads[key])))] or list(keys)
-
-
-def _check_grad(key, grad, param) -> None:
-    if not array_api_compat.is_array_api_obj(grad):
-        fail(f"grads[{key!r}]", type(grad).__name__, "an array")
-    if tuple(grad.shape) != tuple(param.shape):
-        fail(f"grads[{key!r}]", f"shape {tuple(grad.shape)}", f"the param's shape {tuple(param.shape)}")
-    try:
-        xp = array_api_compat.array_namespace(grad, param)
-    except TypeError:
-        fail(f"grads[{key!r}]", type(grad).__name__, f"an array of the param's namespace ({type(param).__name__})")
-    if not xp.isdtype(grad.dtype, "real floating"):
-        fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
 
 
 # ---- state_dict helpers ---------------------------------------------------------------------

@@ -117,3 +117,39 @@ def test_adamw_step_is_torch_adamw_and_skips_a_non_finite_gradient():
         param.grad = torch.tensor(grad)
         reference.step()
         np.testing.assert_allclose(value, param.detach().numpy(), rtol=1e-14, atol=1e-15)
+
+
+def _group(**overrides):
+    return dict(defaults("asgo"), **overrides)
+
+
+def test_checked_group_gives_each_algorithms_config_and_adamws_options():
+    from asgo_core.options import checked_group
+    settings = checked_group(_group(lr=0.5, betas=(0.8, 0.9), adamw_eps=1e-6), ("asgo", "dasgo"))
+    assert settings["configs"]["asgo"] == ASGOConfig(beta1=0.8, beta2=0.9)
+    assert (settings["configs"]["dasgo"].beta1, settings["configs"]["dasgo"].beta2) == (0.8, 0.9)
+    assert settings["adamw"] == {"lr": 0.5, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.0}
+    assert checked_group(_group(lr=0.5, adamw_lr=0.1), ("dasgo",))["adamw"]["lr"] == 0.1
+    with pytest.raises(ValueError, match="batch_dims=-1 is invalid"):
+        checked_group(_group(batch_dims=-1), ("asgo",))
+    with pytest.raises(ValueError, match="adamw_eps=-1.0 is invalid"):
+        checked_group(_group(adamw_eps=-1.0), ("asgo",))
+
+
+def test_algorithm_of_follows_the_option_then_the_dims():
+    from asgo_core.options import algorithm_of
+    assert algorithm_of(2, _group(), "dasgo") == "dasgo"
+    assert algorithm_of(1, _group(), "asgo") == "adamw"
+    assert algorithm_of(3, _group(algorithm="adamw"), "asgo") == "adamw"
+
+
+def test_check_param_shape_refuses_what_a_matrix_algorithm_cannot_step():
+    from asgo_core.options import check_param_shape
+    check_param_shape((4,), _group(), "adamw")
+    check_param_shape((2, 8, 6), _group(batch_dims=1, num_heads=2), "asgo")
+    with pytest.raises(ValueError, match="algorithm='dasgo' is invalid.*shape \\(4,\\)"):
+        check_param_shape((4,), _group(), "dasgo")
+    with pytest.raises(ValueError, match="batch_dims=1 is invalid for a parameter of shape \\(8, 6\\)"):
+        check_param_shape((8, 6), _group(batch_dims=1), "asgo")
+    with pytest.raises(ValueError, match="num_heads"):
+        check_param_shape((8, 6), _group(num_heads=5), "asgo")
