@@ -47,7 +47,7 @@ from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portabl
 from asgo_core.config import fail
 from asgo_core.keyed import is_finite, keyed_grads, nonfinite_keys, split_groups
 from asgo_core.layout import PermutedStack
-from asgo_core.options import (algorithm_of, check_param_shape, checked_group, defaults, layout_options,
+from asgo_core.options import (algorithm_of, check_param_shape, defaults, group_settings, layout_options,
                                signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
@@ -198,7 +198,7 @@ class _ArrayOptimizer:
     def _group_settings(self, group: dict) -> dict:
         """The checked options of one group: configs per matrix algorithm, AdamW options."""
         algorithms = ("asgo", "dasgo") if "precondition_frequency" in self.defaults else ("dasgo",)
-        return checked_group(group, algorithms)
+        return group_settings(group, algorithms)
 
     def _layout_options(self, group: dict) -> tuple:
         return tuple(group.get(name) for name in _LAYOUT_OPTIONS)
