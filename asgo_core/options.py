@@ -173,6 +173,12 @@ def layout_options(algorithm: str = "asgo") -> tuple:
     return tuple(row.name for row in OPTIONS if row.layout and algorithm in row.algorithms)
 
 
+def layout_of(group: dict) -> tuple:
+    """The values of a group's layout options (None where it lacks one): what must stay as it
+    was when the state was built."""
+    return tuple(group.get(name) for name in layout_options())
+
+
 def message_name(name: str, framework: str) -> str:
     """How an error about option `name` names it to a `framework` user: a pair the framework
     spells as two options reads "(first, second)"."""
@@ -195,6 +201,14 @@ def spelled(message: str, framework: str) -> str:
     if pattern is None:
         return message
     return pattern.sub(lambda match: message_name(match.group(1), framework) + "=", message)
+
+
+def check_keywords(owner: str, given: dict, accepted: dict) -> None:
+    """A constructor's keyword arguments: TypeError naming those `owner` does not take."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}; "
+                        f"accepted: {', '.join(accepted)}")
 
 
 def signature(positional: tuple, keywords: dict) -> inspect.Signature:
@@ -265,10 +279,12 @@ def checked_group(options: dict, framework: str, algorithm: str, check_lr=check_
 
 
 def group_settings(group: dict, algorithms, check_lr=check_non_negative) -> dict:
-    """Every check of one group's options (check_group_options, batch_dims, the config of each
-    matrix algorithm in `algorithms`) and what a step reads from them: {"configs": {algorithm:
-    config}, "adamw": adamw_options(group)}."""
+    """Every check of one group's options (check_group_options, an algorithm among `algorithms`
+    and "adamw", batch_dims, the config of each of `algorithms`) and what a step reads from
+    them: {"configs": {algorithm: config}, "adamw": adamw_options(group)}."""
     check_group_options(group, check_lr)
+    if group["algorithm"] not in (None, *algorithms, "adamw"):
+        fail("algorithm", group["algorithm"], " | ".join(map(repr, (None, *algorithms, "adamw"))))
     check_batch_dims_value(group["batch_dims"])
     return {"configs": {algorithm: group_config(group, algorithm) for algorithm in algorithms},
             "adamw": adamw_options(group)}

@@ -4,6 +4,7 @@ array-level AdamW, each against an independent statement of what it must do."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import array_api_compat.numpy as xp
 import numpy as np
@@ -153,3 +154,23 @@ def test_check_param_shape_refuses_what_a_matrix_algorithm_cannot_step():
         check_param_shape((8, 6), _group(batch_dims=1), "asgo")
     with pytest.raises(ValueError, match="num_heads"):
         check_param_shape((8, 6), _group(num_heads=5), "asgo")
+
+
+def test_group_settings_refuses_an_algorithm_the_optimizer_lacks():
+    from asgo_core.options import group_settings
+    accepted = "algorithm='asgo' is invalid; accepted: None | 'dasgo' | 'adamw'"
+    with pytest.raises(ValueError, match=re.escape(accepted)):
+        group_settings(_group(algorithm="asgo"), ("dasgo",))
+
+
+def test_layout_of_reads_the_layout_options_and_none_where_a_group_lacks_one():
+    from asgo_core.options import layout_of
+    assert layout_of(_group(side="left", num_heads=2)) == ("left", None, 2, 0)
+    assert layout_of({"batch_dims": 1}) == (None, None, None, 1)
+
+
+def test_check_keywords_names_the_unknown_ones():
+    from asgo_core.options import check_keywords
+    check_keywords("ASGO", {"lr": 0.1}, defaults("asgo"))
+    with pytest.raises(TypeError, match=r"ASGO\(\) got unexpected keyword arguments \['learning_rate'\]"):
+        check_keywords("ASGO", {"learning_rate": 0.1}, defaults("asgo"))

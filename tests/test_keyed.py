@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asgo_core.keyed import check_grad, keyed_grads, nonfinite_keys, split_groups
+from asgo_core.keyed import (check_finite, check_grad, check_param, keyed_grads, nonfinite_keys,
+                             split_groups)
 
 
 def test_split_groups_keys_dicts_by_name_and_lists_by_position_across_groups():
@@ -57,3 +58,20 @@ def test_nonfinite_keys_names_the_bad_gradients_or_all_when_none_is():
     grads = {"a": np.ones(2), "b": np.array([np.nan, 1.0])}
     assert nonfinite_keys(["a", "b"], grads) == ["b"]
     assert nonfinite_keys(["a"], grads) == ["a"]
+
+
+def test_check_param_takes_a_writeable_real_floating_array():
+    check_param("w", np.ones(2))
+    frozen = np.ones(2)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\['w'\].*writeable"):
+        check_param("w", frozen)
+    with pytest.raises(ValueError, match=r"params\['w'\].*real floating"):
+        check_param("w", np.ones(2, dtype=np.int64))
+
+
+def test_check_finite_names_every_bad_gradient():
+    grads = {"a": np.ones(2), "b": np.array([np.inf, 1.0]), "c": np.array([np.nan])}
+    check_finite(["a"], grads)
+    with pytest.raises(FloatingPointError, match=r"\['b', 'c'\].*no state was changed"):
+        check_finite(["a", "b", "c"], grads)
