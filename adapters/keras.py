@@ -35,6 +35,10 @@ between a Keras Dense model and a torch nn.Linear model; AdamW variables keep th
 Weight decay is part of the core's update (weight_decay·W, none for a matrix skipped for a
 non-finite gradient); exclude_from_weight_decay(...) is honoured. Non-finite gradients of
 AdamW variables skip that variable's step too, counted in its `skipped` variable.
+
+Keras' own here: the keras.optimizers.Optimizer subclass (build, _backend_update_step,
+get_config), the state as Keras variables, the backend checks and the rounding seeds. The
+options, buckets, state codec, AdamW, gradient checks and portable format are asgo_core's.
 """
 
 from __future__ import annotations
