@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import harness  # benchmarks/, the script's own directory
 
 MODES = ("replicated", "owner", "fsdp", "fsdp_other", "gather")
 FLOAT_BYTES = 4
@@ -48,14 +48,9 @@ def random_grads(shapes, step: int) -> list[torch.Tensor]:
 
 def timed_steps(step_fn, steps: int, warmup: int = 2) -> float:
     """Median seconds of step_fn(step) over `steps`, every rank starting together."""
-    times = []
-    for step in range(warmup + steps):
-        dist.barrier()
-        start = time.perf_counter()
-        step_fn(step)
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+    taken = [harness.sample(lambda step=step: step_fn(step), sync=dist.barrier)
+             for step in range(warmup + steps)]
+    return harness.median_wall(taken[warmup:])
 
 
 def run_with(optimizer_type, shapes, steps):

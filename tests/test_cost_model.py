@@ -8,13 +8,9 @@ one PolarExpress root (10 steps, four k×k GEMMs of 2·k³ each) costs 80·64 = 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import cost_model  # noqa: E402
+import cost_model  # benchmarks/ (pyproject.toml: pytest's pythonpath)
 
 TINY = cost_model.Shape("tiny", layers=2, d_model=4, vocab=10, mlp_hidden=8, mlp="gelu")
 ROOT = 80 * 4 ** 3
