@@ -18,7 +18,8 @@ from torch import nn
 
 from asgo_core import ASGOConfig, init_state, step
 from asgo_core.adapters.torch import ASGO
-from conftest import _gpu_available, jax_x64, relative_error
+from helpers.gpu import gpu_available
+from helpers.numerics import jax_x64, relative_error
 from test_torch_cuda import _free_port
 
 pytestmark = pytest.mark.gpu
@@ -26,7 +27,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _require(name):
-    if not _gpu_available(name):
+    if not gpu_available(name):
         pytest.skip("no NVIDIA GPU on this machine")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from asgo_core import ASGOConfig, DASGOConfig, FALLBACK_LEVELS, RowShards, init_state, step, step_terms
-from conftest import relative_error, tolerance
+from helpers.numerics import relative_error, tolerance
 from reference import reference_asgo, reference_dasgo
 
 LR = 0.05

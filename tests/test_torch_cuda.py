@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from asgo_core.adapters.torch import ASGO, DASGO
-from conftest import _gpu_available
+from helpers.gpu import gpu_available
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +24,7 @@ FLOAT32 = dict(rtol=1e-5, atol=1e-6)
 
 @pytest.fixture(autouse=True)
 def cuda():
-    if not _gpu_available("torch-cuda"):
+    if not gpu_available("torch-cuda"):
         pytest.skip("no NVIDIA GPU on this machine")
     torch.manual_seed(0)
     return torch.device("cuda")
