@@ -11,7 +11,7 @@ import pytest
 
 from asgo_core import ASGOConfig, DASGOConfig, FALLBACK_LEVELS, RowShards, init_state, step, step_terms
 from helpers.numerics import relative_error, tolerance
-from reference import reference_asgo, reference_dasgo
+from helpers.reference import reference_asgo, reference_dasgo
 
 LR = 0.05
 
