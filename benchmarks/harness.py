@@ -96,24 +96,26 @@ def median_cpu(taken: list[Sample]) -> float:
 
 # --------------------------------------------------------------------------------- machine
 
+def cpuinfo(field: str, path: str | Path = "/proc/cpuinfo") -> str | None:
+    """The first processor's `field` in /proc/cpuinfo ("model name", "cpu family", "model",
+    "flags"), None where there is no such file or field."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next((value.strip() for key, _, value in (line.partition(":") for line in lines)
+                 if key.strip() == field), None)
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, else what the platform module says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str] | None:
     """The CPU flags of /proc/cpuinfo (None where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return None
+    flags = cpuinfo("flags")
+    return None if flags is None else set(flags.split())
 
 
 def load_average() -> tuple[float, float, float]:
@@ -142,9 +144,11 @@ def versions(*distributions: str) -> dict[str, str]:
 
 
 def machine(*distributions: str, **extra) -> dict:
-    """The CPU, its native-bf16 flags, cores, load average, OS and versions, plus `extra`."""
+    """The CPU (model name, family and model number), its bf16 flags, cores, load average, OS and
+    versions, plus `extra`."""
     bf16_flags = (cpu_flags() or set()) & (NATIVE_BF16_FLAGS | {"amx_tile"})
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "bf16_flags": sorted(bf16_flags),
+    return {"cpu": cpu_model(), "cpu_family": cpuinfo("cpu family"), "cpu_model_number": cpuinfo("model"),
+            "cores": os.cpu_count(), "bf16_flags": sorted(bf16_flags),
             "load_average": load_average(), "platform": platform.platform(),
             **versions(*distributions), **extra}
 

@@ -66,6 +66,16 @@ def test_stopwatch_times_a_block_and_the_time_since_it_was_made(monkeypatch):
     assert whole.elapsed() == harness.Sample(wall_s=5.0, cpu_s=1.0)
 
 
+def test_cpuinfo_reads_a_field_by_its_whole_name(tmp_path):
+    listing = tmp_path / "cpuinfo"
+    listing.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7B13\n"
+                       "flags\t\t: fpu avx2\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert harness.cpuinfo("model", listing) == "1"
+    assert harness.cpuinfo("model name", listing) == "AMD EPYC 7B13"
+    assert harness.cpuinfo("flags", listing) == "fpu avx2" and harness.cpuinfo("bogomips", listing) is None
+    assert harness.cpuinfo("model", tmp_path / "missing") is None
+
+
 def test_machine_names_the_cpu_cores_load_and_installed_versions_only():
     described = harness.machine("numpy", "no-such-distribution-xyz", threads=3)
     assert described["cpu"] and described["cores"] >= 1 and len(described["load_average"]) == 3
