@@ -50,6 +50,7 @@ from asgo_core.config import check_non_negative, fail
 from asgo_core.layout import check_batch_dims_value
 from asgo_core.options import check_group_options, defaults, group_config, signature
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
+from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import named_arrays, split_named
 
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
@@ -363,16 +364,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if algorithm == "adamw":
             return _checked_adamw_state(param, entry, label)
         template = self._state_template(param, group, algorithm)
-        _check_state_fields(entry, template, algorithm, label)
-        step = entry["step"]
-        if isinstance(step, torch.Tensor):
-            step = step.item() if step.numel() == 1 and not step.is_floating_point() else step
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{label}: state field 'step'={step!r} is invalid; accepted: an integer >= 0")
-        state = {key: _loaded_like(entry[key], like, param.device, f"{label}: state field {key!r}")
-                 for key, like in template.items()}
-        state["step"] = step
-        return state
+        return loaded_state(entry, template, algorithm, label, array_type=torch.Tensor,
+                            convert=_converter_to(param.device))
 
     def _state_template(self, param, group: dict, algorithm: str) -> dict:
         """The matrix state a parameter holds, as meta tensors (shapes and dtypes only)."""
@@ -647,45 +640,19 @@ def _cloned(value):
     return [v.clone() for v in value] if isinstance(value, list) else value.clone()
 
 
-def _check_state_fields(entry: dict, template: dict, algorithm: str, label: str) -> None:
-    expected = set(template) | {"step"}
-    if set(entry) != expected:
-        raise ValueError(f"{label}: state fields {sorted(entry)} are not {algorithm}'s; accepted: "
-                         f"{sorted(expected)} (a state saved by another optimizer or algorithm?)")
-
-
-def _loaded_like(value, like, device, label: str):
-    """A saved state tensor (or list of them, for gram/root) checked against its template's
-    shape and kind, converted to the template's dtype on `device`."""
-    if isinstance(like, list):
-        if not isinstance(value, (list, tuple)) or len(value) != len(like):
-            raise ValueError(f"{label}: {_describe(value)}; accepted: a list of {len(like)} block tensors")
-        return [_loaded_like(v, l, device, f"{label}[{i}]") for i, (v, l) in enumerate(zip(value, like))]
-    if not isinstance(value, torch.Tensor) or value.shape != like.shape \
-            or value.is_floating_point() != like.is_floating_point() or value.is_complex():
-        raise ValueError(f"{label}: {_describe(value)}; accepted: a {like.dtype} tensor of shape {tuple(like.shape)}")
-    return value.to(device=device, dtype=like.dtype, copy=True)
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
+def _converter_to(device):
+    """convert(saved tensor, template) for loaded_state: a copy in the template's dtype on device."""
+    return lambda value, like: value.to(device=device, dtype=like.dtype, copy=True)
 
 
 def _checked_adamw_state(param, entry: dict, label: str) -> dict:
     """torch.optim.AdamW's state for `param`: "step" (a number in older files, else a tensor)
     becomes a CPU tensor, as torch keeps it; the moments take the parameter's dtype and device."""
     template = _fresh_adamw_state(param)
-    _check_state_fields(entry, template, "adamw", label)
-    step = entry["step"]
-    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step >= 0:
-        raise ValueError(f"{label}: state field 'step'={step!r} is invalid; accepted: a number >= 0")
-    state = {key: _loaded_like(entry[key], template[key], param.device, f"{label}: state field {key!r}")
-             for key in ("exp_avg", "exp_avg_sq")}
-    state["step"] = torch.tensor(float(step), dtype=template["step"].dtype)
+    moments = {key: template[key] for key in ("exp_avg", "exp_avg_sq")}
+    state = loaded_state(entry, moments, "adamw", label, array_type=torch.Tensor,
+                         convert=_converter_to(param.device), integer_step=False)
+    state["step"] = torch.tensor(float(state["step"]), dtype=template["step"].dtype)
     return state
 
 
