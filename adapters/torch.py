@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 
-from asgo_core import (ASGOState, DASGOState, FALLBACK_LEVELS, block_layout, init_state, matrix_stack_shape,
+from asgo_core import (ASGOState, DASGOState, block_layout, init_state, matrix_stack_shape,
                        needs_root_refresh, step_terms)
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order, entry_names,
                                   portable, stacked_state_entries, stacked_state_from_entries)
@@ -51,7 +51,7 @@ from asgo_core.layout import check_batch_dims_value
 from asgo_core.options import check_group_options, defaults, group_config, signature
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 from asgo_core.saved_state import loaded_state
-from asgo_core.state_codec import named_arrays, split_named
+from asgo_core.state_codec import member_states, stacked_state
 
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 
@@ -234,7 +234,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         else:
             states = [self.state[p] for p in bucket.params]
             reuse = in_place and not torch.compiler.is_compiling()
-            core_state = _stack_state(states, bucket.matrix_shape, step_count, reuse_storage=reuse)
+            core_state = _stack_state(states, bucket.batch_dims, step_count, reuse_storage=reuse)
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(step_count, config)
         try:
             return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
@@ -388,8 +388,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 arrays = {key: _numpy(state[key]) for key in ("exp_avg", "exp_avg_sq")}
             else:
                 step = state.get("step", 0)
-                count, *matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])
-                core_state = (_stack_state([state], matrix_shape, step, reuse_storage=False) if step
+                count = matrix_stack_shape(param.shape, group["batch_dims"])[0]
+                core_state = (_stack_state([state], group["batch_dims"], step, reuse_storage=False) if step
                               else self._fresh_core_state(param, group, algorithm))
                 arrays = stacked_state_entries(core_state, [count], _numpy)[0]
             entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
@@ -558,18 +558,13 @@ def _params_with_grad(group: dict):
     return (param for param in group["params"] if param.grad is not None)
 
 
-def _stack_state(states: list[dict], matrix_shape, step_count: int, reuse_storage: bool):
+def _stack_state(states: list[dict], batch_dims: int, step_count: int, reuse_storage: bool):
     """Per-parameter state → the core's state of the stacked bucket: new tensors, or with
     reuse_storage the stack the per-parameter tensors are views of, where they still are."""
-    m, n = matrix_shape
-    stack = lambda key, *shape: _stacked([s[key] for s in states], shape, reuse_storage)  # noqa: E731
+    state_type = DASGOState if "second_moment" in states[0] else ASGOState
     count = torch.tensor(step_count, dtype=torch.int32)
-    if "second_moment" in states[0]:
-        return DASGOState(stack("momentum", m, n), stack("second_moment", n), count, stack("skipped"))
-    blocks = lambda key: tuple(_stacked(list(parts), parts[0].shape[1:], reuse_storage)  # noqa: E731
-                               for parts in zip(*(s[key] for s in states)))
-    return ASGOState(stack("momentum", m, n), blocks("gram"), blocks("root"), count,
-                     stack("skipped"), stack("fallbacks", len(FALLBACK_LEVELS)))
+    return stacked_state(state_type, states, batch_dims, count,
+                         lambda tensors, item_shape: _stacked(tensors, item_shape, reuse_storage))
 
 
 def _stacked(tensors: list, item_shape, reuse_storage: bool) -> torch.Tensor:
@@ -597,21 +592,9 @@ def _reassembled_base(tensors: list, item_shape) -> torch.Tensor | None:
 
 
 def _split_state(core_state, params, batch_dims: int) -> list[dict]:
-    """The core's stacked state → one state dict per parameter (views): per-matrix fields get
-    the parameter's batch shape in front ((m, n) momentum for a plain matrix, (E, m, n) for an
-    expert stack); "gram"/"root" hold a list of (matrices·blocks, size, size) per block group."""
+    """The core's stacked state → one state dict per parameter (views of the stacks)."""
     counts = [matrix_stack_shape(p.shape, batch_dims)[0] for p in params]
-    split = []
-    for param, named in zip(params, split_named(named_arrays(core_state), counts)):
-        state = {}
-        for name, value in named.items():
-            field, block_group = name.split("/") if "/" in name else (name, None)
-            if block_group is None:
-                state[field] = value.view(param.shape[:batch_dims] + value.shape[1:])
-            else:
-                state.setdefault(field, []).append(value)
-        split.append(state)
-    return split
+    return member_states(core_state, counts, [p.shape[:batch_dims] for p in params], torch.Tensor.view)
 
 
 def _store_state(states: list[dict], new_states: list[dict]) -> None:
