@@ -32,7 +32,6 @@ torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass
@@ -46,9 +45,10 @@ from asgo_core import (ASGOState, DASGOState, block_layout, init_state, matrix_s
                        needs_root_refresh, step_terms)
 from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order, entry_names,
                                   portable, stacked_state_entries, stacked_state_from_entries)
-from asgo_core.config import check_non_negative, fail
+from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import check_group_options, defaults, group_config, signature
+from asgo_core.options import (bound_options, check_group_options, check_learning_rate, checkpoint_config,
+                               defaults, group_config, signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
@@ -58,15 +58,6 @@ __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 # The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
 _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
                for algorithm in ("asgo", "dasgo")}
-
-def _check_lr(name: str, lr) -> None:
-    """A learning rate: a number, or a one-element floating-point tensor (for schedulers)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            fail(name, lr, "a float or a one-element floating-point tensor")
-        lr = float(lr)  # construction time: reading the value is fine here
-    check_non_negative(name, lr)
-
 
 def _algorithm_of(param: torch.Tensor, group: dict, matrix_algorithm: str) -> str:
     if group["algorithm"] is not None:
@@ -108,14 +99,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def __init__(self, *args, **kwargs):
         """(params, lr, betas, *, every other option of the class's signature)."""
-        accepted = _SIGNATURES[self.matrix_algorithm]
-        try:
-            arguments = accepted.bind(*args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"{type(self).__name__}(): {error}; accepted: "
-                            f"{', '.join(accepted.parameters)}") from None
-        arguments.apply_defaults()
-        options = dict(arguments.arguments)
+        options = bound_options(_SIGNATURES[self.matrix_algorithm], type(self).__name__, args, kwargs)
         super().__init__(options.pop("params"), options)
 
     def __init_subclass__(cls, **kwargs):
@@ -139,7 +123,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict, group_index: int) -> None:
         """The constructor's checks of one group (options, then every parameter under them);
         load_state_dict runs them on the saved options too."""
-        check_group_options(group, check_lr=_check_lr)
+        check_group_options(group, check_lr=check_learning_rate)
         check_batch_dims_value(group["batch_dims"])
         for index, param in enumerate(group["params"]):
             try:
@@ -380,7 +364,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         model.named_parameters()); None names them "<group>.<index>"."""
         entries = []
         for (param, group), name in zip(self._params_and_groups(), self._entry_names(names)):
-            algorithm, config = self._portable_identity(param, group)
+            algorithm = self.algorithm_of(param, group)
             state = self.state[param]
             if algorithm == "adamw":
                 state = state or _fresh_adamw_state(param)
@@ -393,7 +377,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                               else self._fresh_core_state(param, group, algorithm))
                 arrays = stacked_state_entries(core_state, [count], _numpy)[0]
             entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
-                            "batch_dims": group["batch_dims"], "step": step, "config": config,
+                            "batch_dims": group["batch_dims"], "step": step,
+                            "config": checkpoint_config(group, algorithm),
                             "arrays": arrays})
         return portable(entries)
 
@@ -405,9 +390,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         pairs = self._params_and_groups()
         entries = entries_in_order(portable, self._entry_names(names))
         for (param, group), entry in zip(pairs, entries):
-            algorithm, config = self._portable_identity(param, group)
-            check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=param.shape, config=config,
-                                batch_dims=group["batch_dims"])
+            algorithm = self.algorithm_of(param, group)
+            check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=param.shape,
+                                config=checkpoint_config(group, algorithm), batch_dims=group["batch_dims"])
         new_states = [self._state_from_entry(param, group, entry) for (param, group), entry in zip(pairs, entries)]
         for (param, _), state in zip(pairs, new_states):
             self.state[param] = state
@@ -418,14 +403,6 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     def _entry_names(self, names) -> list:
         default = [f"{g}.{i}" for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))]
         return entry_names(names, default, "parameter")
-
-    def _portable_identity(self, param, group) -> tuple:
-        """(algorithm, the options a checkpoint must share); lr is left out: schedules change it."""
-        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
-        if algorithm == "adamw":
-            return algorithm, {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
-                               "weight_decay": group["adamw_weight_decay"]}
-        return algorithm, dataclasses.asdict(group_config(group, algorithm))
 
     def _fresh_core_state(self, param, group, algorithm, device=None):
         """The core's zero state of the parameter's (matrices, m, n) stack, on `device` (default:
