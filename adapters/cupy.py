@@ -42,12 +42,11 @@ from asgo_core import adamw, init_state, needs_root_refresh, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
 from asgo_core.buckets import Member, plan_buckets
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
-                                  entry_names, portable, stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
+                                  import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.layout import PermutedStack, block_layout, check_batch_dims_value
-from asgo_core.options import (check_group_options, checkpoint_config, defaults, group_config, layout_options,
-                               signature)
+from asgo_core.options import check_group_options, defaults, group_config, layout_options, signature
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
@@ -150,40 +149,26 @@ class _ArrayOptimizer:
             arrays.update(zip(bucket.handles, stacked_state_entries(bucket.state, bucket.counts, _to_numpy)))
         for slot in self._adamw_slots:
             arrays[slot.key] = {name: _to_numpy(value) for name, value in slot.state.items()}
-        entries = []
-        for key, name in zip(self._params, self._entry_names(names)):
-            algorithm, config, batch_dims = self._portable_identity(key)
-            entries.append({"name": name, "algorithm": algorithm, "shape": list(self._params[key].shape),
-                            "step": self._step_count, "batch_dims": batch_dims, "config": config,
-                            "arrays": arrays[key]})
-        return portable(entries)
+        return export_portable(self._identities(), [arrays[key] for key in self._params], self._step_count,
+                               names, per="array")
 
     def load_portable_state(self, portable_state: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
         Every entry is checked (algorithm, shape, math-changing options, array shapes) before
         anything changes; a mismatch raises asgo_core.CheckpointError. Arrays keep this
         optimizer's namespace, dtype and device. names: as in portable_state."""
-        entries = dict(zip(self._params, entries_in_order(portable_state, self._entry_names(names))))
-        for key, entry in entries.items():
-            algorithm, config, batch_dims = self._portable_identity(key)
-            check_entry_matches(entry, name=entry["name"], algorithm=algorithm,
-                                shape=self._params[key].shape, config=config, batch_dims=batch_dims)
+        entries = dict(zip(self._params, import_entries(portable_state, self._identities(), names, per="array")))
         bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
                                                     bucket.counts, _converted_like)
                          for bucket in self._buckets]
-        slot_states = [_adamw_state_from_entry(slot.state, entries[slot.key]) for slot in self._adamw_slots]
+        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like)
+                       for slot in self._adamw_slots]
         self._set_states(bucket_states, slot_states, common_step(list(entries.values())))
 
-    def _entry_names(self, names) -> list:
-        return entry_names(names, [str(key) for key in self._params], "array")
-
-    def _portable_identity(self, key) -> tuple:
-        """(algorithm, the options a checkpoint must share, batch_dims); lr is left out:
-        schedules change it. AdamW arrays are not matrices: their batch_dims is 0."""
-        group = next(g for g in self.param_groups if key in g["params"])
-        algorithm = self._algorithm_of(self._params[key], group)
-        batch_dims = 0 if algorithm == "adamw" else group["batch_dims"]
-        return algorithm, checkpoint_config(group, algorithm), batch_dims
+    def _identities(self) -> list:
+        """Each array's checkpoint identity, in key order."""
+        return [identity_from_group(str(key), group, self._algorithm_of(array, group), array.shape)
+                for group in self.param_groups for key, array in group["params"].items()]
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -530,21 +515,6 @@ def _converted_like(value, like):
 def _to_numpy(value):
     import numpy as np
     return np.asarray(_host_or_same(value))
-
-
-def _adamw_state_from_entry(current: dict, entry: dict) -> dict:
-    """AdamW state from a checkpoint entry; "skipped" (this adapter's own counter) is optional."""
-    state = {}
-    for name, like in current.items():
-        if name not in entry["arrays"]:  # validate_portable_state ensured the others are present
-            state[name] = like * 0
-            continue
-        value = entry["arrays"][name]
-        if tuple(value.shape) != tuple(like.shape):
-            raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {name} has shape "
-                                  f"{tuple(value.shape)}, expected {tuple(like.shape)}")
-        state[name] = _as_like(like, value, name)
-    return state
 
 
 def _to_python(value):
