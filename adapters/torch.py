@@ -43,12 +43,12 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from asgo_core import (ASGOState, DASGOState, block_layout, init_state, matrix_stack_shape,
                        needs_root_refresh, step_terms)
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order, entry_names,
-                                  portable, stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_from_group, import_entries,
+                                  stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import (bound_options, check_group_options, check_learning_rate, checkpoint_config,
-                               defaults, group_config, signature)
+from asgo_core.options import (bound_options, check_group_options, check_learning_rate, defaults, group_config,
+                               signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
@@ -56,6 +56,7 @@ from asgo_core.state_codec import member_states, stacked_state
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 
 # The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
+_ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
                for algorithm in ("asgo", "dasgo")}
 
@@ -362,25 +363,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
         names: one string per parameter, in param-group order (e.g. the names of
         model.named_parameters()); None names them "<group>.<index>"."""
-        entries = []
-        for (param, group), name in zip(self._params_and_groups(), self._entry_names(names)):
-            algorithm = self.algorithm_of(param, group)
-            state = self.state[param]
-            if algorithm == "adamw":
-                state = state or _fresh_adamw_state(param)
-                step = int(state["step"])
-                arrays = {key: _numpy(state[key]) for key in ("exp_avg", "exp_avg_sq")}
-            else:
-                step = state.get("step", 0)
-                count = matrix_stack_shape(param.shape, group["batch_dims"])[0]
-                core_state = (_stack_state([state], group["batch_dims"], step, reuse_storage=False) if step
-                              else self._fresh_core_state(param, group, algorithm))
-                arrays = stacked_state_entries(core_state, [count], _numpy)[0]
-            entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
-                            "batch_dims": group["batch_dims"], "step": step,
-                            "config": checkpoint_config(group, algorithm),
-                            "arrays": arrays})
-        return portable(entries)
+        pairs = self._params_and_groups()
+        steps, arrays = zip(*(self._portable_arrays(param, group) for param, group in pairs))
+        return export_portable(self._identities(), list(arrays), list(steps), names)
 
     def load_portable_state(self, portable: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
@@ -388,11 +373,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         anything changes; a mismatch raises asgo_core.CheckpointError. Statistics keep this
         optimizer's dtype and device. names: as in portable_state."""
         pairs = self._params_and_groups()
-        entries = entries_in_order(portable, self._entry_names(names))
-        for (param, group), entry in zip(pairs, entries):
-            algorithm = self.algorithm_of(param, group)
-            check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=param.shape,
-                                config=checkpoint_config(group, algorithm), batch_dims=group["batch_dims"])
+        entries = import_entries(portable, self._identities(), names)
         new_states = [self._state_from_entry(param, group, entry) for (param, group), entry in zip(pairs, entries)]
         for (param, _), state in zip(pairs, new_states):
             self.state[param] = state
@@ -400,9 +381,21 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     def _params_and_groups(self) -> list:
         return [(param, group) for group in self.param_groups for param in group["params"]]
 
-    def _entry_names(self, names) -> list:
-        default = [f"{g}.{i}" for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))]
-        return entry_names(names, default, "parameter")
+    def _identities(self) -> list:
+        """Each parameter's checkpoint identity, named "<group>.<index>", in param-group order."""
+        return [identity_from_group(f"{g}.{i}", group, self.algorithm_of(param, group), param.shape)
+                for g, group in enumerate(self.param_groups) for i, param in enumerate(group["params"])]
+
+    def _portable_arrays(self, param, group) -> tuple:
+        """(step, {key: NumPy array}) of a parameter's state, for its checkpoint entry."""
+        algorithm, state = self.algorithm_of(param, group), self.state[param]
+        if algorithm == "adamw":
+            state = state or _fresh_adamw_state(param)
+            return state["step"], {key: _numpy(state[key]) for key in _ADAMW_MOMENTS}
+        step = state.get("step", 0)
+        core_state = (_stack_state([state], group["batch_dims"], step, reuse_storage=False) if step
+                      else self._fresh_core_state(param, group, algorithm))
+        return step, stacked_state_entries(core_state, [_matrix_count(param, group)], _numpy)[0]
 
     def _fresh_core_state(self, param, group, algorithm, device=None):
         """The core's zero state of the parameter's (matrices, m, n) stack, on `device` (default:
@@ -414,15 +407,20 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     def _state_from_entry(self, param, group, entry) -> dict:
         if entry["algorithm"] == "adamw":
             template = self.state[param] or _fresh_adamw_state(param)
-            state = {key: _tensor_like(entry, key, template[key]) for key in ("exp_avg", "exp_avg_sq")}
+            moments = {key: template[key] for key in _ADAMW_MOMENTS}
+            state = arrays_from_entry(entry, moments, _tensor_from_numpy)
             state["step"] = torch.tensor(float(entry["step"]), dtype=template["step"].dtype)
             return state
         template = self._fresh_core_state(param, group, entry["algorithm"])
-        count = matrix_stack_shape(param.shape, group["batch_dims"])[0]
-        core_state = stacked_state_from_entries(template, [entry], [count], _tensor_from_numpy)
+        counts = [_matrix_count(param, group)]
+        core_state = stacked_state_from_entries(template, [entry], counts, _tensor_from_numpy)
         state = _split_state(core_state, (param,), group["batch_dims"])[0]
         state["step"] = int(entry["step"])
         return state
+
+
+def _matrix_count(param, group: dict) -> int:
+    return matrix_stack_shape(param.shape, group["batch_dims"])[0]
 
 
 def _fresh_adamw_state(param: torch.Tensor) -> dict:
@@ -449,14 +447,6 @@ def evaluate_closure(closure):
         return None
     with torch.enable_grad():
         return closure()
-
-
-def _tensor_like(entry: dict, key: str, like: torch.Tensor) -> torch.Tensor:
-    array = entry["arrays"][key]
-    if tuple(array.shape) != tuple(like.shape):
-        raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
-                              f"{tuple(array.shape)}, expected {tuple(like.shape)}")
-    return _tensor_from_numpy(array, like)
 
 
 def _param_label(group_index: int, index: int, param) -> str:
@@ -609,7 +599,7 @@ def _checked_adamw_state(param, entry: dict, label: str) -> dict:
     """torch.optim.AdamW's state for `param`: "step" (a number in older files, else a tensor)
     becomes a CPU tensor, as torch keeps it; the moments take the parameter's dtype and device."""
     template = _fresh_adamw_state(param)
-    moments = {key: template[key] for key in ("exp_avg", "exp_avg_sq")}
+    moments = {key: template[key] for key in _ADAMW_MOMENTS}
     state = loaded_state(entry, moments, "adamw", label, array_type=torch.Tensor,
                          convert=_converter_to(param.device), integer_step=False)
     state["step"] = torch.tensor(float(state["step"]), dtype=template["step"].dtype)
