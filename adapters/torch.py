@@ -41,14 +41,14 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 
-from asgo_core import (ASGOState, DASGOState, block_layout, init_state, matrix_stack_shape,
+from asgo_core import (ASGOState, DASGOState, init_state, matrix_stack_shape,
                        needs_root_refresh, step_terms)
 from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_from_group, import_entries,
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import (bound_options, check_group_options, check_learning_rate, defaults, group_config,
-                               signature)
+from asgo_core.options import (bound_options, check_group_options, check_learning_rate, check_param_fits,
+                               defaults, group_config, param_algorithm, signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
@@ -59,12 +59,6 @@ __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 _ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
                for algorithm in ("asgo", "dasgo")}
-
-def _algorithm_of(param: torch.Tensor, group: dict, matrix_algorithm: str) -> str:
-    if group["algorithm"] is not None:
-        return group["algorithm"]
-    return matrix_algorithm if param.ndim >= 2 else "adamw"
-
 
 @dataclass(frozen=True, eq=False)
 class Bucket:
@@ -85,12 +79,6 @@ class Bucket:
     def matrix_counts(self) -> tuple[int, ...]:
         """Matrices of each parameter."""
         return tuple(matrix_stack_shape(p.shape, self.batch_dims)[0] for p in self.params)
-
-    @property
-    def cost(self) -> int:
-        """Rough flops of one step (Gram + apply), for balancing buckets across ranks."""
-        m, n = self.matrix_shape
-        return sum(self.matrix_counts) * 4 * min(m, n) ** 2 * max(m, n)
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
@@ -119,7 +107,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def algorithm_of(self, param: torch.Tensor, group: dict) -> str:
         """"asgo", "dasgo" or "adamw": what steps `param` as a member of `group`."""
-        return _algorithm_of(param, group, self.matrix_algorithm)
+        return param_algorithm(group, param.ndim, self.matrix_algorithm)
 
     def _validate_group(self, group: dict, group_index: int) -> None:
         """The constructor's checks of one group (options, then every parameter under them);
@@ -136,16 +124,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if not param.is_floating_point():
             fail("dtype", param.dtype, f"a floating-point dtype ({type(self).__name__} cannot step "
                  "integer, bool or complex parameters)")
-        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
-        if algorithm == "adamw":
-            return
-        if param.ndim < 2:
-            fail("algorithm", algorithm, f"'adamw' or None for a parameter of shape {tuple(param.shape)} "
-                  "(ASGO/DASGO need at least 2 dims)")
-        _, m, n = matrix_stack_shape(param.shape, group["batch_dims"])  # refuses zero-size matrices
-        config = group_config(group, algorithm)  # raises ValueError naming the bad field
-        if algorithm == "asgo":
-            block_layout((m, n), config)  # e.g. num_heads must divide k
+        check_param_fits(param.shape, self.algorithm_of(param, group), group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -156,7 +135,6 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         error leaves parameters and state as they were."""
         loss = evaluate_closure(closure)
         self._check_gradients()
-        self._check_adamw_finite_where_raise()
         buckets = self.plan_buckets()
         deferred = any(self.param_groups[b.group_index]["nonfinite"] == "raise" for b in buckets)
         computed = []
@@ -171,30 +149,25 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return loss
 
     def _check_gradients(self) -> None:
-        """Refuse, before anything changes, a gradient step() cannot use."""
+        """Refuse, before anything changes, a gradient step() cannot use. nonfinite="raise"
+        covers the group's AdamW parameters too (one host read each); with "skip" they follow
+        torch.optim.AdamW, which does not look at gradient values."""
         for group_index, group in enumerate(self.param_groups):
             for index, param in enumerate(group["params"]):
-                if param.grad is not None:
-                    _check_grad(param, _param_label(group_index, index, param))
-
-    def _check_adamw_finite_where_raise(self) -> None:
-        """nonfinite="raise" covers the group's AdamW parameters too (one host read each);
-        with "skip" they follow torch.optim.AdamW, which does not look at gradient values."""
-        for group_index, group in enumerate(self.param_groups):
-            if group["nonfinite"] != "raise":
-                continue
-            for index, param in enumerate(group["params"]):
-                if (param.grad is not None and _algorithm_of(param, group, self.matrix_algorithm) == "adamw"
+                if param.grad is None:
+                    continue
+                label = _param_label(group_index, index, param)
+                _check_grad(param, label)
+                if (group["nonfinite"] == "raise" and self.algorithm_of(param, group) == "adamw"
                         and not bool(torch.isfinite(param.grad).all())):
-                    raise FloatingPointError(f"non-finite gradient in {_param_label(group_index, index, param)} "
-                                             "(nonfinite='raise'); no parameter or state was changed")
+                    raise _nonfinite_error(label)
 
     def plan_buckets(self) -> list[Bucket]:
         """This step's buckets: every matrix with a gradient, grouped (see Bucket)."""
         runs_by_kind: dict[tuple, list] = {}
         for group_index, group in enumerate(self.param_groups):
             for param in _params_with_grad(group):
-                algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+                algorithm = self.algorithm_of(param, group)
                 if algorithm == "adamw":
                     continue
                 matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])[1:]
@@ -224,8 +197,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         try:
             return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
         except FloatingPointError:  # nonfinite="raise"; reading the gradients again is fine now
-            raise FloatingPointError(f"non-finite gradient in {self._nonfinite_labels(bucket)} "
-                                     "(nonfinite='raise'); no parameter or state was changed") from None
+            raise _nonfinite_error(self._nonfinite_labels(bucket)) from None
 
     def _nonfinite_labels(self, bucket: Bucket) -> str:
         """The parameters of a bucket whose gradients are not finite (all of them, when only
@@ -260,7 +232,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in _params_with_grad(group)
-                  if _algorithm_of(p, group, self.matrix_algorithm) == "adamw"]
+                  if self.algorithm_of(p, group) == "adamw"]
         if not params:
             return
         nearest = [p for p in params if not _rounds_stochastically(group, p)]
@@ -345,7 +317,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return new_states, checked_groups
 
     def _checked_state(self, param, group: dict, entry: dict, label: str) -> dict:
-        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+        algorithm = self.algorithm_of(param, group)
         if algorithm == "adamw":
             return _checked_adamw_state(param, entry, label)
         template = self._state_template(param, group, algorithm)
@@ -451,6 +423,11 @@ def evaluate_closure(closure):
 
 def _param_label(group_index: int, index: int, param) -> str:
     return f"param_groups[{group_index}]['params'][{index}] (shape {tuple(param.shape)})"
+
+
+def _nonfinite_error(labels: str) -> FloatingPointError:
+    return FloatingPointError(f"non-finite gradient in {labels} (nonfinite='raise'); "
+                              "no parameter or state was changed")
 
 
 def _check_grad(param: torch.Tensor, label: str) -> None:

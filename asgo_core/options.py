@@ -26,6 +26,7 @@ from typing import Any
 import array_api_compat
 
 from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config_field_names, fail, is_number
+from asgo_core.layout import block_layout, matrix_stack_shape
 from asgo_core.precision import check_param_rounding
 
 ALGORITHMS = ("asgo", "dasgo", "adamw")
@@ -214,6 +215,29 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
     check_param_rounding(group["param_rounding"])
     if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
         fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
+
+
+def param_algorithm(group: dict, ndim: int, matrix_algorithm: str) -> str:
+    """What steps a parameter of `ndim` dims in `group`: the group's algorithm where it names
+    one, else `matrix_algorithm` for two or more dims and AdamW below."""
+    if group["algorithm"] is not None:
+        return group["algorithm"]
+    return matrix_algorithm if ndim >= 2 else "adamw"
+
+
+def check_param_fits(shape, algorithm: str, group: dict) -> None:
+    """A parameter of `shape` stepped by `algorithm` under a group's options: ASGO and DASGO
+    need at least 2 dims and non-empty matrices (batch_dims counted), ASGO a block layout the
+    options allow (e.g. num_heads must divide the preconditioned side)."""
+    if algorithm == "adamw":
+        return
+    if len(shape) < 2:
+        fail("algorithm", algorithm, f"'adamw' or None for a parameter of shape {tuple(shape)} "
+             "(ASGO/DASGO need at least 2 dims)")
+    _, m, n = matrix_stack_shape(shape, group["batch_dims"])
+    config = group_config(group, algorithm)  # raises ValueError naming the bad field
+    if algorithm == "asgo":
+        block_layout((m, n), config)
 
 
 def group_config(group: dict, algorithm: str):
