@@ -31,7 +31,6 @@ torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_f
 from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims_value
 from asgo_core.options import (bound_options, check_group_options, check_learning_rate, check_param_fits,
-                               defaults, group_config, param_algorithm, signature)
+                               defaults, group_config, loaded_groups, param_algorithm, signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
@@ -298,23 +297,15 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-        if len(saved_groups) != len(self.param_groups):
-            fail("state_dict['param_groups']", f"{len(saved_groups)} groups", f"{len(self.param_groups)} groups")
-        new_states, checked_groups = {}, []
-        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                fail(f"state_dict['param_groups'][{group_index}]['params']",
-                     f"{len(saved['params'])} parameters", f"{len(group['params'])}")
-            options = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
-            merged = {**group, **options, "params": group["params"]}
-            self._validate_group(merged, group_index)
-            checked_groups.append(merged)
+        groups = loaded_groups(self.param_groups, saved_groups, self._validate_group)
+        new_states = {}
+        for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
             for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 entry = saved_state.get(saved_id)
                 if entry:
                     label = _param_label(group_index, index, param)
-                    new_states[param] = self._checked_state(param, merged, entry, label)
-        return new_states, checked_groups
+                    new_states[param] = self._checked_state(param, group, entry, label)
+        return new_states, groups
 
     def _checked_state(self, param, group: dict, entry: dict, label: str) -> dict:
         algorithm = self.algorithm_of(param, group)

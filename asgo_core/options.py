@@ -15,6 +15,7 @@ Frameworks: "torch" (the torch and NumPy/CuPy adapters: torch.optim's names, bet
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -215,6 +216,24 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
     check_param_rounding(group["param_rounding"])
     if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
         fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
+
+
+def loaded_groups(groups: list, saved_groups: list, validate) -> list:
+    """The param groups a state_dict load leaves: each of `groups` with a deep copy of its saved
+    group's options over it (its own "params" kept), checked by validate(group, index). A
+    ValueError names the field where the numbers of groups or of their parameters differ."""
+    if len(saved_groups) != len(groups):
+        fail("state_dict['param_groups']", f"{len(saved_groups)} groups", f"{len(groups)} groups")
+    merged_groups = []
+    for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            fail(f"state_dict['param_groups'][{index}]['params']",
+                 f"{len(saved['params'])} parameters", f"{len(group['params'])}")
+        options = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
+        merged = {**group, **options, "params": group["params"]}
+        validate(merged, index)
+        merged_groups.append(merged)
+    return merged_groups
 
 
 def param_algorithm(group: dict, ndim: int, matrix_algorithm: str) -> str:
