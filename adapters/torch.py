@@ -40,8 +40,7 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 
-from asgo_core import (ASGOState, DASGOState, init_state, matrix_stack_shape,
-                       needs_root_refresh, step_terms)
+from asgo_core import ASGOState, DASGOState, init_state, matrix_stack_shape, needs_root_refresh, step_terms
 from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_from_group, import_entries,
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
@@ -55,9 +54,10 @@ from asgo_core.state_codec import member_states, stacked_state
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 
 # The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
-_ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
                for algorithm in ("asgo", "dasgo")}
+_ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
+
 
 @dataclass(frozen=True, eq=False)
 class Bucket:
@@ -337,7 +337,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         optimizer's dtype and device. names: as in portable_state."""
         pairs = self._params_and_groups()
         entries = import_entries(portable, self._identities(), names)
-        new_states = [self._state_from_entry(param, group, entry) for (param, group), entry in zip(pairs, entries)]
+        new_states = [self._state_from_entry(*pair, entry) for pair, entry in zip(pairs, entries)]
         for (param, _), state in zip(pairs, new_states):
             self.state[param] = state
 
