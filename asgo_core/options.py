@@ -197,7 +197,7 @@ def check_learning_rate(name: str, lr) -> None:
         floating = array_api_compat.array_namespace(lr).isdtype(lr.dtype, "real floating")
         if math.prod(lr.shape) != 1 or not floating:
             fail(name, lr, "a float or a one-element floating-point tensor")
-        lr = float(lr)
+        lr = float(lr.reshape(()))
     check_non_negative(name, lr)
 
 
