@@ -45,6 +45,7 @@ from asgo_core.buckets import Member, plan_buckets
 from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
+from asgo_core.keyed import is_finite, keyed_grads, nonfinite_keys, split_groups
 from asgo_core.layout import PermutedStack, block_layout, check_batch_dims_value
 from asgo_core.options import check_group_options, defaults, group_config, layout_options, signature
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
@@ -79,7 +80,7 @@ class _ArrayOptimizer:
                             f"accepted: {', '.join(self.defaults)}")
         self.defaults.update(options, lr=lr)
         self.param_groups = [dict(self.defaults, **overrides, params=arrays)
-                             for overrides, arrays in _split_groups(params)]
+                             for overrides, arrays in split_groups(params)]
         self._params = {key: array for group in self.param_groups
                         for key, array in group["params"].items()}
         for index, group in enumerate(self.param_groups):
@@ -91,7 +92,7 @@ class _ArrayOptimizer:
     # ---- public API -------------------------------------------------------------------
     def step(self, grads) -> None:
         """One step: grads (dict by key or list by position, like params) updates in place."""
-        grads = self._keyed_grads(grads)
+        grads = keyed_grads(grads, self._params)
         settings = [self._with_group_context(i, self._group_settings, g)
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
@@ -161,7 +162,7 @@ class _ArrayOptimizer:
         bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
                                                     bucket.counts, _converted_like)
                          for bucket in self._buckets]
-        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like)
+        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like, optional=("skipped",))
                        for slot in self._adamw_slots]
         self._set_states(bucket_states, slot_states, common_step(list(entries.values())))
 
@@ -247,23 +248,6 @@ class _ArrayOptimizer:
         return buckets, slots
 
     # ---- one step -----------------------------------------------------------------------
-    def _keyed_grads(self, grads) -> dict:
-        keys = list(self._params)
-        if isinstance(grads, dict):
-            missing = [key for key in keys if key not in grads]
-            extra = [key for key in grads if key not in self._params]
-            if missing or extra:
-                fail("grads", f"dict missing {missing}, unexpected {extra}", "a dict with the params' keys")
-        elif isinstance(grads, (list, tuple)):
-            if len(grads) != len(keys):
-                fail("grads", f"a sequence of {len(grads)} arrays", f"{len(keys)} arrays, one per param")
-            grads = dict(zip(keys, grads))
-        else:
-            fail("grads", type(grads).__name__, "a dict or list shaped like params")
-        for key in keys:
-            _check_grad(key, grads[key], self._params[key])
-        return grads
-
     @staticmethod
     def _stacked(bucket, arrays_by_key):
         """The bucket's (matrices, m, n) stack of one array per key (params or grads)."""
@@ -289,17 +273,14 @@ class _ArrayOptimizer:
         try:
             return core_step(G, bucket.state, W, config, refresh_root=refresh, update_dtype=update_dtype)
         except FloatingPointError:
-            raise FloatingPointError(f"non-finite gradient for {_nonfinite_keys(bucket.handles, grads)} "
+            raise FloatingPointError(f"non-finite gradient for {nonfinite_keys(bucket.handles, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
 
     def _check_adamw_finite(self, grads, settings) -> None:
         for slot in self._adamw_slots:
-            if settings[slot.group_index]["nonfinite"] == "raise":
-                grad = grads[slot.key]
-                xp = array_api_compat.array_namespace(grad)
-                if not bool(xp.all(xp.isfinite(grad))):
-                    raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
-                                             "no state was changed")
+            if settings[slot.group_index]["nonfinite"] == "raise" and not is_finite(grads[slot.key]):
+                raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
+                                         "no state was changed")
 
     def _rounds(self, group_index: int, param) -> bool:
         """Whether writes to param (or an array of its dtype) are rounded stochastically."""
@@ -409,63 +390,10 @@ ASGO.__signature__ = signature(("params", "lr"), defaults("asgo"))
 DASGO.__signature__ = signature(("params", "lr"), defaults("dasgo"))
 
 
-# ---- params and grads ---------------------------------------------------------------------
+# ---- params ---------------------------------------------------------------------------------
 def _array_identity(array) -> tuple:
     """What arrays stacked together must share besides their matrix shape."""
     return (str(array.dtype), str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
-
-
-def _split_groups(params):
-    """[(overrides, {key: array})] from a dict, a list of arrays, or a list of group dicts."""
-    if isinstance(params, dict):
-        groups = [({}, params)]
-    elif isinstance(params, (list, tuple)) and params and all(isinstance(p, dict) for p in params):
-        for index, group in enumerate(params):
-            if "params" not in group:
-                fail(f"params[{index}]", sorted(group), "a group dict with a 'params' entry")
-        groups = [({k: v for k, v in group.items() if k != "params"}, group["params"]) for group in params]
-    elif isinstance(params, (list, tuple)):
-        groups = [({}, params)]
-    else:
-        fail("params", type(params).__name__, "a dict name → array, a list of arrays, or a list of group dicts")
-    keyed, position, seen_keys, seen_arrays = [], 0, set(), set()
-    for overrides, arrays in groups:
-        if isinstance(arrays, dict):
-            if not all(isinstance(key, str) for key in arrays):
-                fail("params", list(arrays), "string names as dict keys")
-            items = dict(arrays)
-        else:
-            items = {position + offset: array for offset, array in enumerate(arrays)}
-        position += len(items)
-        for key, array in items.items():
-            if key in seen_keys or id(array) in seen_arrays:
-                fail("params", key, "each array and each name once")
-            seen_keys.add(key)
-            seen_arrays.add(id(array))
-        keyed.append((overrides, items))
-    if not seen_keys:
-        fail("params", params, "at least one array")
-    return keyed
-
-
-def _nonfinite_keys(keys, grads) -> list:
-    """The keys whose gradient has a NaN or inf (a host read, on the error path only); all keys
-    when none has: their squares overflowed the statistics dtype."""
-    xp = array_api_compat.array_namespace(grads[keys[0]])
-    return [key for key in keys if not bool(xp.all(xp.isfinite(grads[key])))] or list(keys)
-
-
-def _check_grad(key, grad, param) -> None:
-    if not array_api_compat.is_array_api_obj(grad):
-        fail(f"grads[{key!r}]", type(grad).__name__, "an array")
-    if tuple(grad.shape) != tuple(param.shape):
-        fail(f"grads[{key!r}]", f"shape {tuple(grad.shape)}", f"the param's shape {tuple(param.shape)}")
-    try:
-        xp = array_api_compat.array_namespace(grad, param)
-    except TypeError:
-        fail(f"grads[{key!r}]", type(grad).__name__, f"an array of the param's namespace ({type(param).__name__})")
-    if not xp.isdtype(grad.dtype, "real floating"):
-        fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
 
 
 # ---- state_dict helpers ---------------------------------------------------------------------

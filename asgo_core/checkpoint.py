@@ -370,14 +370,16 @@ def import_entries(portable_state: dict, params: list, names=None, per: str = "p
     return entries
 
 
-def arrays_from_entry(entry: dict, templates: dict, convert) -> dict:
+def arrays_from_entry(entry: dict, templates: dict, convert, optional=()) -> dict:
     """{key: convert(array, like)} for each key of templates (the state an adapter keeps
-    unstacked: AdamW's), shape and dtype kind checked. A key the entry's algorithm does not
-    require (an adapter's own counter, "skipped") may be absent and then starts at zero."""
+    unstacked: AdamW's), shape and dtype kind checked. A key in `optional` (an adapter's own
+    counter, "skipped") may be absent from the entry and then starts at zero."""
     import numpy as np
 
     values = {}
     for key, like in templates.items():
+        if key not in entry["arrays"] and key not in optional:
+            raise CheckpointError(f"checkpoint parameter {entry['name']!r} lacks array {key!r}")
         array = np.asarray(entry["arrays"][key]) if key in entry["arrays"] else np.zeros(tuple(like.shape))
         if array.shape != tuple(like.shape):
             raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "

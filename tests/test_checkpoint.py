@@ -231,11 +231,13 @@ def test_arrays_from_entry_checks_shape_and_kind_and_zeroes_an_optional_counter(
     entry = _exported()["params"][1]
     templates = {"exp_avg": np.ones(4), "exp_avg_sq": np.ones(4), "skipped": np.ones((), np.int32)}
     convert = lambda array, like: np.asarray(array, dtype=like.dtype)  # noqa: E731
-    loaded = arrays_from_entry(entry, templates, convert)
+    loaded = arrays_from_entry(entry, templates, convert, optional=("skipped",))
     assert np.array_equal(loaded["exp_avg"], entry["arrays"]["exp_avg"])
     assert loaded["skipped"] == 0 and loaded["skipped"].dtype == np.int32
+    with pytest.raises(CheckpointError, match="'b' lacks array 'skipped'"):
+        arrays_from_entry(entry, templates, convert)
     with pytest.raises(CheckpointError, match=r"'b': exp_avg has shape \(4,\), expected \(5,\)"):
         arrays_from_entry(entry, {"exp_avg": np.ones(5)}, convert)
     entry["arrays"]["exp_avg"] = entry["arrays"]["exp_avg"].astype(np.int64)
     with pytest.raises(CheckpointError, match="exp_avg has dtype int64"):
-        arrays_from_entry(entry, templates, convert)
+        arrays_from_entry(entry, templates, convert, optional=("skipped",))
