@@ -57,3 +57,36 @@ def split_named(named: dict, counts) -> list:
 def concat_named(parts: list, ops) -> dict:
     """The inverse of split_named."""
     return {name: concat([part[name] for part in parts], ops) for name in parts[0]}
+
+
+def member_states(state, counts, batch_shapes, reshape) -> list:
+    """The core state of a stack → one dict of fields per member, as an adapter that keeps its
+    state per parameter holds it: a per-matrix array with the member's batch shape in front
+    (momentum (m, n) for one matrix, (E, m, n) for a stack of E), a tuple field (gram, root) as
+    the list of its block groups' (matrices·blocks, size, size) arrays. reshape(array, shape)
+    should give views, so the members' arrays stay slices of the stack's."""
+    members = []
+    for named, batch_shape in zip(split_named(named_arrays(state), counts), batch_shapes):
+        fields = {}
+        for name, array in named.items():
+            field, _, group = name.partition("/")
+            if group:
+                fields.setdefault(field, []).append(array)  # named_arrays lists groups in order
+            else:
+                fields[field] = reshape(array, (*batch_shape, *array.shape[1:]))
+        members.append(fields)
+    return members
+
+
+def stacked_state(state_type, members: list, batch_dims: int, count, join):
+    """The inverse of member_states: a `state_type` whose arrays join(arrays, item_shape) stacks
+    from one array per member into (rows, *item_shape); other keys of the members are ignored."""
+    values = {"count": count}
+    for field in state_type._fields:
+        first = members[0].get(field)
+        if isinstance(first, list):
+            values[field] = tuple(join([member[field][group] for member in members], like.shape[1:])
+                                  for group, like in enumerate(first))
+        elif field != "count":
+            values[field] = join([member[field] for member in members], first.shape[batch_dims:])
+    return state_type(**values)
