@@ -80,8 +80,11 @@ def smallest_normal(x, xp) -> float:
 
 def supports_float64(xp, x) -> bool:
     """Whether casting x to float64 really gives float64 (JAX without x64 does not, and warns:
-    the warning is silenced, the answer is the probe's dtype)."""
+    the warning is silenced, the answer is the probe's dtype). Only JAX's probe runs inside
+    catch_warnings: torch.compile does not trace that context manager faithfully."""
     try:
+        if not array_api_compat.is_jax_array(x):
+            return xp.astype(x[..., :1, :1], xp.float64).dtype == xp.float64
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
             probe = xp.astype(x[..., :1, :1], xp.float64)
