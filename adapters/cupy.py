@@ -42,12 +42,12 @@ from asgo_core import adamw, init_state, needs_root_refresh, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
 from asgo_core.buckets import Member, plan_buckets
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
-                                  entry_names, portable, stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
+                                  import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
+from asgo_core.keyed import is_finite, keyed_grads, nonfinite_keys, split_groups
 from asgo_core.layout import PermutedStack, block_layout, check_batch_dims_value
-from asgo_core.options import (check_group_options, checkpoint_config, defaults, group_config, layout_options,
-                               signature)
+from asgo_core.options import check_group_options, defaults, group_config, layout_options, signature
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
@@ -80,7 +80,7 @@ class _ArrayOptimizer:
                             f"accepted: {', '.join(self.defaults)}")
         self.defaults.update(options, lr=lr)
         self.param_groups = [dict(self.defaults, **overrides, params=arrays)
-                             for overrides, arrays in _split_groups(params)]
+                             for overrides, arrays in split_groups(params)]
         self._params = {key: array for group in self.param_groups
                         for key, array in group["params"].items()}
         for index, group in enumerate(self.param_groups):
@@ -92,7 +92,7 @@ class _ArrayOptimizer:
     # ---- public API -------------------------------------------------------------------
     def step(self, grads) -> None:
         """One step: grads (dict by key or list by position, like params) updates in place."""
-        grads = self._keyed_grads(grads)
+        grads = keyed_grads(grads, self._params)
         settings = [self._with_group_context(i, self._group_settings, g)
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
@@ -150,40 +150,26 @@ class _ArrayOptimizer:
             arrays.update(zip(bucket.handles, stacked_state_entries(bucket.state, bucket.counts, _to_numpy)))
         for slot in self._adamw_slots:
             arrays[slot.key] = {name: _to_numpy(value) for name, value in slot.state.items()}
-        entries = []
-        for key, name in zip(self._params, self._entry_names(names)):
-            algorithm, config, batch_dims = self._portable_identity(key)
-            entries.append({"name": name, "algorithm": algorithm, "shape": list(self._params[key].shape),
-                            "step": self._step_count, "batch_dims": batch_dims, "config": config,
-                            "arrays": arrays[key]})
-        return portable(entries)
+        return export_portable(self._identities(), [arrays[key] for key in self._params], self._step_count,
+                               names, per="array")
 
     def load_portable_state(self, portable_state: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
         Every entry is checked (algorithm, shape, math-changing options, array shapes) before
         anything changes; a mismatch raises asgo_core.CheckpointError. Arrays keep this
         optimizer's namespace, dtype and device. names: as in portable_state."""
-        entries = dict(zip(self._params, entries_in_order(portable_state, self._entry_names(names))))
-        for key, entry in entries.items():
-            algorithm, config, batch_dims = self._portable_identity(key)
-            check_entry_matches(entry, name=entry["name"], algorithm=algorithm,
-                                shape=self._params[key].shape, config=config, batch_dims=batch_dims)
+        entries = dict(zip(self._params, import_entries(portable_state, self._identities(), names, per="array")))
         bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
                                                     bucket.counts, _converted_like)
                          for bucket in self._buckets]
-        slot_states = [_adamw_state_from_entry(slot.state, entries[slot.key]) for slot in self._adamw_slots]
+        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like, optional=("skipped",))
+                       for slot in self._adamw_slots]
         self._set_states(bucket_states, slot_states, common_step(list(entries.values())))
 
-    def _entry_names(self, names) -> list:
-        return entry_names(names, [str(key) for key in self._params], "array")
-
-    def _portable_identity(self, key) -> tuple:
-        """(algorithm, the options a checkpoint must share, batch_dims); lr is left out:
-        schedules change it. AdamW arrays are not matrices: their batch_dims is 0."""
-        group = next(g for g in self.param_groups if key in g["params"])
-        algorithm = self._algorithm_of(self._params[key], group)
-        batch_dims = 0 if algorithm == "adamw" else group["batch_dims"]
-        return algorithm, checkpoint_config(group, algorithm), batch_dims
+    def _identities(self) -> list:
+        """Each array's checkpoint identity, in key order."""
+        return [identity_from_group(str(key), group, self._algorithm_of(array, group), array.shape)
+                for group in self.param_groups for key, array in group["params"].items()]
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -262,23 +248,6 @@ class _ArrayOptimizer:
         return buckets, slots
 
     # ---- one step -----------------------------------------------------------------------
-    def _keyed_grads(self, grads) -> dict:
-        keys = list(self._params)
-        if isinstance(grads, dict):
-            missing = [key for key in keys if key not in grads]
-            extra = [key for key in grads if key not in self._params]
-            if missing or extra:
-                fail("grads", f"dict missing {missing}, unexpected {extra}", "a dict with the params' keys")
-        elif isinstance(grads, (list, tuple)):
-            if len(grads) != len(keys):
-                fail("grads", f"a sequence of {len(grads)} arrays", f"{len(keys)} arrays, one per param")
-            grads = dict(zip(keys, grads))
-        else:
-            fail("grads", type(grads).__name__, "a dict or list shaped like params")
-        for key in keys:
-            _check_grad(key, grads[key], self._params[key])
-        return grads
-
     @staticmethod
     def _stacked(bucket, arrays_by_key):
         """The bucket's (matrices, m, n) stack of one array per key (params or grads)."""
@@ -304,17 +273,14 @@ class _ArrayOptimizer:
         try:
             return core_step(G, bucket.state, W, config, refresh_root=refresh, update_dtype=update_dtype)
         except FloatingPointError:
-            raise FloatingPointError(f"non-finite gradient for {_nonfinite_keys(bucket.handles, grads)} "
+            raise FloatingPointError(f"non-finite gradient for {nonfinite_keys(bucket.handles, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
 
     def _check_adamw_finite(self, grads, settings) -> None:
         for slot in self._adamw_slots:
-            if settings[slot.group_index]["nonfinite"] == "raise":
-                grad = grads[slot.key]
-                xp = array_api_compat.array_namespace(grad)
-                if not bool(xp.all(xp.isfinite(grad))):
-                    raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
-                                             "no state was changed")
+            if settings[slot.group_index]["nonfinite"] == "raise" and not is_finite(grads[slot.key]):
+                raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
+                                         "no state was changed")
 
     def _rounds(self, group_index: int, param) -> bool:
         """Whether writes to param (or an array of its dtype) are rounded stochastically."""
@@ -424,63 +390,10 @@ ASGO.__signature__ = signature(("params", "lr"), defaults("asgo"))
 DASGO.__signature__ = signature(("params", "lr"), defaults("dasgo"))
 
 
-# ---- params and grads ---------------------------------------------------------------------
+# ---- params ---------------------------------------------------------------------------------
 def _array_identity(array) -> tuple:
     """What arrays stacked together must share besides their matrix shape."""
     return (str(array.dtype), str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
-
-
-def _split_groups(params):
-    """[(overrides, {key: array})] from a dict, a list of arrays, or a list of group dicts."""
-    if isinstance(params, dict):
-        groups = [({}, params)]
-    elif isinstance(params, (list, tuple)) and params and all(isinstance(p, dict) for p in params):
-        for index, group in enumerate(params):
-            if "params" not in group:
-                fail(f"params[{index}]", sorted(group), "a group dict with a 'params' entry")
-        groups = [({k: v for k, v in group.items() if k != "params"}, group["params"]) for group in params]
-    elif isinstance(params, (list, tuple)):
-        groups = [({}, params)]
-    else:
-        fail("params", type(params).__name__, "a dict name → array, a list of arrays, or a list of group dicts")
-    keyed, position, seen_keys, seen_arrays = [], 0, set(), set()
-    for overrides, arrays in groups:
-        if isinstance(arrays, dict):
-            if not all(isinstance(key, str) for key in arrays):
-                fail("params", list(arrays), "string names as dict keys")
-            items = dict(arrays)
-        else:
-            items = {position + offset: array for offset, array in enumerate(arrays)}
-        position += len(items)
-        for key, array in items.items():
-            if key in seen_keys or id(array) in seen_arrays:
-                fail("params", key, "each array and each name once")
-            seen_keys.add(key)
-            seen_arrays.add(id(array))
-        keyed.append((overrides, items))
-    if not seen_keys:
-        fail("params", params, "at least one array")
-    return keyed
-
-
-def _nonfinite_keys(keys, grads) -> list:
-    """The keys whose gradient has a NaN or inf (a host read, on the error path only); all keys
-    when none has: their squares overflowed the statistics dtype."""
-    xp = array_api_compat.array_namespace(grads[keys[0]])
-    return [key for key in keys if not bool(xp.all(xp.isfinite(grads[key])))] or list(keys)
-
-
-def _check_grad(key, grad, param) -> None:
-    if not array_api_compat.is_array_api_obj(grad):
-        fail(f"grads[{key!r}]", type(grad).__name__, "an array")
-    if tuple(grad.shape) != tuple(param.shape):
-        fail(f"grads[{key!r}]", f"shape {tuple(grad.shape)}", f"the param's shape {tuple(param.shape)}")
-    try:
-        xp = array_api_compat.array_namespace(grad, param)
-    except TypeError:
-        fail(f"grads[{key!r}]", type(grad).__name__, f"an array of the param's namespace ({type(param).__name__})")
-    if not xp.isdtype(grad.dtype, "real floating"):
-        fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
 
 
 # ---- state_dict helpers ---------------------------------------------------------------------
@@ -530,21 +443,6 @@ def _converted_like(value, like):
 def _to_numpy(value):
     import numpy as np
     return np.asarray(_host_or_same(value))
-
-
-def _adamw_state_from_entry(current: dict, entry: dict) -> dict:
-    """AdamW state from a checkpoint entry; "skipped" (this adapter's own counter) is optional."""
-    state = {}
-    for name, like in current.items():
-        if name not in entry["arrays"]:  # validate_portable_state ensured the others are present
-            state[name] = like * 0
-            continue
-        value = entry["arrays"][name]
-        if tuple(value.shape) != tuple(like.shape):
-            raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {name} has shape "
-                                  f"{tuple(value.shape)}, expected {tuple(like.shape)}")
-        state[name] = _as_like(like, value, name)
-    return state
 
 
 def _to_python(value):

@@ -43,9 +43,11 @@ import os
 import struct
 import zipfile
 import zlib
+from dataclasses import dataclass
 
 from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims
+from asgo_core.options import checkpoint_config
 from asgo_core.state_codec import named_arrays, split_named, state_from_named
 
 FORMAT = "asgo-portable-state"
@@ -316,3 +318,86 @@ def stacked_state_from_entries(template, entries, matrices_per_param, convert):
         values[key] = convert(np.concatenate(parts), like)
     count = convert(np.asarray(common_step(entries)), template.count)
     return state_from_named(type(template), values, count)
+
+
+# ---- export and import: what every adapter's portable_state / load_portable_state runs --------
+@dataclass(frozen=True)
+class ParamIdentity:
+    """One parameter as its checkpoint entry records it, less its step and arrays: the entry
+    name it has unless the caller passes names, and what an entry must match to load into it."""
+    name: str
+    algorithm: str
+    shape: tuple
+    config: dict          # the math-changing options (checkpoint_config); lr is left out
+    batch_dims: int = 0   # asgo/dasgo only; AdamW parameters are not matrices
+
+
+def identity_from_group(name: str, group: dict, algorithm: str, shape) -> ParamIdentity:
+    """The identity of a parameter of a param group with the torch-named options (the torch
+    and NumPy/CuPy adapters)."""
+    batch_dims = 0 if algorithm == "adamw" else group["batch_dims"]
+    return ParamIdentity(name, algorithm, tuple(shape), checkpoint_config(group, algorithm), batch_dims)
+
+
+def export_portable(params: list, arrays: list, steps, names=None, per: str = "parameter") -> dict:
+    """The portable-state dict of an optimizer: params (ParamIdentity, in the optimizer's order),
+    arrays (one {key: NumPy array} per param: stacked_state_entries for a matrix), steps (one
+    int for all, or one per param). names: the caller's entry names (one per `per`), None: the
+    params' own."""
+    import numpy as np
+
+    steps = steps if isinstance(steps, list) else [steps] * len(params)
+    entries = []
+    for param, name, param_arrays, step in zip(params, _names_of(params, names, per), arrays, steps):
+        entries.append({"name": name, "algorithm": param.algorithm, "shape": list(param.shape),
+                        "step": int(step), "batch_dims": param.batch_dims, "config": param.config,
+                        "arrays": {key: _widened(np.asarray(value)) for key, value in param_arrays.items()}})
+    return portable(entries)
+
+
+def import_entries(portable_state: dict, params: list, names=None, per: str = "parameter") -> list:
+    """The checkpoint entries for params (ParamIdentity), in their order, after every check
+    that needs no array of the optimizer: the header, the structure, one entry per name, and
+    each entry's algorithm, shape, batch_dims and options against its param. Raises
+    CheckpointError (a names argument of the wrong length: ValueError) before the adapter
+    changes anything; the arrays are checked where they are converted (stacked_state_from_entries,
+    arrays_from_entry), which the adapter does before it writes."""
+    _check_header(portable_state)
+    entries = entries_in_order(portable_state, _names_of(params, names, per))
+    for entry, param in zip(entries, params):
+        check_entry_matches(entry, name=entry["name"], algorithm=param.algorithm, shape=param.shape,
+                            config=param.config, batch_dims=param.batch_dims)
+    return entries
+
+
+def arrays_from_entry(entry: dict, templates: dict, convert, optional=()) -> dict:
+    """{key: convert(array, like)} for each key of templates (the state an adapter keeps
+    unstacked: AdamW's), shape and dtype kind checked. A key in `optional` (an adapter's own
+    counter, "skipped") may be absent from the entry and then starts at zero."""
+    import numpy as np
+
+    values = {}
+    for key, like in templates.items():
+        if key not in entry["arrays"] and key not in optional:
+            raise CheckpointError(f"checkpoint parameter {entry['name']!r} lacks array {key!r}")
+        array = np.asarray(entry["arrays"][key]) if key in entry["arrays"] else np.zeros(tuple(like.shape))
+        if array.shape != tuple(like.shape):
+            raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
+                                  f"{array.shape}, expected {tuple(like.shape)}")
+        if key in entry["arrays"]:
+            _check_kind(entry["name"], key, array)
+        values[key] = convert(array, like)
+    return values
+
+
+def _names_of(params: list, names, per: str) -> list:
+    return entry_names(names, [param.name for param in params], per)
+
+
+def _check_header(portable_state: dict) -> None:
+    """A dict built by hand may leave the header out (save_state writes it); a different one
+    is another format."""
+    header = (portable_state.get("format", FORMAT), portable_state.get("version", VERSION))
+    if header != (FORMAT, VERSION):
+        raise CheckpointError(f"portable state: format {header[0]!r} version {header[1]!r}; "
+                              f"expected {FORMAT!r} version {VERSION}")

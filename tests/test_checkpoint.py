@@ -177,3 +177,67 @@ def test_a_member_renamed_in_both_zip_headers_is_refused(tmp_path):
     path.write_bytes(content.replace(b"0/gram/0.npy", b"0/gram/1.npy"))
     with pytest.raises(CheckpointError, match="recorded"):
         load_state(path)
+
+
+# ---- the adapters' export and import routine ----------------------------------------------------
+def _identities():
+    from asgo_core.checkpoint import ParamIdentity
+    return [ParamIdentity("w", "asgo", (4, 6), {"beta2": 0.8}),
+            ParamIdentity("b", "adamw", (4,), {"betas": [0.9, 0.95]})]
+
+
+def _exported(steps=3, names=None):
+    from asgo_core.checkpoint import export_portable
+    arrays = portable_state()["params"]
+    return export_portable(_identities(), [entry["arrays"] for entry in arrays], steps, names)
+
+
+def test_export_records_each_identity_names_and_steps():
+    exported = _exported(steps=[3, 5], names=["layer.weight", "layer.bias"])
+    assert exported["format"] == "asgo-portable-state" and exported["version"] == 1
+    first, second = exported["params"]
+    assert (first["name"], first["algorithm"], first["shape"], first["step"], first["batch_dims"]) == \
+        ("layer.weight", "asgo", [4, 6], 3, 0)
+    assert (second["name"], second["step"], second["config"]) == ("layer.bias", 5, {"betas": [0.9, 0.95]})
+    assert _exported()["params"][1]["step"] == 3  # one int: every entry's step
+
+
+def test_import_returns_the_entries_in_the_params_order_after_the_identity_checks():
+    from asgo_core.checkpoint import import_entries
+    exported = _exported()
+    exported["params"].reverse()
+    assert [entry["name"] for entry in import_entries(exported, _identities())] == ["w", "b"]
+
+
+def test_import_names_the_entry_and_the_field_that_differs():
+    from asgo_core.checkpoint import ParamIdentity, import_entries
+    changed = [_identities()[0], ParamIdentity("b", "adamw", (4,), {"betas": [0.9, 0.99]})]
+    with pytest.raises(CheckpointError, match=r"'b'.*betas: checkpoint \[0.9, 0.95\] != optimizer \[0.9, 0.99\]"):
+        import_entries(_exported(), changed)
+    with pytest.raises(ValueError, match="names='1 names' is invalid; accepted: one per parameter"):
+        import_entries(_exported(), _identities(), names=["w"])
+
+
+def test_import_refuses_another_format_header():
+    from asgo_core.checkpoint import import_entries
+    exported = _exported()
+    exported["version"] = 2
+    with pytest.raises(CheckpointError, match="version 2"):
+        import_entries(exported, _identities())
+
+
+def test_arrays_from_entry_checks_shape_and_kind_and_zeroes_an_optional_counter():
+    from asgo_core.checkpoint import arrays_from_entry
+    entry = _exported()["params"][1]
+    templates = {"exp_avg": np.ones(4), "exp_avg_sq": np.ones(4), "skipped": np.ones((), np.int32)}
+    convert = lambda array, like: np.asarray(array, dtype=like.dtype)  # noqa: E731
+    loaded = arrays_from_entry(entry, templates, convert, optional=("skipped",))
+    assert np.array_equal(loaded["exp_avg"], entry["arrays"]["exp_avg"])
+    assert loaded["skipped"] == 0 and loaded["skipped"].dtype == np.int32
+    with pytest.raises(CheckpointError, match="'b' lacks array 'skipped'"):
+        arrays_from_entry(entry, templates, convert)
+    with pytest.raises(CheckpointError, match=r"'b': exp_avg has shape \(4,\), expected \(5,\)"):
+        arrays_from_entry(entry, {"exp_avg": np.ones(5)}, convert)
+    entry["arrays"]["exp_avg"] = entry["arrays"]["exp_avg"].astype(np.int64)
+    with pytest.raises(CheckpointError, match="exp_avg has dtype int64"):
+        arrays_from_entry(entry, templates, convert, optional=("skipped",))
