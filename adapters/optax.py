@@ -55,9 +55,8 @@ from optax.contrib import MuonDimensionNumbers
 
 import asgo_core
 from asgo_core.buckets import Bucket, Member, plan_buckets
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
-                                  stacked_state_entries, stacked_state_from_entries)
-from asgo_core.checkpoint import portable as portable_dict
+from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step, export_portable,
+                                  import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import ASGOConfig, DASGOConfig, fail, is_number
 from asgo_core.layout import PermutedStack
 from asgo_core.options import spelled, static_args
@@ -515,7 +514,7 @@ def portable_state(opt_state, params, config, *, adamw=None, names=None,
     layout = _Layout(params, config, adamw, weight_dimension_numbers)
     matrix_state = _only(opt_state, (ScaleByASGOState, ScaleByDASGOState))
     adam_state = _only(opt_state, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
-    arrays = {}
+    arrays = [None] * len(layout.views)
     if matrix_state is not None:
         for index, core_state in layout.core_states(matrix_state):
             count = layout.views[index].stack_shape[0]
@@ -523,13 +522,9 @@ def portable_state(opt_state, params, config, *, adamw=None, names=None,
     if adam_state is not None:
         for index, mu, nu in zip(layout.adamw_indices, jax.tree.leaves(adam_state.mu),
                                  jax.tree.leaves(adam_state.nu)):
-            arrays[index] = {"exp_avg": np.asarray(mu), "exp_avg_sq": np.asarray(nu)}
-    step = int((matrix_state if matrix_state is not None else adam_state).count)
-    entries = [{"name": name, "algorithm": algorithm, "shape": list(np.shape(leaf)), "step": step,
-                "batch_dims": batch_dims, "config": entry_config, "arrays": arrays[index]}
-               for index, (leaf, name, (algorithm, entry_config), batch_dims)
-               in enumerate(zip(layout.leaves, layout.names(names), layout.identities, layout.batch_dims))]
-    return portable_dict(entries)
+            arrays[index] = {"exp_avg": mu, "exp_avg_sq": nu}
+    step = (matrix_state if matrix_state is not None else adam_state).count
+    return export_portable(layout.identities, arrays, int(step), names, per="leaf")
 
 
 def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
@@ -538,13 +533,8 @@ def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
     is checked before the state is built; a mismatch raises asgo_core.CheckpointError. Arrays
     take the dtypes of tx.init(params) (float32 unless JAX x64 is enabled)."""
     layout = _Layout(params, config, adamw, weight_dimension_numbers)
-    entries = entries_in_order(portable, layout.names(names))
-    for leaf, entry, (algorithm, entry_config), batch_dims in zip(layout.leaves, entries, layout.identities,
-                                                                  layout.batch_dims):
-        check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=np.shape(leaf),
-                            config=entry_config, batch_dims=batch_dims)
+    entries = import_entries(portable, layout.identities, names, per="leaf")
     template = tx.init(params)
-    step = jnp.asarray(common_step(entries), jnp.int32)
     replacements = {}
     matrix_state = _only(template, (ScaleByASGOState, ScaleByDASGOState))
     if matrix_state is not None:
@@ -557,35 +547,42 @@ def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
                                                      matrix_state.count)
     adam_state = _only(template, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
     if adam_state is not None:
-        adamw_entries = [entries[i] for i in layout.adamw_indices]
+        moments = [arrays_from_entry(entries[index], {"exp_avg": mu, "exp_avg_sq": nu}, _jax_like)
+                   for index, mu, nu in zip(layout.adamw_indices, jax.tree.leaves(adam_state.mu),
+                                            jax.tree.leaves(adam_state.nu))]
+        treedef = jax.tree.structure(adam_state.mu)  # MaskedNode where the matrix leaves are
         replacements[optax.ScaleByAdamState] = adam_state._replace(
-            mu=_filled_like(adam_state.mu, adamw_entries, "exp_avg"),
-            nu=_filled_like(adam_state.nu, adamw_entries, "exp_avg_sq"))
+            mu=jax.tree.unflatten(treedef, [moment["exp_avg"] for moment in moments]),
+            nu=jax.tree.unflatten(treedef, [moment["exp_avg_sq"] for moment in moments]))
     is_replaced = lambda node: type(node) in replacements  # noqa: E731
     state = jax.tree.map(lambda node: replacements.get(type(node), node), template, is_leaf=is_replaced)
+    step = jnp.asarray(common_step(entries), jnp.int32)
     return optax.tree_utils.tree_set(state, count=step)  # every step counter, schedules' included
 
 
 class _Layout:
-    """Which leaves are matrices (and their matrix views) and which are AdamW's."""
+    """Which leaves are matrices (and their matrix views) and which are AdamW's, and the
+    identity (asgo_core.checkpoint.ParamIdentity) of each leaf."""
 
     def __init__(self, params, config, adamw, weight_dimension_numbers):
         paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-        self.paths = [path for path, _ in paths_and_leaves]
-        self.leaves = [leaf for _, leaf in paths_and_leaves]
+        leaves = [leaf for _, leaf in paths_and_leaves]
         numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, params)
-        self.views = [None if n is None else _matrix_view(path, np.shape(leaf), n)
-                      for path, leaf, n in zip(_leaf_paths(params), self.leaves, numbers)]
+        self.views = [None if n is None else _matrix_view(jax.tree_util.keystr(path), np.shape(leaf), n)
+                      for (path, leaf), n in zip(paths_and_leaves, numbers)]
         self.adamw_indices = [i for i, view in enumerate(self.views) if view is None]
         # the matrix transformation's trees: asgo()/dasgo() mask the AdamW leaves (optax.partition)
-        masked = [optax.MaskedNode() if view is None else leaf for leaf, view in zip(self.leaves, self.views)]
+        masked = [optax.MaskedNode() if view is None else leaf for leaf, view in zip(leaves, self.views)]
         self.matrix_treedef = jax.tree.structure(jax.tree.unflatten(treedef, masked))
-        self.batch_dims = [0 if view is None else view.batch_dims for view in self.views]
         algorithm = "asgo" if isinstance(config, ASGOConfig) else "dasgo"
         adamw_config = {key: list(value) if key == "betas" else value
                         for key, value in {**ADAMW_DEFAULTS, **(adamw or {})}.items()}
-        identity = (algorithm, dataclasses.asdict(config))
-        self.identities = [("adamw", adamw_config) if view is None else identity for view in self.views]
+        self.identities = []
+        for (path, leaf), view in zip(paths_and_leaves, self.views):
+            name, shape = jax.tree_util.keystr(path, simple=True, separator="."), tuple(np.shape(leaf))
+            self.identities.append(ParamIdentity(name, "adamw", shape, adamw_config) if view is None else
+                                   ParamIdentity(name, algorithm, shape, dataclasses.asdict(config),
+                                                 view.batch_dims))
 
     def core_states(self, matrix_state) -> list:
         """(leaf index, the core state of the leaf's matrices) for every matrix leaf."""
@@ -594,14 +591,6 @@ class _Layout:
         core_type = _CORE_TYPES[type(matrix_state)]
         return [(i, state_from_member_named(core_type, [named], [self.views[i]], matrix_state.count, jnp))
                 for i, named in zip(indices, leaf_states)]
-
-    def names(self, names) -> list:
-        if names is None:
-            return [jax.tree_util.keystr(path, simple=True, separator=".") for path in self.paths]
-        names = [str(name) for name in names]
-        if len(names) != len(self.leaves):
-            fail("names", f"{len(names)} names", f"one per leaf ({len(self.leaves)})")
-        return names
 
 
 def _only(opt_state, types, *, required=False):
@@ -616,19 +605,6 @@ def _only(opt_state, types, *, required=False):
 
 def _jax_like(array, like):
     return jnp.asarray(array, dtype=like.dtype)
-
-
-def _filled_like(tree, entries, key: str):
-    """tree (with MaskedNode for the matrix leaves) with its array leaves from the entries."""
-    leaves, treedef = jax.tree.flatten(tree)
-    filled = []
-    for like, entry in zip(leaves, entries):
-        value = np.asarray(entry["arrays"][key])
-        if value.shape != like.shape:
-            raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
-                                  f"{value.shape}, expected {like.shape}")
-        filled.append(_jax_like(value, like))
-    return jax.tree.unflatten(treedef, filled)
 
 
 def apply_updates_stochastic(params, updates, key):
