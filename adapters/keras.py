@@ -39,31 +39,29 @@ AdamW variables skip that variable's step too, counted in its `skipped` variable
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import warnings
 from dataclasses import dataclass
 
 import keras
 import numpy as np
+from array_api_compat import array_namespace
 from keras import ops
 
 from asgo_core import adamw, init_state, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.buckets import Member, plan_buckets
-from asgo_core.checkpoint import check_entry_matches, common_step, entries_in_order, entry_names, portable
-from asgo_core.checkpoint import stacked_state_entries, stacked_state_from_entries
-from asgo_core.config import check_non_negative, fail
+from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
+                                  import_entries, stacked_state_entries, stacked_state_from_entries)
+from asgo_core.config import fail
 from asgo_core.layout import PermutedStack
-from asgo_core.options import check_group_options, defaults, group_config, group_from, signature, spelled
+from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, checked_group, checkpoint_config,
+                                defaults, group_config, matches_path, signature)
 from asgo_core.precision import rounding_seed, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 
 __all__ = ["ASGO", "DASGO"]
 
 SUPPORTED_BACKENDS = ("jax", "torch")
-# This adapter's own options, besides the shared table's (asgo_core.options) and Keras' base ones.
-_OWN_DEFAULTS = dict(adam_lr_ratio=1.0, exclude_layers=None, exclude_embeddings=True, batch_dims=None)
+_PER_ENTRY = "variable with optimizer state"  # what a portable entry stands for, in messages
 
 
 def _check_backend() -> None:
@@ -74,56 +72,16 @@ def _check_backend() -> None:
                            "before importing keras.")
 
 
-def _check_learning_rate(name: str, value) -> None:
-    """A number >= 0, or a schedule / callable (Keras checks those)."""
-    if not callable(value):
-        check_non_negative(name, value)
-
-
-def _core_config(options: dict, matrix_algorithm: str):
-    """Check the options with the shared checks and build the core config; errors name the
-    options as this adapter does."""
-    try:
-        group = group_from(options, "keras", matrix_algorithm)
-        check_group_options(group, check_lr=_check_learning_rate)
-        return group_config(group, matrix_algorithm)
-    except ValueError as error:
-        raise ValueError(spelled(str(error), "keras")) from None
-
-
-def _check_patterns(name: str, patterns, accepted: str) -> None:
-    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-        fail(name, patterns, accepted)
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            fail(name, pattern, f"{accepted} (regex error: {error})")
-
-
-def _check_batch_dims_option(batch_dims) -> None:
-    accepted = "None or a dict {variable-path regex: integer >= 0}"
-    if batch_dims is None:
-        return
-    if not isinstance(batch_dims, dict):
-        fail("batch_dims", batch_dims, accepted)
-    _check_patterns("batch_dims", list(batch_dims), accepted)
-    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in batch_dims.values()):
-        fail("batch_dims", batch_dims, accepted)
-
-
 @dataclass(frozen=True)
-class _MatrixSlot:
-    """The optimizer variables of one matrix variable, by state_codec name."""
-    view: PermutedStack
-    state_type: type
+class _Slot:
+    """The optimizer variables of one model variable, by state_codec name: a matrix's core state
+    (view: its stack), or AdamW's (view None; torch.optim.AdamW's state and a counter)."""
+    view: PermutedStack | None
+    state_type: type              # the core state's, or dict
     variables: dict
 
-
-@dataclass(frozen=True)
-class _AdamWSlot:
-    """The optimizer variables of one AdamW variable (torch.optim.AdamW's state + a counter)."""
-    variables: dict
+    def values(self) -> dict:
+        return {name: variable.value for name, variable in self.variables.items()}
 
 
 class _MatrixOptimizer(keras.optimizers.Optimizer):
@@ -134,25 +92,20 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     def __init__(self, learning_rate=defaults("asgo", "keras")["learning_rate"], **options):
         _check_backend()
         table = defaults(self.matrix_algorithm, "keras")
-        ours = {name: options.pop(name, default) for name, default in (table | _OWN_DEFAULTS).items()}
+        ours = {name: options.pop(name, default) for name, default in table.items()}
         ours["learning_rate"] = learning_rate
-        config = _core_config(ours, self.matrix_algorithm)
-        check_non_negative("adam_lr_ratio", ours["adam_lr_ratio"])
-        _check_patterns("exclude_layers", ours["exclude_layers"] or [], "a list of variable-path regexes")
-        if not isinstance(ours["exclude_embeddings"], bool):
-            fail("exclude_embeddings", ours["exclude_embeddings"], "True | False")
-        _check_batch_dims_option(ours["batch_dims"])
+        group, config = checked_group(ours, "keras", self.matrix_algorithm, check_lr=check_rate_or_schedule)
         if config.nonfinite == "raise" and keras.backend.backend() == "jax":
             fail("nonfinite", "raise", "'skip' under the JAX backend ('raise' reads the gradients' "
                  "finiteness on the host, which a jitted train step cannot)")
-        super().__init__(learning_rate=learning_rate, weight_decay=ours["weight_decay"], **options)
+        super().__init__(learning_rate=learning_rate, weight_decay=group["weight_decay"], **options)
         self._options = {name: ours[name] for name in table if name != "learning_rate"}
+        self._group = group
         self._config = config
-        self._config_without_decay = dataclasses.replace(config, weight_decay=0.0)
-        self.adam_lr_ratio = ours["adam_lr_ratio"]
-        self.exclude_layers = list(ours["exclude_layers"] or [])
-        self.exclude_embeddings = ours["exclude_embeddings"]
-        self.batch_dims = dict(ours["batch_dims"]) if ours["batch_dims"] else None
+        self.adam_lr_ratio = group["adamw_lr_ratio"]
+        self.exclude_layers = group["exclude_layers"]
+        self.exclude_embeddings = group["exclude_embeddings"]
+        self.batch_dims = group["batch_dims_by_path"]
 
     # ---- which variables are matrices -----------------------------------------------------
     def uses_adamw(self, variable) -> bool:
@@ -161,16 +114,15 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             return True
         if self.exclude_embeddings and "embedding" in variable.path.lower():
             return True
-        return any(re.search(pattern, variable.path) for pattern in self.exclude_layers)
+        return matches_path(self.exclude_layers, variable.path)
 
-    def _batch_dims_of(self, variable) -> int:
-        for pattern, dims in (self.batch_dims or {}).items():
-            if re.search(pattern, variable.path):
-                return dims
-        return 0
-
-    def _config_of(self, variable):
-        return self._config if self._use_weight_decay(variable) else self._config_without_decay
+    def _group_of(self, variable) -> dict:
+        """The variable's options as a torch-named group (asgo_core.options): its batch_dims, and
+        no weight decay where exclude_from_weight_decay excludes it."""
+        group = dict(self._group, batch_dims=batch_dims_for_path(self.batch_dims, variable.path))
+        if not self._use_weight_decay(variable):
+            group.update(weight_decay=0.0, adamw_weight_decay=0.0)
+        return group
 
     # ---- building the state ---------------------------------------------------------------
     def build(self, var_list):
@@ -181,15 +133,16 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         self._slots = [self._add_slot(variable, plan) for variable, plan in zip(var_list, plans)]
 
     def _plan(self, variable):
-        """None (no state), "adamw", or (view, the zero core state of its stack)."""
+        """None (no state), or (view, the zero state of its stack); AdamW's state has no view."""
         if self._overwrite_variable_with_gradient(variable):
             return None
         if not keras.backend.is_float_dtype(variable.dtype):
             fail(f"variable {variable.path!r}", variable.dtype, "a real floating-point dtype")
         if self.uses_adamw(variable):
-            return "adamw"
+            zeros = ops.zeros(variable.shape, variable.dtype)
+            return None, adamw.zero_state(zeros, array_namespace(zeros))
         try:
-            view = PermutedStack.outputs_last(tuple(variable.shape), self._batch_dims_of(variable))
+            view = PermutedStack.outputs_last(tuple(variable.shape), self._group_of(variable)["batch_dims"])
             return view, init_state(ops.zeros(view.stack_shape, variable.dtype), self._config)
         except ValueError as error:
             raise ValueError(f"variable {variable.path!r}: {error}") from None
@@ -197,16 +150,12 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     def _add_slot(self, variable, plan):
         if plan is None:
             return None
-        path = variable.path.replace("/", "_")
-        add = lambda name, shape, dtype: self.add_variable(  # noqa: E731
-            shape, dtype=keras.backend.standardize_dtype(dtype), name=f"{path}_{name.replace('/', '_')}")
-        if plan == "adamw":
-            dtype = keras.backend.result_type(variable.dtype, "float32")
-            return _AdamWSlot({name: add(name, variable.shape, dtype) for name in ("exp_avg", "exp_avg_sq")}
-                              | {"skipped": add("skipped", (), "int32")})
         view, state = plan
-        variables = {name: add(name, shape, dtype) for name, shape, dtype in flat_spec(state)}
-        return _MatrixSlot(view, type(state), variables)
+        path = variable.path.replace("/", "_")
+        variables = {name: self.add_variable(shape, dtype=keras.backend.standardize_dtype(dtype),
+                                             name=f"{path}_{name.replace('/', '_')}")
+                     for name, shape, dtype in flat_spec(state)}
+        return _Slot(view, type(state), variables)
 
     # ---- one step -------------------------------------------------------------------------
     def _apply_weight_decay(self, variables):
@@ -219,7 +168,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             _check_gradient(grad, variable, self._config.nonfinite)
         for grad, variable in zip(grads, trainable_variables):
             slot = self._slots[self._get_variable_index(variable)]
-            if isinstance(slot, _AdamWSlot):
+            if slot.view is None:
                 writes += self._adamw_step(grad, variable, slot, lr)
             else:
                 members.append(Member((variable, slot), slot.view))
@@ -234,19 +183,17 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
     def _matrix_step(self, bucket, grads: list, lr) -> list:
         """One core step on the bucket's stack; returns (variable, new value) pairs."""
         variables, slots = zip(*bucket.handles)
-        config = self._config_of(variables[0])
+        config = group_config(self._group_of(variables[0]), self.matrix_algorithm)
         params = bucket.gather([variable.value for variable in variables], ops)
-        named = concat_named([{name: v.value for name, v in slot.variables.items()} for slot in slots], ops)
+        named = concat_named([slot.values() for slot in slots], ops)
         state = state_from_named(slots[0].state_type, named, ops.cast(self.iterations, "int32"))
         stacked_grads = bucket.gather(grads, ops)
         rounds = self._rounds(params.dtype)
-        update_dtype = statistics_dtype(params.dtype, _namespace(params)) if rounds else None
+        update_dtype = statistics_dtype(params.dtype, array_namespace(params)) if rounds else None
 
         def run(refresh_root: bool):
-            with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
-                warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
-                update, new_state = core_step(stacked_grads, state, params, config, refresh_root=refresh_root,
-                                              update_dtype=update_dtype)
+            update, new_state = core_step(stacked_grads, state, params, config, refresh_root=refresh_root,
+                                          update_dtype=update_dtype)
             return update, named_arrays(new_state)
 
         frequency = getattr(config, "precondition_frequency", 1)
@@ -266,17 +213,15 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             writes += [(slot.variables[name], value) for name, value in part.items()]
         return writes
 
-    def _adamw_step(self, grad, variable, slot: _AdamWSlot, lr) -> list:
+    def _adamw_step(self, grad, variable, slot: _Slot, lr) -> list:
         """torch.optim.AdamW's step (asgo_core.adamw); a non-finite gradient leaves the variable
         and its state as they were and is counted."""
         state = slot.variables
         dtype = state["exp_avg"].dtype
-        decay = self._options["adam_weight_decay"] if self._use_weight_decay(variable) else 0.0
-        hyper = adamw.hyperparameters(
-            lr=ops.cast(lr, dtype) * self.adam_lr_ratio, eps=self._options["adam_epsilon"],
-            weight_decay=decay, betas=(self._options["adam_beta_1"], self._options["adam_beta_2"]),
-            step=ops.cast(self.iterations + 1, dtype))
-        xp = _namespace(variable.value)
+        hyper = adamw.hyperparameters(lr=ops.cast(lr, dtype) * self.adam_lr_ratio,
+                                      step=ops.cast(self.iterations + 1, dtype),
+                                      **checkpoint_config(self._group_of(variable), "adamw"))
+        xp = array_namespace(variable.value)
         uniform = (self._uniform(variable.shape, dtype, self._get_variable_index(variable))
                    if self._rounds(variable.dtype) else None)
         new_param, exp_avg, exp_avg_sq, finite = adamw.adamw_step(
@@ -287,12 +232,12 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
 
     def _rounds(self, dtype) -> bool:
         """Whether writes to variables of this dtype are rounded stochastically."""
-        return self._options["param_rounding"] == "stochastic" and \
+        return self._group["param_rounding"] == "stochastic" and \
             keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
 
     def _stochastically_rounded(self, value, dtype, stream: int):
         uniform = self._uniform(ops.shape(value), value.dtype, stream)
-        return stochastic_round(value, dtype, uniform, _namespace(value))
+        return stochastic_round(value, dtype, uniform, array_namespace(value))
 
     def _uniform(self, shape, dtype, stream: int):
         """Uniform numbers in [0, 1) from a stateless seed made of the stream and the step count
@@ -310,18 +255,9 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         """The state in the framework-neutral format of asgo_core.checkpoint, one entry per
         variable with optimizer state in build order; names: one per such variable (None: the
         variables' paths). A host read of every state array."""
-        step = int(ops.convert_to_numpy(self.iterations))
-        entries = []
-        for (variable, slot), name in zip(self._stateful(), self._entry_names(names)):
-            identity = self._portable_identity(variable, slot)
-            if isinstance(slot, _MatrixSlot):
-                state = state_from_named(slot.state_type, {n: v.value for n, v in slot.variables.items()},
-                                         ops.convert_to_numpy(self.iterations))
-                arrays = stacked_state_entries(state, [slot.view.stack_shape[0]], ops.convert_to_numpy)[0]
-            else:
-                arrays = {n: ops.convert_to_numpy(v) for n, v in slot.variables.items()}
-            entries.append(dict(name=name, step=step, arrays=arrays, **identity))
-        return portable(entries)
+        arrays = [self._slot_arrays(slot) for _, slot in self._stateful()]
+        return export_portable(self._identities(), arrays, int(ops.convert_to_numpy(self.iterations)),
+                               names, per=_PER_ENTRY)
 
     def load_portable_state(self, portable_state: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export) into
@@ -330,51 +266,45 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             fail("load_portable_state", "an optimizer that is not built",
                  "a built optimizer: call optimizer.build(model.trainable_variables) first")
-        stateful = self._stateful()
-        entries = entries_in_order(portable_state, self._entry_names(names))
-        for (variable, slot), entry in zip(stateful, entries):
-            identity = self._portable_identity(variable, slot)
-            check_entry_matches(entry, name=entry["name"], **identity)
+        entries = import_entries(portable_state, self._identities(), names, per=_PER_ENTRY)
         writes = [(self.iterations, common_step(entries))]
-        for (_, slot), entry in zip(stateful, entries):
+        for (_, slot), entry in zip(self._stateful(), entries):
             writes += self._slot_writes(slot, entry)
         for target, value in writes:
             target.assign(value)
 
-    def _slot_writes(self, slot, entry) -> list:
-        if isinstance(slot, _AdamWSlot):
-            template = {name: np.zeros(v.shape, v.dtype) for name, v in slot.variables.items()}
-            arrays = dict(template, **entry["arrays"])
-            return [(v, _converted(arrays[name], v)) for name, v in slot.variables.items()]
-        template = state_from_named(slot.state_type, {n: v.value for n, v in slot.variables.items()},
-                                    np.zeros((), np.int32))
-        state = stacked_state_from_entries(template, [entry], [slot.view.stack_shape[0]], _converted)
-        return [(slot.variables[name], value) for name, value in named_arrays(state).items()]
+    @staticmethod
+    def _slot_arrays(slot) -> dict:
+        if slot.view is None:
+            return {name: ops.convert_to_numpy(value) for name, value in slot.values().items()}
+        state = state_from_named(slot.state_type, slot.values(), 0)
+        return stacked_state_entries(state, [slot.view.stack_shape[0]], ops.convert_to_numpy)[0]
+
+    @staticmethod
+    def _slot_writes(slot, entry) -> list:
+        if slot.view is None:
+            arrays = arrays_from_entry(entry, slot.variables, _converted, optional=("skipped",))
+        else:
+            template = state_from_named(slot.state_type, slot.values(), np.zeros((), np.int32))
+            state = stacked_state_from_entries(template, [entry], [slot.view.stack_shape[0]], _converted)
+            arrays = named_arrays(state)
+        return [(slot.variables[name], value) for name, value in arrays.items()]
 
     def _stateful(self) -> list:
         return [(v, slot) for v, slot in zip(self._trainable_variables, self._slots) if slot is not None]
 
-    def _entry_names(self, names) -> list:
-        return entry_names(names, [variable.path for variable, _ in self._stateful()],
-                           "variable with optimizer state")
-
-    def _portable_identity(self, variable, slot) -> dict:
-        """What a checkpoint entry must agree with: algorithm, shape (torch layout for a matrix),
-        batch_dims and the math-changing options (lr left out: schedules change it)."""
-        if isinstance(slot, _AdamWSlot):
-            decay = self._options["adam_weight_decay"] if self._use_weight_decay(variable) else 0.0
-            config = {"betas": [self._options["adam_beta_1"], self._options["adam_beta_2"]],
-                      "eps": self._options["adam_epsilon"], "weight_decay": decay}
-            return dict(algorithm="adamw", shape=list(variable.shape), batch_dims=0, config=config)
-        return dict(algorithm=self.matrix_algorithm, shape=list(slot.view.permuted_shape),
-                    batch_dims=self._batch_dims_of(variable),
-                    config=dataclasses.asdict(self._config_of(variable)))
+    def _identities(self) -> list:
+        """Each variable with optimizer state as its checkpoint entry records it: a matrix in the
+        torch layout (outputs first)."""
+        return [identity_from_group(variable.path, self._group_of(variable),
+                                    "adamw" if slot.view is None else self.matrix_algorithm,
+                                    variable.shape if slot.view is None else slot.view.permuted_shape)
+                for variable, slot in self._stateful()]
 
     # ---- serialization --------------------------------------------------------------------
     def get_config(self):
         config = super().get_config()
-        config.update(self._options, adam_lr_ratio=self.adam_lr_ratio, exclude_layers=self.exclude_layers,
-                      exclude_embeddings=self.exclude_embeddings, batch_dims=self.batch_dims)
+        config.update(self._options)
         return config
 
 
@@ -390,17 +320,8 @@ def _check_gradient(grad, variable, nonfinite: str) -> None:
         raise FloatingPointError(f"non-finite {where} (nonfinite='raise'); no state was changed")
 
 
-def _namespace(x):
-    import array_api_compat
-    return array_api_compat.array_namespace(x)
-
-
 def _converted(array, like):
-    """A checkpoint array as a tensor of like's dtype (the shape is checked by the caller)."""
-    if tuple(np.shape(array)) != tuple(like.shape):
-        from asgo_core import CheckpointError
-        raise CheckpointError(f"checkpoint array of shape {tuple(np.shape(array))}, "
-                              f"expected {tuple(like.shape)}")
+    """A checkpoint array (its shape checked by asgo_core.checkpoint) as a tensor of like's dtype."""
     return ops.convert_to_tensor(np.asarray(array), dtype=like.dtype)
 
 
@@ -430,5 +351,5 @@ class DASGO(_MatrixOptimizer):
     matrix_algorithm = "dasgo"
 
 
-ASGO.__signature__ = signature(("learning_rate",), defaults("asgo", "keras") | _OWN_DEFAULTS)
-DASGO.__signature__ = signature(("learning_rate",), defaults("dasgo", "keras") | _OWN_DEFAULTS)
+ASGO.__signature__ = signature(("learning_rate",), defaults("asgo", "keras"))
+DASGO.__signature__ = signature(("learning_rate",), defaults("dasgo", "keras"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import array_api_compat
 
@@ -78,9 +79,12 @@ def smallest_normal(x, xp) -> float:
 
 
 def supports_float64(xp, x) -> bool:
-    """Whether casting x to float64 really gives float64 (JAX without x64 silently does not)."""
+    """Whether casting x to float64 really gives float64 (JAX without x64 does not, and warns:
+    the warning is silenced, the answer is the probe's dtype)."""
     try:
-        probe = xp.astype(x[..., :1, :1], xp.float64)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
+            probe = xp.astype(x[..., :1, :1], xp.float64)
     except Exception:
         return False
     return probe.dtype == xp.float64

@@ -7,7 +7,7 @@ once the state exists), and how each framework spells it. From the table come th
 signature defaults (`defaults`), error messages in the caller's names (`spelled`), the
 per-algorithm static-argument sets of optax.inject_hyperparams (`static_args`) and the layout
 options (`layout_options`). Adding an option is adding a row; its check lives with the config
-(asgo_core.config) or, for the adapter-level options, in `check_group_options`.
+(asgo_core.config), in `check_group_options`, or in the row's `check` (an adapter's own option).
 
 Frameworks: "torch" (the torch and NumPy/CuPy adapters: torch.optim's names, betas as pairs),
 "keras" (keras.optimizers' names) and "optax". A spelling of None: the framework lacks it.
@@ -42,6 +42,7 @@ class Option:
     layout: bool = False            # shapes the state: cannot change once the state exists
     spellings: dict = field(default_factory=dict)  # framework → name (None: absent); else `name`
     pair: tuple = ()                # a (first, second) pair of two other options (betas)
+    check: Any = None               # check(name, value) of an option the config does not have
 
     def spelling(self, framework: str):
         return self.spellings.get(framework, self.name)
@@ -54,8 +55,58 @@ class Option:
         return self.default
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        fail(name, value, "True | False")
+
+
+def check_rate_or_schedule(name: str, value) -> None:
+    """A learning rate: a number >= 0, or a schedule / callable (the framework checks those)."""
+    if not callable(value):
+        check_non_negative(name, value)
+
+
+def check_path_patterns(name: str, patterns, accepted="None or a list of variable-path regexes") -> None:
+    """None, or a list of regexes that compile."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str) or not all(isinstance(pattern, str) for pattern in patterns):
+        fail(name, patterns, accepted)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            fail(name, pattern, f"{accepted} (regex error: {error})")
+
+
+def check_batch_dims_by_path(name: str, batch_dims) -> None:
+    """None, or {variable-path regex: batch_dims} (Keras' batch_dims)."""
+    accepted = "None or a dict {variable-path regex: integer >= 0}"
+    if batch_dims is None:
+        return
+    if not isinstance(batch_dims, dict):
+        fail(name, batch_dims, accepted)
+    check_path_patterns(name, list(batch_dims), accepted)
+    if not all(is_number(dims) and isinstance(dims, int) and dims >= 0 for dims in batch_dims.values()):
+        fail(name, batch_dims, accepted)
+
+
+def matches_path(patterns, path: str) -> bool:
+    """Whether a regex of `patterns` (None: none) matches somewhere in `path`."""
+    return any(re.search(pattern, path) for pattern in patterns or ())
+
+
+def batch_dims_for_path(batch_dims_by_path, path: str) -> int:
+    """The batch_dims of the first regex of `batch_dims_by_path` that matches `path`; 0 if none."""
+    for pattern, dims in (batch_dims_by_path or {}).items():
+        if re.search(pattern, path):
+            return dims
+    return 0
+
+
 _SEPARATE = {"torch": None}  # torch.optim spells the two betas as one pair
 _PAIRED = {"keras": None, "optax": None}
+_KERAS_ONLY = {"torch": None, "optax": None}
 OPTIONS = (
     Option("lr", default=1e-2, spellings={"keras": "learning_rate", "optax": "learning_rate"}),
     Option("betas", pair=("beta1", "beta2"), spellings=_PAIRED),
@@ -89,6 +140,14 @@ OPTIONS = (
     Option("maximize", default=False, spellings=_PAIRED),
     Option("algorithm", default=None, spellings=_PAIRED),
     Option("batch_dims", default=0, layout=True, spellings=_PAIRED),
+    # Keras' own, with keras.optimizers.Muon's names: the AdamW variables' lr as a ratio of the
+    # learning rate, the variables routed to AdamW, and batch_dims by variable path
+    Option("adamw_lr_ratio", default=1.0, spellings=_KERAS_ONLY | {"keras": "adam_lr_ratio"},
+           check=check_non_negative),
+    Option("exclude_layers", default=None, spellings=_KERAS_ONLY, check=check_path_patterns),
+    Option("exclude_embeddings", default=True, spellings=_KERAS_ONLY, check=check_bool),
+    Option("batch_dims_by_path", default=None, spellings=_KERAS_ONLY | {"keras": "batch_dims"},
+           check=check_batch_dims_by_path),
 )
 _BY_NAME = {row.name: row for row in OPTIONS}
 
@@ -184,11 +243,24 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
     check_betas("adamw_betas", group["adamw_betas"], beta2_may_be_one=False)
     check_non_negative("adamw_eps", group["adamw_eps"])
     check_non_negative("adamw_weight_decay", group["adamw_weight_decay"])
-    if not isinstance(group["maximize"], bool):
-        fail("maximize", group["maximize"], "True | False")
+    check_bool("maximize", group["maximize"])
     check_param_rounding(group["param_rounding"])
     if group["algorithm"] is not None and group["algorithm"] not in ALGORITHMS:
         fail("algorithm", group["algorithm"], "None | " + " | ".join(map(repr, ALGORITHMS)))
+    for row in OPTIONS:
+        if row.check is not None and row.name in group:
+            row.check(row.name, group[row.name])
+
+
+def checked_group(options: dict, framework: str, algorithm: str, check_lr=check_non_negative) -> tuple:
+    """(group, config) of options spelled the `framework`'s way (group_from), checked by the
+    shared checks; an error names the options as the framework spells them."""
+    try:
+        group = group_from(options, framework, algorithm)
+        check_group_options(group, check_lr=check_lr)
+        return group, group_config(group, algorithm)
+    except ValueError as error:
+        raise ValueError(spelled(str(error), framework)) from None
 
 
 def group_config(group: dict, algorithm: str):

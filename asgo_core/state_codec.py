@@ -41,8 +41,10 @@ def state_from_named(state_type, named: dict, count):
 
 
 def flat_spec(state) -> tuple:
-    """((name, shape, dtype), ...) of named_arrays(state): what one variable per array needs."""
-    return tuple((name, tuple(array.shape), array.dtype) for name, array in named_arrays(state).items())
+    """((name, shape, dtype), ...) of named_arrays(state), or of a dict of named arrays (AdamW's
+    state): what one variable per array needs."""
+    named = state if isinstance(state, dict) else named_arrays(state)
+    return tuple((name, tuple(array.shape), array.dtype) for name, array in named.items())
 
 
 def split_named(named: dict, counts) -> list:
