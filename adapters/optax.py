@@ -43,8 +43,6 @@ MuonDimensionNumbers(reduction_axis=1, output_axis=0) for (out, in), (2, 1) for 
 from __future__ import annotations
 
 import dataclasses
-import math
-import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -57,9 +55,9 @@ import asgo_core
 from asgo_core.buckets import Bucket, Member, plan_buckets
 from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step, export_portable,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
-from asgo_core.config import ASGOConfig, DASGOConfig, fail, is_number
+from asgo_core.config import ASGOConfig
 from asgo_core.layout import PermutedStack
-from asgo_core.options import spelled, static_args
+from asgo_core.options import check_rate_or_schedule, checked_group, static_args
 from asgo_core.precision import stochastic_round
 from asgo_core.state_codec import member_named, state_from_member_named
 
@@ -245,42 +243,35 @@ def _sharded_like(x, like):
 
 # ----------------------------------------------------------------------------- the transformation
 
-def _core_config(config_type, options: dict):
-    """Build the core config, reporting a bad option under its optax name."""
-    for name, value in options.items():
-        if hasattr(value, "shape"):
+def _core_config(algorithm: str, arguments: dict):
+    """The core config of scale_by_*()'s or asgo()/dasgo()'s options, checked by the options
+    table's checks (errors in optax's names). An array is an injected hyperparameter
+    (optax.inject_hyperparams): unchecked where one may be injected, refused elsewhere."""
+    options = {}
+    for name, value in arguments.items():
+        if not (hasattr(value, "shape") and not isinstance(value, (int, float))):
+            options[name] = value
+        elif name not in _INJECTABLE:
             raise ValueError(f"{name}={value!r} is invalid; accepted: a Python value (it shapes the "
                              "traced program). With optax.inject_hyperparams pass static_args="
-                             f"asgo_core.adapters.optax.{config_type.__name__[:-6].upper()}_STATIC_ARGS")
-    core_options = {("beta1" if k == "b1" else "beta2" if k == "b2" else k): v for k, v in options.items()}
-    try:
-        return config_type(weight_decay=0.0, **core_options)
-    except ValueError as error:
-        raise ValueError(spelled(str(error), "optax")) from None
+                             f"asgo_core.adapters.optax.{algorithm.upper()}_STATIC_ARGS")
+    return checked_group(options, "optax", algorithm, check_lr=check_rate_or_schedule)[1]
 
 
-def _check_number(name: str, value, *, below_one: bool = False) -> None:
-    """Numbers are checked here; arrays (optax.inject_hyperparams) and schedules pass."""
-    if hasattr(value, "shape") and not isinstance(value, (int, float)):
-        return
-    if not is_number(value):
-        fail(name, value, "a number")
-    if not (value >= 0.0 and (value < 1.0 if below_one else math.isfinite(value))):
-        fail(name, value, "a number in [0, 1)" if below_one else "a finite number >= 0")
-
-
-def _scale_by_core(config_type, state_type, name: str, arguments: dict) -> optax.GradientTransformation:
-    """`arguments`: scale_by_asgo()'s / scale_by_dasgo()'s, by name; all but three are the config's."""
+def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformation:
+    """`arguments`: scale_by_asgo()'s / scale_by_dasgo()'s, by name."""
     weight_decay, weight_decay_mask, weight_dimension_numbers = (
-        arguments.pop(key) for key in ("weight_decay", "weight_decay_mask", "weight_dimension_numbers"))
-    config = _core_config(config_type, arguments)
+        arguments[key] for key in ("weight_decay", "weight_decay_mask", "weight_dimension_numbers"))
+    # the decay is applied here (a mask, an injected weight_decay), not by the core
+    config = dataclasses.replace(_core_config(algorithm, arguments), weight_decay=0.0)
     if config.nonfinite != "skip":
         raise ValueError(f"nonfinite={config.nonfinite!r} is invalid here; accepted: 'skip' "
                          "('raise' needs a host read, which jax.jit does not allow)")
-    _check_number("weight_decay", weight_decay)
-    has_root = isinstance(config, ASGOConfig)
-    refresh_every = config.precondition_frequency if has_root else 1
+    state_type = ScaleByASGOState if algorithm == "asgo" else ScaleByDASGOState
     core_type = _CORE_TYPES[state_type]
+    has_root = algorithm == "asgo"
+    refresh_every = config.precondition_frequency if has_root else 1
+    name = f"scale_by_{algorithm}"
 
     def plan_for(tree, kind: str):
         leaves, paths = jax.tree.leaves(tree), _leaf_paths(tree)
@@ -304,11 +295,6 @@ def _scale_by_core(config_type, state_type, name: str, arguments: dict) -> optax
                 states[i] = dict(named, momentum=jnp.zeros_like(leaves[i], dtype=named["momentum"].dtype))
         return _state_of(state_type, states, jax.tree.structure(params), jnp.zeros((), jnp.int32))
 
-    def core_step(grad, core_state, refresh_root: bool):
-        with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
-            warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
-            return asgo_core.step(grad, core_state, None, config, refresh_root=refresh_root)
-
     def update_fn(updates, state, params=None):
         if params is not None and jax.tree.structure(params) == jax.tree.structure(updates):
             _check_shapes_match(updates, params)
@@ -326,8 +312,8 @@ def _scale_by_core(config_type, state_type, name: str, arguments: dict) -> optax
             for bucket in buckets:
                 before = state_from_member_named(core_type, [gathered[i] for i in bucket.handles],
                                                  bucket.views, state.count, jnp)
-                direction, after = core_step(bucket.gather([grads[i] for i in bucket.handles], jnp), before,
-                                             refresh_root)
+                grad = bucket.gather([grads[i] for i in bucket.handles], jnp)
+                direction, after = asgo_core.step(grad, before, None, config, refresh_root=refresh_root)
                 update = _with_weight_decay(direction, bucket, params, weight_decay, decay_mask)
                 skipped_now = (after.skipped - before.skipped)[:, None, None] > 0
                 for i, leaf_update, named in zip(bucket.handles,
@@ -416,7 +402,7 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
     weight_dimension_numbers: a MuonDimensionNumbers prefix tree or callable; None treats every
     leaf as a 2-D (in, out) matrix. Bad options raise ValueError here, naming the option.
     """
-    return _scale_by_core(ASGOConfig, ScaleByASGOState, "scale_by_asgo", dict(locals()))
+    return _scale_by_core("asgo", dict(locals()))
 
 
 def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
@@ -425,27 +411,23 @@ def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                    weight_decay: float = 0.0, weight_decay_mask: Any = None,
                    weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO's update (diagonal statistics over each matrix's inputs); see scale_by_asgo."""
-    return _scale_by_core(DASGOConfig, ScaleByDASGOState, "scale_by_dasgo", dict(locals()))
+    return _scale_by_core("dasgo", dict(locals()))
 
 
 # ----------------------------------------------------------------------------- full optimizers
 
+# The options of the AdamW leaves, and the ones optax.inject_hyperparams may inject as arrays
 _ADAMW_ARGS = ("learning_rate", "adam_b1", "adam_b2", "adam_eps", "adam_weight_decay", "adam_learning_rate")
+_INJECTABLE = _ADAMW_ARGS + ("weight_decay",)
 
 
-def _with_adamw(scale_by, arguments: dict) -> optax.GradientTransformation:
-    """Partition: matrix leaves → scale_by(the matrix arguments) then the learning rate; the
+def _with_adamw(algorithm: str, arguments: dict) -> optax.GradientTransformation:
+    """Partition: matrix leaves → scale_by_*(the matrix arguments) then the learning rate; the
     others → AdamW. `arguments`: asgo()/dasgo()'s, by name."""
-    learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_learning_rate = (
-        arguments.pop(name) for name in _ADAMW_ARGS)
+    options = {name: arguments.pop(name) for name in _ADAMW_ARGS}
+    _core_config(algorithm, options)  # the learning rates and adam_* through the table's checks
+    learning_rate, adam_learning_rate = options["learning_rate"], options["adam_learning_rate"]
     weight_dimension_numbers = arguments["weight_dimension_numbers"]
-    for name, rate in (("learning_rate", learning_rate), ("adam_learning_rate", adam_learning_rate)):
-        if not callable(rate) and not (name == "adam_learning_rate" and rate is None):
-            _check_number(name, rate)
-    _check_number("adam_b1", adam_b1, below_one=True)
-    _check_number("adam_b2", adam_b2, below_one=True)
-    _check_number("adam_eps", adam_eps)
-    _check_number("adam_weight_decay", adam_weight_decay)
 
     def labels(params):
         numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, params)
@@ -453,7 +435,9 @@ def _with_adamw(scale_by, arguments: dict) -> optax.GradientTransformation:
         return jax.tree.unflatten(jax.tree.structure(params), names)
 
     adamw = optax.adamw(learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-                        b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay)
+                        b1=options["adam_b1"], b2=options["adam_b2"], eps=options["adam_eps"],
+                        weight_decay=options["adam_weight_decay"])
+    scale_by = scale_by_asgo if algorithm == "asgo" else scale_by_dasgo
     matrices = optax.chain(scale_by(**arguments), optax.scale_by_learning_rate(learning_rate))
     return optax.partition({"matrix": matrices, "adamw": adamw}, labels)
 
@@ -478,7 +462,7 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
     learning_rate). weight_dimension_numbers: as optax.contrib.muon's; None makes 2-D leaves
     matrices and sends the rest to AdamW, a None entry sends that leaf to AdamW.
     """
-    return _with_adamw(scale_by_asgo, dict(locals()))
+    return _with_adamw("asgo", dict(locals()))
 
 
 def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
@@ -489,7 +473,7 @@ def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
           weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO for matrix leaves, AdamW for the rest; options as asgo and scale_by_dasgo."""
-    return _with_adamw(scale_by_dasgo, dict(locals()))
+    return _with_adamw("dasgo", dict(locals()))
 
 
 # ----------------------------------------------------------------------------- numerics health
