@@ -58,26 +58,12 @@ from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step,
 from asgo_core.config import ASGOConfig
 from asgo_core.layout import PermutedStack
 from asgo_core.options import check_rate_or_schedule, checked_group, static_args
-from asgo_core.precision import stochastic_round
+from asgo_core.precision import rounded_sum
 from asgo_core.state_codec import member_named, state_from_member_named
 
-__all__ = [
-    "ADAMW_DEFAULTS",
-    "ASGO_STATIC_ARGS",
-    "DASGO_STATIC_ARGS",
-    "STATIC_ARGS",
-    "MuonDimensionNumbers",
-    "ScaleByASGOState",
-    "ScaleByDASGOState",
-    "apply_updates_stochastic",
-    "asgo",
-    "dasgo",
-    "numerics_counters",
-    "portable_state",
-    "scale_by_asgo",
-    "scale_by_dasgo",
-    "state_from_portable",
-]
+__all__ = ["ADAMW_DEFAULTS", "ASGO_STATIC_ARGS", "DASGO_STATIC_ARGS", "STATIC_ARGS", "MuonDimensionNumbers",
+           "ScaleByASGOState", "ScaleByDASGOState", "apply_updates_stochastic", "asgo", "dasgo",
+           "numerics_counters", "portable_state", "scale_by_asgo", "scale_by_dasgo", "state_from_portable"]
 
 # The AdamW of non-matrix leaves: the reference recipe's betas, eps and no decay (asgo()/dasgo()'s
 # adam_* defaults, and what the portable functions assume unless given `adamw`).
@@ -201,22 +187,24 @@ def _leaf_paths(tree) -> list:
     return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _check_real_floating(kind: str, path: str, leaf) -> None:
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise ValueError(f"{kind} {path} has dtype {jnp.dtype(leaf.dtype)}; accepted: a real "
-                         "floating-point dtype (complex: the Gram would need conjugation)")
-
-
-def _plan(paths, leaves, dimension_numbers, transformation: str) -> list:
-    """Buckets (asgo_core.buckets) of the leaves, by index, whose matrices share (m, n) and dtype."""
+def _plan(tree, kind: str, weight_dimension_numbers, transformation: str) -> tuple:
+    """(leaves, buckets): asgo_core.buckets of the leaves, by index, whose matrices share (m, n)
+    and dtype. Errors name the leaf: `kind` ("parameter", "gradient") and its path."""
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, tree)
     members = []
-    for index, (path, leaf, numbers) in enumerate(zip(paths, leaves, dimension_numbers)):
-        if numbers is None:
-            raise ValueError(f"{transformation} got leaf {path} of shape {tuple(leaf.shape)} with no "
-                             "matrix view; use asgo()/dasgo(), which route it to AdamW, or give it "
+    for index, ((path, leaf), leaf_numbers) in enumerate(zip(paths_and_leaves, numbers)):
+        where = f"{kind} {jax.tree_util.keystr(path)}"
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"{where} has dtype {jnp.dtype(leaf.dtype)}; accepted: a real floating-point "
+                             "dtype (complex: the Gram would need conjugation)")
+        if leaf_numbers is None:
+            raise ValueError(f"{transformation} got {where} of shape {tuple(leaf.shape)} with no matrix "
+                             "view; use asgo()/dasgo(), which route it to AdamW, or give it "
                              "weight_dimension_numbers")
-        members.append(Member(index, _matrix_view(path, leaf.shape, numbers)))
-    return plan_buckets(members, lambda member: (jnp.dtype(leaves[member.handle].dtype),))
+        members.append(Member(index, _matrix_view(jax.tree_util.keystr(path), leaf.shape, leaf_numbers)))
+    leaves = [leaf for _, leaf in paths_and_leaves]
+    return leaves, plan_buckets(members, lambda member: (jnp.dtype(leaves[member.handle].dtype),))
 
 
 # ----------------------------------------------------------------------------- explicit sharding
@@ -271,14 +259,9 @@ def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformat
     core_type = _CORE_TYPES[state_type]
     has_root = algorithm == "asgo"
     refresh_every = config.precondition_frequency if has_root else 1
-    name = f"scale_by_{algorithm}"
 
     def plan_for(tree, kind: str):
-        leaves, paths = jax.tree.leaves(tree), _leaf_paths(tree)
-        for path, leaf in zip(paths, leaves):
-            _check_real_floating(kind, path, leaf)
-        numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, tree)
-        return leaves, _plan(paths, leaves, numbers, name)
+        return _plan(tree, kind, weight_dimension_numbers, f"scale_by_{algorithm}")
 
     def init_fn(params):
         leaves, plan = plan_for(params, "parameter")
@@ -612,8 +595,4 @@ def apply_updates_stochastic(params, updates, key):
 def _rounded_sum(param, update, key):
     if param is None or update is None:
         return param
-    if jnp.finfo(param.dtype).bits >= 32:
-        return jnp.asarray(param + update).astype(param.dtype)
-    value = param.astype(jnp.float32) + update.astype(jnp.float32)
-    uniform = jax.random.uniform(key, value.shape, jnp.float32)
-    return stochastic_round(value, param.dtype, uniform, jnp)
+    return rounded_sum(param, update, lambda shape: jax.random.uniform(key, shape, jnp.float32), jnp)
