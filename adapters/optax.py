@@ -284,7 +284,7 @@ def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformat
         leaves, plan = plan_for(updates, "gradient")
         treedef = jax.tree.structure(updates)
         old = _leaf_states(state, treedef)
-        _check_state_matches(old, leaves, _leaf_paths(updates))
+        _check_state_matches(plan, old, leaves, _leaf_paths(updates))
         grads = [_gathered(g) for g in leaves]
         gathered = [{name: _gathered(value) for name, value in named.items()} for named in old]
         decay_mask = _decay_mask_per_leaf(weight_decay_mask, updates if params is None else params)
@@ -341,13 +341,15 @@ def _check_shapes_match(updates, params) -> None:
                              f"shape {jnp.shape(param)}")
 
 
-def _check_state_matches(leaf_states, leaves, paths) -> None:
+def _check_state_matches(plan, leaf_states, leaves, paths) -> None:
     """Trace time: each gradient has the shape the state was initialised for."""
-    for path, named, leaf in zip(paths, leaf_states, leaves):
-        if jnp.shape(named["momentum"]) != jnp.shape(leaf):
-            raise ValueError(f"gradient {path} has shape {jnp.shape(leaf)}; the state was initialised "
-                             f"for shape {jnp.shape(named['momentum'])} (a gradient shaped unlike its "
-                             "parameter?)")
+    for member in [member for bucket in plan for member in bucket.members]:
+        grad_shape = jnp.shape(leaves[member.handle])
+        state_shape = jnp.shape(leaf_states[member.handle]["momentum"])
+        if grad_shape != state_shape:
+            raise ValueError(f"gradient {paths[member.handle]} of shape {grad_shape} stacks to (matrices, "
+                             f"outputs, inputs) = {member.view.stack_shape}; the state was initialised for "
+                             f"shape {state_shape} (a gradient shaped unlike its parameter?)")
 
 
 def _with_weight_decay(direction, bucket: Bucket, params, weight_decay, decay_mask):
