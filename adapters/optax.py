@@ -57,7 +57,7 @@ from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import ASGOConfig
 from asgo_core.layout import PermutedStack
-from asgo_core.options import check_rate_or_schedule, checked_group, static_args
+from asgo_core.options import check_rate_or_schedule, checked_group, defaults, static_args
 from asgo_core.precision import rounded_sum
 from asgo_core.state_codec import member_named, state_from_member_named
 
@@ -65,10 +65,11 @@ __all__ = ["ADAMW_DEFAULTS", "ASGO_STATIC_ARGS", "DASGO_STATIC_ARGS", "STATIC_AR
            "ScaleByASGOState", "ScaleByDASGOState", "apply_updates_stochastic", "asgo", "dasgo",
            "numerics_counters", "portable_state", "scale_by_asgo", "scale_by_dasgo", "state_from_portable"]
 
-# The AdamW of non-matrix leaves: the reference recipe's betas, eps and no decay (asgo()/dasgo()'s
-# adam_* defaults, and what the portable functions assume unless given `adamw`).
-ADAMW_DEFAULTS = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
-_ADAM_B1, _ADAM_B2 = ADAMW_DEFAULTS["betas"]
+# The AdamW of non-matrix leaves: the options table's adam_* defaults (the reference recipe's betas,
+# eps and no decay), and what the portable functions assume unless given `adamw`.
+_ADAM = {name: value for name, value in defaults("asgo", "optax").items() if name.startswith("adam_")}
+ADAMW_DEFAULTS = {"betas": (_ADAM["adam_b1"], _ADAM["adam_b2"]), "eps": _ADAM["adam_eps"],
+                  "weight_decay": _ADAM["adam_weight_decay"]}
 
 
 def _static_args(algorithm: str) -> tuple:
@@ -435,9 +436,9 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
          max_precond_dim: Optional[int] = None, num_heads: Optional[int] = None,
          nonfinite: str = "skip", matmul_dtype: Optional[str] = None,
          mu_dtype: Optional[str] = None, precond_dtype: Optional[str] = None, weight_decay: float = 0.1,
-         weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
-         adam_b2: float = _ADAM_B2, adam_eps: float = ADAMW_DEFAULTS["eps"],
-         adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
+         weight_decay_mask: Any = None, adam_b1: float = _ADAM["adam_b1"],
+         adam_b2: float = _ADAM["adam_b2"], adam_eps: float = _ADAM["adam_eps"],
+         adam_weight_decay: float = _ADAM["adam_weight_decay"], adam_learning_rate: Any = None,
          weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO for matrix leaves, AdamW for the rest: W ← W − lr·(U + weight_decay·W).
 
@@ -453,9 +454,9 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
 def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           update_rms: Optional[float] = 0.2, accumulate: str = "ema", nonfinite: str = "skip",
           mu_dtype: Optional[str] = None, weight_decay: float = 0.1,
-          weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
-          adam_b2: float = _ADAM_B2, adam_eps: float = ADAMW_DEFAULTS["eps"],
-          adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
+          weight_decay_mask: Any = None, adam_b1: float = _ADAM["adam_b1"],
+          adam_b2: float = _ADAM["adam_b2"], adam_eps: float = _ADAM["adam_eps"],
+          adam_weight_decay: float = _ADAM["adam_weight_decay"], adam_learning_rate: Any = None,
           weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO for matrix leaves, AdamW for the rest; options as asgo and scale_by_dasgo."""
     return _with_adamw("dasgo", dict(locals()))
