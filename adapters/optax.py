@@ -72,11 +72,15 @@ ADAMW_DEFAULTS = {"betas": (_ADAM["adam_b1"], _ADAM["adam_b2"]), "eps": _ADAM["a
                   "weight_decay": _ADAM["adam_weight_decay"]}
 
 
+# The options that select leaves (prefix trees or callables), which the options table does not hold
+_LEAF_SELECTIONS = ("weight_decay_mask", "weight_dimension_numbers")
+
+
 def _static_args(algorithm: str) -> tuple:
     """What optax.inject_hyperparams must not inject (it injects every number and calls every
     callable as a schedule): the options that shape the traced program (asgo_core.options), and
-    the leaf selections, which may be callables. The learning rates, weight_decay and adam_* may be."""
-    return static_args(algorithm, "optax") + ("weight_decay_mask", "weight_dimension_numbers")
+    the leaf selections. The learning rates, weight_decay and adam_* may be."""
+    return static_args(algorithm, "optax") + _LEAF_SELECTIONS
 
 
 # optax.inject_hyperparams(asgo, static_args=ASGO_STATIC_ARGS)(learning_rate=...), and the same
@@ -249,8 +253,8 @@ def _core_config(algorithm: str, arguments: dict):
 
 def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformation:
     """`arguments`: scale_by_asgo()'s / scale_by_dasgo()'s, by name."""
-    weight_decay, weight_decay_mask, weight_dimension_numbers = (
-        arguments[key] for key in ("weight_decay", "weight_decay_mask", "weight_dimension_numbers"))
+    weight_decay_mask, weight_dimension_numbers = (arguments.pop(key) for key in _LEAF_SELECTIONS)
+    weight_decay = arguments["weight_decay"]
     # the decay is applied here (a mask, an injected weight_decay), not by the core
     config = dataclasses.replace(_core_config(algorithm, arguments), weight_decay=0.0)
     if config.nonfinite != "skip":
