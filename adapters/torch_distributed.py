@@ -202,21 +202,25 @@ class _OwnerSplit:
         the single-process ASGO layout."""
         local = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]  # the index order
-        owned_state = {index: _to_device(entry, "cpu") for index, entry in local["state"].items()
+        param_ids = {index for group in local["param_groups"] for index in group["params"]}
+        param_state = {key: entry for key, entry in local["state"].items() if key in param_ids}
+        owned_state = {index: _to_device(entry, "cpu") for index, entry in param_state.items()
                        if self.owns(params[index])}
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, owned_state, group=self.process_group)
         full_state = {}
         for rank_state in gathered:
             full_state.update(rank_state)
-        return {"state": dict(sorted(full_state.items())), "param_groups": local["param_groups"]}
+        other_state = {key: entry for key, entry in local["state"].items() if key not in param_state}
+        return {"state": {**dict(sorted(full_state.items())), **other_state},
+                "param_groups": local["param_groups"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a full state (from `state_dict()` or a single-process ASGO, any world size);
         each rank keeps the state of the parameters it owns."""
         self._has_state = True
         super().load_state_dict(state_dict)
-        for param in [p for p in self.state if not self.owns(p)]:
+        for param in [p for p in self.state if isinstance(p, torch.Tensor) and not self.owns(p)]:
             del self.state[param]
 
 

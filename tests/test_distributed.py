@@ -117,6 +117,27 @@ def test_owner_split_counts_every_matrix_of_an_expert_stack(rank_0_of_2):
     assert [optimizer.owns(p) for p in (stack, wide, other_wide)] == [True, False, False]
 
 
+@pytest.fixture
+def rank_0_of_1():
+    """A real gloo process group of world size 1 in this process."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer_type", [torch.optim.AdamW, DistributedASGO])
+def test_owner_split_keeps_an_entry_of_no_parameter_as_torch_adamw_does(optimizer_type, rank_0_of_1):
+    weight = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
+    optimizer = optimizer_type([weight], lr=0.01)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    optimizer.state["ema"] = {"updates": torch.tensor(7)}
+    resumed = optimizer_type([weight], lr=0.01)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert resumed.state["ema"] == {"updates": torch.tensor(7)}
+    assert int(resumed.state[weight]["step"]) == int(optimizer.state[weight]["step"]) == 1
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ddp_owner_split_equals_single_process_bitwise(world_size, tmp_path):
     ranks = launch("ddp", world_size, tmp_path)
