@@ -28,12 +28,17 @@ Batching: matrices with the same group, algorithm, (m, n) view, dtype, device an
 a bucket stepped by one `asgo_core.step` call; a stacked array adds its count matrices to the
 bucket of its (m, n), so E experts cost one batched root, not E. The step counter is a Python
 int, so choosing a root-refresh step reads no device value; `step` never copies device values
-to the host unless nonfinite="raise" asks it to check. A step is atomic: every bucket is computed before any array
-is written, so an error leaves params and state as they were.
+to the host unless nonfinite="raise" asks it to check. A step is atomic: every bucket is
+computed before any array is written, so an error leaves params and state as they were.
+
+This adapter's own: in-place writes (CuPy's fused kernels, asgo_core.backends), stochastic
+rounding from NumPy/CuPy generators, host/device conversion and the state_dict format; the
+plumbing is asgo_core's (keyed: params and grads, options, buckets, checkpoint).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import array_api_compat
@@ -45,18 +50,18 @@ from asgo_core.buckets import Member, plan_buckets
 from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
-from asgo_core.keyed import is_finite, keyed_grads, nonfinite_keys, split_groups
-from asgo_core.layout import PermutedStack, block_layout, check_batch_dims_value
-from asgo_core.options import check_group_options, defaults, group_config, layout_options, signature
+from asgo_core.keyed import check_finite, check_param, keyed_grads, nonfinite_keys, split_groups
+from asgo_core.layout import PermutedStack
+from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, checked_group, defaults,
+                               layout_of, signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
 
-_LAYOUT_OPTIONS = layout_options()
-_ADAMW_OPTIONS = ("adamw_betas", "adamw_eps", "adamw_weight_decay")
 # A saved param group leaves out the options whose value is None; a state_dict saved before an
 # option existed lacks it too, and reads it as the value it had then.
 _ABSENT_OPTIONS = {"batch_dims": 0, "param_rounding": "nearest"}
+_OWN_COUNTERS = ("skipped",)  # AdamW state of this adapter beyond the portable format's
 
 
 @dataclass
@@ -71,13 +76,11 @@ class _ArrayOptimizer:
     """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
+    matrix_algorithms: tuple  # what a group's algorithm option may name besides "adamw"
 
     def __init__(self, params, lr=defaults("asgo")["lr"], **options):
         self.defaults = defaults(self.matrix_algorithm)
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}; "
-                            f"accepted: {', '.join(self.defaults)}")
+        check_keywords(type(self).__name__, options, self.defaults)
         self.defaults.update(options, lr=lr)
         self.param_groups = [dict(self.defaults, **overrides, params=arrays)
                              for overrides, arrays in split_groups(params)]
@@ -85,7 +88,7 @@ class _ArrayOptimizer:
                         for key, array in group["params"].items()}
         for index, group in enumerate(self.param_groups):
             self._with_group_context(index, self._validate_group, group)
-        self._layouts = [self._layout_options(group) for group in self.param_groups]
+        self._layouts = [layout_of(group) for group in self.param_groups]
         self._buckets, self._adamw_slots = self._build_state()
         self._step_count = 0
 
@@ -96,12 +99,12 @@ class _ArrayOptimizer:
         settings = [self._with_group_context(i, self._group_settings, g)
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
-        self._check_adamw_finite(grads, settings)
+        self._check_adamw_finite(grads)
         for stream, (bucket, (update, new_state)) in enumerate(zip(self._buckets, planned)):
-            self._apply_matrix_update(bucket, update, settings[bucket.key[1]]["lr"], stream)
+            self._apply_matrix_update(bucket, update, self.param_groups[bucket.key[1]]["lr"], stream)
             bucket.state = new_state
         for stream, slot in enumerate(self._adamw_slots, start=len(self._buckets)):
-            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index], stream)
+            self._apply_adamw(slot, grads[slot.key], settings[slot.group_index]["adamw"], stream)
         self._step_count += 1
 
     def state_dict(self) -> dict:
@@ -127,19 +130,10 @@ class _ArrayOptimizer:
         """Restore a state_dict() (also after a round trip through numpy.savez); all checks run
         before anything changes."""
         groups = self._loaded_groups(state_dict["param_groups"])
-        saved = state_dict["state"]
-        bucket_states = [self._loaded_bucket_state(bucket, saved) for bucket in self._buckets]
-        slot_states = [self._loaded_slot_state(slot, saved) for slot in self._adamw_slots]
+        bucket_states, slot_states = self._states_from(self._saved_entries(state_dict["state"]))
         for group, options in zip(self.param_groups, groups):
             group.update(options)
         self._set_states(bucket_states, slot_states, int(_to_python(state_dict["step"])))
-
-    def _set_states(self, bucket_states, slot_states, step_count: int) -> None:
-        for bucket, state in zip(self._buckets, bucket_states):
-            bucket.state = state
-        for slot, state in zip(self._adamw_slots, slot_states):
-            slot.state = state
-        self._step_count = step_count
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
@@ -158,18 +152,32 @@ class _ArrayOptimizer:
         Every entry is checked (algorithm, shape, math-changing options, array shapes) before
         anything changes; a mismatch raises asgo_core.CheckpointError. Arrays keep this
         optimizer's namespace, dtype and device. names: as in portable_state."""
-        entries = dict(zip(self._params, import_entries(portable_state, self._identities(), names, per="array")))
-        bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
-                                                    bucket.counts, _converted_like)
-                         for bucket in self._buckets]
-        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like, optional=("skipped",))
-                       for slot in self._adamw_slots]
-        self._set_states(bucket_states, slot_states, common_step(list(entries.values())))
+        entries = import_entries(portable_state, self._identities(), names, per="array")
+        bucket_states, slot_states = self._states_from(dict(zip(self._params, entries)))
+        self._set_states(bucket_states, slot_states, common_step(entries))
 
     def _identities(self) -> list:
         """Each array's checkpoint identity, in key order."""
-        return [identity_from_group(str(key), group, self._algorithm_of(array, group), array.shape)
+        return [identity_from_group(str(key), group, algorithm_of(array.ndim, group, self.matrix_algorithm),
+                                    array.shape)
                 for group in self.param_groups for key, array in group["params"].items()]
+
+    def _states_from(self, entries: dict) -> tuple:
+        """(bucket states, AdamW slot states) converted from checkpoint entries by key, every
+        array checked (shape, kind) before the caller writes anything."""
+        bucket_states = [stacked_state_from_entries(bucket.state, [entries[key] for key in bucket.handles],
+                                                    bucket.counts, _converted_like)
+                         for bucket in self._buckets]
+        slot_states = [arrays_from_entry(entries[slot.key], slot.state, _converted_like, _OWN_COUNTERS)
+                       for slot in self._adamw_slots]
+        return bucket_states, slot_states
+
+    def _set_states(self, bucket_states, slot_states, step_count: int) -> None:
+        for bucket, state in zip(self._buckets, bucket_states):
+            bucket.state = state
+        for slot, state in zip(self._adamw_slots, slot_states):
+            slot.state = state
+        self._step_count = step_count
 
     # ---- construction -----------------------------------------------------------------
     def _with_group_context(self, index, function, group):
@@ -186,62 +194,28 @@ class _ArrayOptimizer:
             fail("param_groups", sorted(unknown), "option names of " + type(self).__name__)
         self._group_settings(group)
         for key, array in group["params"].items():
-            self._validate_param(key, array, group)
-
-    def _validate_param(self, key, array, group) -> None:
-        if not array_api_compat.is_array_api_obj(array) or not array_api_compat.is_writeable_array(array):
-            fail(f"params[{key!r}]", type(array).__name__,
-                 "a writeable array-API array (NumPy, CuPy, ...); JAX arrays are immutable")
-        xp = array_api_compat.array_namespace(array)
-        if not xp.isdtype(array.dtype, "real floating"):
-            fail(f"params[{key!r}]", array.dtype, "a real floating-point array")
-        algorithm = self._algorithm_of(array, group)
-        if algorithm != "adamw" and array.ndim < 2:
-            fail("algorithm", algorithm, f"'adamw' or None for an array of shape {tuple(array.shape)} "
-                 "(ASGO/DASGO need at least 2 dims)")
-        if algorithm != "adamw":
+            check_param(key, array)
             try:
-                view = PermutedStack.outputs_first(array.shape, group["batch_dims"])
-                if algorithm == "asgo":  # num_heads must divide
-                    block_layout(view.stack_shape[1:], group_config(group, algorithm))
+                check_param_shape(array.shape, group, algorithm_of(array.ndim, group, self.matrix_algorithm))
             except ValueError as error:
                 raise ValueError(f"params[{key!r}]: {error}") from None
 
-    def _algorithm_of(self, array, group) -> str:
-        if group["algorithm"] is not None:
-            return group["algorithm"]
-        return self.matrix_algorithm if array.ndim >= 2 else "adamw"
-
     def _group_settings(self, group: dict) -> dict:
-        """Validated options of one group: lr, configs per matrix algorithm, AdamW options."""
-        check_group_options(group)
-        check_batch_dims_value(group["batch_dims"])
-        configs = {name: group_config(group, name) for name in self._matrix_algorithms()}
-        adamw_lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
-        return {"lr": group["lr"], "configs": configs, "maximize": group["maximize"],
-                "nonfinite": group["nonfinite"], "adamw_lr": adamw_lr,
-                "adamw": {name[len("adamw_"):]: group[name] for name in _ADAMW_OPTIONS}}
-
-    def _matrix_algorithms(self) -> tuple:
-        return ("asgo", "dasgo") if "precondition_frequency" in self.defaults else ("dasgo",)
-
-    def _layout_options(self, group: dict) -> tuple:
-        return tuple(group.get(name) for name in _LAYOUT_OPTIONS)
+        """The checked options of one group: configs per matrix algorithm, AdamW options."""
+        return checked_group(group, self.matrix_algorithms)
 
     def _build_state(self):
-        members, slots = [], []
+        members, slots, placement = [], [], {}
         for group_index, group in enumerate(self.param_groups):
             for key, array in group["params"].items():
-                algorithm = self._algorithm_of(array, group)
+                algorithm = algorithm_of(array.ndim, group, self.matrix_algorithm)
                 if algorithm == "adamw":
                     xp = array_api_compat.array_namespace(array)
                     slots.append(_AdamWSlot(group_index, key, adamw.zero_state(array, xp)))
                     continue
-                view = PermutedStack.outputs_first(array.shape, group["batch_dims"])
-                members.append((group_index, algorithm, Member(key, view)))
-        bucket_of = {id(member): (group_index, algorithm) for group_index, algorithm, member in members}
-        buckets = plan_buckets([member for *_, member in members], lambda member: (
-            *bucket_of[id(member)], *_array_identity(self._params[member.handle])))
+                placement[key] = (group_index, algorithm, *_array_identity(array))
+                members.append(Member(key, PermutedStack.outputs_first(array.shape, group["batch_dims"])))
+        buckets = plan_buckets(members, lambda member: placement[member.handle])
         for bucket in buckets:
             config = self._group_settings(self.param_groups[bucket.key[1]])["configs"][bucket.key[2]]
             bucket.state = init_state(self._stacked(bucket, self._params), config)
@@ -257,13 +231,13 @@ class _ArrayOptimizer:
     def _plan_bucket(self, bucket, grads, settings):
         """(update, new_state) of one bucket; nothing is written yet."""
         group_index, algorithm = bucket.key[1:3]
-        group_settings = settings[group_index]
-        config = group_settings["configs"][algorithm]
-        if self._layout_options(self.param_groups[group_index]) != self._layouts[group_index]:
+        group = self.param_groups[group_index]
+        config = settings[group_index]["configs"][algorithm]
+        if layout_of(group) != self._layouts[group_index]:
             fail("param_groups", "a changed side / max_precond_dim / num_heads / batch_dims",
                  "the layout options the state was built with")
         G = self._stacked(bucket, grads)
-        if group_settings["maximize"]:
+        if group["maximize"]:
             G = -G
         W = self._stacked(bucket, self._params) if config.weight_decay != 0.0 else None
         refresh = algorithm == "asgo" and needs_root_refresh(self._step_count, config)
@@ -276,11 +250,10 @@ class _ArrayOptimizer:
             raise FloatingPointError(f"non-finite gradient for {nonfinite_keys(bucket.handles, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
 
-    def _check_adamw_finite(self, grads, settings) -> None:
-        for slot in self._adamw_slots:
-            if settings[slot.group_index]["nonfinite"] == "raise" and not is_finite(grads[slot.key]):
-                raise FloatingPointError(f"non-finite gradient for {slot.key!r} (nonfinite='raise'); "
-                                         "no state was changed")
+    def _check_adamw_finite(self, grads) -> None:
+        checked = [slot.key for slot in self._adamw_slots
+                   if self.param_groups[slot.group_index]["nonfinite"] == "raise"]
+        check_finite(checked, grads)
 
     def _rounds(self, group_index: int, param) -> bool:
         """Whether writes to param (or an array of its dtype) are rounded stochastically."""
@@ -290,11 +263,8 @@ class _ArrayOptimizer:
     def _uniform(self, like, stream: int):
         """Uniform numbers in [0, 1) shaped and typed like `like`, from a NumPy (CuPy) generator
         seeded by this step and the stream."""
-        if array_api_compat.is_cupy_array(like):
-            import cupy as random_module
-        else:
-            import numpy as random_module
-        generator = random_module.random.default_rng(rounding_seed(self._step_count, stream))
+        module = importlib.import_module("cupy" if array_api_compat.is_cupy_array(like) else "numpy")
+        generator = module.random.default_rng(rounding_seed(self._step_count, stream))
         return generator.random(like.shape, dtype=like.dtype)
 
     def _apply_matrix_update(self, bucket, update, lr, stream: int) -> None:
@@ -310,12 +280,12 @@ class _ArrayOptimizer:
             else:
                 param -= lr * step_update
 
-    def _apply_adamw(self, slot, grad, settings, stream: int) -> None:
+    def _apply_adamw(self, slot, grad, options: dict, stream: int) -> None:
         param, state = self._params[slot.key], slot.state
         xp = array_api_compat.array_namespace(param)
-        if settings["maximize"]:
+        if self.param_groups[slot.group_index]["maximize"]:
             grad = -grad
-        hyper = adamw.hyperparameters(lr=settings["adamw_lr"], step=self._step_count + 1, **settings["adamw"])
+        hyper = adamw.hyperparameters(step=self._step_count + 1, **options)
         rounds = self._rounds(slot.group_index, param)
         fused = getattr(backend_for(xp), "adamw_update", None)
         if fused is not None and not rounds:
@@ -338,65 +308,62 @@ class _ArrayOptimizer:
             options = {name: _to_python(saved.get(name, _ABSENT_OPTIONS.get(name))) for name in self.defaults}
             candidate = dict(group, **options)
             self._with_group_context(index, self._group_settings, candidate)
-            if self._layout_options(candidate) != self._layouts[index]:
+            if layout_of(candidate) != self._layouts[index]:
                 fail("state_dict", f"param_groups[{index}] layout options", "the optimizer's")
             loaded.append(options)
         return loaded
 
-    def _loaded_bucket_state(self, bucket, saved: dict):
-        """The bucket's core state from the state_dict entries of its keys (shapes checked)."""
-        entries = []
-        for key in bucket.handles:
-            entry = _saved_entry(saved, key)
-            if "count" not in entry:
-                fail("state_dict", f"no step 'count' in the state of {key!r}", "the entries state_dict() writes")
-            arrays = {_portable_name(name): _to_numpy(value) for name, value in entry.items() if name != "count"}
-            entries.append({"name": str(key), "step": int(_to_python(entry["count"])), "arrays": arrays})
-        return stacked_state_from_entries(bucket.state, entries, bucket.counts, _converted_like)
-
-    def _loaded_slot_state(self, slot, saved: dict) -> dict:
-        entry = _saved_entry(saved, slot.key)
-        return {name: _as_like(value, entry[name], name) for name, value in slot.state.items()}
+    def _saved_entries(self, saved: dict) -> dict:
+        """{key: a checkpoint entry} of a state_dict's "state": portable array names on the
+        host, and a matrix's step "count" as the entry's step."""
+        matrix_keys = {key for bucket in self._buckets for key in bucket.handles}
+        entries = {}
+        for key in self._params:
+            if str(key) not in saved:
+                fail("state_dict", f"no state for {key!r}", "an entry per param key")
+            entry = {"name": str(key), "arrays": {_portable_name(name): _to_numpy(value)
+                                                  for name, value in saved[str(key)].items()}}
+            if key in matrix_keys:
+                if "count" not in entry["arrays"]:
+                    fail("state_dict", f"no step 'count' in the state of {key!r}",
+                         "the entries state_dict() writes")
+                entry["step"] = int(_to_python(entry["arrays"].pop("count")))
+            entries[key] = entry
+        return entries
 
 
 class ASGO(_ArrayOptimizer):
     """ASGO (asgo_core.ASGOConfig) on arrays, updated in place; <2-D arrays → built-in AdamW.
 
-    Options (asgo_core.options: names and defaults shared with the torch adapter): lr; betas =
-    (beta1, beta2); eps, weight_decay, precondition_frequency, update_rms, root_method,
-    root_steps, side, max_precond_dim, num_heads, accumulate, damping, root_tolerance,
-    residual_tolerance, nonfinite, matmul_dtype as in ASGOConfig; adamw_lr (None: lr), adamw_betas, adamw_eps,
-    adamw_weight_decay for the AdamW arrays; maximize (ascend instead); algorithm (per group:
-    None = by dims, or "asgo" | "dasgo" | "adamw"); batch_dims (per group, an int >= 0: the
-    leading dims of a matrix array that index independent matrices, at most ndim - 2).
+    Options: ASGO's rows of asgo_core.options under the torch adapter's names and defaults
+    (inspect.signature(ASGO) lists them): the ASGOConfig fields, with betas = (beta1, beta2);
+    adamw_lr (None: lr), adamw_betas, adamw_eps, adamw_weight_decay for the AdamW arrays;
+    maximize; param_rounding; per group algorithm (None: by dims, or "asgo" | "dasgo" |
+    "adamw") and batch_dims (leading dims of a matrix array that index its matrices).
     """
 
     matrix_algorithm = "asgo"
+    matrix_algorithms = ("asgo", "dasgo")
 
 
 class DASGO(_ArrayOptimizer):
     """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing and
-    batch_dims as ASGO."""
+    batch_dims as ASGO; a group's algorithm is None, "dasgo" or "adamw"."""
 
     matrix_algorithm = "dasgo"
-
-    def _validate_group(self, group: dict) -> None:
-        if group["algorithm"] == "asgo":
-            fail("algorithm", "asgo", "None | 'dasgo' | 'adamw' (DASGO has no ASGO options)")
-        super()._validate_group(group)
+    matrix_algorithms = ("dasgo",)
 
 
 ASGO.__signature__ = signature(("params", "lr"), defaults("asgo"))
 DASGO.__signature__ = signature(("params", "lr"), defaults("dasgo"))
 
 
-# ---- params ---------------------------------------------------------------------------------
 def _array_identity(array) -> tuple:
     """What arrays stacked together must share besides their matrix shape."""
     return (str(array.dtype), str(array_api_compat.device(array)), array_api_compat.array_namespace(array))
 
 
-# ---- state_dict helpers ---------------------------------------------------------------------
+# ---- state_dict and host/device conversion ----------------------------------------------------
 def _native_names(arrays: dict) -> dict:
     """Portable array names → state_dict names ("gram/0" → "gram_0": "/" separates the path
     parts of a flattened state_dict)."""
@@ -413,36 +380,18 @@ def _copy(value):
     return array_api_compat.array_namespace(value).asarray(value, copy=True)
 
 
-def _saved_entry(saved: dict, key) -> dict:
-    if str(key) not in saved:
-        fail("state_dict", f"no state for {key!r}", "an entry per param key")
-    return saved[str(key)]
-
-
-def _as_like(reference, value, name: str):
-    """value converted to reference's namespace, dtype and device, with its shape checked."""
-    xp = array_api_compat.array_namespace(reference)
-    if tuple(getattr(value, "shape", ())) != tuple(reference.shape):
-        fail(f"state_dict {name}", f"shape {tuple(getattr(value, 'shape', ()))}", f"{tuple(reference.shape)}")
-    if array_api_compat.is_cupy_array(reference) or array_api_compat.is_numpy_array(reference):
-        value = _host_or_same(value)
-    return xp.asarray(value, dtype=reference.dtype, device=array_api_compat.device(reference), copy=True)
-
-
-def _host_or_same(value):
-    """NumPy and CuPy accept each other's arrays only through the host: CuPy arrays are
-    brought there with .get() (load time, not a step)."""
-    return value.get() if array_api_compat.is_cupy_array(value) else value
+def _to_numpy(value):
+    """A NumPy array on the host; NumPy and CuPy accept each other's arrays only through the
+    host, where CuPy arrays come with .get() (save and load time, not a step)."""
+    import numpy as np
+    return np.asarray(value.get() if array_api_compat.is_cupy_array(value) else value)
 
 
 def _converted_like(value, like):
-    """A checkpoint or state_dict array as like's namespace, dtype and device."""
-    return _as_like(like, value, "checkpoint array")
-
-
-def _to_numpy(value):
-    import numpy as np
-    return np.asarray(_host_or_same(value))
+    """A host array (a checkpoint's or a state_dict's, its shape checked) as like's namespace,
+    dtype and device."""
+    xp = array_api_compat.array_namespace(like)
+    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like), copy=True)
 
 
 def _to_python(value):

@@ -35,15 +35,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from asgo_core import (ASGOState, RowShards, block_layout, init_state, matrix_stack_shape, matrix_view_shape,
-                       needs_root_refresh, step_terms)
+from asgo_core import (FALLBACK_LEVELS, ASGOState, RowShards, block_layout, init_state, matrix_stack_shape,
+                       matrix_view_shape, needs_root_refresh, step_terms)
 from asgo_core.config import fail
 from asgo_core.layout import resolve_side
 from asgo_core.options import group_config
 
 from .torch import ASGO, DASGO, Bucket, evaluate_closure
 
-__all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "assign_owners"]
+__all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "root_cost", "assign_owners"]
 
 _ADAMW_FLOPS_PER_ELEMENT = 12
 _DASGO_FLOPS_PER_ELEMENT = 8
@@ -57,14 +57,20 @@ def parameter_cost(param: torch.Tensor, algorithm: str, precondition_frequency: 
     if algorithm == "dasgo":
         return _DASGO_FLOPS_PER_ELEMENT * param.numel()
     count, m, n = matrix_stack_shape(param.shape, batch_dims)
-    k = min(m, n)
-    return count * (4 * m * n * k + k ** 3 // precondition_frequency)
+    return count * 4 * m * n * min(m, n) + root_cost(param, precondition_frequency, batch_dims)
 
 
-def assign_owners(costs: list[int], world_size: int) -> list[int]:
+def root_cost(param: torch.Tensor, precondition_frequency: int = 1, batch_dims: int = 0) -> int:
+    """Rough flops per step of the inverse roots of `param` (k³ a matrix every τ steps)."""
+    count, m, n = matrix_stack_shape(param.shape, batch_dims)
+    return count * (min(m, n) ** 3 // precondition_frequency)
+
+
+def assign_owners(costs: list[int], world_size: int, loads: list[int] | None = None) -> list[int]:
     """Owner rank of each item: the most expensive item goes to the least loaded rank (ties:
-    the lower index first, the lower rank first), so the split is the same on every rank."""
-    loads = [0] * world_size
+    the lower index first, the lower rank first), so the split is the same on every rank.
+    loads: the work each rank has already (default none); the assigned costs are added to it."""
+    loads = [0] * world_size if loads is None else loads
     owners = [0] * len(costs)
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
@@ -73,18 +79,22 @@ def assign_owners(costs: list[int], world_size: int) -> list[int]:
     return owners
 
 
-def _balanced_owners(optimizer, world_size: int, needs_owner) -> dict:
-    """param → owner rank for each parameter where needs_owner(param, group, algorithm) holds,
-    in param-group order, balanced by parameter_cost (the same split on every rank)."""
+def _balanced_owners(optimizer, loads: list[int], cost_of) -> dict:
+    """param → owner rank for each parameter to which cost_of(param, group, algorithm) gives a
+    cost (None: no owner), in param-group order, by assign_owners from `loads` (updated), so
+    the split is the same on every rank."""
     params, costs = [], []
     for group in optimizer.param_groups:
         for param in group["params"]:
-            algorithm = optimizer.algorithm_of(param, group)
-            if needs_owner(param, group, algorithm):
+            cost = cost_of(param, group, optimizer.algorithm_of(param, group))
+            if cost is not None:
                 params.append(param)
-                costs.append(parameter_cost(param, algorithm, group.get("precondition_frequency", 1),
-                                            group["batch_dims"]))
-    return dict(zip(params, assign_owners(costs, world_size)))
+                costs.append(cost)
+    return dict(zip(params, assign_owners(costs, len(loads), loads)))
+
+
+def _step_cost(param, group: dict, algorithm: str) -> int:
+    return parameter_cost(param, algorithm, group.get("precondition_frequency", 1), group["batch_dims"])
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,7 @@ class _OwnerSplit:
         super()._validate_group(group, group_index)
 
     def _plan_ownership(self) -> None:
-        self._owner = _balanced_owners(self, self.world_size, lambda param, group, algorithm: True)
+        self._owner = _balanced_owners(self, [0] * self.world_size, _step_cost)
         self._slots = self._gather_slots()
 
     def _gather_slots(self) -> list[_GatherSlot]:
@@ -254,18 +264,24 @@ SHARDED_SIDE_POLICIES = ("owner", "other_side")
 
 class FSDPASGO(ASGO):
     """ASGO for FSDP2 (`fully_shard`) models: DTensor parameters sharded on dim 0 (rows) of
-    one 1-D device mesh.
+    a 1-D device mesh, or of the shard dim of HSDP's 2-D (replicate, shard) mesh. With HSDP
+    every collective below runs within this rank's replica (its shard dim): the replicas hold
+    the same gradients (FSDP2 all-reduces them across replicas) and compute the same step.
 
-    Same options as ASGO, plus sharded_side_policy (below). Each step costs one small
-    all-reduce of has-gradient flags first, so every rank calls the same collectives: a
-    parameter with a gradient on some rank but not on this one takes zeros for this rank's rows
-    (the gradient is set to zeros), one without a gradient anywhere is skipped.
+    Same options as ASGO, plus sharded_side_policy (below); param_rounding must be "nearest".
+    Each step costs one small all-reduce of has-gradient flags first, so every rank calls the
+    same collectives: a parameter with a gradient on some rank but not on this one takes zeros
+    for this rank's rows (the gradient is set to zeros), one without a gradient anywhere is
+    skipped.
 
     Sharded-Gram path — a bucket whose preconditioned side is the columns (side "right": the
     default for m >= n) with no head or size blocks: the column Gram GᵀG is the sum of the
-    shards' Grams, so each step all-reduces one (bucket, n, n) stack, every rank computes the
-    same root, applies it to its own momentum rows, and one more all-reduce of the (bucket,)
-    squared norms gives the global ‖D‖_F of the RMS normalisation. No gradient is gathered.
+    shards' Grams, so each step all-reduces one (bucket, n, n) stack; at a refresh each root is
+    solved by one rank (`root_owner_of`: assign_owners on root_cost, starting from the
+    owner-held matrices' cost on each rank) and one all-to-all per bucket gives every rank all
+    the roots and their fallback flags; every rank applies the roots to its own momentum rows,
+    and one more all-reduce of the (bucket,) squared norms gives the global ‖D‖_F of the RMS
+    normalisation. No gradient is gathered.
     Equal to single-process ASGO within float32 rounding (the partial Grams are summed in
     another order). matmul_dtype="bfloat16" rounds the Gram and apply GEMM inputs as ASGO
     does; the partial Grams are summed in float32.
@@ -285,11 +301,21 @@ class FSDPASGO(ASGO):
     Parameters with fewer than 2 dims (and algorithm="adamw" groups) take AdamW on their
     local shards.
 
+    Stacks (a group's batch_dims > 0: mixture-of-experts weights (E, out, in), scan-stacked
+    layers) are sharded on their first batch dim, so each rank holds whole matrices (FSDP2's
+    uneven chunks: some ranks may hold fewer, or none). Each rank steps its own matrices with
+    the unchanged single-process code and no communication: bitwise equal to single-process
+    ASGO on CPU/gloo.
+
     state_dict() is a collective (call it on every rank) in the layout of ASGO.state_dict()
     with one difference: "momentum" is a DTensor sharded on dim 0 like the parameter; "gram",
     "root", "step", "skipped" and "fallbacks" are replicated (owner-held ones are sent to
-    every rank), AdamW's state is the DTensors it already is. So torch.distributed.checkpoint
-    saves it and loads it at any world size:
+    every rank), AdamW's state is the DTensors it already is. A stack's state is all DTensors
+    sharded on dim 0 like the parameter ("step" aside): momentum, skipped and fallbacks in
+    ASGO's layout, each block group of gram and root as (param.shape[0], matrices·blocks of
+    one dim-0 slice, size, size) instead of ASGO's (matrices·blocks, size, size), so that its
+    dim 0 is the parameter's. So torch.distributed.checkpoint saves it and loads it at any
+    world size:
 
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -309,28 +335,35 @@ class FSDPASGO(ASGO):
             fail("sharded_side_policy", sharded_side_policy, " | ".join(map(repr, SHARDED_SIDE_POLICIES)))
         _require_process_group(type(self).__name__)
         self.sharded_side_policy = sharded_side_policy
-        self.device_mesh = None
+        self.device_mesh = None  # the mesh of the collectives: the shard dimension's (1-D)
+        self._param_mesh, self._placements = None, None
         super().__init__(params, **options)
         self._plan_ownership()
 
     # ---- construction --------------------------------------------------------------------
     def _validate_group(self, group: dict, group_index: int) -> None:
         _refuse_nonfinite_raise(type(self).__name__, group)
-        if group["batch_dims"] != 0:
-            fail("batch_dims", group["batch_dims"], "0 in FSDPASGO (stacked matrices sharded along a "
-                 "batch dimension are not supported yet; DistributedASGO steps them)")
+        if group["param_rounding"] != "nearest":
+            fail("param_rounding", group["param_rounding"], "'nearest' in FSDPASGO (its sharded "
+                 "writes round to nearest)")
         super()._validate_group(group, group_index)
 
     def _validate_param(self, param, group: dict) -> None:
         super()._validate_param(param, group)
-        if not _is_row_sharded(param):
-            raise ValueError(f"FSDPASGO needs DTensor parameters sharded on dim 0 of a 1-D device mesh "
-                             f"(fully_shard); got a {type(param).__name__} of shape {tuple(param.shape)}. "
-                             "Replicated parameters: ASGO or DistributedASGO")
-        if self.device_mesh is None:
-            self.device_mesh = param.device_mesh
-        elif param.device_mesh != self.device_mesh:
-            raise ValueError("FSDPASGO needs every parameter on one device mesh")
+        if _shard_dim_of(param) is None:
+            placements = getattr(param, "placements", None)
+            got = f"placements {placements}" if placements else f"a {type(param).__name__}"
+            raise ValueError(f"FSDPASGO needs DTensor parameters sharded on dim 0 (for a stack with "
+                             "batch_dims, its first batch dim) as fully_shard makes them: placements "
+                             f"(Shard(dim=0),) on a 1-D mesh, or (Replicate(), Shard(dim=0)) on HSDP's "
+                             f"2-D (replicate, shard) mesh; got {got}. Replicated parameters: ASGO or "
+                             "DistributedASGO")
+        if self._param_mesh is None:
+            self._param_mesh, self._placements = param.device_mesh, param.placements
+            self.device_mesh = _shard_mesh(param)
+        elif param.device_mesh != self._param_mesh or param.placements != self._placements:
+            raise ValueError(f"FSDPASGO needs every parameter on one device mesh with the same placements; "
+                             f"got {param.placements} after {self._placements}")
 
     def add_param_group(self, param_group: dict) -> None:
         if any(self.state.values()):
@@ -341,15 +374,27 @@ class FSDPASGO(ASGO):
             self._plan_ownership()
 
     def _plan_ownership(self) -> None:
-        """Owners of the matrices the sharded-Gram path cannot take, balanced by cost."""
-        def needs_owner(param, group, algorithm):
-            return algorithm != "adamw" and self._column_gram_config(param, group) is None
-        self._owner = _balanced_owners(self, self.device_mesh.size(), needs_owner)
+        """Owners of the matrices the sharded-Gram path cannot take, balanced by cost (a stack
+        is stepped where its matrices lie); then the rank that computes each sharded-Gram
+        root, balancing roots on top of that work."""
+        def owner_cost(param, group, algorithm):
+            if (algorithm != "adamw" and not group["batch_dims"]
+                    and self._column_gram_config(param, group) is None):
+                return _step_cost(param, group, algorithm)
+            return None
+
+        def sharded_root_cost(param, group, algorithm):
+            if self._column_gram_config(param, group) is not None:
+                return root_cost(param, group["precondition_frequency"])
+            return None
+        loads = [0] * self.device_mesh.size()
+        self._owner = _balanced_owners(self, loads, owner_cost)
+        self._root_owner = _balanced_owners(self, loads, sharded_root_cost)
 
     def _column_gram_config(self, param, group: dict):
         """The config the sharded-Gram path runs `param` with, or None where it cannot."""
         algorithm = self.algorithm_of(param, group)
-        if algorithm != "asgo":
+        if algorithm != "asgo" or group["batch_dims"]:
             return None
         config = group_config(group, algorithm)
         shape = matrix_view_shape(param.shape)
@@ -363,17 +408,37 @@ class FSDPASGO(ASGO):
 
     def _state_template(self, param, group: dict, algorithm: str) -> dict:
         """ASGO's, but a sharded-Gram matrix (its columns preconditioned) holds only this rank's
-        momentum rows."""
+        momentum rows, and a stack only the state of this rank's matrices."""
+        if group["batch_dims"]:
+            return self._stack_template(param, group, algorithm, _rows_on(param, self._mesh_rank))
         if self._column_gram_config(param, group) is None:
             return super()._state_template(param, group, algorithm)
         template = super()._state_template(param, {**group, "side": "right"}, algorithm)
         n = matrix_view_shape(param.shape)[1]
         return {**template, "momentum": template["momentum"].new_empty(_rows_on(param, self._mesh_rank), n)}
 
+    def _stack_template(self, param, group: dict, algorithm: str, slices: int) -> dict:
+        """ASGO's state template of `slices` dim-0 slices of a stack (none allowed): dim 0 of a
+        per-matrix field counts slices, that of gram/root the slices' matrices·blocks."""
+        one_slice = torch.empty((1, *param.shape[1:]), dtype=param.dtype, device="meta")
+        scaled = lambda like: like.new_empty((slices * like.shape[0], *like.shape[1:]))  # noqa: E731
+        return {key: [scaled(b) for b in value] if isinstance(value, list) else scaled(value)
+                for key, value in super()._state_template(one_slice, group, algorithm).items()}
+
+    def _zero_state(self, param, group: dict, algorithm: str) -> dict:
+        """The state this rank holds for a matrix before its first step (step 0), as zeros."""
+        zeros = lambda like: torch.zeros_like(like, device=param.device)  # noqa: E731
+        return {"step": 0, **{key: [zeros(b) for b in value] if isinstance(value, list) else zeros(value)
+                              for key, value in self._state_template(param, group, algorithm).items()}}
+
     def owner_of(self, param) -> int | None:
         """The mesh rank that steps this matrix; None where every rank steps its own rows
-        (sharded-Gram matrices, AdamW)."""
+        (sharded-Gram matrices, AdamW) or its own matrices (stacks)."""
         return self._owner.get(param)
+
+    def root_owner_of(self, param) -> int | None:
+        """The mesh rank that computes this sharded-Gram matrix's root; None for the others."""
+        return self._root_owner.get(param)
 
     @property
     def _mesh_group(self):
@@ -397,6 +462,9 @@ class FSDPASGO(ASGO):
             self._adamw_step(group)
         owner_buckets = []
         for bucket in self.plan_buckets():
+            if bucket.batch_dims:
+                self._step_own_matrices(bucket)
+                continue
             group = self.param_groups[bucket.group_index]
             config = self._column_gram_config(bucket.params[0], group)
             if config is None:
@@ -431,7 +499,7 @@ class FSDPASGO(ASGO):
         for bucket in buckets:
             mine = tuple(p for p in bucket.params if p in full_params)
             if mine:
-                self._full_bucket_step(dataclasses.replace(bucket, params=mine), full_params)
+                self._step_on(dataclasses.replace(bucket, params=mine), full_params)
         for params in by_dtype.values():
             self._return_rows(params, full_params)
 
@@ -455,15 +523,28 @@ class FSDPASGO(ASGO):
             full_params[param].grad = grad
         return full_params
 
-    def _full_bucket_step(self, bucket: Bucket, full_params: dict) -> None:
-        """The single-process step of owned matrices, on their full tensors and state."""
-        full = tuple(full_params[p] for p in bucket.params)
-        for param, full_param in zip(bucket.params, full):
-            self.state[full_param] = self.state.pop(param, {})
-        full_bucket = dataclasses.replace(bucket, params=full)
-        self._commit_bucket(full_bucket, self._bucket_terms(full_bucket, in_place=True))
-        for param, full_param in zip(bucket.params, full):
-            self.state[param] = self.state.pop(full_param)
+    def _step_on(self, bucket: Bucket, stand_ins: dict) -> None:
+        """The single-process step of the bucket's matrices on stand-ins (an owner's full matrices,
+        a rank's own matrices of a stack): {param: nn.Parameter with .grad} holding its state."""
+        replaced = tuple(stand_ins[p] for p in bucket.params)
+        for param, stand_in in zip(bucket.params, replaced):
+            self.state[stand_in] = self.state.pop(param, {})
+        stand_in_bucket = dataclasses.replace(bucket, params=replaced)
+        self._commit_bucket(stand_in_bucket, self._bucket_terms(stand_in_bucket, in_place=True))
+        for param, stand_in in zip(bucket.params, replaced):
+            self.state[param] = self.state.pop(stand_in)
+
+    def _step_own_matrices(self, bucket: Bucket) -> None:
+        """Stacks sharded on a batch dim: each rank steps the whole matrices it holds with the
+        single-process code, no communication; a rank holding none of a stack counts the step."""
+        held = tuple(p for p in bucket.params if _rows_on(p, self._mesh_rank))
+        if held:
+            self._step_on(dataclasses.replace(bucket, params=held), {p: _local_parameter(p) for p in held})
+        group = self.param_groups[bucket.group_index]
+        for param in bucket.params:
+            if not _rows_on(param, self._mesh_rank):
+                state = self.state[param] or self._zero_state(param, group, bucket.algorithm)
+                self.state[param] = {**state, "step": state["step"] + 1}
 
     def _return_rows(self, params: list, full_params: dict) -> None:
         """One all-to-all: each owner sends every rank its rows of the new weights."""
@@ -501,7 +582,9 @@ class FSDPASGO(ASGO):
             grads = grads.neg()
         step = self.state[params[0]].get("step", 0)
         core_state = self._stacked_state(params, step) if step else init_state(grads, config)
-        row_shards = RowShards(rows=m, sum=self._sum_over_mesh, any=self._any_over_mesh)
+        root_owners = tuple(self._root_owner[p] for p in params)
+        row_shards = RowShards(rows=m, sum=self._sum_over_mesh, any=self._any_over_mesh,
+                               roots=functools.partial(self._share_roots, root_owners))
         direction, scale, new_state = step_terms(grads, core_state, config, row_shards=row_shards,
                                                  refresh_root=needs_root_refresh(step, config))
         for index, param in enumerate(params):
@@ -522,6 +605,27 @@ class FSDPASGO(ASGO):
         count = torch.tensor(step, dtype=torch.int32)
         return ASGOState(stacked("momentum"), blocks("gram"), blocks("root"), count, stacked("skipped"),
                          stacked("fallbacks"))
+
+    def _share_roots(self, root_owners: tuple[int, ...], solve, grams, previous_roots, moving):
+        """RowShards.roots: each rank solves the roots it owns, then one all-to-all sends them,
+        with their fallback flags, to every rank (an all-gather of uneven shares, which gloo's
+        all_gather refuses; no padding, and a rank that owns none of them sends nothing)."""
+        world, me = self.device_mesh.size(), self._mesh_rank
+        mine = [index for index, owner in enumerate(root_owners) if owner == me]
+        size = grams.shape[-1]
+        packed = grams.new_empty(len(mine), size * size + len(FALLBACK_LEVELS))
+        if mine:
+            index = torch.tensor(mine, device=grams.device)
+            roots, flags = solve(grams[index], previous_roots[index], moving[index])
+            torch.cat([roots.reshape(len(mine), -1), flags.to(packed.dtype)], dim=1, out=packed)
+        received = grams.new_empty(len(root_owners), packed.shape[1])
+        dist.all_to_all_single(received, packed.repeat(world, 1),
+                               [root_owners.count(rank) for rank in range(world)], [len(mine)] * world,
+                               group=self._mesh_group)
+        by_rank = sorted(range(len(root_owners)), key=lambda i: (root_owners[i], i))
+        shared = torch.empty_like(received)
+        shared[by_rank] = received
+        return shared[:, :size * size].reshape(grams.shape), shared[:, size * size:].to(torch.int32)
 
     def _sum_over_mesh(self, partial):
         dist.all_reduce(partial, group=self._mesh_group)
@@ -550,6 +654,8 @@ class FSDPASGO(ASGO):
         algorithm = self.algorithm_of(param, group)
         if algorithm == "adamw":
             return entry or self._adamw_state(param)
+        if group["batch_dims"]:
+            return self._stack_checkpoint_entry(param, group, algorithm, entry)
         if param in self._owner:
             if owner_held is None:
                 return self._fresh_matrix_entry(param, group, algorithm)
@@ -560,11 +666,24 @@ class FSDPASGO(ASGO):
 
     def _fresh_matrix_entry(self, param, group: dict, algorithm: str) -> dict:
         """The zero state (step 0) of a matrix, in the checkpoint layout."""
-        zeros = lambda like: torch.zeros_like(like, device=param.device)  # noqa: E731
-        entry = {key: [zeros(b) for b in value] if isinstance(value, list) else zeros(value)
-                 for key, value in self._state_template(param, group, algorithm).items()}
+        entry = self._zero_state(param, group, algorithm)
         rows = entry["momentum"].new_zeros(_rows_on(param, self._mesh_rank), entry["momentum"].shape[-1])
-        return {**entry, "step": 0, "momentum": _row_sharded_like(rows, param)}
+        return {**entry, "momentum": _row_sharded_like(rows, param)}
+
+    def _stack_checkpoint_entry(self, param, group: dict, algorithm: str, entry: dict) -> dict:
+        """A stack's state (zeros, step 0, before its first step) as DTensors sharded on dim 0
+        like the parameter: the per-matrix fields in ASGO's layout, each block group of gram and
+        root as (param.shape[0], matrices·blocks of one dim-0 slice, size, size)."""
+        slices = _rows_on(param, self._mesh_rank)
+        one_slice = self._stack_template(param, group, algorithm, 1)
+        checkpoint = {}
+        for key, value in (entry or self._zero_state(param, group, algorithm)).items():
+            if isinstance(value, list):
+                checkpoint[key] = [_sharded_like(block.view(slices, *like.shape), param)
+                                   for block, like in zip(value, one_slice[key])]
+            else:
+                checkpoint[key] = value if key == "step" else _sharded_like(value, param)
+        return checkpoint
 
     def _share_owner_held_state(self, local_state: dict, params: list) -> dict:
         """{index: state without momentum} of every owner-held matrix with state, on every
@@ -579,24 +698,27 @@ class FSDPASGO(ASGO):
 
     def _momentum_from_owner(self, param, momentum):
         """The owner's full momentum scattered to a row-sharded DTensor (a collective)."""
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import Shard, distribute_tensor
 
         if momentum is None:  # not the owner: the shape and dtype of what it will receive
             dtype = torch.promote_types(param.dtype, torch.float32)
             momentum = torch.empty(matrix_view_shape(param.shape), dtype=dtype, device=param.device)
-        return distribute_tensor(momentum, self.device_mesh, param.placements,
-                                 src_data_rank=self._owner[param])
+        rows = distribute_tensor(momentum, self.device_mesh, [Shard(0)], src_data_rank=self._owner[param])
+        return _row_sharded_like(rows.to_local(), param)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load the state_dict() layout saved at any world size (e.g. through
         torch.distributed.checkpoint). A collective: owners receive the full momentum."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         local = {}
-        for saved_id, param in zip(saved_ids, self._params_in_order()):
+        for saved_id, (param, group) in zip(saved_ids, self._params_and_groups()):
             entry = state_dict["state"].get(saved_id)
             if entry is None or int(entry["step"]) == 0:  # never stepped: no state
                 continue
-            if param in self._owner:
+            if group["batch_dims"] and self.algorithm_of(param, group) != "adamw":
+                label = f"state_dict['state'][{saved_id!r}] (the parameter of shape {tuple(param.shape)})"
+                local[saved_id] = _local_stack_entry(entry, label)
+            elif param in self._owner:
                 full_momentum = entry["momentum"].full_tensor()
                 if self._owner[param] == self._mesh_rank:
                     local[saved_id] = {**entry, "momentum": full_momentum}
@@ -613,9 +735,26 @@ def _require_process_group(optimizer_name: str) -> None:
                            "(dist.init_process_group) before construction")
 
 
-def _is_row_sharded(param) -> bool:
+def _shard_dim_of(param) -> int | None:
+    """The mesh dim that shards `param` on its dim 0 where every other mesh dim replicates it
+    (fully_shard on a 1-D mesh, HSDP on a (replicate, shard) mesh); None for another layout."""
     placements = getattr(param, "placements", None)
-    return placements is not None and len(placements) == 1 and placements[0].is_shard(dim=0)
+    if placements is None:
+        return None
+    sharding = [dim for dim, placement in enumerate(placements) if not placement.is_replicate()]
+    if len(sharding) != 1 or not placements[sharding[0]].is_shard(dim=0):
+        return None
+    return sharding[0]
+
+
+def _shard_mesh(param):
+    """The 1-D mesh of the ranks that hold `param`'s shards (for HSDP, this rank's replica)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh, shard_dim = param.device_mesh, _shard_dim_of(param)
+    if mesh.ndim == 1:
+        return mesh
+    return DeviceMesh.from_group(mesh.get_group(shard_dim), mesh.device_type)
 
 
 def _preconditions_whole_columns(shape: tuple[int, int], config) -> bool:
@@ -630,9 +769,9 @@ def _with_right_side(config):
 
 
 def _rows_on(param, rank: int) -> int:
-    """Rows of `param` on mesh rank `rank` in FSDP2's dim-0 layout (torch.chunk: ceil-sized
+    """Rows of `param` on shard rank `rank` in FSDP2's dim-0 layout (torch.chunk: ceil-sized
     chunks, empty ones at the end)."""
-    world = param.device_mesh.size()
+    world = param.device_mesh.size(_shard_dim_of(param))
     chunk = -(-param.shape[0] // world)
     return max(0, min(chunk, param.shape[0] - rank * chunk))
 
@@ -649,8 +788,38 @@ def _rows_of(full, rank: int, world: int):
 
 def _row_sharded_like(rows, param):
     """This rank's (rows, n) momentum as the (m, n) DTensor it is a shard of."""
+    return _sharded_like(rows, param, matrix_view_shape(param.shape)[0])
+
+
+def _sharded_like(local, param, length=None):
+    """This rank's dim-0 shard `local` as the DTensor it is a shard of, placed like `param`;
+    dim 0 of the whole has `length` entries (default param.shape[0])."""
     from torch.distributed.tensor import DTensor
 
-    m, n = matrix_view_shape(param.shape)
-    return DTensor.from_local(rows, param.device_mesh, param.placements, shape=torch.Size((m, n)),
-                              stride=(n, 1))
+    shape = torch.Size((param.shape[0] if length is None else length, *local.shape[1:]))
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _local_parameter(param):
+    """This rank's shard of `param` as an nn.Parameter on the same storage, with its gradient's."""
+    local = torch.nn.Parameter(param.to_local())
+    local.grad = param.grad.to_local()
+    return local
+
+
+def _local_stack_entry(entry: dict, label: str) -> dict:
+    """A stack's saved state (_stack_checkpoint_entry's DTensors) → this rank's, in ASGO's
+    layout; the shapes are checked by the load itself."""
+    from torch.distributed.tensor import DTensor
+
+    def local(key, saved):
+        if not isinstance(saved, DTensor):
+            raise ValueError(f"{label}: state field {key!r} is a {type(saved).__name__}; accepted: a "
+                             "DTensor sharded like the parameter (as FSDPASGO.state_dict() saves it)")
+        shard = saved.to_local()
+        return shard.flatten(0, 1) if key in ("gram", "root") and shard.ndim == 4 else shard
+
+    return {key: value if key == "step"
+            else [local(key, v) for v in value] if isinstance(value, (list, tuple)) else local(key, value)
+            for key, value in entry.items()}

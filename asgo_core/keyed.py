@@ -1,6 +1,6 @@
 """Parameters and gradients as arrays keyed by name or position, for the adapters that take
-plain arrays (NumPy/CuPy): the param groups they are given, and the checks of a step's
-gradients against them. Everything here goes through the array-API namespace of the arrays.
+plain arrays (NumPy/CuPy): the param groups they are given, the check of each param, and the
+checks of a step's gradients against them. Everything here goes through the array-API namespace of the arrays.
 """
 
 from __future__ import annotations
@@ -48,6 +48,15 @@ def _named(arrays: dict) -> dict:
     return dict(arrays)
 
 
+def check_param(key, array) -> None:
+    """A param an adapter can update in place: a writeable real floating-point array."""
+    if not array_api_compat.is_array_api_obj(array) or not array_api_compat.is_writeable_array(array):
+        fail(f"params[{key!r}]", type(array).__name__,
+             "a writeable array-API array (NumPy, CuPy, ...); JAX arrays are immutable")
+    if not array_api_compat.array_namespace(array).isdtype(array.dtype, "real floating"):
+        fail(f"params[{key!r}]", array.dtype, "a real floating-point array")
+
+
 def keyed_grads(grads, params: dict) -> dict:
     """grads (a dict by key or a sequence in key order) as {key: grad}, each gradient checked
     against its param (check_grad) before the caller changes anything."""
@@ -77,7 +86,8 @@ def check_grad(key, grad, param) -> None:
     try:
         xp = array_api_compat.array_namespace(grad, param)
     except TypeError:
-        fail(f"grads[{key!r}]", type(grad).__name__, f"an array of the param's namespace ({type(param).__name__})")
+        fail(f"grads[{key!r}]", type(grad).__name__,
+             f"an array of the param's namespace ({type(param).__name__})")
     if not xp.isdtype(grad.dtype, "real floating"):
         fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
 
@@ -86,6 +96,14 @@ def is_finite(array) -> bool:
     """Whether every element is finite (a host read)."""
     xp = array_api_compat.array_namespace(array)
     return bool(xp.all(xp.isfinite(array)))
+
+
+def check_finite(keys, grads: dict) -> None:
+    """Raise FloatingPointError naming the keys whose gradient has a NaN or inf (host reads);
+    for a step with nonfinite="raise", before it changes anything."""
+    bad = [key for key in keys if not is_finite(grads[key])]
+    if bad:
+        raise FloatingPointError(f"non-finite gradient for {bad} (nonfinite='raise'); no state was changed")
 
 
 def nonfinite_keys(keys, grads: dict) -> list:

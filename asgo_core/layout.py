@@ -166,7 +166,9 @@ class BlockLayout:
         groups = []
         full_rows = self.full_blocks * self.block_size
         if self.full_blocks:
-            full = rows[:, :full_rows, :]
+            # Flattened first: the blocks are then contiguous (one copy at most) for any B, so a
+            # matrix's GEMMs, and so its result, do not depend on how many matrices share its stack.
+            full = xp.reshape(rows[:, :full_rows, :], (-1,))
             groups.append(xp.reshape(full, (-1, self.block_size, self.other)))
         if self.remainder:
             groups.append(rows[:, full_rows:, :])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config_field_names, fail, is_number
+from asgo_core.layout import block_layout, check_batch_dims_value, matrix_stack_shape
 from asgo_core.precision import check_param_rounding
 
 ALGORITHMS = ("asgo", "dasgo", "adamw")
@@ -172,6 +173,12 @@ def layout_options(algorithm: str = "asgo") -> tuple:
     return tuple(row.name for row in OPTIONS if row.layout and algorithm in row.algorithms)
 
 
+def layout_of(group: dict) -> tuple:
+    """The values of a group's layout options (None where it lacks one): what must stay as it
+    was when the state was built."""
+    return tuple(group.get(name) for name in layout_options())
+
+
 def message_name(name: str, framework: str) -> str:
     """How an error about option `name` names it to a `framework` user: a pair the framework
     spells as two options reads "(first, second)"."""
@@ -194,6 +201,14 @@ def spelled(message: str, framework: str) -> str:
     if pattern is None:
         return message
     return pattern.sub(lambda match: message_name(match.group(1), framework) + "=", message)
+
+
+def check_keywords(owner: str, given: dict, accepted: dict) -> None:
+    """A constructor's keyword arguments: TypeError naming those `owner` does not take."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}; "
+                        f"accepted: {', '.join(accepted)}")
 
 
 def signature(positional: tuple, keywords: dict) -> inspect.Signature:
@@ -261,6 +276,49 @@ def checked_group(options: dict, framework: str, algorithm: str, check_lr=check_
         return group, group_config(group, algorithm)
     except ValueError as error:
         raise ValueError(spelled(str(error), framework)) from None
+
+
+def checked_group(group: dict, algorithms, check_lr=check_non_negative) -> dict:
+    """Every check of one group's options (check_group_options, an algorithm among `algorithms`
+    and "adamw", batch_dims, the config of each of `algorithms`) and what a step reads from
+    them: {"configs": {algorithm: config}, "adamw": adamw_options(group)}."""
+    check_group_options(group, check_lr)
+    if group["algorithm"] not in (None, *algorithms, "adamw"):
+        fail("algorithm", group["algorithm"], " | ".join(map(repr, (None, *algorithms, "adamw"))))
+    check_batch_dims_value(group["batch_dims"])
+    return {"configs": {algorithm: group_config(group, algorithm) for algorithm in algorithms},
+            "adamw": adamw_options(group)}
+
+
+def adamw_options(group: dict) -> dict:
+    """The AdamW options of a group in asgo_core.adamw.hyperparameters' names (lr: adamw_lr,
+    or the group's lr where that is None)."""
+    lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
+    return {"lr": lr, "betas": group["adamw_betas"], "eps": group["adamw_eps"],
+            "weight_decay": group["adamw_weight_decay"]}
+
+
+def algorithm_of(ndim: int, group: dict, matrix_algorithm: str) -> str:
+    """What steps a parameter of `ndim` dims in `group`: the group's algorithm option, or by
+    dims the optimizer's matrix algorithm (2 or more) or AdamW."""
+    if group["algorithm"] is not None:
+        return group["algorithm"]
+    return matrix_algorithm if ndim >= 2 else "adamw"
+
+
+def check_param_shape(shape, group: dict, algorithm: str) -> None:
+    """A parameter's shape under its group's options: a matrix algorithm needs 2 or more dims
+    and a matrix view batch_dims leaves nonempty; ASGO a block layout the options allow
+    (num_heads divides the preconditioned side). Errors name the option."""
+    if algorithm == "adamw":
+        return
+    if len(shape) < 2:
+        fail("algorithm", algorithm, f"'adamw' or None for a parameter of shape {tuple(shape)} "
+             "(ASGO/DASGO need at least 2 dims)")
+    _, m, n = matrix_stack_shape(shape, group["batch_dims"])
+    config = group_config(group, algorithm)
+    if algorithm == "asgo":
+        block_layout((m, n), config)
 
 
 def group_config(group: dict, algorithm: str):

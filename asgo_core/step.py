@@ -55,6 +55,11 @@ class DASGOState(NamedTuple):
     skipped: Any
 
 
+def every_root(solve, grams, previous_roots, moving):
+    """This process computes the root of every matrix (`RowShards.roots`' default)."""
+    return solve(grams, previous_roots, moving)
+
+
 class RowShards(NamedTuple):
     """Says that the matrices `step_terms` sees are row shards: each process holds some rows of
     every matrix (FSDP2's dim-0 sharding) and the preconditioned side is the columns (side
@@ -65,10 +70,16 @@ class RowShards(NamedTuple):
     rows: rows of the whole matrix (the √(m·n) of the RMS normalisation).
     sum: of the partial column Grams (B, n, n) and of the squared Frobenius norms (B,).
     any: of (B,) bool flags, whether a matrix's momentum is nonzero on some process.
+    roots: roots(solve, grams, previous_roots, moving) → (roots (B, n, n), fallback flags
+        (B, 4)) of all B matrices at a root refresh, where solve(grams, previous_roots, moving)
+        (`robust_root`) gives those of the matrices it is passed. The Grams are the same on
+        every process, so the processes may split the matrices between them and share what
+        each solved; the default, `every_root`, solves all of them here.
     """
     rows: int
     sum: Callable
     any: Callable
+    roots: Callable = every_root
 
 
 def statistics_dtype(dtype, xp):
@@ -264,6 +275,10 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, row_shard
                                device=_xp.device(momentum))
     blocks = zip(state.gram, statistics.values, state.root,
                  layout.split(_matmul_input(momentum, config, xp), xp))
+    share_roots = every_root if row_shards is None else row_shards.roots
+
+    def solve(grams, previous_roots, moving):
+        return robust_root(grams, previous_roots, config, xp, moving=moving)
     for index, (V_stored, V_new, R_stored, M_b) in enumerate(blocks):
         keep = ~layout.per_block(statistics.finite, index, xp)[:, None, None]
         V_old, R_old = (xp.astype(stored, V_new.dtype, copy=False) for stored in (V_stored, R_stored))
@@ -273,7 +288,7 @@ def _asgo_direction(momentum, statistics, state, config, refresh_root, row_shard
             moving = xp.any(M_b != 0, axis=(-2, -1))
             if row_shards is not None:
                 moving = row_shards.any(moving)
-            R, failed_levels = robust_root(V, R_old, config, xp, moving=moving)
+            R, failed_levels = share_roots(solve, V, R_old, moving)
             failed_levels = xp.where(keep[:, :, 0], xp.zeros_like(failed_levels), failed_levels)
             R = _select(keep, R_old, R, xp)
             fallback_counts = fallback_counts + xp.stack(

@@ -8,11 +8,13 @@ Pure arithmetic (no torch), see docs/cost_model.md for every assumption. For eac
   state   optimizer-state bytes on the most loaded rank
   root    root FLOPs (ASGO) or Newton–Schulz FLOPs (Muon) on the most loaded rank per refresh
   comm    bytes one rank sends per step in the optimizer's own collectives (mean over ranks)
-Methods: "ddp_owner" (DistributedASGO), "fsdp_today" (FSDPASGO: every rank computes every
-sharded-Gram root), "fsdp_split_roots" (a design, not implemented: each root computed once and
-shared by one all-gather per refresh), "adamw" and "muon" (sharded state; Muon's Newton–Schulz
-on whole matrices, one owner rank each). Owner splits mirror `parameter_cost` / `assign_owners`
-of adapters/torch_distributed.py, restated here so the script runs without torch.
+Methods: "ddp_owner" (DistributedASGO), "fsdp_split_roots" (FSDPASGO: each sharded-Gram root
+solved on one rank, shared by one all-to-all per bucket and refresh), "fsdp_today" (FSDPASGO
+with every rank solving every sharded-Gram root, the baseline of
+benchmarks/distributed_step.py's fsdp_replicated_roots), "adamw" and "muon" (sharded state;
+Muon's Newton–Schulz on whole matrices, one owner rank each). Owner splits mirror
+`parameter_cost` / `root_cost` / `assign_owners` of adapters/torch_distributed.py, restated here
+so the script runs without torch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ FLOAT_BYTES = 4
 RANKS = (8, 64, 256, 1024)
 TAUS = (1, 10)
 METHODS = ("ddp_owner", "fsdp_today", "fsdp_split_roots", "adamw", "muon")
+FLAG_BYTES = 4                        # FSDPASGO's int32 flags: has-gradient, momentum nonzero
 ADAMW_FLOPS_PER_ELEMENT = 12          # as adapters/torch_distributed.py balances owners
 EIGH_FLOPS_PER_K3 = 9                 # symmetric eigendecomposition with eigenvectors
 GEMMS_PER_ROOT_STEP = 4               # coupled iteration: four k×k products a step (SPEC §5)
@@ -140,19 +143,28 @@ def parameter_cost(param: Param, tau: int) -> int:
     """adapters/torch_distributed.parameter_cost: the owner split's balancing weight."""
     if param.algorithm == "adamw":
         return ADAMW_FLOPS_PER_ELEMENT * param.numel
-    return param.count * (4 * param.m * param.n * param.k + param.k ** 3 // tau)
+    return param.count * 4 * param.m * param.n * param.k + root_cost(param, tau)
+
+
+def root_cost(param: Param, tau: int) -> int:
+    """adapters/torch_distributed.root_cost: the root split's balancing weight."""
+    return param.count * (param.k ** 3 // tau)
 
 
 def assign_owners(costs: list[int], world: int, loads: list[int] | None = None) -> list[int]:
     """Greedy longest-processing-time split as adapters/torch_distributed.assign_owners: the
-    most expensive item (ties: lower index) to the least loaded rank (ties: lower rank)."""
-    heap = [(load, rank) for rank, load in enumerate(loads or [0] * world)]
+    most expensive item (ties: lower index) to the least loaded rank (ties: lower rank),
+    starting from `loads` (default none), to which the assigned costs are added."""
+    loads = [0] * world if loads is None else loads
+    heap = [(load, rank) for rank, load in enumerate(loads)]
     heapq.heapify(heap)
     owners = [0] * len(costs)
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         load, rank = heapq.heappop(heap)
         owners[index] = rank
         heapq.heappush(heap, (load + costs[index], rank))
+    for load, rank in heap:
+        loads[rank] = load
     return owners
 
 
@@ -193,8 +205,7 @@ def ddp_owner(params, world, tau, root_method, root_steps) -> Cost:
             cost.state[owner] += asgo_state_bytes(param)
             cost.root[owner] += root_flops(param, root_method, root_steps)
     gathered = world * max(owned_numel) * FLOAT_BYTES
-    cost.payload = gathered
-    cost.comm = all_gather_bytes(gathered, world)
+    cost.comm = cost.payload = all_gather_bytes(gathered, world)  # the other ranks' chunks
     return cost
 
 
@@ -234,7 +245,11 @@ def add_to_owners(cost: Cost, params: list[Param], world: int, owners: list[int]
 
 def fsdp_asgo(params, world, tau, root_method, root_steps, split_roots: bool) -> Cost:
     """FSDPASGO (owner policy): sharded-Gram matrices all-reduce their n×n Gram and squared
-    norm; the m < n ones go to owners (weight + gradient rows there, rows back: 3 copies)."""
+    norm each step and a momentum-nonzero flag each refresh; the m < n ones go to owners
+    (weight + gradient rows there, rows back: 3 copies); one has-gradient flag a parameter is
+    all-reduced each step. split_roots: each sharded-Gram root is solved by one rank, balanced
+    on top of the owner-held matrices' parameter_cost, and every rank receives the others'
+    roots with their 4 fallback flags (an all-to-all per bucket and refresh)."""
     cost = new_cost(world)
     flops = lambda p: root_flops(p, root_method, root_steps)  # noqa: E731
     gram_params = [p for p in params if p.sharded_gram]
@@ -244,20 +259,22 @@ def fsdp_asgo(params, world, tau, root_method, root_steps, split_roots: bool) ->
             add_sharded_state(cost, param, world, adamw_state_bytes)
         elif param.count > 1:
             add_local_experts(cost, param, world, asgo_state_bytes, flops)
-    owners = assign_owners([parameter_cost(p, tau) for p in owner_held], world)
+    loads = [0] * world
+    owners = assign_owners([parameter_cost(p, tau) for p in owner_held], world, loads)
     add_to_owners(cost, owner_held, world, owners, asgo_state_bytes, flops, exchanged_copies=3)
+    reduced = FLAG_BYTES * len(params) + sum(FLOAT_BYTES * (p.k ** 2 + 1) + FLAG_BYTES / tau
+                                             for p in gram_params)
+    cost.comm += all_reduce_bytes(reduced, world)
+    cost.payload += reduced
     for param in gram_params:
         add_sharded_state(cost, param, world, asgo_state_bytes)
-        gram_bytes = FLOAT_BYTES * (param.k ** 2 + 1)
-        cost.comm += all_reduce_bytes(gram_bytes, world)
-        cost.payload += gram_bytes
     if split_roots:
-        root_owners = assign_owners([flops(p) for p in gram_params], world, loads=list(cost.root))
+        root_owners = assign_owners([root_cost(p, tau) for p in gram_params], world, loads)
         for param, owner in zip(gram_params, root_owners):
             cost.root[owner] += flops(param)
-        roots_bytes = FLOAT_BYTES * sum(p.k ** 2 for p in gram_params)
+        roots_bytes = FLOAT_BYTES * sum(p.k ** 2 + 4 for p in gram_params)
         cost.comm += all_gather_bytes(roots_bytes, world) / tau
-        cost.payload += roots_bytes / tau
+        cost.payload += all_gather_bytes(roots_bytes, world) / tau
     else:
         every_root = sum(flops(p) for p in gram_params)
         cost.root = [load + every_root for load in cost.root]
@@ -344,20 +361,26 @@ def markdown(rows: list[dict], taus) -> str:
     return "\n".join(lines)
 
 
-def benchmark_params(width: int = 128, layers: int = 4) -> list[Param]:
-    """The matrices of benchmarks/distributed_step.py (q, k, v, o, fc1 4d×d, fc2 d×4d a block)."""
-    block = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
-    return [Param(f"matrix{index}", m, n) for index, (m, n) in enumerate(block * layers)]
+BENCHMARK_MATRICES = {  # benchmarks/distributed_step.py --matrices
+    "transformer": [(128, 128)] * 4 * 4 + [(512, 128), (128, 512)] * 4,
+    "roots": [(384, 384)] * 4 + [(256, 256)] * 4,
+}
+BENCHMARK_MODES = {"owner": "ddp_owner", "fsdp": "fsdp_split_roots", "fsdp_replicated_roots": "fsdp_today"}
 
 
 def benchmark_check(ranks=(2, 4)) -> str:
-    """The model's payload (result bytes per rank and step) for distributed_step.py's matrices,
-    in the units that benchmark prints, to set beside its output."""
-    lines = ["| ranks | owner KiB (model) | fsdp KiB (model) |", "|---:|---:|---:|"]
-    for world in ranks:
-        owner, fsdp = (method_cost(method, benchmark_params(), world, 1).payload / 1024
-                       for method in ("ddp_owner", "fsdp_today"))
-        lines.append(f"| {world} | {owner:.0f} | {fsdp:.0f} |")
+    """The model for distributed_step.py's matrices (τ = 1, roots by eigh: the CPU's method),
+    in the units that benchmark prints, to set beside its output: payload (bytes received
+    from other ranks per rank and step, mean) and root GFLOP per step on the busiest rank."""
+    lines = ["| matrices | ranks | mode | payload KiB (model) | root GFLOP (model) |",
+             "|---|---:|---|---:|---:|"]
+    for matrices, shapes in BENCHMARK_MATRICES.items():
+        params = [Param(f"matrix{index}", m, n) for index, (m, n) in enumerate(shapes)]
+        for world in ranks:
+            for mode, method in BENCHMARK_MODES.items():
+                cost = method_cost(method, params, world, 1, root_method="eigh")
+                lines.append(f"| {matrices} | {world} | {mode} | {cost.payload / 1024:.1f} "
+                             f"| {max(cost.root) / 1e9:.2f} |")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 MASTER_PORT in the environment) by tests/test_distributed.py:
 
     python tests/distributed_worker.py ddp|ddp_experts|fsdp|fsdp_other_side|fsdp_bf16 OUT_DIR
-    python tests/distributed_worker.py fsdp_resume OUT_DIR CHECKPOINT_DIR
+    python tests/distributed_worker.py fsdp_split_roots|fsdp_moe|fsdp_moe_hsdp OUT_DIR
+    python tests/distributed_worker.py fsdp_resume|fsdp_moe_resume OUT_DIR CHECKPOINT_DIR
 
 Trains `TinyTransformer` for STEPS steps on rank-specific batches and saves, per rank,
 OUT_DIR/rank{r}.pt: the final parameters, the optimizer's full state_dict and the gradients
@@ -10,12 +11,17 @@ every step saw (so the test can replay them through the single-process optimizer
 modes also save a torch.distributed.checkpoint in OUT_DIR/checkpoint, which fsdp_resume loads
 (at any world size) to train the remaining steps; fsdp_bf16 steps two matrices on synthetic
 gradients with matmul_dtype="bfloat16" (and records tensor factories its steps call without a
-device), then one matrix whose statistics underflow; ddp_experts steps mixture-of-experts stacks (batch_dims=1) with DistributedASGO.
+device), then one matrix whose statistics underflow; fsdp_split_roots steps float64 matrices whose
+sharded-Gram roots are split between the ranks (and counts the roots each rank solves);
+ddp_experts steps mixture-of-experts stacks (batch_dims=1) with DistributedASGO.
+The fsdp_moe modes train `DenseAndExperts` (float64) under FSDPASGO: on a 1-D mesh (saving a
+checkpoint, as fsdp does) or on a 2 × 2 HSDP mesh (fsdp_moe_hsdp, 4 ranks).
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 
@@ -40,6 +46,15 @@ CHECKPOINT_AT_STEP = 5    # FSDP runs: DCP checkpoint taken before this step
 BF16_SHAPES = ((32, 16), (16, 32))
 BF16_OPTIONS = dict(FSDP_OPTIONS, matmul_dtype="bfloat16")
 BF16_STEPS = 3
+# fsdp_split_roots: float64 matrices whose sharded Grams are exact (see split_root_grad); "many"
+# has 8 sharded-Gram roots in 3 buckets and one owner-held 4×12 matrix, "few" fewer roots than
+# 4 ranks. Coupled Newton's 6 steps fail on the rank-1 Grams, so their eigh fallback is counted.
+SPLIT_ROOT_SHAPES = {"many": ((24, 8),) * 5 + ((16, 16),) * 2 + ((32, 12), (4, 12)),
+                     "few": ((16, 8), (12, 12))}
+SPLIT_ROOT_OPTIONS = dict(lr=0.05, precondition_frequency=3, betas=(0.9, 0.5), eps=1e-3,
+                          root_method="coupled_newton", root_steps=6)
+SPLIT_ROOT_STEPS = 7
+SPLIT_ROOT_SKIPPED = (3, 0)   # (step, matrix): a gradient with an inf, at a root refresh
 
 
 class Block(nn.Module):
@@ -127,14 +142,19 @@ def save_owner_split_result(model, optimizer, grads_per_step, out_dir: str) -> N
 
 
 def fsdp_model():
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = make_model()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = one_dim_mesh()
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     return fully_shard(model, mesh=mesh)
+
+
+def one_dim_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (dist.get_world_size(),))
 
 
 def rows_of_rank(full: torch.Tensor, rank: int, world_size: int) -> slice:
@@ -166,9 +186,17 @@ def full_tensors(value):
     return value
 
 
-def fsdp_steps(model, optimizer, steps, checkpoint_dir=None) -> list[dict]:
-    """Train `steps`; drop the last rank's gradients at NO_GRAD_STEP and save a DCP checkpoint
-    before CHECKPOINT_AT_STEP when checkpoint_dir is given. Returns the gradients used."""
+def transformer_loss(model, step: int) -> torch.Tensor:
+    tokens = batch(step, dist.get_rank())
+    logits = model(tokens[:, :-1], use_rank0_layer=False)
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def fsdp_steps(model, optimizer, steps, checkpoint_dir=None, loss=transformer_loss,
+               drop_grads=True) -> list[dict]:
+    """Train `steps` on loss(model, step); drop the last rank's gradients at NO_GRAD_STEP (where
+    drop_grads) and save a DCP checkpoint before CHECKPOINT_AT_STEP when checkpoint_dir is
+    given. Returns the gradients used."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -177,12 +205,10 @@ def fsdp_steps(model, optimizer, steps, checkpoint_dir=None) -> list[dict]:
         if step == CHECKPOINT_AT_STEP and checkpoint_dir is not None:
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint_dir)
-        tokens = batch(step, dist.get_rank())
-        logits = model(tokens[:, :-1], use_rank0_layer=False)
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        loss(model, step).backward()
         grads = {name: None if p.grad is None else p.grad.full_tensor()
                  for name, p in model.named_parameters()}
-        if step == NO_GRAD_STEP and dist.get_world_size() > 1:
+        if step == NO_GRAD_STEP and drop_grads and dist.get_world_size() > 1:
             drop_last_rank_grads(model, grads)
         grads_per_step.append(grads)
         optimizer.step()
@@ -190,14 +216,28 @@ def fsdp_steps(model, optimizer, steps, checkpoint_dir=None) -> list[dict]:
     return grads_per_step
 
 
-def save_fsdp_result(model, optimizer, grads_per_step, out_dir: str) -> None:
+def save_fsdp_result(model, optimizer, grads_per_step, out_dir: str, **extra) -> None:
     names = {p: name for name, p in model.named_parameters()}
-    state_dict = full_tensors(optimizer.state_dict())
+    state_dict = optimizer.state_dict()
     torch.save({"params": {name: p.full_tensor() for name, p in model.named_parameters()},
-                "grads": grads_per_step, "state_dict": state_dict,
+                "grads": grads_per_step, "state_dict": full_tensors(state_dict),
+                "placements": placements(state_dict),
                 "owners": {names[p]: optimizer.owner_of(p) for p in names},
-                "local_state_keys": {names[p]: sorted(optimizer.state.get(p, {})) for p in names}},
+                "local_state_keys": {names[p]: sorted(optimizer.state.get(p, {})) for p in names},
+                "param_placements": {name: p.placements for name, p in model.named_parameters()},
+                "local_rows": {name: p.to_local().shape[0] for name, p in model.named_parameters()}, **extra},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+
+
+def placements(value):
+    """The state with every DTensor replaced by its placements, every other tensor by None."""
+    if isinstance(value, torch.Tensor):
+        return getattr(value, "placements", None)
+    if isinstance(value, dict):
+        return {key: placements(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [placements(item) for item in value]
+    return value
 
 
 def train_fsdp(out_dir: str, options: dict, checkpoint_dir=None) -> None:
@@ -284,16 +324,77 @@ def underflow_fallbacks(mesh) -> list[int]:
     return optimizer.state[param]["fallbacks"].tolist()
 
 
+def split_root_initial(index: int, shape) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+
+
+def split_root_grad(step: int, index: int, shape) -> torch.Tensor:
+    """Multiples of 1/8 (with beta2 = 0.5 every Gram, sharded or not, is exact, so the shared
+    roots can be compared bitwise with single-process ASGO's); every third matrix rank-1."""
+    generator = torch.Generator().manual_seed(100 * step + index)
+    if index % 3 == 1:
+        rows, columns = (torch.randint(-3, 4, (size,), generator=generator) for size in shape)
+        grad = torch.outer(rows, columns).double() / 8
+    else:
+        grad = torch.randint(-3, 4, shape, generator=generator).double() / 8
+    if (step, index) == SPLIT_ROOT_SKIPPED:
+        grad[-1, 0] = float("inf")
+    return grad
+
+
+class CountedRoots:
+    """Counts the root blocks this process solves (asgo_core.step.robust_root) while active."""
+
+    core = importlib.import_module("asgo_core.step")  # the module: asgo_core.step is also the function
+
+    def __enter__(self):
+        self.blocks, self._original = 0, self.core.robust_root
+
+        def counted(grams, *args, **kwargs):
+            self.blocks += grams.shape[0]
+            return self._original(grams, *args, **kwargs)
+        self.core.robust_root = counted
+        return self
+
+    def __exit__(self, *exc_info):
+        self.core.robust_root = self._original
+
+
+def train_split_roots(out_dir: str) -> None:
+    """FSDPASGO on SPLIT_ROOT_SHAPES' two sets: final params, state and root blocks solved."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results = {}
+    for name, shapes in SPLIT_ROOT_SHAPES.items():
+        params = [nn.Parameter(distribute_tensor(split_root_initial(index, shape), mesh, [Shard(0)]))
+                  for index, shape in enumerate(shapes)]
+        optimizer = FSDPASGO(params, **SPLIT_ROOT_OPTIONS)
+        with CountedRoots() as solved:
+            for step in range(SPLIT_ROOT_STEPS):
+                for index, (param, shape) in enumerate(zip(params, shapes)):
+                    param.grad = distribute_tensor(split_root_grad(step, index, shape), mesh, [Shard(0)])
+                optimizer.step()
+        results[name] = {"params": [p.full_tensor() for p in params], "roots_solved": solved.blocks,
+                         "state_dict": full_tensors(optimizer.state_dict()),
+                         "root_owners": [optimizer.root_owner_of(p) for p in params],
+                         "owners": [optimizer.owner_of(p) for p in params]}
+    torch.save(results, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+
+
 class Experts(nn.Module):
-    """Two expert stacks (EXPERTS, out, in) of a mixture-of-experts layer, every token through
+    """Two expert stacks (experts, out, in) of a mixture-of-experts layer, every token through
     every expert (the routing does not matter to the optimizer)."""
 
-    def __init__(self):
+    def __init__(self, experts: int = 4, router_bias: bool = True):
         super().__init__()
         torch.manual_seed(0)
-        self.router = nn.Linear(WIDTH, EXPERTS)
-        self.up = nn.Parameter(torch.randn(EXPERTS, 2 * WIDTH, WIDTH) / WIDTH ** 0.5)
-        self.down = nn.Parameter(torch.randn(EXPERTS, WIDTH, 2 * WIDTH) / WIDTH ** 0.5)
+        self.router = nn.Linear(WIDTH, experts, bias=router_bias)
+        self.up = nn.Parameter(torch.randn(experts, 2 * WIDTH, WIDTH) / WIDTH ** 0.5)
+        self.down = nn.Parameter(torch.randn(experts, WIDTH, 2 * WIDTH) / WIDTH ** 0.5)
 
     def forward(self, x):
         weights = self.router(x).softmax(-1)
@@ -301,7 +402,115 @@ class Experts(nn.Module):
         return torch.einsum("be,beo->bo", weights, torch.einsum("beh,eoh->beo", hidden, self.down))
 
 
-EXPERTS = 4
+MOE_EXPERTS = 5   # uneven: 3 + 2 experts per rank at 2 ranks, 2 + 2 + 1 + 0 at 4
+MOE_OUTPUTS = 4
+MOE_BATCH = 8
+
+
+class DenseAndExperts(nn.Module):
+    """A float64 mixture-of-experts model for FSDPASGO: `inp` (16×16) takes the sharded Gram,
+    `experts.router` (5×16) and `head` (4×16) go to owner ranks, `experts.up` / `experts.down`
+    are stacks stepped where their experts lie."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(WIDTH, WIDTH)
+        self.experts = Experts(MOE_EXPERTS, router_bias=False)
+        self.head = nn.Linear(WIDTH, MOE_OUTPUTS)
+        self.double()
+
+    def forward(self, x):
+        hidden = F.gelu(self.inp(x))
+        return self.head(hidden + self.experts(hidden))
+
+
+def moe_groups(model: nn.Module) -> list[dict]:
+    """asgo_param_groups with the expert stacks (batch_dims=1) in blocks of 8 (two per expert),
+    so that their gram and root hold several blocks per matrix."""
+    groups = asgo_param_groups(model, stacked={"*.up": 1, "*.down": 1})
+    return [{**group, "max_precond_dim": 8} if group.get("batch_dims") else group for group in groups]
+
+
+def moe_loss(model, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+    x = torch.randn(MOE_BATCH, WIDTH, generator=generator, dtype=torch.float64)
+    target = torch.randn(MOE_BATCH, MOE_OUTPUTS, generator=generator, dtype=torch.float64)
+    return (model(x) - target).square().mean()
+
+
+def fsdp_moe_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(DenseAndExperts(), mesh=mesh)
+
+
+def train_fsdp_moe(out_dir: str, hsdp: bool) -> None:
+    """DenseAndExperts under FSDPASGO: on a 1-D mesh, checkpointed as train_fsdp does, or on a
+    2 × 2 (replicate, shard) HSDP mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if hsdp else one_dim_mesh()
+    model = fsdp_moe_model(mesh)
+    optimizer = FSDPASGO(moe_groups(model), **FSDP_OPTIONS)
+    checkpoint_dir = None if hsdp else os.path.join(out_dir, "checkpoint")
+    grads = fsdp_steps(model, optimizer, range(STEPS), checkpoint_dir, moe_loss, drop_grads=not hsdp)
+    save_fsdp_result(model, optimizer, grads, out_dir, refusal=stack_refusal(mesh),
+                     load_refusal=gathered_stack_load_refusal(model, optimizer))
+
+
+def gathered_stack_load_refusal(model, optimizer) -> dict:
+    """load_state_dict given experts.up's state as plain (gathered) tensors: the error, and
+    whether the optimizer's state stayed as it was."""
+    import copy
+
+    up = dict(model.named_parameters())["experts.up"]
+    index = next(i for i, param in enumerate(p for group in optimizer.param_groups for p in group["params"])
+                 if param is up)
+    state_dict = optimizer.state_dict()
+    state_dict["state"][index] = full_tensors(state_dict["state"][index])
+    before = copy.deepcopy(optimizer.state[up])
+    try:
+        optimizer.load_state_dict(state_dict)
+        error = None
+    except ValueError as refusal:
+        error = str(refusal)
+    after = optimizer.state[up]
+    unchanged = before["step"] == after["step"] and torch.equal(before["momentum"], after["momentum"])
+    return {"error": error, "unchanged": unchanged}
+
+
+def resume_fsdp_moe(out_dir: str, checkpoint_dir: str) -> None:
+    """Load train_fsdp_moe's DCP checkpoint (saved at another world size) and train on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    model = fsdp_moe_model(one_dim_mesh())
+    optimizer = FSDPASGO(moe_groups(model), **FSDP_OPTIONS)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint_dir)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    grads = fsdp_steps(model, optimizer, range(CHECKPOINT_AT_STEP, STEPS), loss=moe_loss)
+    save_fsdp_result(model, optimizer, grads, out_dir)
+
+
+def stack_refusal(mesh) -> str | None:
+    """FSDPASGO's error for a stack sharded on a matrix dim (its dim 1 with batch_dims=1)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from asgo_core.adapters.torch_distributed import FSDPASGO
+
+    placements = [Replicate()] * (mesh.ndim - 1) + [Shard(1)]
+    stack = nn.Parameter(distribute_tensor(torch.zeros(2, 4, 4), mesh, placements))
+    try:
+        FSDPASGO([{"params": [stack], "batch_dims": 1}])
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def expert_groups(model: nn.Module) -> list[dict]:
@@ -352,7 +561,11 @@ def main() -> None:
     modes = {"ddp": train_ddp, "ddp_experts": train_ddp_experts,
              "fsdp": lambda out: train_fsdp(out, FSDP_OPTIONS, os.path.join(out, "checkpoint")),
              "fsdp_other_side": lambda out: train_fsdp(out, OTHER_SIDE_OPTIONS),
-             "fsdp_resume": lambda out: resume_fsdp(out, *checkpoint_dir), "fsdp_bf16": train_bf16}
+             "fsdp_resume": lambda out: resume_fsdp(out, *checkpoint_dir), "fsdp_bf16": train_bf16,
+             "fsdp_split_roots": train_split_roots,
+             "fsdp_moe": lambda out: train_fsdp_moe(out, hsdp=False),
+             "fsdp_moe_hsdp": lambda out: train_fsdp_moe(out, hsdp=True),
+             "fsdp_moe_resume": lambda out: resume_fsdp_moe(out, *checkpoint_dir)}
     modes[mode](out_dir)  # an error ends this rank with its traceback (the others time out)
     leave_process_group()
 

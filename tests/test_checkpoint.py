@@ -212,7 +212,8 @@ def test_import_returns_the_entries_in_the_params_order_after_the_identity_check
 def test_import_names_the_entry_and_the_field_that_differs():
     from asgo_core.checkpoint import ParamIdentity, import_entries
     changed = [_identities()[0], ParamIdentity("b", "adamw", (4,), {"betas": [0.9, 0.99]})]
-    with pytest.raises(CheckpointError, match=r"'b'.*betas: checkpoint \[0.9, 0.95\] != optimizer \[0.9, 0.99\]"):
+    differs = r"'b'.*betas: checkpoint \[0.9, 0.95\] != optimizer \[0.9, 0.99\]"
+    with pytest.raises(CheckpointError, match=differs):
         import_entries(_exported(), changed)
     with pytest.raises(ValueError, match="names='1 names' is invalid; accepted: one per parameter"):
         import_entries(_exported(), _identities(), names=["w"])

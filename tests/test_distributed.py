@@ -49,9 +49,9 @@ def launch(mode: str, world_size: int, out_dir, *worker_args) -> list[dict]:
 
 
 def single_process_replay(grads_per_step: list[dict], options=worker.OPTIONS, reload_at=None,
-                          param_groups=worker.make_param_groups):
+                          param_groups=worker.make_param_groups, make_model=worker.make_model):
     """The plain ASGO on the gradients the distributed run saw (with a state_dict reload)."""
-    model = worker.make_model()
+    model = make_model()
     params = dict(model.named_parameters())
     optimizer = ASGO(param_groups(model), **options)
     for step, grads in enumerate(grads_per_step):
@@ -170,21 +170,24 @@ def test_ddp_owner_split_steps_expert_stacks_like_single_process(tmp_path):
         assert_same(saved["state_dict"], optimizer.state_dict(), f"rank {rank} state_dict")
 
 
-def names_in_group_order(param_groups=worker.make_param_groups) -> list[str]:
+def names_in_group_order(param_groups=worker.make_param_groups, make_model=worker.make_model) -> list[str]:
     """Parameter names in the optimizer's index order (its state_dict keys)."""
-    model = worker.make_model()
+    model = make_model()
     names = {param: name for name, param in model.named_parameters()}
     return [names[param] for group in param_groups(model) for param in group["params"]]
 
 
-def assert_fsdp_matches(saved, expected_params, expected_state, where, param_groups=worker.make_param_groups):
+def assert_fsdp_matches(saved, expected_params, expected_state, where, param_groups=worker.make_param_groups,
+                        make_model=worker.make_model, stacks=()):
     """FSDPASGO's final params and (gathered) state against the single-process run: bitwise for
-    owner-held matrices and AdamW, within float32 rounding for the sharded-Gram matrices (their
-    partial Grams are summed in another order). Returns the sharded-Gram names."""
-    state = saved["state_dict"]["state"]
-    names = names_in_group_order(param_groups)
+    owner-held matrices, stacks (the names in `stacks`) and AdamW, within float32 rounding for
+    the sharded-Gram matrices (their partial Grams are summed in another order). Returns the
+    sharded-Gram names."""
+    names = names_in_group_order(param_groups, make_model)
+    state = {index: in_asgo_layout(entry) if names[index] in stacks else entry
+             for index, entry in saved["state_dict"]["state"].items()}
     sharded = {name for index, name in enumerate(names)
-               if saved["owners"][name] is None and "gram" in state[index]}
+               if saved["owners"][name] is None and "gram" in state[index] and name not in stacks}
     for name, expected in expected_params.items():
         difference = (saved["params"][name] - expected).abs().max().item()
         assert difference < 1e-5 if name in sharded else difference == 0.0, (where, name, difference)
@@ -195,6 +198,13 @@ def assert_fsdp_matches(saved, expected_params, expected_state, where, param_gro
             assert_same(state[index], expected_state["state"][index], f"{where} {name}",
                         close=name in sharded)
     return sharded
+
+
+def in_asgo_layout(stack_entry: dict) -> dict:
+    """A stack's gathered FSDPASGO state with each gram/root block group's (E, blocks per
+    expert, size, size) back in ASGO's (E·blocks, size, size)."""
+    return {key: [block.flatten(0, 1) for block in value] if key in ("gram", "root") else value
+            for key, value in stack_entry.items()}
 
 
 @pytest.fixture(scope="module")
@@ -303,9 +313,139 @@ def test_fsdp2_ranks_agree_on_statistics_underflow(fsdp_synthetic_ranks):
     assert [saved["underflow_fallbacks"] for saved in ranks] == [expected, expected]
 
 
+def split_roots_single_process(shapes):
+    """Single-process ASGO on the gradients the fsdp_split_roots workers used."""
+    params = [torch.nn.Parameter(worker.split_root_initial(index, shape))
+              for index, shape in enumerate(shapes)]
+    optimizer = ASGO(params, **worker.SPLIT_ROOT_OPTIONS)
+    for step in range(worker.SPLIT_ROOT_STEPS):
+        for index, (param, shape) in enumerate(zip(params, shapes)):
+            param.grad = worker.split_root_grad(step, index, shape)
+        optimizer.step()
+    return [p.detach() for p in params], optimizer.state_dict()["state"]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_solves_each_root_on_one_rank_and_equals_single_process(world_size, tmp_path):
+    """The sharded-Gram roots are split between the ranks and shared: every rank ends with the
+    single-process state bitwise in float64 (Grams exact here, so roots, momentum and the
+    fallback and skip counters must match exactly), while each root was solved on one rank
+    only, including when there are fewer roots than ranks. τ = 3 over 7 steps: refreshes at
+    steps 0, 3 and 6. The params agree within 1e-8 of their largest entry: the sharded-Gram
+    path writes W − lr·(s·D + wd·W) with s from the all-reduced norm, ASGO
+    W·(1 − lr·wd) − lr·s·D."""
+    ranks = launch("fsdp_split_roots", world_size, tmp_path)
+    refreshes = 3
+    for run, shapes in worker.SPLIT_ROOT_SHAPES.items():
+        expected_params, expected_state = split_roots_single_process(shapes)
+        eigh_fallbacks = [int(entry["fallbacks"][FALLBACK_LEVELS.index("eigh")])
+                          for entry in expected_state.values()]
+        assert 0 in eigh_fallbacks and max(eigh_fallbacks) > 0  # counts that tell the matrices apart
+        for rank, saved in enumerate(ranks):
+            result = saved[run]
+            assert_same(result["state_dict"]["state"], expected_state, f"{run}: rank {rank} state")
+            for index, (actual, expected) in enumerate(zip(result["params"], expected_params)):
+                error = (actual - expected).abs().max().item()
+                assert error <= 1e-8 * expected.abs().max().item(), (run, rank, index, error)
+        root_owners, owners = ranks[0][run]["root_owners"], ranks[0][run]["owners"]
+        assert all(saved[run]["root_owners"] == root_owners for saved in ranks)
+        solved = [saved[run]["roots_solved"] for saved in ranks]
+        assert solved == [refreshes * (root_owners.count(rank) + owners.count(rank))
+                          for rank in range(world_size)]
+        assert sum(solved) == refreshes * len(shapes)  # each root once, not once per rank
+        if run == "many":
+            assert min(root_owners.count(rank) for rank in range(world_size)) > 0
+        else:
+            assert sorted(solved) == [0] * (world_size - 2) + [refreshes] * 2
+
+
 def test_fsdp2_rejects_an_unknown_sharded_side_policy():
     with pytest.raises(ValueError, match="sharded_side_policy='gather'.*'owner' | 'other_side'"):
         FSDPASGO([torch.nn.Parameter(torch.zeros(4, 8))], sharded_side_policy="gather")
+
+
+MOE_STACKS = ("experts.up", "experts.down")
+
+
+@pytest.fixture(scope="module")
+def fsdp_moe_run(tmp_path_factory):
+    """run(world_size): the FSDP2 MoE run at that world size (launched once; it saves a DCP
+    checkpoint before worker.CHECKPOINT_AT_STEP): (ranks, checkpoint directory)."""
+    runs = {}
+
+    def run(world_size: int):
+        if world_size not in runs:
+            out_dir = tmp_path_factory.mktemp(f"fsdp_moe_{world_size}")
+            runs[world_size] = launch("fsdp_moe", world_size, out_dir), out_dir / "checkpoint"
+        return runs[world_size]
+    return run
+
+
+def assert_moe_matches_single_process(ranks, grads):
+    """Every rank's DenseAndExperts params and state against the single-process ASGO on the
+    same float64 gradients: the expert stacks and owner-held matrices bitwise, the
+    sharded-Gram inp.weight within rounding; the stacks' state DTensors placed like the stacks."""
+    expected_params, expected_state, _ = single_process_replay(
+        grads, worker.FSDP_OPTIONS, param_groups=worker.moe_groups, make_model=worker.DenseAndExperts)
+    names = names_in_group_order(worker.moe_groups, worker.DenseAndExperts)
+    for rank, saved in enumerate(ranks):
+        sharded = assert_fsdp_matches(saved, expected_params, expected_state, f"rank {rank}",
+                                      worker.moe_groups, worker.DenseAndExperts, MOE_STACKS)
+        assert sharded == {"inp.weight"}
+        assert {saved["owners"][name] for name in ("experts.router.weight", "head.weight")} == {0, 1}
+        for name in MOE_STACKS:
+            assert saved["owners"][name] is None
+            placements = saved["placements"]["state"][names.index(name)]
+            state_placements = [placements[key] for key in ("momentum", "skipped", "fallbacks")]
+            state_placements += placements["gram"] + placements["root"]
+            assert len(state_placements) == 5 and set(state_placements) == {saved["param_placements"][name]}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_moe_equals_single_process(world_size, fsdp_moe_run):
+    """Expert stacks (5 experts, batch_dims=1, two blocks each) beside dense layers: at 2 ranks
+    3 + 2 experts per rank, at 4 ranks 2 + 2 + 1 + 0; the last rank drops its gradients once."""
+    ranks, _ = fsdp_moe_run(world_size)
+    assert [saved["local_rows"]["experts.up"] for saved in ranks] == {2: [3, 2], 4: [2, 2, 1, 0]}[world_size]
+    assert_moe_matches_single_process(ranks, ranks[0]["grads"])
+
+
+def test_fsdp2_moe_load_refuses_a_gathered_stack_state(fsdp_moe_run):
+    """A stack's state given as plain tensors (e.g. full_tensor() of each) is refused, naming
+    the entry and what is accepted, and the optimizer's state stays as it was."""
+    for saved in fsdp_moe_run(2)[0]:
+        refusal = saved["load_refusal"]
+        assert refusal["error"].startswith("state_dict['state'][3] (the parameter of shape (5, 32, 16)): "
+                                           "state field 'momentum' is a Tensor; accepted: a DTensor")
+        assert refusal["unchanged"]
+
+
+def test_fsdp2_moe_resumes_at_another_world_size(fsdp_moe_run, tmp_path):
+    """The 4-rank MoE run's DCP checkpoint loaded at 2 ranks and trained to the end: as if
+    uninterrupted (the experts move from 2 + 2 + 1 + 0 per rank to 3 + 2)."""
+    first_ranks, checkpoint = fsdp_moe_run(4)
+    ranks = launch("fsdp_moe_resume", 2, tmp_path, checkpoint)
+    grads = first_ranks[0]["grads"][:worker.CHECKPOINT_AT_STEP] + ranks[0]["grads"]
+    assert_moe_matches_single_process(ranks, grads)
+
+
+def test_fsdp2_refuses_a_stack_sharded_on_a_matrix_dim(fsdp_moe_run):
+    refusal = fsdp_moe_run(2)[0][0]["refusal"]
+    assert refusal.startswith("param_groups[0]['params'][0] (shape (2, 4, 4)): FSDPASGO needs")
+    assert "placements (Shard(dim=0),) on a 1-D mesh" in refusal
+    assert "got placements (Shard(dim=1),)" in refusal
+
+
+def test_hsdp_two_by_two_equals_single_process(tmp_path):
+    """HSDP: 4 ranks on a (replicate 2, shard 2) mesh. Each replica steps on its own shard
+    group; both equal the single-process run (stacks, owners and sharded Gram alike)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    ranks = launch("fsdp_moe_hsdp", 4, tmp_path)
+    assert ranks[0]["param_placements"]["experts.up"] == (Replicate(), Shard(0))
+    assert [saved["local_rows"]["experts.up"] for saved in ranks] == [3, 2, 3, 2]
+    assert "(Replicate(), Shard(dim=1))" in ranks[0]["refusal"]
+    assert_moe_matches_single_process(ranks, ranks[0]["grads"])
 
 
 def test_jax_sharded_over_a_mesh_equals_unsharded():

@@ -4,6 +4,7 @@ array-level AdamW, each against an independent statement of what it must do."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import array_api_compat.numpy as xp
 import numpy as np
@@ -159,3 +160,59 @@ def test_adamw_step_is_torch_adamw_and_skips_a_non_finite_gradient():
         param.grad = torch.tensor(grad)
         reference.step()
         np.testing.assert_allclose(value, param.detach().numpy(), rtol=1e-14, atol=1e-15)
+
+
+def _group(**overrides):
+    return dict(defaults("asgo"), **overrides)
+
+
+def test_checked_group_gives_each_algorithms_config_and_adamws_options():
+    from asgo_core.options import checked_group
+    settings = checked_group(_group(lr=0.5, betas=(0.8, 0.9), adamw_eps=1e-6), ("asgo", "dasgo"))
+    assert settings["configs"]["asgo"] == ASGOConfig(beta1=0.8, beta2=0.9)
+    assert (settings["configs"]["dasgo"].beta1, settings["configs"]["dasgo"].beta2) == (0.8, 0.9)
+    assert settings["adamw"] == {"lr": 0.5, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.0}
+    assert checked_group(_group(lr=0.5, adamw_lr=0.1), ("dasgo",))["adamw"]["lr"] == 0.1
+    with pytest.raises(ValueError, match="batch_dims=-1 is invalid"):
+        checked_group(_group(batch_dims=-1), ("asgo",))
+    with pytest.raises(ValueError, match="adamw_eps=-1.0 is invalid"):
+        checked_group(_group(adamw_eps=-1.0), ("asgo",))
+
+
+def test_algorithm_of_follows_the_option_then_the_dims():
+    from asgo_core.options import algorithm_of
+    assert algorithm_of(2, _group(), "dasgo") == "dasgo"
+    assert algorithm_of(1, _group(), "asgo") == "adamw"
+    assert algorithm_of(3, _group(algorithm="adamw"), "asgo") == "adamw"
+
+
+def test_check_param_shape_refuses_what_a_matrix_algorithm_cannot_step():
+    from asgo_core.options import check_param_shape
+    check_param_shape((4,), _group(), "adamw")
+    check_param_shape((2, 8, 6), _group(batch_dims=1, num_heads=2), "asgo")
+    with pytest.raises(ValueError, match="algorithm='dasgo' is invalid.*shape \\(4,\\)"):
+        check_param_shape((4,), _group(), "dasgo")
+    with pytest.raises(ValueError, match="batch_dims=1 is invalid for a parameter of shape \\(8, 6\\)"):
+        check_param_shape((8, 6), _group(batch_dims=1), "asgo")
+    with pytest.raises(ValueError, match="num_heads"):
+        check_param_shape((8, 6), _group(num_heads=5), "asgo")
+
+
+def test_checked_group_refuses_an_algorithm_the_optimizer_lacks():
+    from asgo_core.options import checked_group
+    accepted = "algorithm='asgo' is invalid; accepted: None | 'dasgo' | 'adamw'"
+    with pytest.raises(ValueError, match=re.escape(accepted)):
+        checked_group(_group(algorithm="asgo"), ("dasgo",))
+
+
+def test_layout_of_reads_the_layout_options_and_none_where_a_group_lacks_one():
+    from asgo_core.options import layout_of
+    assert layout_of(_group(side="left", num_heads=2)) == ("left", None, 2, 0)
+    assert layout_of({"batch_dims": 1}) == (None, None, None, 1)
+
+
+def test_check_keywords_names_the_unknown_ones():
+    from asgo_core.options import check_keywords
+    check_keywords("ASGO", {"lr": 0.1}, defaults("asgo"))
+    with pytest.raises(TypeError, match=r"ASGO\(\) got unexpected keyword arguments \['learning_rate'\]"):
+        check_keywords("ASGO", {"learning_rate": 0.1}, defaults("asgo"))

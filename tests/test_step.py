@@ -440,21 +440,38 @@ class ThreadGroup:
         return result
 
 
-def test_row_shards_with_their_reductions_step_like_the_whole_matrices():
+def split_roots(rank: int, group: ThreadGroup, solved: list):
+    """RowShards.roots for two threads: thread r solves the roots of matrices r, r + 2, ...,
+    and a sum of zero-filled stacks gives both threads all of them."""
+    def roots(solve, grams, previous_roots, moving):
+        mine = np.arange(rank, grams.shape[0], 2)
+        root, flags = solve(grams[mine], previous_roots[mine], moving[mine])
+        solved[rank] += len(mine)
+        all_roots = np.zeros_like(grams)
+        all_flags = np.zeros((grams.shape[0], flags.shape[1]), flags.dtype)
+        all_roots[mine], all_flags[mine] = root, flags
+        return group.reduce(rank, all_roots, np.add), group.reduce(rank, all_flags, np.add)
+    return roots
+
+
+@pytest.mark.parametrize("share_roots", [False, True], ids=["every root", "roots split"])
+def test_row_shards_with_their_reductions_step_like_the_whole_matrices(share_roots):
     """Rows 0–3 and 4–9 of a stack of three 10×6 matrices (the third with a zero gradient on
-    the second shard only), stepped by two threads whose RowShards sum and any over both: each
-    shard's update equals its rows of the unsharded step, and both count what it counts."""
+    the second shard only), stepped by two threads whose RowShards sum and any over both (and
+    split the roots between them, or each solve all): each shard's update equals its rows of
+    the unsharded step, and both count what it counts."""
     config = ASGOConfig(update_rms=0.2, precondition_frequency=2, side="right")  # as for 10×6, not 4×6
     grads = gradient_sequence((3, 10, 6), 3)
     for grad in grads:
         grad[2, 4:] = 0.0
     bounds, group = [(0, 4), (4, 10)], ThreadGroup(2)
-    results = [[] for _ in bounds]
+    results, solved = [[] for _ in bounds], [0, 0]
 
     def run_shard(rank):
         first, last = bounds[rank]
+        roots = {"roots": split_roots(rank, group, solved)} if share_roots else {}
         shards = RowShards(rows=10, sum=lambda x: group.reduce(rank, x, np.add),
-                           any=lambda flags: group.reduce(rank, flags, np.logical_or))
+                           any=lambda flags: group.reduce(rank, flags, np.logical_or), **roots)
         state = init_state(np.zeros((3, last - first, 6)), config)
         for grad in grads:
             direction, scale, state = step_terms(grad[:, first:last], state, config, row_shards=shards)
@@ -474,6 +491,7 @@ def test_row_shards_with_their_reductions_step_like_the_whole_matrices():
                                        atol=1e-14)
             np.testing.assert_allclose(shard_state.gram[0], state.gram[0], rtol=1e-12)
             np.testing.assert_array_equal(shard_state.fallbacks, state.fallbacks)
+    assert solved == ([2 * 2, 1 * 2] if share_roots else [0, 0])  # 2 refreshes: steps 0 and 2
 
 
 @pytest.mark.parametrize("config", [ASGOConfig(side="left"), ASGOConfig(num_heads=2), DASGOConfig()],
