@@ -52,7 +52,7 @@ from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portabl
 from asgo_core.config import fail
 from asgo_core.keyed import check_finite, check_param, keyed_grads, nonfinite_keys, split_groups
 from asgo_core.layout import PermutedStack
-from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, checked_group, defaults,
+from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, defaults, group_settings,
                                layout_of, signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
 
@@ -202,7 +202,7 @@ class _ArrayOptimizer:
 
     def _group_settings(self, group: dict) -> dict:
         """The checked options of one group: configs per matrix algorithm, AdamW options."""
-        return checked_group(group, self.matrix_algorithms)
+        return group_settings(group, self.matrix_algorithms)
 
     def _build_state(self):
         members, slots, placement = [], [], {}

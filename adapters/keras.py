@@ -35,6 +35,10 @@ between a Keras Dense model and a torch nn.Linear model; AdamW variables keep th
 Weight decay is part of the core's update (weight_decay·W, none for a matrix skipped for a
 non-finite gradient); exclude_from_weight_decay(...) is honoured. Non-finite gradients of
 AdamW variables skip that variable's step too, counted in its `skipped` variable.
+
+Keras' own here: the keras.optimizers.Optimizer subclass (build, _backend_update_step,
+get_config), the state as Keras variables, the backend checks and the rounding seeds. The
+options, buckets, state codec, AdamW, gradient checks and portable format are asgo_core's.
 """
 
 from __future__ import annotations
@@ -52,10 +56,11 @@ from asgo_core.buckets import Member, plan_buckets
 from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
+from asgo_core.gradients import check_gradient
 from asgo_core.layout import PermutedStack
 from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, checked_group, checkpoint_config,
                                 defaults, group_config, matches_path, signature)
-from asgo_core.precision import rounding_seed, stochastic_round
+from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 
 __all__ = ["ASGO", "DASGO"]
@@ -165,7 +170,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         lr = ops.convert_to_tensor(learning_rate)
         members, grad_of, writes = [], {}, []
         for grad, variable in zip(grads, trainable_variables):
-            _check_gradient(grad, variable, self._config.nonfinite)
+            where = f"gradient of variable {variable.path!r}"
+            check_gradient(where, grad, variable.shape, self._config.nonfinite)
         for grad, variable in zip(grads, trainable_variables):
             slot = self._slots[self._get_variable_index(variable)]
             if slot.view is None:
@@ -188,7 +194,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         named = concat_named([slot.values() for slot in slots], ops)
         state = state_from_named(slots[0].state_type, named, ops.cast(self.iterations, "int32"))
         stacked_grads = bucket.gather(grads, ops)
-        rounds = self._rounds(params.dtype)
+        rounds = self._rounds(params)
         update_dtype = statistics_dtype(params.dtype, array_namespace(params)) if rounds else None
 
         def run(refresh_root: bool):
@@ -204,8 +210,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
                                          lambda: run(True), lambda: run(False))
         new_params = ops.cast(params, update.dtype) - ops.cast(lr, update.dtype) * update
         if rounds:
-            stream = self._get_variable_index(variables[0])
-            new_params = self._stochastically_rounded(new_params, params.dtype, stream)
+            uniform = self._uniform(new_params, self._get_variable_index(variables[0]))
+            new_params = stochastic_round(new_params, params.dtype, uniform, array_namespace(new_params))
         new_params = bucket.scatter(new_params, ops)
         writes = [(variable, ops.cast(value, variable.dtype))
                   for variable, value in zip(variables, new_params)]
@@ -222,33 +228,28 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
                                       step=ops.cast(self.iterations + 1, dtype),
                                       **checkpoint_config(self._group_of(variable), "adamw"))
         xp = array_namespace(variable.value)
-        uniform = (self._uniform(variable.shape, dtype, self._get_variable_index(variable))
-                   if self._rounds(variable.dtype) else None)
+        stream = self._get_variable_index(variable)
+        uniform = self._uniform(state["exp_avg"], stream) if self._rounds(variable.value) else None
         new_param, exp_avg, exp_avg_sq, finite = adamw.adamw_step(
             variable.value, grad, state["exp_avg"].value, state["exp_avg_sq"].value, xp, uniform=uniform,
             **hyper)
         return [(variable, new_param), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq),
                 (state["skipped"], state["skipped"].value + ops.cast(ops.logical_not(finite), "int32"))]
 
-    def _rounds(self, dtype) -> bool:
-        """Whether writes to variables of this dtype are rounded stochastically."""
-        return self._group["param_rounding"] == "stochastic" and \
-            keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
+    def _rounds(self, like) -> bool:
+        """Whether writes to variables of like's dtype are rounded stochastically."""
+        return rounds_stochastically(self._group["param_rounding"], like.dtype, array_namespace(like))
 
-    def _stochastically_rounded(self, value, dtype, stream: int):
-        uniform = self._uniform(ops.shape(value), value.dtype, stream)
-        return stochastic_round(value, dtype, uniform, array_namespace(value))
-
-    def _uniform(self, shape, dtype, stream: int):
-        """Uniform numbers in [0, 1) from a stateless seed made of the stream and the step count
-        (the `iterations` variable, saved with the optimizer): JAX key data under jit, an int
-        under the torch backend (which steps eagerly and takes only ints or SeedGenerators)."""
+    def _uniform(self, like, stream: int):
+        """Uniform numbers in [0, 1) shaped and typed like `like`, from a stateless seed made of
+        the stream and the step count (the `iterations` variable, saved with the optimizer): JAX
+        key data under jit, an int under the torch backend (eager; it takes ints or SeedGenerators)."""
         if keras.backend.backend() == "jax":
             seed = ops.cast(ops.stack([ops.convert_to_tensor(stream, "int32"),
                                        ops.cast(self.iterations, "int32")]), "uint32")
         else:
             seed = rounding_seed(int(self.iterations), stream)
-        return keras.random.uniform(shape, dtype=dtype, seed=seed)
+        return keras.random.uniform(tuple(like.shape), dtype=like.dtype, seed=seed)
 
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
@@ -306,18 +307,6 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         config = super().get_config()
         config.update(self._options)
         return config
-
-
-def _check_gradient(grad, variable, nonfinite: str) -> None:
-    """A gradient of the variable's shape and a real floating dtype; finite under
-    nonfinite="raise" (a host read, which only the torch backend allows: JAX refuses "raise")."""
-    where = f"gradient of variable {variable.path!r}"
-    if tuple(grad.shape) != tuple(variable.shape):
-        fail(where, f"shape {tuple(grad.shape)}", f"the variable's shape {tuple(variable.shape)}")
-    if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(grad.dtype)):
-        fail(where, keras.backend.standardize_dtype(grad.dtype), "a real floating-point dtype")
-    if nonfinite == "raise" and not bool(ops.all(ops.isfinite(grad))):
-        raise FloatingPointError(f"non-finite {where} (nonfinite='raise'); no state was changed")
 
 
 def _converted(array, like):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import array_api_compat
 
 from asgo_core.config import fail
+from asgo_core.gradients import check_gradient
 
 
 def split_groups(params) -> list:
@@ -79,17 +80,12 @@ def keyed_grads(grads, params: dict) -> dict:
 
 def check_grad(key, grad, param) -> None:
     """A gradient a step can use: an array of the param's shape and namespace, real floating."""
-    if not array_api_compat.is_array_api_obj(grad):
-        fail(f"grads[{key!r}]", type(grad).__name__, "an array")
-    if tuple(grad.shape) != tuple(param.shape):
-        fail(f"grads[{key!r}]", f"shape {tuple(grad.shape)}", f"the param's shape {tuple(param.shape)}")
+    check_gradient(f"grads[{key!r}]", grad, param.shape)
     try:
-        xp = array_api_compat.array_namespace(grad, param)
+        array_api_compat.array_namespace(grad, param)
     except TypeError:
         fail(f"grads[{key!r}]", type(grad).__name__,
              f"an array of the param's namespace ({type(param).__name__})")
-    if not xp.isdtype(grad.dtype, "real floating"):
-        fail(f"grads[{key!r}]", grad.dtype, "a real floating-point array")
 
 
 def is_finite(array) -> bool:

@@ -278,7 +278,7 @@ def checked_group(options: dict, framework: str, algorithm: str, check_lr=check_
         raise ValueError(spelled(str(error), framework)) from None
 
 
-def checked_group(group: dict, algorithms, check_lr=check_non_negative) -> dict:
+def group_settings(group: dict, algorithms, check_lr=check_non_negative) -> dict:
     """Every check of one group's options (check_group_options, an algorithm among `algorithms`
     and "adamw", batch_dims, the config of each of `algorithms`) and what a step reads from
     them: {"configs": {algorithm: config}, "adamw": adamw_options(group)}."""

@@ -50,6 +50,12 @@ def is_narrow(dtype, xp) -> bool:
     return xp.finfo(dtype).bits < 32
 
 
+def rounds_stochastically(param_rounding: str, dtype, xp) -> bool:
+    """Whether a write into a parameter of `dtype` is rounded stochastically: param_rounding
+    "stochastic" and a dtype narrower than float32."""
+    return param_rounding == "stochastic" and is_narrow(dtype, xp)
+
+
 def rounding_seed(step_count: int, bucket_index: int) -> int:
     """The seed of one bucket's uniform numbers at one step: distinct for every (step, bucket),
     a function of nothing but them, so a resumed run draws what the uninterrupted one drew."""

@@ -166,17 +166,17 @@ def _group(**overrides):
     return dict(defaults("asgo"), **overrides)
 
 
-def test_checked_group_gives_each_algorithms_config_and_adamws_options():
-    from asgo_core.options import checked_group
-    settings = checked_group(_group(lr=0.5, betas=(0.8, 0.9), adamw_eps=1e-6), ("asgo", "dasgo"))
+def test_group_settings_gives_each_algorithms_config_and_adamws_options():
+    from asgo_core.options import group_settings
+    settings = group_settings(_group(lr=0.5, betas=(0.8, 0.9), adamw_eps=1e-6), ("asgo", "dasgo"))
     assert settings["configs"]["asgo"] == ASGOConfig(beta1=0.8, beta2=0.9)
     assert (settings["configs"]["dasgo"].beta1, settings["configs"]["dasgo"].beta2) == (0.8, 0.9)
     assert settings["adamw"] == {"lr": 0.5, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.0}
-    assert checked_group(_group(lr=0.5, adamw_lr=0.1), ("dasgo",))["adamw"]["lr"] == 0.1
+    assert group_settings(_group(lr=0.5, adamw_lr=0.1), ("dasgo",))["adamw"]["lr"] == 0.1
     with pytest.raises(ValueError, match="batch_dims=-1 is invalid"):
-        checked_group(_group(batch_dims=-1), ("asgo",))
+        group_settings(_group(batch_dims=-1), ("asgo",))
     with pytest.raises(ValueError, match="adamw_eps=-1.0 is invalid"):
-        checked_group(_group(adamw_eps=-1.0), ("asgo",))
+        group_settings(_group(adamw_eps=-1.0), ("asgo",))
 
 
 def test_algorithm_of_follows_the_option_then_the_dims():
@@ -198,11 +198,11 @@ def test_check_param_shape_refuses_what_a_matrix_algorithm_cannot_step():
         check_param_shape((8, 6), _group(num_heads=5), "asgo")
 
 
-def test_checked_group_refuses_an_algorithm_the_optimizer_lacks():
-    from asgo_core.options import checked_group
+def test_group_settings_refuses_an_algorithm_the_optimizer_lacks():
+    from asgo_core.options import group_settings
     accepted = "algorithm='asgo' is invalid; accepted: None | 'dasgo' | 'adamw'"
     with pytest.raises(ValueError, match=re.escape(accepted)):
-        checked_group(_group(algorithm="asgo"), ("dasgo",))
+        group_settings(_group(algorithm="asgo"), ("dasgo",))
 
 
 def test_layout_of_reads_the_layout_options_and_none_where_a_group_lacks_one():
