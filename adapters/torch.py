@@ -31,8 +31,6 @@ torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,35 +40,23 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 
-from asgo_core import (ASGOState, DASGOState, FALLBACK_LEVELS, block_layout, init_state, matrix_stack_shape,
-                       needs_root_refresh, step_terms)
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, entries_in_order, entry_names,
-                                  portable, stacked_state_entries, stacked_state_from_entries)
-from asgo_core.config import check_non_negative, fail
+from asgo_core import ASGOState, DASGOState, init_state, matrix_stack_shape, needs_root_refresh, step_terms
+from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_from_group, import_entries,
+                                  stacked_state_entries, stacked_state_from_entries)
+from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import check_group_options, defaults, group_config, signature
+from asgo_core.options import (algorithm_of, bound_options, check_group_options, check_learning_rate,
+                               check_param_shape, defaults, group_config, loaded_groups, signature)
 from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
-from asgo_core.state_codec import named_arrays, split_named
+from asgo_core.saved_state import loaded_state
+from asgo_core.state_codec import member_states, stacked_state
 
 __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 
 # The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
 _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
                for algorithm in ("asgo", "dasgo")}
-
-def _check_lr(name: str, lr) -> None:
-    """A learning rate: a number, or a one-element floating-point tensor (for schedulers)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            fail(name, lr, "a float or a one-element floating-point tensor")
-        lr = float(lr)  # construction time: reading the value is fine here
-    check_non_negative(name, lr)
-
-
-def _algorithm_of(param: torch.Tensor, group: dict, matrix_algorithm: str) -> str:
-    if group["algorithm"] is not None:
-        return group["algorithm"]
-    return matrix_algorithm if param.ndim >= 2 else "adamw"
+_ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,12 +79,6 @@ class Bucket:
         """Matrices of each parameter."""
         return tuple(matrix_stack_shape(p.shape, self.batch_dims)[0] for p in self.params)
 
-    @property
-    def cost(self) -> int:
-        """Rough flops of one step (Gram + apply), for balancing buckets across ranks."""
-        m, n = self.matrix_shape
-        return sum(self.matrix_counts) * 4 * min(m, n) ** 2 * max(m, n)
-
 
 class _MatrixOptimizer(torch.optim.Optimizer):
     """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
@@ -107,14 +87,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def __init__(self, *args, **kwargs):
         """(params, lr, betas, *, every other option of the class's signature)."""
-        accepted = _SIGNATURES[self.matrix_algorithm]
-        try:
-            arguments = accepted.bind(*args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"{type(self).__name__}(): {error}; accepted: "
-                            f"{', '.join(accepted.parameters)}") from None
-        arguments.apply_defaults()
-        options = dict(arguments.arguments)
+        options = bound_options(_SIGNATURES[self.matrix_algorithm], type(self).__name__, args, kwargs)
         super().__init__(options.pop("params"), options)
 
     def __init_subclass__(cls, **kwargs):
@@ -133,12 +106,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def algorithm_of(self, param: torch.Tensor, group: dict) -> str:
         """"asgo", "dasgo" or "adamw": what steps `param` as a member of `group`."""
-        return _algorithm_of(param, group, self.matrix_algorithm)
+        return algorithm_of(param.ndim, group, self.matrix_algorithm)
 
     def _validate_group(self, group: dict, group_index: int) -> None:
         """The constructor's checks of one group (options, then every parameter under them);
         load_state_dict runs them on the saved options too."""
-        check_group_options(group, check_lr=_check_lr)
+        check_group_options(group, check_lr=check_learning_rate)
         check_batch_dims_value(group["batch_dims"])
         for index, param in enumerate(group["params"]):
             try:
@@ -150,16 +123,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if not param.is_floating_point():
             fail("dtype", param.dtype, f"a floating-point dtype ({type(self).__name__} cannot step "
                  "integer, bool or complex parameters)")
-        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
-        if algorithm == "adamw":
-            return
-        if param.ndim < 2:
-            fail("algorithm", algorithm, f"'adamw' or None for a parameter of shape {tuple(param.shape)} "
-                  "(ASGO/DASGO need at least 2 dims)")
-        _, m, n = matrix_stack_shape(param.shape, group["batch_dims"])  # refuses zero-size matrices
-        config = group_config(group, algorithm)  # raises ValueError naming the bad field
-        if algorithm == "asgo":
-            block_layout((m, n), config)  # e.g. num_heads must divide k
+        check_param_shape(param.shape, group, self.algorithm_of(param, group))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -170,7 +134,6 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         error leaves parameters and state as they were."""
         loss = evaluate_closure(closure)
         self._check_gradients()
-        self._check_adamw_finite_where_raise()
         buckets = self.plan_buckets()
         deferred = any(self.param_groups[b.group_index]["nonfinite"] == "raise" for b in buckets)
         computed = []
@@ -185,30 +148,25 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return loss
 
     def _check_gradients(self) -> None:
-        """Refuse, before anything changes, a gradient step() cannot use."""
+        """Refuse, before anything changes, a gradient step() cannot use. nonfinite="raise"
+        covers the group's AdamW parameters too (one host read each); with "skip" they follow
+        torch.optim.AdamW, which does not look at gradient values."""
         for group_index, group in enumerate(self.param_groups):
             for index, param in enumerate(group["params"]):
-                if param.grad is not None:
-                    _check_grad(param, _param_label(group_index, index, param))
-
-    def _check_adamw_finite_where_raise(self) -> None:
-        """nonfinite="raise" covers the group's AdamW parameters too (one host read each);
-        with "skip" they follow torch.optim.AdamW, which does not look at gradient values."""
-        for group_index, group in enumerate(self.param_groups):
-            if group["nonfinite"] != "raise":
-                continue
-            for index, param in enumerate(group["params"]):
-                if (param.grad is not None and _algorithm_of(param, group, self.matrix_algorithm) == "adamw"
+                if param.grad is None:
+                    continue
+                label = _param_label(group_index, index, param)
+                _check_grad(param, label)
+                if (group["nonfinite"] == "raise" and self.algorithm_of(param, group) == "adamw"
                         and not bool(torch.isfinite(param.grad).all())):
-                    raise FloatingPointError(f"non-finite gradient in {_param_label(group_index, index, param)} "
-                                             "(nonfinite='raise'); no parameter or state was changed")
+                    raise _nonfinite_error(label)
 
     def plan_buckets(self) -> list[Bucket]:
         """This step's buckets: every matrix with a gradient, grouped (see Bucket)."""
         runs_by_kind: dict[tuple, list] = {}
         for group_index, group in enumerate(self.param_groups):
             for param in _params_with_grad(group):
-                algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+                algorithm = self.algorithm_of(param, group)
                 if algorithm == "adamw":
                     continue
                 matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])[1:]
@@ -233,13 +191,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         else:
             states = [self.state[p] for p in bucket.params]
             reuse = in_place and not torch.compiler.is_compiling()
-            core_state = _stack_state(states, bucket.matrix_shape, step_count, reuse_storage=reuse)
+            core_state = _stack_state(states, bucket.batch_dims, step_count, reuse_storage=reuse)
         refresh = bucket.algorithm == "asgo" and needs_root_refresh(step_count, config)
         try:
             return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
         except FloatingPointError:  # nonfinite="raise"; reading the gradients again is fine now
-            raise FloatingPointError(f"non-finite gradient in {self._nonfinite_labels(bucket)} "
-                                     "(nonfinite='raise'); no parameter or state was changed") from None
+            raise _nonfinite_error(self._nonfinite_labels(bucket)) from None
 
     def _nonfinite_labels(self, bucket: Bucket) -> str:
         """The parameters of a bucket whose gradients are not finite (all of them, when only
@@ -274,7 +231,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in _params_with_grad(group)
-                  if _algorithm_of(p, group, self.matrix_algorithm) == "adamw"]
+                  if self.algorithm_of(p, group) == "adamw"]
         if not params:
             return
         nearest = [p for p in params if not _rounds_stochastically(group, p)]
@@ -340,39 +297,23 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-        if len(saved_groups) != len(self.param_groups):
-            fail("state_dict['param_groups']", f"{len(saved_groups)} groups", f"{len(self.param_groups)} groups")
-        new_states, checked_groups = {}, []
-        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                fail(f"state_dict['param_groups'][{group_index}]['params']",
-                     f"{len(saved['params'])} parameters", f"{len(group['params'])}")
-            options = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
-            merged = {**group, **options, "params": group["params"]}
-            self._validate_group(merged, group_index)
-            checked_groups.append(merged)
+        groups = loaded_groups(self.param_groups, saved_groups, self._validate_group)
+        new_states = {}
+        for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
             for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 entry = saved_state.get(saved_id)
                 if entry:
                     label = _param_label(group_index, index, param)
-                    new_states[param] = self._checked_state(param, merged, entry, label)
-        return new_states, checked_groups
+                    new_states[param] = self._checked_state(param, group, entry, label)
+        return new_states, groups
 
     def _checked_state(self, param, group: dict, entry: dict, label: str) -> dict:
-        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+        algorithm = self.algorithm_of(param, group)
         if algorithm == "adamw":
             return _checked_adamw_state(param, entry, label)
         template = self._state_template(param, group, algorithm)
-        _check_state_fields(entry, template, algorithm, label)
-        step = entry["step"]
-        if isinstance(step, torch.Tensor):
-            step = step.item() if step.numel() == 1 and not step.is_floating_point() else step
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{label}: state field 'step'={step!r} is invalid; accepted: an integer >= 0")
-        state = {key: _loaded_like(entry[key], like, param.device, f"{label}: state field {key!r}")
-                 for key, like in template.items()}
-        state["step"] = step
-        return state
+        return loaded_state(entry, template, algorithm, label, array_type=torch.Tensor,
+                            convert=_converter_to(param.device))
 
     def _state_template(self, param, group: dict, algorithm: str) -> dict:
         """The matrix state a parameter holds, as meta tensors (shapes and dtypes only)."""
@@ -385,24 +326,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
         names: one string per parameter, in param-group order (e.g. the names of
         model.named_parameters()); None names them "<group>.<index>"."""
-        entries = []
-        for (param, group), name in zip(self._params_and_groups(), self._entry_names(names)):
-            algorithm, config = self._portable_identity(param, group)
-            state = self.state[param]
-            if algorithm == "adamw":
-                state = state or _fresh_adamw_state(param)
-                step = int(state["step"])
-                arrays = {key: _numpy(state[key]) for key in ("exp_avg", "exp_avg_sq")}
-            else:
-                step = state.get("step", 0)
-                count, *matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])
-                core_state = (_stack_state([state], matrix_shape, step, reuse_storage=False) if step
-                              else self._fresh_core_state(param, group, algorithm))
-                arrays = stacked_state_entries(core_state, [count], _numpy)[0]
-            entries.append({"name": name, "algorithm": algorithm, "shape": list(param.shape),
-                            "batch_dims": group["batch_dims"], "step": step, "config": config,
-                            "arrays": arrays})
-        return portable(entries)
+        pairs = self._params_and_groups()
+        steps, arrays = zip(*(self._portable_arrays(param, group) for param, group in pairs))
+        return export_portable(self._identities(), list(arrays), list(steps), names)
 
     def load_portable_state(self, portable: dict, names=None) -> None:
         """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
@@ -410,29 +336,29 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         anything changes; a mismatch raises asgo_core.CheckpointError. Statistics keep this
         optimizer's dtype and device. names: as in portable_state."""
         pairs = self._params_and_groups()
-        entries = entries_in_order(portable, self._entry_names(names))
-        for (param, group), entry in zip(pairs, entries):
-            algorithm, config = self._portable_identity(param, group)
-            check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=param.shape, config=config,
-                                batch_dims=group["batch_dims"])
-        new_states = [self._state_from_entry(param, group, entry) for (param, group), entry in zip(pairs, entries)]
+        entries = import_entries(portable, self._identities(), names)
+        new_states = [self._state_from_entry(*pair, entry) for pair, entry in zip(pairs, entries)]
         for (param, _), state in zip(pairs, new_states):
             self.state[param] = state
 
     def _params_and_groups(self) -> list:
         return [(param, group) for group in self.param_groups for param in group["params"]]
 
-    def _entry_names(self, names) -> list:
-        default = [f"{g}.{i}" for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))]
-        return entry_names(names, default, "parameter")
+    def _identities(self) -> list:
+        """Each parameter's checkpoint identity, named "<group>.<index>", in param-group order."""
+        return [identity_from_group(f"{g}.{i}", group, self.algorithm_of(param, group), param.shape)
+                for g, group in enumerate(self.param_groups) for i, param in enumerate(group["params"])]
 
-    def _portable_identity(self, param, group) -> tuple:
-        """(algorithm, the options a checkpoint must share); lr is left out: schedules change it."""
-        algorithm = _algorithm_of(param, group, self.matrix_algorithm)
+    def _portable_arrays(self, param, group) -> tuple:
+        """(step, {key: NumPy array}) of a parameter's state, for its checkpoint entry."""
+        algorithm, state = self.algorithm_of(param, group), self.state[param]
         if algorithm == "adamw":
-            return algorithm, {"betas": list(group["adamw_betas"]), "eps": group["adamw_eps"],
-                               "weight_decay": group["adamw_weight_decay"]}
-        return algorithm, dataclasses.asdict(group_config(group, algorithm))
+            state = state or _fresh_adamw_state(param)
+            return state["step"], {key: _numpy(state[key]) for key in _ADAMW_MOMENTS}
+        step = state.get("step", 0)
+        core_state = (_stack_state([state], group["batch_dims"], step, reuse_storage=False) if step
+                      else self._fresh_core_state(param, group, algorithm))
+        return step, stacked_state_entries(core_state, [_matrix_count(param, group)], _numpy)[0]
 
     def _fresh_core_state(self, param, group, algorithm, device=None):
         """The core's zero state of the parameter's (matrices, m, n) stack, on `device` (default:
@@ -444,15 +370,20 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     def _state_from_entry(self, param, group, entry) -> dict:
         if entry["algorithm"] == "adamw":
             template = self.state[param] or _fresh_adamw_state(param)
-            state = {key: _tensor_like(entry, key, template[key]) for key in ("exp_avg", "exp_avg_sq")}
+            moments = {key: template[key] for key in _ADAMW_MOMENTS}
+            state = arrays_from_entry(entry, moments, _tensor_from_numpy)
             state["step"] = torch.tensor(float(entry["step"]), dtype=template["step"].dtype)
             return state
         template = self._fresh_core_state(param, group, entry["algorithm"])
-        count = matrix_stack_shape(param.shape, group["batch_dims"])[0]
-        core_state = stacked_state_from_entries(template, [entry], [count], _tensor_from_numpy)
+        counts = [_matrix_count(param, group)]
+        core_state = stacked_state_from_entries(template, [entry], counts, _tensor_from_numpy)
         state = _split_state(core_state, (param,), group["batch_dims"])[0]
         state["step"] = int(entry["step"])
         return state
+
+
+def _matrix_count(param, group: dict) -> int:
+    return matrix_stack_shape(param.shape, group["batch_dims"])[0]
 
 
 def _fresh_adamw_state(param: torch.Tensor) -> dict:
@@ -481,16 +412,13 @@ def evaluate_closure(closure):
         return closure()
 
 
-def _tensor_like(entry: dict, key: str, like: torch.Tensor) -> torch.Tensor:
-    array = entry["arrays"][key]
-    if tuple(array.shape) != tuple(like.shape):
-        raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
-                              f"{tuple(array.shape)}, expected {tuple(like.shape)}")
-    return _tensor_from_numpy(array, like)
-
-
 def _param_label(group_index: int, index: int, param) -> str:
     return f"param_groups[{group_index}]['params'][{index}] (shape {tuple(param.shape)})"
+
+
+def _nonfinite_error(labels: str) -> FloatingPointError:
+    return FloatingPointError(f"non-finite gradient in {labels} (nonfinite='raise'); "
+                              "no parameter or state was changed")
 
 
 def _check_grad(param: torch.Tensor, label: str) -> None:
@@ -565,18 +493,13 @@ def _params_with_grad(group: dict):
     return (param for param in group["params"] if param.grad is not None)
 
 
-def _stack_state(states: list[dict], matrix_shape, step_count: int, reuse_storage: bool):
+def _stack_state(states: list[dict], batch_dims: int, step_count: int, reuse_storage: bool):
     """Per-parameter state → the core's state of the stacked bucket: new tensors, or with
     reuse_storage the stack the per-parameter tensors are views of, where they still are."""
-    m, n = matrix_shape
-    stack = lambda key, *shape: _stacked([s[key] for s in states], shape, reuse_storage)  # noqa: E731
+    state_type = DASGOState if "second_moment" in states[0] else ASGOState
     count = torch.tensor(step_count, dtype=torch.int32)
-    if "second_moment" in states[0]:
-        return DASGOState(stack("momentum", m, n), stack("second_moment", n), count, stack("skipped"))
-    blocks = lambda key: tuple(_stacked(list(parts), parts[0].shape[1:], reuse_storage)  # noqa: E731
-                               for parts in zip(*(s[key] for s in states)))
-    return ASGOState(stack("momentum", m, n), blocks("gram"), blocks("root"), count,
-                     stack("skipped"), stack("fallbacks", len(FALLBACK_LEVELS)))
+    return stacked_state(state_type, states, batch_dims, count,
+                         lambda tensors, item_shape: _stacked(tensors, item_shape, reuse_storage))
 
 
 def _stacked(tensors: list, item_shape, reuse_storage: bool) -> torch.Tensor:
@@ -604,21 +527,9 @@ def _reassembled_base(tensors: list, item_shape) -> torch.Tensor | None:
 
 
 def _split_state(core_state, params, batch_dims: int) -> list[dict]:
-    """The core's stacked state → one state dict per parameter (views): per-matrix fields get
-    the parameter's batch shape in front ((m, n) momentum for a plain matrix, (E, m, n) for an
-    expert stack); "gram"/"root" hold a list of (matrices·blocks, size, size) per block group."""
+    """The core's stacked state → one state dict per parameter (views of the stacks)."""
     counts = [matrix_stack_shape(p.shape, batch_dims)[0] for p in params]
-    split = []
-    for param, named in zip(params, split_named(named_arrays(core_state), counts)):
-        state = {}
-        for name, value in named.items():
-            field, block_group = name.split("/") if "/" in name else (name, None)
-            if block_group is None:
-                state[field] = value.view(param.shape[:batch_dims] + value.shape[1:])
-            else:
-                state.setdefault(field, []).append(value)
-        split.append(state)
-    return split
+    return member_states(core_state, counts, [p.shape[:batch_dims] for p in params], torch.Tensor.view)
 
 
 def _store_state(states: list[dict], new_states: list[dict]) -> None:
@@ -647,45 +558,19 @@ def _cloned(value):
     return [v.clone() for v in value] if isinstance(value, list) else value.clone()
 
 
-def _check_state_fields(entry: dict, template: dict, algorithm: str, label: str) -> None:
-    expected = set(template) | {"step"}
-    if set(entry) != expected:
-        raise ValueError(f"{label}: state fields {sorted(entry)} are not {algorithm}'s; accepted: "
-                         f"{sorted(expected)} (a state saved by another optimizer or algorithm?)")
-
-
-def _loaded_like(value, like, device, label: str):
-    """A saved state tensor (or list of them, for gram/root) checked against its template's
-    shape and kind, converted to the template's dtype on `device`."""
-    if isinstance(like, list):
-        if not isinstance(value, (list, tuple)) or len(value) != len(like):
-            raise ValueError(f"{label}: {_describe(value)}; accepted: a list of {len(like)} block tensors")
-        return [_loaded_like(v, l, device, f"{label}[{i}]") for i, (v, l) in enumerate(zip(value, like))]
-    if not isinstance(value, torch.Tensor) or value.shape != like.shape \
-            or value.is_floating_point() != like.is_floating_point() or value.is_complex():
-        raise ValueError(f"{label}: {_describe(value)}; accepted: a {like.dtype} tensor of shape {tuple(like.shape)}")
-    return value.to(device=device, dtype=like.dtype, copy=True)
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
+def _converter_to(device):
+    """convert(saved tensor, template) for loaded_state: a copy in the template's dtype on device."""
+    return lambda value, like: value.to(device=device, dtype=like.dtype, copy=True)
 
 
 def _checked_adamw_state(param, entry: dict, label: str) -> dict:
     """torch.optim.AdamW's state for `param`: "step" (a number in older files, else a tensor)
     becomes a CPU tensor, as torch keeps it; the moments take the parameter's dtype and device."""
     template = _fresh_adamw_state(param)
-    _check_state_fields(entry, template, "adamw", label)
-    step = entry["step"]
-    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step >= 0:
-        raise ValueError(f"{label}: state field 'step'={step!r} is invalid; accepted: a number >= 0")
-    state = {key: _loaded_like(entry[key], template[key], param.device, f"{label}: state field {key!r}")
-             for key in ("exp_avg", "exp_avg_sq")}
-    state["step"] = torch.tensor(float(step), dtype=template["step"].dtype)
+    moments = {key: template[key] for key in _ADAMW_MOMENTS}
+    state = loaded_state(entry, moments, "adamw", label, array_type=torch.Tensor,
+                         convert=_converter_to(param.device), integer_step=False)
+    state["step"] = torch.tensor(float(state["step"]), dtype=template["step"].dtype)
     return state
 
 

@@ -15,12 +15,16 @@ Frameworks: "torch" (the torch and NumPy/CuPy adapters: torch.optim's names, bet
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import array_api_compat
 
 from asgo_core.config import ASGOConfig, DASGOConfig, check_non_negative, config_field_names, fail, is_number
 from asgo_core.layout import block_layout, check_batch_dims_value, matrix_stack_shape
@@ -223,6 +227,17 @@ def signature(positional: tuple, keywords: dict) -> inspect.Signature:
     return inspect.Signature(parameters)
 
 
+def bound_options(accepted: inspect.Signature, caller: str, args: tuple, kwargs: dict) -> dict:
+    """{name: value} of a call (args, kwargs) to `caller`, whose signature is `accepted`, with
+    the defaults filled in; a TypeError naming the caller and the accepted names otherwise."""
+    try:
+        arguments = accepted.bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{caller}(): {error}; accepted: {', '.join(accepted.parameters)}") from None
+    arguments.apply_defaults()
+    return dict(arguments.arguments)
+
+
 def group_from(options: dict, framework: str, algorithm: str) -> dict:
     """A group of options under the torch names (what check_group_options and group_config
     read) from options spelled the `framework`'s way; an option absent there takes its default,
@@ -246,6 +261,17 @@ def check_betas(name: str, betas, *, beta2_may_be_one: bool) -> None:
             and (betas[1] <= 1.0 if beta2_may_be_one else betas[1] < 1.0)):
         fail(name, betas, "a pair (beta1, beta2) with beta1 in [0, 1) and beta2 in "
              + ("[0, 1]" if beta2_may_be_one else "[0, 1)"))
+
+
+def check_learning_rate(name: str, lr) -> None:
+    """A learning rate: a number, or a one-element floating-point array (a scheduler's tensor);
+    the array's value is read, so call it outside a step."""
+    if array_api_compat.is_array_api_obj(lr):
+        floating = array_api_compat.array_namespace(lr).isdtype(lr.dtype, "real floating")
+        if math.prod(lr.shape) != 1 or not floating:
+            fail(name, lr, "a float or a one-element floating-point tensor")
+        lr = float(lr.reshape(()))
+    check_non_negative(name, lr)
 
 
 def check_group_options(group: dict, check_lr=check_non_negative) -> None:
@@ -319,6 +345,24 @@ def check_param_shape(shape, group: dict, algorithm: str) -> None:
     config = group_config(group, algorithm)
     if algorithm == "asgo":
         block_layout((m, n), config)
+
+
+def loaded_groups(groups: list, saved_groups: list, validate) -> list:
+    """The param groups a state_dict load leaves: each of `groups` with a deep copy of its saved
+    group's options over it (its own "params" kept), checked by validate(group, index). A
+    ValueError names the field where the numbers of groups or of their parameters differ."""
+    if len(saved_groups) != len(groups):
+        fail("state_dict['param_groups']", f"{len(saved_groups)} groups", f"{len(groups)} groups")
+    merged_groups = []
+    for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            fail(f"state_dict['param_groups'][{index}]['params']",
+                 f"{len(saved['params'])} parameters", f"{len(group['params'])}")
+        options = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
+        merged = {**group, **options, "params": group["params"]}
+        validate(merged, index)
+        merged_groups.append(merged)
+    return merged_groups
 
 
 def group_config(group: dict, algorithm: str):

@@ -6,8 +6,9 @@ The names are the portable checkpoint's (asgo_core.checkpoint): one per field, a
 axis (r rows per matrix), so the state of a bucket splits into its members' states and joins
 back by their matrix counts. A framework that keeps its state in variables makes one variable
 per name of `flat_spec`. A parameter-shaped state (optax) keeps one set of named arrays per
-parameter with the momentum in the parameter's own shape (`member_named`,
-`state_from_member_named`).
+parameter with the momentum in the parameter's own shape, seen through its matrix view
+(`member_named`, `state_from_member_named`); the torch adapter keeps fields per parameter with
+its batch shape in front (`member_states`, `stacked_state`).
 """
 
 from __future__ import annotations
@@ -75,3 +76,36 @@ def member_named(state, views: list, ops) -> list:
     parts = split_named(named_arrays(state), [view.stack_shape[0] for view in views])
     return [dict(named, momentum=view.from_stack(named["momentum"], ops))
             for view, named in zip(views, parts)]
+
+
+def member_states(state, counts, batch_shapes, reshape) -> list:
+    """The core state of a stack → one dict of fields per member, as an adapter that keeps its
+    state per parameter holds it: a per-matrix array with the member's batch shape in front
+    (momentum (m, n) for one matrix, (E, m, n) for a stack of E), a tuple field (gram, root) as
+    the list of its block groups' (matrices·blocks, size, size) arrays. reshape(array, shape)
+    should give views, so the members' arrays stay slices of the stack's."""
+    members = []
+    for named, batch_shape in zip(split_named(named_arrays(state), counts), batch_shapes):
+        fields = {}
+        for name, array in named.items():
+            field, _, group = name.partition("/")
+            if group:
+                fields.setdefault(field, []).append(array)  # named_arrays lists groups in order
+            else:
+                fields[field] = reshape(array, (*batch_shape, *array.shape[1:]))
+        members.append(fields)
+    return members
+
+
+def stacked_state(state_type, members: list, batch_dims: int, count, join):
+    """The inverse of member_states: a `state_type` whose arrays join(arrays, item_shape) stacks
+    from one array per member into (rows, *item_shape); other keys of the members are ignored."""
+    values = {"count": count}
+    for field in state_type._fields:
+        first = members[0].get(field)
+        if isinstance(first, list):
+            values[field] = tuple(join([member[field][group] for member in members], like.shape[1:])
+                                  for group, like in enumerate(first))
+        elif field != "count":
+            values[field] = join([member[field] for member in members], first.shape[batch_dims:])
+    return state_type(**values)

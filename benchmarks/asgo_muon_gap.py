@@ -3,8 +3,7 @@
 Each variant trains train_lm's model (same data, initialisation, batches, schedule and clipping
 as `train_lm.py`) with one seed and prints its final validation loss. Muon variants change
 torch.optim.Muon's momentum recipe or its AdamW companion's lr; ASGO variants change one option
-of `ASGO` (the rest at the defaults, lr 0.01 as train_lm's sweep chose, AdamW companion at the
-same lr). The reference code's own optimizer is `train_lm.py --optimizers asgo_reference`.
+of `ASGO` (the rest at the defaults, lr 0.01, AdamW companion at the same lr). The reference code's own optimizer is `train_lm.py --optimizers asgo_reference`.
 
     python benchmarks/asgo_muon_gap.py                    # every variant, quick config, 1 thread
     python benchmarks/asgo_muon_gap.py --full --variants muon asgo asgo_beta2_0
@@ -19,7 +18,10 @@ import torch
 import train_lm  # benchmarks/, the script's own directory
 from asgo_core.adapters.torch import ASGO, asgo_param_groups
 
-MUON_LR, ASGO_LR = 0.03, 0.01  # the lrs train_lm's sweeps chose (quick and full configs)
+# Fixed lrs, the same for both configs: the full config's sweep choices for muon and asgo_tau1
+# (benchmarks/lr_choices.json, "full"). train_lm --quick itself trains at the regime map's 300-step
+# choices instead (docs/regime_map/summary.json: muon 0.015, asgo_tau1 0.01).
+MUON_LR, ASGO_LR = 0.03, 0.01
 
 
 def muon(matrix_lr: float, adamw_lr: float, **muon_options):

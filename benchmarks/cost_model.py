@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import harness  # benchmarks/, the script's own directory
 
 FLOAT_BYTES = 4
 RANKS = (8, 64, 256, 1024)
@@ -399,9 +400,8 @@ def main() -> None:
         return
     rows = run(args.ranks, args.taus, args.root_method, args.root_steps)
     print(markdown(rows, args.taus))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"root_method": args.root_method, "root_steps": args.root_steps,
-                                     "rows": rows}, indent=1))
+    harness.write_json(args.json, {"root_method": args.root_method, "root_steps": args.root_steps,
+                                   "rows": rows})
     print(f"\nwritten: {args.json}")
 
 

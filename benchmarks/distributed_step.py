@@ -37,7 +37,6 @@ import argparse
 import functools
 import importlib
 import os
-import platform
 import statistics
 import time
 from collections import defaultdict
@@ -45,6 +44,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import harness  # benchmarks/, the script's own directory
 
 MODES = ("replicated", "owner", "fsdp", "fsdp_replicated_roots", "fsdp_other", "gather")
 
@@ -110,10 +111,10 @@ class Meter:
         for step in range(first_step, first_step + steps):
             dist.barrier()
             self.timing, self._root_seconds, self._root_cpu_seconds = True, 0.0, 0.0
-            start = time.perf_counter()
-            step_fn(step)
-            dist.barrier()
-            self.step_seconds[mode].append(time.perf_counter() - start)
+            with harness.Stopwatch() as clock:
+                step_fn(step)
+                dist.barrier()
+            self.step_seconds[mode].append(clock.wall_s)
             self.timing = False
             self.root_seconds[mode].append(self._root_seconds)
             self.root_cpu_seconds[mode].append(self._root_cpu_seconds)
@@ -231,13 +232,10 @@ SETUPS = {"replicated": replicated, "owner": owner, "fsdp": fsdp,
 
 
 def machine() -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        fields = dict((key.strip(), value.strip()) for key, value in
-                      (line.split(":", 1) for line in cpuinfo if ":" in line))
-    load = " ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (f"{fields.get('model name', platform.processor())} (family {fields.get('cpu family', '?')}), "
-            f"{os.cpu_count()} cores, load average {load}, "
-            f"torch {torch.__version__}")
+    described = harness.machine("torch")
+    load = " ".join(f"{value:.1f}" for value in described["load_average"])
+    return (f"{described['cpu']} (family {described['cpu_family']}), {described['cores']} cores, "
+            f"load average {load}, torch {described['torch']}")
 
 
 def report(summaries: list[dict], args, shapes) -> None:

@@ -36,23 +36,19 @@ would fold them at compile time). JAX is told not to preallocate GPU memory
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 # Before JAX starts: its default takes 75% of GPU memory at the first array, which torch and
 # CuPy in this process then lack.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+import harness  # benchmarks/, the script's own directory (standard library and NumPy only)
 from asgo_core import ASGOConfig, FALLBACK_LEVELS, init_state, inverse_root, needs_root_refresh, step
 
 ROOT_METHODS = ("eigh", "newton_schulz", "polar_express", "coupled_newton")
@@ -130,7 +126,7 @@ class Target:
             return props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         if self.name.startswith("jax"):
             return self.device.device_kind
-        return platform.processor() or platform.machine()
+        return harness.cpu_model()
 
 
 def find_targets():
@@ -175,13 +171,7 @@ def _cupy_target():
 
 
 def versions():
-    found = {"python": platform.python_version(), "numpy": np.__version__}
-    for distribution in ("asgo", "torch", "jax", "jaxlib", "jax-cuda13-plugin", "cupy-cuda13x"):
-        try:
-            found[distribution] = metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    return harness.versions("asgo", "torch", "jax", "jaxlib", "jax-cuda13-plugin", "cupy-cuda13x")
 
 
 # ---- timing --------------------------------------------------------------------------------
@@ -191,20 +181,15 @@ def timed(target, function, *args):
     CELL_BUDGET_S ends the cell there (over_budget, no timed runs)."""
     figures = {}
     if hasattr(function, "lower"):  # jax.jit: compile apart from the runs
-        started = time.perf_counter()
-        function = function.lower(*args).compile()
-        figures["compile_s"] = round(time.perf_counter() - started, 4)
-    started = time.perf_counter()
-    target.synchronize(function(*args))
-    figures["warmup_s"] = round(time.perf_counter() - started, 4)
+        with harness.Stopwatch() as compilation:
+            function = function.lower(*args).compile()
+        figures["compile_s"] = round(compilation.wall_s, 4)
+    run = lambda: target.synchronize(function(*args))  # noqa: E731
+    figures["warmup_s"] = round(harness.sample(run).wall_s, 4)
     if figures["warmup_s"] > CELL_BUDGET_S:
         return dict(figures, median_ms=float("nan"), repeats=0, over_budget=True)
-    samples = []
-    for _ in range(TIMED_RUNS):
-        started = time.perf_counter()
-        target.synchronize(function(*args))
-        samples.append(time.perf_counter() - started)
-    return dict(figures, median_ms=round(statistics.median(samples) * 1e3, 3), repeats=len(samples))
+    samples = harness.samples(run, TIMED_RUNS)
+    return dict(figures, median_ms=round(harness.median_wall(samples) * 1e3, 3), repeats=len(samples))
 
 
 # ---- 1. parity -------------------------------------------------------------------------------
@@ -479,7 +464,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="where to write every figure (default: $OUT/gpu_check.json)")
     arguments = parser.parse_args(argv)
-    started = time.perf_counter()
+    whole = harness.Stopwatch()
     report = {"versions": versions(), "parity": [], "fallback": [], "adapters": [],
               "inverse_root": [], "eigh_comparison": [], "auto_table": {}, "gpt2_step": []}
     print("asgo GPU check: " + "  ".join(f"{k} {v}" for k, v in report["versions"].items()))
@@ -500,21 +485,20 @@ def main(argv=None) -> int:
                 ("eigh_comparison", lambda: eigh_comparison(targets, plan, report)),
                 ("gpt2_step", lambda: gpt2_step_timings(targets, plan, report)))
     path = json_path(arguments.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not targets:
         print("\nno framework target (torch, JAX, CuPy): nothing checked")
-        report.update(passed=False, total_s=round(time.perf_counter() - started, 1))
-        path.write_text(json.dumps(report, indent=1, default=str))
+        report.update(passed=False, total_s=round(whole.elapsed().wall_s, 1))
+        harness.write_json(path, report)
         return 1
     checks = []
     for name, run in sections:  # the JSON is rewritten after each section: a killed run keeps its figures
-        section_started = time.perf_counter()
-        run()
-        report["section_s"][name] = round(time.perf_counter() - section_started, 1)
+        with harness.Stopwatch() as section:
+            run()
+        report["section_s"][name] = round(section.wall_s, 1)
         checks = report["parity"] + report["fallback"] + report["adapters"]
         report["passed"] = all(record["passed"] for record in checks)
-        report["total_s"] = round(time.perf_counter() - started, 1)
-        path.write_text(json.dumps(report, indent=1, default=str))
+        report["total_s"] = round(whole.elapsed().wall_s, 1)
+        harness.write_json(path, report)
     failed = sum(not record["passed"] for record in checks)
     print(f"\nchecks {'passed' if report['passed'] else f'FAILED ({failed} of {len(checks)})'}; "
           f"total {report['total_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["section_s"].items())

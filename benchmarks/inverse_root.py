@@ -4,8 +4,9 @@ For SPD matrices A = Q·diag(w)·Qᵀ with a chosen size k and condition number,
 asgo_core.inverse_root(A, method, eps) with (A + eps·‖A‖_F·I)^{-1/2} from a float64
 eigendecomposition (relative Frobenius error). The default eps is the optimizer's (1e-6, relative
 damping), so condition numbers above 1e6 show what the damping makes of them; --eps 0 measures
-the undamped solvers (float32 cannot resolve condition numbers near 1e10 then) and time it (median of --repeats calls after one warm-up call).
-Prints a table and writes an error-vs-time scatter plot (PNG) and the raw rows (JSON).
+the undamped solvers (float32 cannot resolve condition numbers near 1e10 then). Each call is
+timed as the median of --repeats calls after one warm-up call. Prints a table and writes the raw
+rows (results.json), the machine (machine.json) and an error-vs-time scatter plot (PNG).
 
     python benchmarks/inverse_root.py [--sizes 64 256 1024 2048] [--conditions 1e2 1e6 1e10]
                                       [--dtypes float32 float64] [--backends numpy torch jax]
@@ -17,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import statistics
-import time
 
 import numpy as np
 
+import harness  # benchmarks/, the script's own directory
 from asgo_core import inverse_root
 
 METHODS = ("eigh", "newton_schulz", "polar_express", "coupled_newton")
@@ -88,13 +87,8 @@ def available_backends(names):
 
 
 def time_call(function, converter, repeats: int) -> float:
-    converter.wait(function())  # warm-up (compilation, workspace allocation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        converter.wait(function())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall seconds of `repeats` calls after one warm-up call (compilation, workspace)."""
+    return harness.median_wall(harness.samples(lambda: converter.wait(function()), repeats, warmup=1))
 
 
 def measure(converters, sizes, conditions, dtypes, eps: float, repeats: int):
@@ -123,10 +117,7 @@ def print_row(row) -> None:
 
 
 def plot(rows, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     markers = dict(zip(METHODS, "osD^"))
     for axis, dtype in zip(axes, ("float32", "float64")):
@@ -140,8 +131,7 @@ def plot(rows, path: str) -> None:
     handles += [plt.Line2D([], [], marker="o", linestyle="", color=f"C{i}", label=b) for i, b in enumerate(BACKENDS)]
     axes[1].legend(handles=handles, loc="best", fontsize=8)
     figure.suptitle("inverse_root: error vs. time (marker size grows with k)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    harness.save_figure(figure, path)
 
 
 def main() -> None:
@@ -155,13 +145,15 @@ def main() -> None:
     parser.add_argument("--out", default="results/inverse_root")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    machine = harness.machine("torch", "jax", "jaxlib", "cupy-cuda13x")
+    harness.write_json(os.path.join(args.out, "machine.json"), machine)
+    print(f"{machine['cpu']}, {machine['cores']} cores, load average {machine['load_average'][0]:.1f}")
     print(f"eps = {args.eps:g} (relative damping)")
     print(f"{'backend':>6} {'dtype':>8} {'method':>15} {'k':>5} {'cond':>8} {'time':>13} {'rel.err':>10}")
     rows = measure(available_backends(args.backends), args.sizes, args.conditions, args.dtypes, args.eps, args.repeats)
-    with open(os.path.join(args.out, "results.json"), "w") as handle:
-        json.dump(rows, handle, indent=1)
+    harness.write_json(os.path.join(args.out, "results.json"), rows)
     plot(rows, os.path.join(args.out, "error_vs_time.png"))
-    print(f"wrote {args.out}/results.json and {args.out}/error_vs_time.png")
+    print(f"wrote {args.out}/results.json, machine.json and error_vs_time.png")
 
 
 if __name__ == "__main__":

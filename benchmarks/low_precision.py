@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-import train_lm  # benchmarks/, the script's own directory
+import harness  # benchmarks/, the script's own directory
+import train_lm
 from asgo_core.adapters.torch import ASGO, asgo_param_groups
 
 VARIANTS = ("float32", "bf16_nearest", "bf16_stochastic", "bf16_momentum", "bf16_state")
@@ -66,7 +66,7 @@ def train(args, name: str, variant: str, lr: float, seed: int, train_data, val_b
     optimizer = make_optimizer(name, variant, model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_lm.warmup_cosine(args.steps))
     batches = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
+    clock = harness.Stopwatch()
     for _ in range(args.steps):
         x, y = train_lm.sample_batch(train_data, args.block_size, args.batch_size, batches)
         loss = F.cross_entropy(float32_forward(model, x).flatten(0, 1), y.flatten())
@@ -79,7 +79,7 @@ def train(args, name: str, variant: str, lr: float, seed: int, train_data, val_b
         val_loss = statistics.fmean(
             F.cross_entropy(float32_forward(model, x).flatten(0, 1), y.flatten()).item() for x, y in val_batches)
     return {"optimizer": name, "variant": variant, "seed": seed, "lr": lr, "final_val_loss": val_loss,
-            "seconds": time.perf_counter() - start}
+            "seconds": clock.elapsed().wall_s}
 
 
 def float32_forward(model, tokens):
@@ -125,10 +125,9 @@ def main() -> None:
                     run = train(args, name, variant, lrs[name], seed, data[:split], val_batches)
                     run |= {"machine": machine, "threads": options.threads, "text_source": source,
                             "torch_version": torch.__version__}
-                    with runs_path.open("a") as runs_file:
-                        runs_file.write(json.dumps(run) + "\n")
+                    harness.append_jsonl(runs_path, run)
                     print(json.dumps(run), flush=True)
-    runs = [json.loads(line) for line in runs_path.read_text().splitlines()]
+    runs = harness.read_jsonl(runs_path)
     print(f"final validation loss, one figure per seed ({runs_path}):")
     print(table(runs, OPTIMIZERS, VARIANTS))
 

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import train_lm  # benchmarks/, the script's own directory
+import harness  # benchmarks/, the script's own directory
+import train_lm
 from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
 
 GPT2_SMALL = dict(n_layer=12, n_head=12, d_model=768, block_size=1024, vocab=50257)
@@ -182,10 +183,8 @@ def main() -> None:
         child = subprocess.run([sys.executable, __file__, "--rss-child", configuration],
                                capture_output=True, text=True, check=True)
         rss[configuration] = json.loads(child.stdout.strip().splitlines()[-1])
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps({"state_bytes_per_param_byte": rows, "peak_rss": rss,
-                                       "machine": train_lm.machine_info(), "torch": torch.__version__},
-                                      indent=1))
+    harness.write_json(options.out, {"state_bytes_per_param_byte": rows, "peak_rss": rss,
+                                     "machine": train_lm.machine_info(), "torch": torch.__version__})
     print("| optimizer | params | GPT-2 small | train_lm quick |\n|---|---|---|---|")
     for key, values in rows.items():
         name, dtype = key.split(" | ")

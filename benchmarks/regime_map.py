@@ -47,12 +47,10 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -60,8 +58,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-import train_lm  # noqa: E402  (benchmarks/, the script's own directory)
-from step_time import cpu_flags  # noqa: E402
+import harness  # noqa: E402  (benchmarks/, the script's own directory)
+import train_lm  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "regime_map"
 OPTIMIZERS = ["adamw", "muon", "asgo_tau1", "asgo_tau10"]
@@ -161,33 +159,12 @@ def use_float32_gemms_where_bf16_is_emulated() -> str:
     return "float32 GEMMs on bf16 operands, rounded to bf16 (bf16 matmuls are emulated here)"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
-    flags = cpu_flags()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": THREADS,
-            "bf16_flags": sorted((flags or set()) & {"avx512_bf16", "amx_bf16", "amx_tile"}),
-            "bf16_matmul_time_over_fp32": round(
-                train_lm.bfloat16_matmul_slowdown(torch.device("cpu")), 2),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
+    return harness.machine("torch", torch_threads=THREADS, bf16_matmul_time_over_fp32=round(
+        train_lm.bfloat16_matmul_slowdown(torch.device("cpu")), 2))
 
 
 # ---------------------------------------------------------------------------------- records
-
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
 
 def claimed_by_live_process(claim: Path) -> bool:
     """Whether another process of a parallel part is training this run now."""
@@ -220,7 +197,7 @@ class Runner:
         self.out, self.deadline = out, deadline
         self.runs_path = out / "runs.jsonl"
         self.reload()
-        self.cpu = cpu_model()
+        self.cpu = harness.cpu_model()
         self.muon_gemms = use_float32_gemms_where_bf16_is_emulated()
         self.claims = (Path(tempfile.gettempdir())
                        / f"regime_map_running_{zlib.crc32(str(out.resolve()).encode())}")
@@ -234,7 +211,7 @@ class Runner:
 
     def reload(self) -> None:
         """The finished runs, including those of a part running in parallel in another process."""
-        self.records = read_records(self.runs_path)
+        self.records = harness.read_jsonl(self.runs_path)
         self.done = {record_key(r): r for r in self.records}
 
     def seconds_per_step(self, name: str, batch: int) -> float:
@@ -248,7 +225,7 @@ class Runner:
         """Re-read before appending: two parts of the plan may run in parallel processes."""
         path = self.out / "plan.json"
         log = json.loads(path.read_text())["log"] if path.exists() else []
-        path.write_text(json.dumps({"plan": PLAN, "log": log + [entry]}, indent=1) + "\n")
+        harness.write_json(path, {"plan": PLAN, "log": log + [entry]})
 
     def run(self, horizon: int, name: str, lr: float, seed: int, stage: str,
             batch: int = BASE_BATCH) -> dict | None:
@@ -278,21 +255,20 @@ class Runner:
         k = key(horizon, name, lr, seed, batch)
         self.args.eval_every = EVAL_EVERY[horizon]
         self.args.batch_size = batch
-        load_before = os.getloadavg()
-        start = time.perf_counter()
-        run = train_lm.train_run(self.args, name, lr, seed, horizon, self.train_data,
-                                 self.val_batches)
+        load_before = harness.load_average()
+        with harness.Stopwatch() as clock:
+            run = train_lm.train_run(self.args, name, lr, seed, horizon, self.train_data,
+                                     self.val_batches)
         record = {"horizon": horizon, "optimizer": name, "lr": lr, "seed": seed, "stage": stage,
                   "batch_size": batch, "cpu": self.cpu, "steps": horizon,
                   **({"muon_gemms": self.muon_gemms} if name == "muon" else {}),
-                  "wall_seconds": time.perf_counter() - start,
+                  "wall_seconds": clock.wall_s,
                   "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                  "load_average_before": load_before, "load_average_after": harness.load_average(),
                   **{f: run[f] for f in ("final_val_loss", "final_train_loss", "diverged",
                                          "median_step_seconds", "median_optimizer_step_seconds",
                                          "train_seconds", "curve")}}
-        with self.runs_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        harness.append_jsonl(self.runs_path, record)
         self.records.append(record)
         self.done[k] = record
         self.log({"run": k, "stage": stage, "status": "done",
@@ -342,7 +318,7 @@ def start_session(out: Path, deadline: dt.datetime | None, parts: list[str]) -> 
                "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "deadline_utc": deadline.isoformat() if deadline else None,
                "command": " ".join(["python", "benchmarks/regime_map.py"] + sys.argv[1:])}
-    path.write_text(json.dumps({"plan": PLAN, "sessions": sessions + [session]}, indent=1) + "\n")
+    harness.write_json(path, {"plan": PLAN, "sessions": sessions + [session]})
     print(json.dumps(session, indent=1), flush=True)
 
 
@@ -528,7 +504,7 @@ def run_cpu(record: dict, meta: dict) -> str:
 
 
 def report(out: Path) -> dict:
-    all_records = read_records(out / "runs.jsonl")
+    all_records = harness.read_jsonl(out / "runs.jsonl")
     meta = json.loads((out / "meta.json").read_text())
     summary: dict = {"meta": meta, "horizons": {}, "lr_sensitivity": {}, "knobs": {}}
     names = OPTIMIZERS + list(KNOBS)
@@ -584,7 +560,7 @@ def report(out: Path) -> dict:
             name: {"final_val_by_lr": v, "band": lr_band({float(k): x for k, x in v.items()})}
             for name, v in mlp_by_lr.items()}
         summary["mlp_jax_source"] = mlp_source
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    harness.write_json(out / "summary.json", summary)
     (out / "tables.md").write_text(tables_markdown(summary))
     plot(summary, out)
     return summary
@@ -679,10 +655,7 @@ def tables_markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     colors = COLORS
     horizons = list(summary["horizons"])
     for x_key, x_label, file_name in (("step", "step", "val_loss_vs_step.png"),
@@ -707,9 +680,7 @@ def plot(summary: dict, out: Path) -> None:
             ax.set(title=column_title(horizon), xlabel=x_label, ylabel="validation loss (nats/byte)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(out / file_name, dpi=110)
-        plt.close(figure)
+        harness.save_figure(figure, out / file_name, dpi=110)
 
     sens = summary["lr_sensitivity"]
     if sens:
@@ -735,9 +706,7 @@ def plot(summary: dict, out: Path) -> None:
                    title=f"{title}\nthick bar: within 2% of best")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(out / "lr_sensitivity.png", dpi=110)
-        plt.close(figure)
+        harness.save_figure(figure, out / "lr_sensitivity.png", dpi=110)
 
     batch_axis = column_name(BATCH_AXIS["horizon"], BATCH_AXIS["batch_size"])
     base_columns = [c for c in summary["horizons"] if c != batch_axis]
@@ -763,17 +732,13 @@ def plot(summary: dict, out: Path) -> None:
                ylabel="final validation loss", title=f"{KNOB_HORIZON} steps: quality vs step cost")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(out / "cost_knobs.png", dpi=110)
-        plt.close(figure)
+        harness.save_figure(figure, out / "cost_knobs.png", dpi=110)
 
 
 def final_val_plot(summary: dict, columns: list[str], xs: list[int], x_label: str, title: str,
                    path: Path) -> None:
     """Final val loss (mean, ± half-range bars) of each optimizer over the columns."""
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(6, 4.2))
+    figure, ax = harness.pyplot().subplots(figsize=(6, 4.2))
     for name in OPTIMIZERS:
         points = [(x, summary["horizons"][c][name]) for c, x in zip(columns, xs)
                   if name in summary["horizons"][c]]
@@ -787,9 +752,7 @@ def final_val_plot(summary: dict, columns: list[str], xs: list[int], x_label: st
     ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    harness.save_figure(figure, path, dpi=110)
 
 
 def main() -> None:

@@ -32,18 +32,15 @@ every row, --only NAME... the named ones.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import statistics
-import time
 
 import torch
 from torch import nn
 
+import harness  # benchmarks/, the script's own directory
 from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
 from asgo_core.solvers import inverse_root
-from reference_asgo import ReferenceStyleASGO  # benchmarks/, the script's own directory
+from reference_asgo import ReferenceStyleASGO
 from train_lm import bfloat16_matmul_slowdown
 
 LR = 1e-2
@@ -194,31 +191,35 @@ def state_bytes(optimizer) -> int:
     return sum(storages.values())
 
 
-def time_optimizers(makers: dict, model: GPT, rounds: int, device) -> dict:
-    """name → (median over rounds of the mean step time over one root period in s, state bytes).
+def root_period(name: str) -> int:
+    return 10 if "τ=10" in name else 1
 
-    The optimizers take turns round by round, so a change in machine load during the run
-    affects all of them alike. They share the parameters and the fixed random gradients.
+
+def time_optimizers(makers: dict, model: GPT, rounds: int, device) -> dict:
+    """name → (median over rounds of the mean step wall time over one root period in s, the
+    same in CPU s, state bytes).
+
+    The optimizers take turns round by round (harness.interleaved). They share the parameters
+    and the fixed random gradients.
     """
     torch.manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     optimizers = {name: make() for name, make in makers.items()}
     for optimizer in optimizers.values():
         optimizer.step()  # state initialisation is not timed
-    round_means = {name: [] for name in optimizers}
-    for _ in range(rounds):
-        for name, optimizer in optimizers.items():
-            period = 10 if "τ=10" in name else 1
-            sync()
-            start = time.perf_counter()
+
+    def one_period(optimizer, period):
+        def steps():
             for _ in range(period):
                 optimizer.step()
-            sync()
-            round_means[name].append((time.perf_counter() - start) / period)
-    return {name: (statistics.median(means), state_bytes(optimizers[name]))
-            for name, means in round_means.items()}
+        return steps
+    taken = harness.interleaved(
+        {name: one_period(optimizer, root_period(name)) for name, optimizer in optimizers.items()},
+        rounds, sync=torch.cuda.synchronize if device.type == "cuda" else harness.no_sync)
+    return {name: (harness.median_wall(samples) / root_period(name),
+                   harness.median_cpu(samples) / root_period(name), state_bytes(optimizers[name]))
+            for name, samples in taken.items()}
 
 
 def asgo_state_bound(model: GPT) -> int:
@@ -236,27 +237,15 @@ MATCHED_ROWS = {
     True: ["AdamW", "Muon + AdamW", "ASGO τ=1 bf16mm", "ASGO τ=10 bf16mm"],
     False: ["AdamW", "Muon fp32 + AdamW", "ASGO τ=1", "ASGO τ=10"],
 }
-CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU flags of /proc/cpuinfo (None where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(set(line.split(":", 1)[1].split())
-                        for line in cpuinfo if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return None
-
 
 def native_bf16(device) -> tuple[bool, str]:
     """Whether bfloat16 matmuls run natively on device, and how that was decided."""
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
         return native, f"CUDA, torch.cuda.is_bf16_supported() = {native}"
-    flags = cpu_flags()
+    flags = harness.cpu_flags()
     if flags is not None:
-        found = sorted(flags & CPU_BF16_FLAGS)
+        found = sorted(flags & harness.NATIVE_BF16_FLAGS)
         return bool(found), ("/proc/cpuinfo flags " + ", ".join(found) if found else
                              "no avx512_bf16 / amx_bf16 flag in /proc/cpuinfo")
     ratio = bfloat16_matmul_slowdown(device)
@@ -285,8 +274,9 @@ def main() -> None:
               else MATCHED_ROWS[args.native_bf16])
     makers = {name: make for name, make in build_optimizers(model).items()
               if wanted is None or name in wanted}
-    results = {name: {"step_ms": seconds * 1e3, "state_bytes": nbytes}
-               for name, (seconds, nbytes) in time_optimizers(makers, model, args.rounds, device).items()}
+    results = {name: {"step_ms": seconds * 1e3, "step_cpu_ms": cpu_seconds * 1e3, "state_bytes": nbytes}
+               for name, (seconds, cpu_seconds, nbytes)
+               in time_optimizers(makers, model, args.rounds, device).items()}
     report(results, model, args, device)
 
 
@@ -294,7 +284,8 @@ def report(results: dict, model: GPT, args, device) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"\nstep time, GPT-2-style d_model 384 × 6 layers, {params / 1e6:.1f} M params, "
           f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"median of {args.rounds} rounds\n")
+          f"median of {args.rounds} rounds, {harness.cpu_model()}, "
+          f"load average {harness.load_average()[0]:.1f}\n")
     print(f"{'optimizer':<18}{'step ms':>10}{'× Muon':>9}{'× AdamW':>9}{'ref ÷':>8}{'state MiB':>11}")
     matched_muon = "Muon + AdamW" if args.native_bf16 else "Muon fp32 + AdamW"
     muon = (results.get(matched_muon) or results.get("Muon + AdamW")
@@ -312,11 +303,11 @@ def report(results: dict, model: GPT, args, device) -> None:
     print(f"\nASGO state bound (params + 2·k² per matrix)·4 B + AdamW state: "
           f"{asgo_state_bound(model) / 2**20:.2f} MiB")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(device), "threads": torch.get_num_threads(),
-                       "native_bf16": args.native_bf16,
-                       "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                       "state_bound_bytes": asgo_state_bound(model), "results": results}, f, indent=2)
+        harness.write_json(args.json, {
+            "device": str(device), "threads": torch.get_num_threads(), "native_bf16": args.native_bf16,
+            "torch": torch.__version__, "machine": harness.cpu_model(),
+            "machine_details": harness.machine("torch"), "state_bound_bytes": asgo_state_bound(model),
+            "results": results}, indent=2)
 
 
 if __name__ == "__main__":

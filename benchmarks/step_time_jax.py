@@ -29,15 +29,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+import harness  # noqa: E402  (benchmarks/, the script's own directory)
 from asgo_core.adapters import optax as asgo_optax  # noqa: E402
 from asgo_core.adapters.optax import MuonDimensionNumbers  # noqa: E402
 
@@ -88,7 +85,7 @@ def optimizers(dimension_numbers) -> dict:
 
 
 class Run:
-    """One optimizer's jitted update + apply, compiled and warmed up, timed in rounds."""
+    """One optimizer's jitted update + apply, compiled and warmed up."""
 
     def __init__(self, tx, params, grads):
         @jax.jit
@@ -96,19 +93,13 @@ class Run:
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
-        self.train_step, self.grads, self.times = train_step, grads, []
+        self.train_step, self.grads = train_step, grads
         self.params, self.state = params, tx.init(params)
         for _ in range(2):  # compile, then one more warm-up call
             self.step()
 
     def step(self) -> None:
         self.params, self.state = jax.block_until_ready(self.train_step(self.params, self.state, self.grads))
-
-    def time(self, steps: int) -> None:
-        for _ in range(steps):
-            start = time.perf_counter()
-            self.step()
-            self.times.append(time.perf_counter() - start)
 
 
 def main() -> None:
@@ -131,15 +122,14 @@ def main() -> None:
     if args.baseline:
         candidates.update(asgo_optimizers(importlib.import_module(args.baseline), numbers, " (baseline)"))
     runs = {name: Run(tx, params, grads) for name, tx in candidates.items()}
-    for _ in range(args.reps):
-        for run in runs.values():
-            run.time(args.steps)
-    medians = {name: statistics.median(run.times) for name, run in runs.items()}
+    taken = harness.interleaved({name: run.step for name, run in runs.items()}, args.reps,
+                                per_turn=args.steps)
+    medians = {name: harness.median_wall(samples) for name, samples in taken.items()}
 
     print(f"jax {jax.__version__} optax {optax.__version__} on {jax.devices()[0].device_kind} "
-          f"({platform.processor() or platform.machine()}), d_model {args.d_model}, {args.layers} layers, "
+          f"({harness.cpu_model()}), d_model {args.d_model}, {args.layers} layers, "
           f"vocab {args.vocab}, median of {args.reps} x {args.steps} jitted steps, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {harness.load_average()[0]:.1f}")
     print(f"{'optimizer':<22}{'ms/step':>10}{'× muon':>9}{'× adamw':>9}")
     for name, seconds in medians.items():
         baseline = medians.get(f"{name} (baseline)")
@@ -151,13 +141,14 @@ def main() -> None:
     for target, met in targets.items():
         print(f"target {target}: {'met' if met else 'MISSED'}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"jax": jax.__version__, "optax": optax.__version__,
-                       "device": jax.devices()[0].device_kind, "vocab": args.vocab,
-                       "steps": args.steps, "reps": args.reps, "baseline": args.baseline,
-                       "median_seconds": medians,
-                       "ratio_to_muon": {k: v / medians["muon"] for k, v in medians.items()},
-                       "targets_met": targets}, handle, indent=2)
+        harness.write_json(args.json, {
+            "jax": jax.__version__, "optax": optax.__version__,
+            "device": jax.devices()[0].device_kind, "vocab": args.vocab,
+            "steps": args.steps, "reps": args.reps, "baseline": args.baseline,
+            "median_seconds": medians,
+            "median_cpu_seconds": {name: harness.median_cpu(samples) for name, samples in taken.items()},
+            "ratio_to_muon": {k: v / medians["muon"] for k, v in medians.items()},
+            "targets_met": targets, "machine": harness.machine("jax", "jaxlib", "optax")}, indent=2)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ import platform
 import statistics
 import sys
 import sysconfig
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -73,7 +72,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lr_grids import LR_GRIDS  # benchmarks/, the script's own directory
+import harness  # benchmarks/, the script's own directory
+from lr_grids import LR_GRIDS
 
 PRESETS = {
     "quick": dict(n_layer=2, n_head=4, d_model=128, block_size=64, batch_size=32,
@@ -243,7 +243,7 @@ def make_muon(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
 
 
 def make_reference_asgo(model: GPT, lr: float) -> list[torch.optim.Optimizer]:
-    from reference_asgo import ReferenceStyleASGO  # benchmarks/, the script's own directory
+    from reference_asgo import ReferenceStyleASGO
     hidden_matrices, rest = split_hidden_matrices(model)
     return [ReferenceStyleASGO(hidden_matrices, lr=lr, weight_decay=WEIGHT_DECAY),
             companion_adamw(rest, lr)]
@@ -326,25 +326,25 @@ def train_run(args: argparse.Namespace, name: str, lr: float, seed: int, steps: 
     curve, step_times, optimizer_times, interval_losses = [], [], [], []
     train_seconds, diverged = 0.0, False
     progress = tqdm(range(1, steps + 1), desc=f"{name} lr={lr:g} seed={seed}", leave=False)
-    for step in progress:
-        synchronize(device)
-        step_start = time.perf_counter()
-        x, y = (t.to(device) for t in sample_batch(train_data, args.block_size, args.batch_size,
-                                                   batches))
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        synchronize(device)
-        optimizer_start = time.perf_counter()
+
+    def optimizer_steps():
         for opt in optimizers:
             opt.step()
+
+    for step in progress:
         synchronize(device)
-        optimizer_times.append(time.perf_counter() - optimizer_start)
-        for opt, scheduler in zip(optimizers, schedulers):
-            opt.zero_grad(set_to_none=True)
-            scheduler.step()
-        interval_losses.append(loss.item())
-        step_times.append(time.perf_counter() - step_start)
+        with harness.Stopwatch() as step_clock:
+            x, y = (t.to(device) for t in sample_batch(train_data, args.block_size, args.batch_size,
+                                                       batches))
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer_times.append(harness.sample(optimizer_steps, sync=lambda: synchronize(device)).wall_s)
+            for opt, scheduler in zip(optimizers, schedulers):
+                opt.zero_grad(set_to_none=True)
+                scheduler.step()
+            interval_losses.append(loss.item())
+        step_times.append(step_clock.wall_s)
         train_seconds += step_times[-1]
         diverged = not math.isfinite(interval_losses[-1])
         if step % args.eval_every == 0 or step == steps or diverged:
@@ -389,7 +389,7 @@ def run_sweep(args: argparse.Namespace, train_data: torch.Tensor, val_batches: l
                                 "final_val_loss_by_lr": {f"{lr:g}": loss
                                                          for lr, loss in val_by_lr.items()},
                                 "model": model_config(args)}
-        LR_CHOICES_PATH.write_text(json.dumps(choices, indent=2) + "\n")
+        harness.write_json(LR_CHOICES_PATH, choices, indent=2)
         at_edge = best_lr in (LR_GRIDS[name][0], LR_GRIDS[name][-1])
         print(f"{name}: chose lr {best_lr:g} (written to {LR_CHOICES_PATH})"
               + (" -- at the edge of the grid, consider widening it" if at_edge else ""))
@@ -496,10 +496,7 @@ def print_table(summary: dict[str, dict], has_adamw: bool) -> None:
 
 
 def plot_curves(summary: dict[str, dict], out_dir: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     written = []
     for x_key, x_label, file_name in (("step", "step", "val_loss_vs_step.png"),
                                       ("seconds", "training wall-clock seconds (no eval)",
@@ -514,10 +511,7 @@ def plot_curves(summary: dict[str, dict], out_dir: Path) -> list[Path]:
         axes.set_ylabel("validation loss (nats/byte)")
         axes.grid(alpha=0.3)
         axes.legend()
-        figure.tight_layout()
-        figure.savefig(out_dir / file_name, dpi=120)
-        plt.close(figure)
-        written.append(out_dir / file_name)
+        written.append(harness.save_figure(figure, out_dir / file_name))
     return written
 
 
@@ -530,17 +524,8 @@ def zoomed_top(summary: dict[str, dict]) -> float:
 
 
 def machine_info() -> dict:
-    return {"platform": platform.platform(), "machine": platform.machine(),
-            "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg()}
-
-
-def warn_if_busy() -> None:
-    """Timings mean little when other processes compete for the cores."""
-    load = os.getloadavg()[0]
-    if load > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores before starting; "
-              f"step times will be inflated by other processes")
+    """The machine, its load now and torch's thread count (harness.machine)."""
+    return harness.machine("torch", torch_threads=torch.get_num_threads())
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -614,10 +599,7 @@ def bfloat16_matmul_slowdown(device: torch.device) -> float:
     def seconds(dtype: torch.dtype) -> float:
         a = matrix.to(dtype)
         a @ a  # warm-up
-        start = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        return time.perf_counter() - start
+        return harness.sample(lambda: [a @ a for _ in range(3)]).wall_s
     return seconds(torch.bfloat16) / seconds(torch.float32)
 
 
@@ -637,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"text: {source}, {len(data):,} bytes ({len(train_data):,} train / "
           f"{len(val_data):,} val); config {args.config_name}: {model_config(args)}, "
           f"{args.steps} steps, {args.seeds} seed(s), {torch.get_num_threads()} threads")
-    warn_if_busy()
+    harness.warn_if_busy()
     if args.sweep:
         run_sweep(args, train_data, val_batches)
         return
@@ -646,7 +628,6 @@ def main(argv: list[str] | None = None) -> None:
                                           val_batches) for seed in range(args.seeds)]
                          for name in args.optimizers}
     summary = summarize(runs_by_optimizer)
-    args.out.mkdir(parents=True, exist_ok=True)
     results = {
         "config": {"name": args.config_name, **model_config(args), "steps": args.steps,
                    "eval_every": args.eval_every, "eval_batches": args.eval_batches,
@@ -657,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         "text_source": source, "byte_count": len(data), "machine": machine_info(),
         "chosen_lrs": lrs, "summary": summary, "runs": runs_by_optimizer,
     }
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    harness.write_json(args.out / "results.json", results)
     print_table(summary, has_adamw="adamw" in summary)
     print(f"\n{REGIME_MAP_NOTE}")
     plots = plot_curves(summary, args.out)

@@ -41,8 +41,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -50,8 +48,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import harness  # noqa: E402  (benchmarks/, the script's own directory)
 from asgo_core.adapters.optax import asgo, dasgo  # noqa: E402
-from lr_grids import LR_GRIDS  # noqa: E402  (benchmarks/, the script's own directory)
+from lr_grids import LR_GRIDS  # noqa: E402
 
 LR_CHOICES_PATH = Path(__file__).with_name("lr_choices_jax.json")
 HIDDEN, BATCH = 256, 64
@@ -125,10 +124,10 @@ def train_run(name: str, lr: float, seed: int, epochs: int, data) -> dict:
         epoch_losses = []
         for b in range(steps_per_epoch):
             batch = order[b * BATCH:(b + 1) * BATCH]
-            start = time.perf_counter()
-            params, state, loss = jax.block_until_ready(
-                train_step(params, state, x_train[batch], y_train[batch]))
-            wall += time.perf_counter() - start
+            with harness.Stopwatch() as clock:
+                params, state, loss = jax.block_until_ready(
+                    train_step(params, state, x_train[batch], y_train[batch]))
+            wall += clock.wall_s
             epoch_losses.append(float(loss))
             step += 1
         val_loss, val_accuracy = evaluate(params, x_val, y_val)
@@ -149,7 +148,7 @@ def run_sweep(names, epochs: int, data) -> None:
         edge = " (at the edge of the grid)" if best in (LR_GRIDS[name][0], LR_GRIDS[name][-1]) else ""
         print(f"sweep {name:<11} " + "  ".join(f"{lr:g}: {v:.4f}" for lr, v in losses.items())
               + f"  -> lr {best:g}{edge}", flush=True)
-    LR_CHOICES_PATH.write_text(json.dumps(choices, indent=2) + "\n")
+    harness.write_json(LR_CHOICES_PATH, choices, indent=2)
     print(f"wrote {LR_CHOICES_PATH}")
 
 
@@ -163,21 +162,18 @@ def run_sensitivity(epochs: int, data, out: Path) -> None:
                        for lr in lrs}
         print(f"sensitivity {name:<11} " + "  ".join(f"{lr}: {v:.4f}"
                                                      for lr, v in by_lr[name].items()), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"python": platform.python_version(), "jax": jax.__version__,
-            "optax": optax.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    meta = {"python": harness.versions()["python"], "jax": jax.__version__,
+            "optax": optax.__version__, "machine": harness.machine("jax", "jaxlib", "optax"),
             "epochs": epochs, "seed": 0, "factors": list(SENSITIVITY_FACTORS),
             "centre": {name: choices[name]["lr"] for name in SENSITIVITY_OPTIMIZERS},
             "command": f"python benchmarks/train_mlp_jax.py --sensitivity --epochs {epochs}"}
-    path = out / "mlp_jax_lr_sensitivity.json"
-    path.write_text(json.dumps({"meta": meta, "final_val_loss_by_lr": by_lr}, indent=1) + "\n")
+    path = harness.write_json(out / "mlp_jax_lr_sensitivity.json",
+                              {"meta": meta, "final_val_loss_by_lr": by_lr})
     print(f"wrote {path}")
 
 
 def plot(runs: list, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
     for x_key, label, filename in (("step", "step", "val_loss_vs_step.png"),
                                    ("wall_seconds", "wall-clock seconds (training steps only)",
                                     "val_loss_vs_time.png")):
@@ -192,9 +188,7 @@ def plot(runs: list, out: Path) -> None:
                  title=f"MLP on digits, mean over {len(histories)} seed(s), band: min..max")
         axes.grid(alpha=0.3)
         axes.legend()
-        figure.tight_layout()
-        figure.savefig(out / filename, dpi=120)
-        plt.close(figure)
+        harness.save_figure(figure, out / filename)
 
 
 def runs_lr(runs: list, name: str) -> float:
@@ -239,12 +233,11 @@ def main() -> None:
     runs = [train_run(name, choices[name]["lr"], seed, args.epochs, data)
             for name in args.optimizers for seed in range(args.seeds)]
     rows = summarise(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"python": platform.python_version(), "jax": jax.__version__, "optax": optax.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "epochs": args.epochs,
+    meta = {"python": harness.versions()["python"], "jax": jax.__version__, "optax": optax.__version__,
+            "machine": harness.machine("jax", "jaxlib", "optax"), "epochs": args.epochs,
             "seeds": args.seeds, "command": "python benchmarks/train_mlp_jax.py "
             + f"--seeds {args.seeds} --epochs {args.epochs}"}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1))
+    harness.write_json(args.out / "results.json", {"meta": meta, "summary": rows, "runs": runs})
     plot(runs, args.out)
     print(f"{'optimizer':<12}{'lr':>8}{'val loss':>10}{'± spread':>10}{'val acc':>9}{'train s':>9}")
     for row in rows:

@@ -18,10 +18,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np
 import pytest
-from helpers.gpu import gpu_available as _gpu_available  # the name tests import from here
-from helpers.gpu import nvidia_gpu_present
+from helpers.gpu import gpu_available, nvidia_gpu_present
 from helpers.gpu_install import start_resolution
-from helpers.numerics import jax_x64, relative_error, tolerance  # noqa: F401  (tests import them from here)
+from helpers.numerics import jax_x64
 
 # Parameter values that put a test case on a GPU.
 GPU_PARAMETER_VALUES = {"torch-cuda": "torch-cuda", "cuda": "torch-cuda", "jax-gpu": "jax-gpu", "cupy": "cupy"}
@@ -55,7 +54,7 @@ def pytest_runtest_setup(item):
     if not nvidia_gpu_present():
         pytest.skip("no NVIDIA GPU on this machine")
     for name in sorted(backends):
-        _gpu_available(name)
+        gpu_available(name)
 
 
 class Backend:
@@ -101,7 +100,7 @@ GPU_BACKENDS = ("torch-cuda", "jax-gpu", "cupy")
 
 @pytest.fixture(params=CPU_BACKENDS + GPU_BACKENDS)
 def backend(request):
-    if request.param in GPU_BACKENDS and not _gpu_available(request.param):
+    if request.param in GPU_BACKENDS and not gpu_available(request.param):
         pytest.skip(f"{request.param}: no NVIDIA GPU on this machine")
     if request.param.startswith("jax"):
         with jax_x64():

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asgo_core.adapters.torch import asgo_param_groups
-from device_tracking import DevicelessFactories
+from helpers.device_tracking import DevicelessFactories
 
 STEPS = 10
 RELOAD_AT_STEP = 5

@@ -18,7 +18,8 @@ from asgo_core.adapters.cupy import ASGO, DASGO
 from asgo_core.adapters.torch import ASGO as TorchASGO
 from asgo_core.adapters.torch import DASGO as TorchDASGO
 from asgo_core.adapters.torch import asgo_param_groups
-from conftest import _gpu_available, jax_x64, relative_error, tolerance
+from helpers.gpu import gpu_available
+from helpers.numerics import jax_x64, relative_error, tolerance
 from test_cupy_adapter import flatten, unflatten
 
 PARITY = 1e-12  # float64: the stack and the separate arrays run the same arithmetic per matrix
@@ -172,7 +173,7 @@ def test_a_nonfinite_expert_is_skipped_alone(adapter):
 @pytest.mark.gpu
 @pytest.mark.parametrize("optimizer", [ASGO, DASGO])
 def test_a_cupy_stack_matches_numpy(optimizer):
-    if not _gpu_available("cupy"):
+    if not gpu_available("cupy"):
         pytest.skip("cupy: no GPU on this machine")
     import cupy
     host = _random((3, 6, 10), 0)

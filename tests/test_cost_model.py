@@ -10,13 +10,9 @@ bytes) and a momentum-nonzero flag for each sharded-Gram matrix every refresh.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import cost_model  # noqa: E402
+import cost_model  # benchmarks/ (pyproject.toml: pytest's pythonpath)
 
 TINY = cost_model.Shape("tiny", layers=2, d_model=4, vocab=10, mlp_hidden=8, mlp="gelu")
 ROOT = 80 * 4 ** 3

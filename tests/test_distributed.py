@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,23 +16,16 @@ import distributed_worker as worker
 from asgo_core import FALLBACK_LEVELS
 from asgo_core.adapters.torch import ASGO
 from asgo_core.adapters.torch_distributed import DistributedASGO, FSDPASGO, assign_owners, parameter_cost
+from helpers.processes import TESTS, env_importing, free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 TIMEOUT_S = 600  # per process: 4 ranks on a 2-core machine shared with other jobs can take minutes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(mode: str, world_size: int, out_dir, *worker_args) -> list[dict]:
     """Run `world_size` worker processes (as torchrun would) and load what each rank saved."""
-    tests_dir = os.path.dirname(__file__)  # workers import distributed_worker from here
-    python_path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
+    env = {**env_importing(TESTS), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
     processes = [subprocess.Popen([sys.executable, WORKER, mode, str(out_dir), *map(str, worker_args)],
                                   env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

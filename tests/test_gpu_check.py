@@ -3,17 +3,13 @@ fallback that fired, and its timings take several runs after compiling."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+import gpu_check  # benchmarks/ (pyproject.toml: pytest's pythonpath)
+import harness
 from asgo_core.backends import torch as torch_backend
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gpu_check  # noqa: E402
 
 TF32_DROPPED_BITS = 13  # float32 keeps 23 fraction bits, TF32 10
 
@@ -90,7 +86,7 @@ class _NoWait:
 
 def test_a_slow_cell_still_gets_three_timed_runs(monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr(gpu_check.time, "perf_counter", clock)
+    monkeypatch.setattr(harness.time, "perf_counter", clock)
 
     def six_seconds():
         clock.now += 6.0
@@ -101,7 +97,7 @@ def test_a_slow_cell_still_gets_three_timed_runs(monkeypatch):
 
 def test_compilation_is_timed_apart_from_the_runs(monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr(gpu_check.time, "perf_counter", clock)
+    monkeypatch.setattr(harness.time, "perf_counter", clock)
 
     def run(x):
         clock.now += 0.5
@@ -122,7 +118,7 @@ def test_compilation_is_timed_apart_from_the_runs(monkeypatch):
 
 def test_a_cell_over_its_budget_stops_after_the_warm_up(monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr(gpu_check.time, "perf_counter", clock)
+    monkeypatch.setattr(harness.time, "perf_counter", clock)
     calls = []
 
     def slow():

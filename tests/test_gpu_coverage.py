@@ -18,15 +18,16 @@ from torch import nn
 
 from asgo_core import ASGOConfig, init_state, step
 from asgo_core.adapters.torch import ASGO
-from conftest import _gpu_available, jax_x64, relative_error
-from test_torch_cuda import _free_port
+from helpers.gpu import gpu_available
+from helpers.numerics import jax_x64, relative_error
+from helpers.processes import free_port
 
 pytestmark = pytest.mark.gpu
 TESTS = Path(__file__).resolve().parent
 
 
 def _require(name):
-    if not _gpu_available(name):
+    if not gpu_available(name):
         pytest.skip("no NVIDIA GPU on this machine")
 
 
@@ -124,7 +125,7 @@ def _world_of_one(rank: int, port: int, kind: str, out_path: str):
 def test_a_world_of_one_with_nccl_matches_single_process_asgo(kind, tmp_path):
     _require("torch-cuda")
     out_path = str(tmp_path / "params.pt")
-    torch.multiprocessing.spawn(_world_of_one, args=(_free_port(), kind, out_path), nprocs=1)
+    torch.multiprocessing.spawn(_world_of_one, args=(free_port(), kind, out_path), nprocs=1)
     single = _model().cuda()
     _train(single, ASGO(single.parameters(), lr=0.05, precondition_frequency=2), "cuda")
     for expected, actual in zip(single.parameters(), torch.load(out_path)):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from asgo_core.backends import torch as torch_backend
+from helpers.processes import BENCHMARKS, TESTS, env_importing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,14 +99,13 @@ def test_an_array_on_two_devices_reports_a_sharding_and_still_finds_its_platform
     assert found["eigenvalues"] < 1e-9 and found["root"] < 1e-12
 
 
-@pytest.mark.parametrize("module, folder", [("conftest", "tests"), ("gpu_check", "benchmarks")])
+@pytest.mark.parametrize("module, folder", [("conftest", TESTS), ("gpu_check", BENCHMARKS)])
 def test_the_gpu_runs_keep_jax_from_preallocating_gpu_memory(module, folder):
     """torch, JAX and CuPy share the GPU in one process; JAX's default takes 75% of it."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
-    code = (f"import sys, os; sys.path.insert(0, {str(ROOT / folder)!r}); import {module}; "
-            "print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=120)
+    code = f"import os, {module}; print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env_importing(folder, base=env), cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "false"
 

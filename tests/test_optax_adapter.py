@@ -27,7 +27,7 @@ from asgo_core.adapters.optax import (
     scale_by_dasgo,
     state_from_portable,
 )
-from tests.conftest import jax_x64, relative_error, tolerance
+from helpers.numerics import jax_x64, relative_error, tolerance
 
 LR = 0.05
 

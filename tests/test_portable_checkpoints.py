@@ -3,9 +3,6 @@ adapter, 10 in another, equal to 20 in one; mismatches and damaged files change 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,10 +10,8 @@ import torch
 from asgo_core import ASGOConfig, CheckpointError, load_state, save_state
 from asgo_core.adapters.cupy import ASGO as ArrayASGO
 from asgo_core.adapters.torch import ASGO as TorchASGO
-from conftest import jax_x64, relative_error
-
-sys.path.insert(0, str(Path(__file__).parent / "conformance"))
-from runners import torch_layout_dimension_numbers  # noqa: E402
+from helpers.layouts import torch_layout_dimension_numbers
+from helpers.numerics import jax_x64, relative_error
 
 OPTIONS = dict(precondition_frequency=3, max_precond_dim=4, weight_decay=0.05)
 SHAPES = {"fc1.weight": (10, 6), "fc1.bias": (10,), "conv.weight": (4, 2, 3, 3)}

@@ -3,18 +3,13 @@ the authors' optimizer as written there, one matrix at a time, the PolarExpress 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from asgo_core.adapters.torch import ASGO
-from conftest import relative_error, tolerance
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reference_asgo import REFERENCE_OPTIONS, ReferenceStyleASGO  # noqa: E402
+from helpers.numerics import relative_error, tolerance
+from reference_asgo import REFERENCE_OPTIONS, ReferenceStyleASGO  # benchmarks/ (pytest's pythonpath)
 
 # wide (left side), tall (right side), square (right side, as in the reference code)
 SHAPES = [(6, 10), (12, 6), (8, 8)]

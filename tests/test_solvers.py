@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asgo_core import inverse_root
-from conftest import relative_error
-from reference import inverse_sqrt, spd_matrix
+from helpers.numerics import relative_error
+from helpers.reference import inverse_sqrt, spd_matrix
 
 METHODS = ("eigh", "newton_schulz", "polar_express", "coupled_newton")
 # Acceptance bounds of the foundation issue: k = 64, condition number 1e4.

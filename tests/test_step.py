@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from asgo_core import ASGOConfig, DASGOConfig, FALLBACK_LEVELS, RowShards, init_state, step, step_terms
-from conftest import relative_error, tolerance
-from reference import reference_asgo, reference_dasgo
+from helpers.numerics import relative_error, tolerance
+from helpers.reference import reference_asgo, reference_dasgo
 
 LR = 0.05
 

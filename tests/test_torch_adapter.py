@@ -17,7 +17,8 @@ from torch import nn
 
 from asgo_core import ASGOConfig, DASGOConfig, init_state, step
 from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
-from conftest import relative_error, tolerance
+from helpers.numerics import relative_error, tolerance
+from helpers.processes import TESTS, env_importing
 
 LR = 0.05
 
@@ -266,9 +267,8 @@ def test_resume_through_torch_save_in_a_fresh_process(tmp_path):
                 "inputs": inputs, "targets": targets}, tmp_path / "checkpoint.pt")
     _train(model, optimizer, inputs, targets, 3)
     script = textwrap.dedent(f"""
-        import sys, torch
+        import torch
         torch.set_num_threads(1)  # as in this process: the thread count changes summation order
-        sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
         from test_torch_adapter import _conv_net, _train
         from asgo_core.adapters.torch import ASGO
         checkpoint = torch.load({str(tmp_path / 'checkpoint.pt')!r})
@@ -277,7 +277,7 @@ def test_resume_through_torch_save_in_a_fresh_process(tmp_path):
         _train(model, optimizer, checkpoint["inputs"], checkpoint["targets"], 3)
         torch.save(model.state_dict(), {str(tmp_path / 'resumed.pt')!r})
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, env=env_importing(TESTS))
     resumed = torch.load(tmp_path / "resumed.pt")
     for name, expected in model.state_dict().items():
         assert torch.equal(expected, resumed[name]), name

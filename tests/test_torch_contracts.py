@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from asgo_core.adapters.torch import ASGO, DASGO
-from device_tracking import DevicelessFactories
+from helpers.device_tracking import DevicelessFactories
 
 
 def _snapshot(optimizer, params):

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
 
 import pytest
 import torch
 from torch import nn
 
 from asgo_core.adapters.torch import ASGO, DASGO
-from conftest import _gpu_available
+from helpers.gpu import gpu_available
+from helpers.processes import free_port
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +24,7 @@ FLOAT32 = dict(rtol=1e-5, atol=1e-6)
 
 @pytest.fixture(autouse=True)
 def cuda():
-    if not _gpu_available("torch-cuda"):
+    if not gpu_available("torch-cuda"):
         pytest.skip("no NVIDIA GPU on this machine")
     torch.manual_seed(0)
     return torch.device("cuda")
@@ -164,12 +164,6 @@ def test_resume_on_cuda_continues_bitwise_with_state_on_the_gpu(cuda):
 DDP_STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _ddp_rank(rank: int, world_size: int, port: int, start_state: dict, out_path: str):
     """One rank: DDP averages the gradients, DistributedASGO steps; saves params and the grads."""
     import torch.distributed as dist
@@ -202,7 +196,7 @@ def test_ddp_with_nccl_on_two_gpus_matches_one_process(tmp_path):
         pytest.skip("DDP with NCCL needs two GPUs")
     start = _mlp("cpu")
     out_path = str(tmp_path / "ddp")
-    torch.multiprocessing.spawn(_ddp_rank, args=(2, _free_port(), start.state_dict(), out_path), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, free_port(), start.state_dict(), out_path), nprocs=2)
     ranks = [torch.load(f"{out_path}.rank{r}") for r in range(2)]
     for mine, other in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(mine, other)

@@ -1,17 +1,13 @@
 """train_lm --quick trains at the regime map's learning rates: the lr choices in the map's
 summary.json are those its runs (docs/regime_map/runs.jsonl) make, and train_lm reads them."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # benchmarks/ (pyproject.toml: pytest's pythonpath), as the scripts import it
+import regime_map
+import train_lm
 
-import regime_map  # noqa: E402
-import train_lm  # noqa: E402
-
-RECORDS = regime_map.read_records(regime_map.OUT / "runs.jsonl")
+RECORDS = harness.read_jsonl(regime_map.OUT / "runs.jsonl")
 
 
 def choices_from_runs(horizon: int, batch: int) -> dict[str, float]:

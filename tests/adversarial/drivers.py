@@ -208,7 +208,7 @@ class OptaxDriver(Driver):
 
     def build(self, params: dict, options=None, groups=None):
         import jax.numpy as jnp
-        from conformance.runners import torch_layout_dimension_numbers  # the torch layout for optax
+        from helpers.layouts import torch_layout_dimension_numbers
 
         from asgo_core.adapters.optax import asgo
         assert groups is None, "optax: one set of options per transformation"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from asgo_core import ASGOConfig, DASGOConfig, init_state, step
-from reference import reference_asgo, reference_dasgo
+from helpers.reference import reference_asgo, reference_dasgo
 
 LR = 0.05
 

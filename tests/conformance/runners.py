@@ -15,6 +15,7 @@ import numpy as np
 from asgo_core import ASGOConfig, DASGOConfig, init_state, needs_root_refresh, step
 from asgo_core.checkpoint import stacked_state_entries
 from asgo_core.layout import matrix_view_shape
+from helpers.layouts import torch_layout_dimension_numbers
 
 STEPS = 20
 SHAPES = {"wide": (6, 10), "tall": (10, 6), "conv": (4, 2, 3, 3)}
@@ -147,12 +148,6 @@ def optax_options(case: Case) -> dict:
     options = dataclasses.asdict(case.config)
     options["b1"], options["b2"] = options.pop("beta1"), options.pop("beta2")
     return options
-
-
-def torch_layout_dimension_numbers(params: dict) -> dict:
-    from asgo_core.adapters.optax import MuonDimensionNumbers
-    return {name: MuonDimensionNumbers(reduction_axis=tuple(range(1, np.ndim(value))), output_axis=0)
-            if np.ndim(value) >= 2 else None for name, value in params.items()}
 
 
 def run_optax(case: Case, dtype: str, device=None):

@@ -18,8 +18,8 @@ import optax
 import pytest
 
 from asgo_core.adapters.optax import MuonDimensionNumbers, asgo, dasgo
-from tests.conftest import jax_x64, relative_error, tolerance
-from tests.integrations.torch_reference import LAYOUT_SENSITIVE_CASES, torch_steps
+from helpers.numerics import jax_x64, relative_error, tolerance
+from helpers.torch_reference import LAYOUT_SENSITIVE_CASES, torch_steps
 
 
 def out_in_weights(params):
