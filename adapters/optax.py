@@ -43,8 +43,6 @@ MuonDimensionNumbers(reduction_axis=1, output_axis=0) for (out, in), (2, 1) for 
 from __future__ import annotations
 
 import dataclasses
-import math
-import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -54,45 +52,35 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 import asgo_core
-from asgo_core.buckets import concat, split_rows
-from asgo_core.checkpoint import (CheckpointError, check_entry_matches, common_step, entries_in_order,
-                                  stacked_state_entries, stacked_state_from_entries)
-from asgo_core.checkpoint import portable as portable_dict
-from asgo_core.config import ASGOConfig, DASGOConfig, fail, is_number
+from asgo_core.buckets import Bucket, Member, plan_buckets
+from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step, export_portable,
+                                  import_entries, stacked_state_entries, stacked_state_from_entries)
+from asgo_core.config import ASGOConfig
 from asgo_core.layout import PermutedStack
-from asgo_core.options import spelled, static_args
-from asgo_core.precision import stochastic_round
-from asgo_core.state_codec import named_arrays, state_from_named
+from asgo_core.options import check_rate_or_schedule, checked_group, defaults, static_args
+from asgo_core.precision import rounded_sum
+from asgo_core.state_codec import member_named, state_from_member_named
 
-__all__ = [
-    "ADAMW_DEFAULTS",
-    "ASGO_STATIC_ARGS",
-    "DASGO_STATIC_ARGS",
-    "STATIC_ARGS",
-    "MuonDimensionNumbers",
-    "ScaleByASGOState",
-    "ScaleByDASGOState",
-    "apply_updates_stochastic",
-    "asgo",
-    "dasgo",
-    "numerics_counters",
-    "portable_state",
-    "scale_by_asgo",
-    "scale_by_dasgo",
-    "state_from_portable",
-]
+__all__ = ["ADAMW_DEFAULTS", "ASGO_STATIC_ARGS", "DASGO_STATIC_ARGS", "STATIC_ARGS", "MuonDimensionNumbers",
+           "ScaleByASGOState", "ScaleByDASGOState", "apply_updates_stochastic", "asgo", "dasgo",
+           "numerics_counters", "portable_state", "scale_by_asgo", "scale_by_dasgo", "state_from_portable"]
 
-# The AdamW of non-matrix leaves: the reference recipe's betas, eps and no decay (asgo()/dasgo()'s
-# adam_* defaults, and what the portable functions assume unless given `adamw`).
-ADAMW_DEFAULTS = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
-_ADAM_B1, _ADAM_B2 = ADAMW_DEFAULTS["betas"]
+# The AdamW of non-matrix leaves: the options table's adam_* defaults (the reference recipe's betas,
+# eps and no decay), and what the portable functions assume unless given `adamw`.
+_ADAM = {name: value for name, value in defaults("asgo", "optax").items() if name.startswith("adam_")}
+ADAMW_DEFAULTS = {"betas": (_ADAM["adam_b1"], _ADAM["adam_b2"]), "eps": _ADAM["adam_eps"],
+                  "weight_decay": _ADAM["adam_weight_decay"]}
+
+
+# The options that select leaves (prefix trees or callables), which the options table does not hold
+_LEAF_SELECTIONS = ("weight_decay_mask", "weight_dimension_numbers")
 
 
 def _static_args(algorithm: str) -> tuple:
     """What optax.inject_hyperparams must not inject (it injects every number and calls every
     callable as a schedule): the options that shape the traced program (asgo_core.options), and
-    the leaf selections, which may be callables. The learning rates, weight_decay and adam_* may be."""
-    return static_args(algorithm, "optax") + ("weight_decay_mask", "weight_dimension_numbers")
+    the leaf selections. The learning rates, weight_decay and adam_* may be."""
+    return static_args(algorithm, "optax") + _LEAF_SELECTIONS
 
 
 # optax.inject_hyperparams(asgo, static_args=ASGO_STATIC_ARGS)(learning_rate=...), and the same
@@ -132,48 +120,33 @@ class ScaleByDASGOState(NamedTuple):
 _NAMED = {"gram": "gram/0", "root": "root/0", "remainder_gram": "gram/1", "remainder_root": "root/1"}
 
 
-def _per_leaf_fields(core_state) -> dict:
-    """A core ASGOState / DASGOState of a stack as the per-leaf state fields (momentum stacked)."""
-    named = named_arrays(core_state)
-    fields = ScaleByDASGOState._fields if "second_moment" in named else ScaleByASGOState._fields
-    return {field: named.get(_NAMED.get(field, field)) for field in fields[1:]}
+_CORE_TYPES = {ScaleByASGOState: asgo_core.ASGOState, ScaleByDASGOState: asgo_core.DASGOState}
 
 
-def _core_state(fields: dict, count):
-    """The inverse of _per_leaf_fields."""
-    core_type = asgo_core.DASGOState if "second_moment" in fields else asgo_core.ASGOState
-    return state_from_named(core_type, {_NAMED.get(field, field): value for field, value in fields.items()
-                                        if value is not None}, count)
+def _leaf_states(state, treedef) -> list:
+    """Each leaf's named arrays (asgo_core.state_codec) from the state's per-leaf trees."""
+    fields = {field: _state_per_leaf(treedef, getattr(state, field), field) for field in state._fields[1:]}
+    return [{_NAMED.get(field, field): values[i] for field, values in fields.items() if values[i] is not None}
+            for i in range(treedef.num_leaves)]
+
+
+def _state_of(state_type, leaf_states: list, treedef, count):
+    """The inverse of _leaf_states."""
+    return state_type(count=count, **{
+        field: jax.tree.unflatten(treedef, [named.get(_NAMED.get(field, field)) for named in leaf_states])
+        for field in state_type._fields[1:]})
 
 
 # ----------------------------------------------------------------------------- matrix views
 
-def _as_axes(axes, ndim: int) -> tuple:
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(axis % ndim for axis in axes)
-
-
-_TO_ADAMW = "give it weight_dimension_numbers=None so that asgo()/dasgo() route it to AdamW"
-
-
 def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> PermutedStack:
-    """The leaf at `path` as a stack; errors name the leaf."""
-    ndim = len(shape)
-    if ndim < 2:
-        raise ValueError(f"leaf {path} of shape {tuple(shape)} cannot be a matrix; {_TO_ADAMW}")
-    inputs = _as_axes(dimension_numbers.reduction_axis, ndim)
-    outputs = _as_axes(dimension_numbers.output_axis, ndim)
-    if set(inputs) & set(outputs) or not inputs or not outputs:
-        raise ValueError(f"weight_dimension_numbers={dimension_numbers} is invalid for leaf {path} of "
-                         f"shape {tuple(shape)}; accepted: disjoint, non-empty reduction and output axes")
-    batch = tuple(axis for axis in range(ndim) if axis not in inputs + outputs)
-    permutation = batch + outputs + inputs
-    size = lambda axes: math.prod(shape[axis] for axis in axes)  # noqa: E731
-    stack_shape = (size(batch), size(outputs), size(inputs))
-    if 0 in stack_shape:
-        raise ValueError(f"leaf {path} of shape {tuple(shape)} has a zero-size matrix stack {stack_shape} "
-                         f"(matrices, outputs, inputs); ASGO/DASGO need each >= 1; {_TO_ADAMW}")
-    return PermutedStack(permutation, tuple(shape[axis] for axis in permutation), stack_shape)
+    """The leaf at `path` as a stack of matrices; errors name the leaf and the way out."""
+    try:
+        return PermutedStack.from_axes(shape, dimension_numbers.reduction_axis, dimension_numbers.output_axis)
+    except ValueError as error:
+        raise ValueError(f"leaf {path} with weight_dimension_numbers={dimension_numbers}: {error}; "
+                         "or give it weight_dimension_numbers=None so that asgo()/dasgo() route it to "
+                         "AdamW") from None
 
 
 # ----------------------------------------------------------------------------- per-leaf options
@@ -214,74 +187,29 @@ def _decay_mask_per_leaf(weight_decay_mask, tree) -> list:
 
 # ----------------------------------------------------------------------------- stacking plan
 
-@dataclasses.dataclass(frozen=True)
-class _Stack:
-    """Leaves (by index) whose matrix views share (m, n) and dtype, stepped by one core call."""
-    leaf_indices: tuple
-    views: tuple
-
-    @property
-    def shape(self) -> tuple:
-        """(matrices, m, n) of the stacked leaves."""
-        return (sum(view.stack_shape[0] for view in self.views), *self.views[0].stack_shape[1:])
-
-    def gather(self, per_leaf: list, viewed: bool):
-        """One array of the stack's leaves' arrays, in leaf order; viewed: through the matrix
-        views (gradients, momentum), else rows as they are (statistics). None stays None."""
-        parts = [per_leaf[i] for i in self.leaf_indices]
-        if parts[0] is None:
-            return None
-        if viewed:
-            parts = [view.to_stack(part, jnp) for view, part in zip(self.views, parts)]
-        return concat(parts, jnp)
-
-    def scatter(self, stacked, out: list, viewed: bool) -> None:
-        """The inverse of gather: each leaf's rows of `stacked` into out[leaf index]."""
-        if stacked is None:
-            return
-        counts = [view.stack_shape[0] for view in self.views]
-        for i, view, rows in zip(self.leaf_indices, self.views, split_rows(stacked, counts)):
-            out[i] = view.from_stack(rows, jnp) if viewed else rows
-
-    def gather_state(self, fields: dict, count):
-        """The stack's core ASGOState / DASGOState from per-leaf state fields."""
-        return _core_state({field: self.gather(values, viewed=field == "momentum")
-                            for field, values in fields.items()}, count)
-
-    def scatter_state(self, core_state, fields: dict) -> None:
-        """The inverse of gather_state, into fields[field][leaf index]."""
-        for field, value in _per_leaf_fields(core_state).items():
-            self.scatter(value, fields[field], viewed=field == "momentum")
-
-    def per_matrix(self, per_leaf_values):
-        """A (matrices,) array repeating each leaf's value over its batch."""
-        return jnp.concatenate([jnp.full((view.stack_shape[0],), per_leaf_values[i], jnp.float32)
-                                for i, view in zip(self.leaf_indices, self.views)])
-
-
 def _leaf_paths(tree) -> list:
     """Each leaf's path as jax.tree_util.keystr writes it (e.g. "['layer']['w']"), in leaves order."""
     return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _check_real_floating(kind: str, path: str, leaf) -> None:
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise ValueError(f"{kind} {path} has dtype {jnp.dtype(leaf.dtype)}; accepted: a real "
-                         "floating-point dtype (complex: the Gram would need conjugation)")
-
-
-def _plan(paths, leaves, dimension_numbers, transformation: str) -> tuple:
-    stacks: dict = {}
-    for index, (path, leaf, numbers) in enumerate(zip(paths, leaves, dimension_numbers)):
-        if numbers is None:
-            raise ValueError(f"{transformation} got leaf {path} of shape {tuple(leaf.shape)} with no "
-                             "matrix view; use asgo()/dasgo(), which route it to AdamW, or give it "
+def _plan(tree, kind: str, weight_dimension_numbers, transformation: str) -> tuple:
+    """(leaves, buckets): asgo_core.buckets of the leaves, by index, whose matrices share (m, n)
+    and dtype. Errors name the leaf: `kind` ("parameter", "gradient") and its path."""
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, tree)
+    members = []
+    for index, ((path, leaf), leaf_numbers) in enumerate(zip(paths_and_leaves, numbers)):
+        where = f"{kind} {jax.tree_util.keystr(path)}"
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"{where} has dtype {jnp.dtype(leaf.dtype)}; accepted: a real floating-point "
+                             "dtype (complex: the Gram would need conjugation)")
+        if leaf_numbers is None:
+            raise ValueError(f"{transformation} got {where} of shape {tuple(leaf.shape)} with no matrix "
+                             "view; use asgo()/dasgo(), which route it to AdamW, or give it "
                              "weight_dimension_numbers")
-        view = _matrix_view(path, leaf.shape, numbers)
-        key = (view.stack_shape[1:], jnp.dtype(leaf.dtype))
-        stacks.setdefault(key, []).append((index, view))
-    return tuple(_Stack(tuple(i for i, _ in members), tuple(v for _, v in members))
-                 for members in stacks.values())
+        members.append(Member(index, _matrix_view(jax.tree_util.keystr(path), leaf.shape, leaf_numbers)))
+    leaves = [leaf for _, leaf in paths_and_leaves]
+    return leaves, plan_buckets(members, lambda member: (jnp.dtype(leaves[member.handle].dtype),))
 
 
 # ----------------------------------------------------------------------------- explicit sharding
@@ -308,102 +236,83 @@ def _sharded_like(x, like):
 
 # ----------------------------------------------------------------------------- the transformation
 
-def _core_config(config_type, options: dict):
-    """Build the core config, reporting a bad option under its optax name."""
-    for name, value in options.items():
-        if hasattr(value, "shape"):
+def _core_config(algorithm: str, arguments: dict):
+    """The core config of scale_by_*()'s or asgo()/dasgo()'s options, checked by the options
+    table's checks (errors in optax's names). An array is an injected hyperparameter
+    (optax.inject_hyperparams): unchecked where one may be injected, refused elsewhere."""
+    options = {}
+    for name, value in arguments.items():
+        if not (hasattr(value, "shape") and not isinstance(value, (int, float))):
+            options[name] = value
+        elif name not in _INJECTABLE:
             raise ValueError(f"{name}={value!r} is invalid; accepted: a Python value (it shapes the "
                              "traced program). With optax.inject_hyperparams pass static_args="
-                             f"asgo_core.adapters.optax.{config_type.__name__[:-6].upper()}_STATIC_ARGS")
-    core_options = {("beta1" if k == "b1" else "beta2" if k == "b2" else k): v for k, v in options.items()}
-    try:
-        return config_type(weight_decay=0.0, **core_options)
-    except ValueError as error:
-        raise ValueError(spelled(str(error), "optax")) from None
+                             f"asgo_core.adapters.optax.{algorithm.upper()}_STATIC_ARGS")
+    return checked_group(options, "optax", algorithm, check_lr=check_rate_or_schedule)[1]
 
 
-def _check_number(name: str, value, *, below_one: bool = False) -> None:
-    """Numbers are checked here; arrays (optax.inject_hyperparams) and schedules pass."""
-    if hasattr(value, "shape") and not isinstance(value, (int, float)):
-        return
-    if not is_number(value):
-        fail(name, value, "a number")
-    if not (value >= 0.0 and (value < 1.0 if below_one else math.isfinite(value))):
-        fail(name, value, "a number in [0, 1)" if below_one else "a finite number >= 0")
-
-
-def _scale_by_core(config_type, state_type, name: str, arguments: dict) -> optax.GradientTransformation:
-    """`arguments`: scale_by_asgo()'s / scale_by_dasgo()'s, by name; all but three are the config's."""
-    weight_decay, weight_decay_mask, weight_dimension_numbers = (
-        arguments.pop(key) for key in ("weight_decay", "weight_decay_mask", "weight_dimension_numbers"))
-    config = _core_config(config_type, arguments)
+def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformation:
+    """`arguments`: scale_by_asgo()'s / scale_by_dasgo()'s, by name."""
+    weight_decay_mask, weight_dimension_numbers = (arguments.pop(key) for key in _LEAF_SELECTIONS)
+    weight_decay = arguments["weight_decay"]
+    # the decay is applied here (a mask, an injected weight_decay), not by the core
+    config = dataclasses.replace(_core_config(algorithm, arguments), weight_decay=0.0)
     if config.nonfinite != "skip":
         raise ValueError(f"nonfinite={config.nonfinite!r} is invalid here; accepted: 'skip' "
                          "('raise' needs a host read, which jax.jit does not allow)")
-    _check_number("weight_decay", weight_decay)
-    has_root = isinstance(config, ASGOConfig)
+    state_type = ScaleByASGOState if algorithm == "asgo" else ScaleByDASGOState
+    core_type = _CORE_TYPES[state_type]
+    has_root = algorithm == "asgo"
     refresh_every = config.precondition_frequency if has_root else 1
-    fields = state_type._fields[1:]
 
     def plan_for(tree, kind: str):
-        leaves, paths = jax.tree.leaves(tree), _leaf_paths(tree)
-        for path, leaf in zip(paths, leaves):
-            _check_real_floating(kind, path, leaf)
-        numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, tree)
-        return leaves, _plan(paths, leaves, numbers, name)
+        return _plan(tree, kind, weight_dimension_numbers, f"scale_by_{algorithm}")
 
     def init_fn(params):
         leaves, plan = plan_for(params, "parameter")
-        stacks = [(stack, leaves[stack.leaf_indices[0]].dtype) for stack in plan]
+        stacks = [((sum(bucket.counts), *bucket.matrix_shape), leaves[bucket.handles[0]].dtype)
+                  for bucket in plan]
         # Built under jit, so the arrays are placed like optax's own state (not committed to a
         # device); a committed/uncommitted mix would make the first jitted step compile twice.
-        core_states = jax.jit(lambda: [asgo_core.init_state(jnp.zeros(stack.shape, dtype), config)
-                                       for stack, dtype in stacks])()
-        per_leaf = {field: [None] * len(leaves) for field in fields}
-        for stack, core_state in zip(plan, core_states):
-            stack.scatter_state(core_state, per_leaf)
-        # momentum like optax's own zeros_like(params): placed and sharded as the leaf
-        per_leaf["momentum"] = [jnp.zeros_like(leaf, dtype=momentum.dtype)
-                                for leaf, momentum in zip(leaves, per_leaf["momentum"])]
-        treedef = jax.tree.structure(params)
-        trees = {field: jax.tree.unflatten(treedef, values) for field, values in per_leaf.items()}
-        return state_type(count=jnp.zeros((), jnp.int32), **trees)
-
-    def core_steps(grads, core_states, refresh_root: bool):
-        with warnings.catch_warnings():  # the core probes for float64, which JAX may lack
-            warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
-            results = [asgo_core.step(g, s, None, config, refresh_root=refresh_root)
-                       for g, s in zip(grads, core_states)]
-        return tuple(r[0] for r in results), tuple(r[1] for r in results)
+        core_states = jax.jit(lambda: [asgo_core.init_state(jnp.zeros(shape, dtype), config)
+                                       for shape, dtype in stacks])()
+        states = [None] * len(leaves)
+        for bucket, core_state in zip(plan, core_states):
+            for i, named in zip(bucket.handles, member_named(core_state, bucket.views, jnp)):
+                # momentum like optax's own zeros_like(params): placed and sharded as the leaf
+                states[i] = dict(named, momentum=jnp.zeros_like(leaves[i], dtype=named["momentum"].dtype))
+        return _state_of(state_type, states, jax.tree.structure(params), jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None):
         if params is not None and jax.tree.structure(params) == jax.tree.structure(updates):
             _check_shapes_match(updates, params)
         leaves, plan = plan_for(updates, "gradient")
         treedef = jax.tree.structure(updates)
-        old = {field: _state_per_leaf(treedef, getattr(state, field), field) for field in fields}
-        _check_state_matches(plan, old["momentum"], leaves, _leaf_paths(updates))
-        grad_leaves = [_gathered(g) for g in leaves]
-        gathered = {field: [_gathered(value) for value in values] for field, values in old.items()}
+        old = _leaf_states(state, treedef)
+        _check_state_matches(plan, old, leaves, _leaf_paths(updates))
+        grads = [_gathered(g) for g in leaves]
+        gathered = [{name: _gathered(value) for name, value in named.items()} for named in old]
         decay_mask = _decay_mask_per_leaf(weight_decay_mask, updates if params is None else params)
 
-        def step(stacks, refresh_root: bool):
-            """(update per leaf, new state fields per leaf): one core call per stack."""
-            core_states = [stack.gather_state(gathered, state.count) for stack in stacks]
-            directions, new_states = core_steps([stack.gather(grad_leaves, viewed=True) for stack in stacks],
-                                                core_states, refresh_root)
-            out, new = [None] * len(leaves), {field: [None] * len(leaves) for field in fields}
-            for stack, direction, old_core, new_core in zip(stacks, directions, core_states, new_states):
-                update = _with_weight_decay(direction, stack, params, weight_decay, decay_mask)
-                skipped_now = (new_core.skipped - old_core.skipped)[:, None, None] > 0
-                stack.scatter(jnp.where(skipped_now, jnp.zeros_like(update), update), out, viewed=True)
-                stack.scatter_state(new_core, new)
+        def step(buckets, refresh_root: bool):
+            """(update per leaf, new state per leaf): one core call per bucket."""
+            out, new = [None] * len(leaves), [None] * len(leaves)
+            for bucket in buckets:
+                before = state_from_member_named(core_type, [gathered[i] for i in bucket.handles],
+                                                 bucket.views, state.count, jnp)
+                grad = bucket.gather([grads[i] for i in bucket.handles], jnp)
+                direction, after = asgo_core.step(grad, before, None, config, refresh_root=refresh_root)
+                update = _with_weight_decay(direction, bucket, params, weight_decay, decay_mask)
+                skipped_now = (after.skipped - before.skipped)[:, None, None] > 0
+                for i, leaf_update, named in zip(bucket.handles,
+                                                 bucket.scatter(jnp.where(skipped_now, 0.0, update), jnp),
+                                                 member_named(after, bucket.views, jnp)):
+                    out[i], new[i] = leaf_update, named
             return out, new
 
         # Stacking pays where the roots are refreshed (batched solves); elsewhere each leaf's own
         # core call spares copying its statistics into and out of a stack.
-        singles = [_Stack((i,), (view,)) for stack in plan
-                   for i, view in zip(stack.leaf_indices, stack.views)]
+        singles = [Bucket(bucket.key, [member]) for bucket in plan for member in bucket.members]
         if not has_root:
             out, new = step(singles, False)
         elif refresh_every == 1:
@@ -412,11 +321,10 @@ def _scale_by_core(config_type, state_type, name: str, arguments: dict) -> optax
             out, new = jax.lax.cond(state.count % refresh_every == 0, lambda: step(plan, True),
                                     lambda: step(singles, False))
         out = [_sharded_like(update, grad) for update, grad in zip(out, leaves)]
-        new_state = {field: jax.tree.unflatten(treedef, [_sharded_like(value, before) for value, before
-                                                         in zip(new[field], old[field])])
-                     for field in fields}
+        new = [{name: _sharded_like(value, before[name]) for name, value in named.items()}
+               for named, before in zip(new, old)]
         return (jax.tree.unflatten(treedef, out),
-                state_type(count=optax.safe_increment(state.count), **new_state))
+                _state_of(state_type, new, treedef, optax.safe_increment(state.count)))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -438,29 +346,31 @@ def _check_shapes_match(updates, params) -> None:
                              f"shape {jnp.shape(param)}")
 
 
-def _check_state_matches(plan, momentum, leaves, paths) -> None:
+def _check_state_matches(plan, leaf_states, leaves, paths) -> None:
     """Trace time: each gradient has the shape the state was initialised for."""
-    for stack in plan:
-        for i, view in zip(stack.leaf_indices, stack.views):
-            if jnp.shape(momentum[i]) != jnp.shape(leaves[i]):
-                raise ValueError(f"gradient {paths[i]} of shape {jnp.shape(leaves[i])} stacks to (matrices, "
-                                 f"outputs, inputs) = {view.stack_shape}; the state was initialised for "
-                                 f"shape {jnp.shape(momentum[i])} (a gradient shaped unlike its parameter?)")
+    for member in [member for bucket in plan for member in bucket.members]:
+        grad_shape = jnp.shape(leaves[member.handle])
+        state_shape = jnp.shape(leaf_states[member.handle]["momentum"])
+        if grad_shape != state_shape:
+            raise ValueError(f"gradient {paths[member.handle]} of shape {grad_shape} stacks to (matrices, "
+                             f"outputs, inputs) = {member.view.stack_shape}; the state was initialised for "
+                             f"shape {state_shape} (a gradient shaped unlike its parameter?)")
 
 
-def _with_weight_decay(direction, stack: _Stack, params, weight_decay, decay_mask):
+def _with_weight_decay(direction, bucket: Bucket, params, weight_decay, decay_mask):
     """direction + weight_decay·W on the matrices whose leaf the mask selects."""
     if isinstance(weight_decay, (int, float)) and weight_decay == 0.0:
         return direction
-    if not any(decay_mask[i] for i in stack.leaf_indices):
+    if not any(decay_mask[i] for i in bucket.handles):
         return direction
     if params is None:
         raise ValueError("params are required by tx.update when weight_decay != 0 "
                          "(the update carries weight_decay·W)")
-    weights = stack.gather([_gathered(w) for w in jax.tree.leaves(params)], viewed=True)
-    per_matrix = stack.per_matrix([1.0 if selected else 0.0 for selected in decay_mask])
+    leaves = jax.tree.leaves(params)
+    weights = bucket.gather([_gathered(leaves[i]) for i in bucket.handles], jnp)
+    per_matrix = np.repeat([1.0 if decay_mask[i] else 0.0 for i in bucket.handles], bucket.counts)
     wide = jnp.promote_types(direction.dtype, jnp.float32)  # as the core: decay in float32 or wider
-    decay = jnp.asarray(weight_decay, wide) * per_matrix.astype(wide)
+    decay = jnp.asarray(weight_decay, wide) * jnp.asarray(per_matrix, jnp.float32).astype(wide)
     return (direction.astype(wide) + decay[:, None, None] * weights.astype(wide)).astype(direction.dtype)
 
 
@@ -482,7 +392,7 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
     weight_dimension_numbers: a MuonDimensionNumbers prefix tree or callable; None treats every
     leaf as a 2-D (in, out) matrix. Bad options raise ValueError here, naming the option.
     """
-    return _scale_by_core(ASGOConfig, ScaleByASGOState, "scale_by_asgo", dict(locals()))
+    return _scale_by_core("asgo", dict(locals()))
 
 
 def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
@@ -491,27 +401,23 @@ def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                    weight_decay: float = 0.0, weight_decay_mask: Any = None,
                    weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO's update (diagonal statistics over each matrix's inputs); see scale_by_asgo."""
-    return _scale_by_core(DASGOConfig, ScaleByDASGOState, "scale_by_dasgo", dict(locals()))
+    return _scale_by_core("dasgo", dict(locals()))
 
 
 # ----------------------------------------------------------------------------- full optimizers
 
+# The options of the AdamW leaves, and the ones optax.inject_hyperparams may inject as arrays
 _ADAMW_ARGS = ("learning_rate", "adam_b1", "adam_b2", "adam_eps", "adam_weight_decay", "adam_learning_rate")
+_INJECTABLE = _ADAMW_ARGS + ("weight_decay",)
 
 
-def _with_adamw(scale_by, arguments: dict) -> optax.GradientTransformation:
-    """Partition: matrix leaves → scale_by(the matrix arguments) then the learning rate; the
+def _with_adamw(algorithm: str, arguments: dict) -> optax.GradientTransformation:
+    """Partition: matrix leaves → scale_by_*(the matrix arguments) then the learning rate; the
     others → AdamW. `arguments`: asgo()/dasgo()'s, by name."""
-    learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_learning_rate = (
-        arguments.pop(name) for name in _ADAMW_ARGS)
+    options = {name: arguments.pop(name) for name in _ADAMW_ARGS}
+    _core_config(algorithm, options)  # the learning rates and adam_* through the table's checks
+    learning_rate, adam_learning_rate = options["learning_rate"], options["adam_learning_rate"]
     weight_dimension_numbers = arguments["weight_dimension_numbers"]
-    for name, rate in (("learning_rate", learning_rate), ("adam_learning_rate", adam_learning_rate)):
-        if not callable(rate) and not (name == "adam_learning_rate" and rate is None):
-            _check_number(name, rate)
-    _check_number("adam_b1", adam_b1, below_one=True)
-    _check_number("adam_b2", adam_b2, below_one=True)
-    _check_number("adam_eps", adam_eps)
-    _check_number("adam_weight_decay", adam_weight_decay)
 
     def labels(params):
         numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, params)
@@ -519,7 +425,9 @@ def _with_adamw(scale_by, arguments: dict) -> optax.GradientTransformation:
         return jax.tree.unflatten(jax.tree.structure(params), names)
 
     adamw = optax.adamw(learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
-                        b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay)
+                        b1=options["adam_b1"], b2=options["adam_b2"], eps=options["adam_eps"],
+                        weight_decay=options["adam_weight_decay"])
+    scale_by = scale_by_asgo if algorithm == "asgo" else scale_by_dasgo
     matrices = optax.chain(scale_by(**arguments), optax.scale_by_learning_rate(learning_rate))
     return optax.partition({"matrix": matrices, "adamw": adamw}, labels)
 
@@ -532,9 +440,9 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
          max_precond_dim: Optional[int] = None, num_heads: Optional[int] = None,
          nonfinite: str = "skip", matmul_dtype: Optional[str] = None,
          mu_dtype: Optional[str] = None, precond_dtype: Optional[str] = None, weight_decay: float = 0.1,
-         weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
-         adam_b2: float = _ADAM_B2, adam_eps: float = ADAMW_DEFAULTS["eps"],
-         adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
+         weight_decay_mask: Any = None, adam_b1: float = _ADAM["adam_b1"],
+         adam_b2: float = _ADAM["adam_b2"], adam_eps: float = _ADAM["adam_eps"],
+         adam_weight_decay: float = _ADAM["adam_weight_decay"], adam_learning_rate: Any = None,
          weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO for matrix leaves, AdamW for the rest: W ← W − lr·(U + weight_decay·W).
 
@@ -544,18 +452,18 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
     learning_rate). weight_dimension_numbers: as optax.contrib.muon's; None makes 2-D leaves
     matrices and sends the rest to AdamW, a None entry sends that leaf to AdamW.
     """
-    return _with_adamw(scale_by_asgo, dict(locals()))
+    return _with_adamw("asgo", dict(locals()))
 
 
 def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           update_rms: Optional[float] = 0.2, accumulate: str = "ema", nonfinite: str = "skip",
           mu_dtype: Optional[str] = None, weight_decay: float = 0.1,
-          weight_decay_mask: Any = None, adam_b1: float = _ADAM_B1,
-          adam_b2: float = _ADAM_B2, adam_eps: float = ADAMW_DEFAULTS["eps"],
-          adam_weight_decay: float = ADAMW_DEFAULTS["weight_decay"], adam_learning_rate: Any = None,
+          weight_decay_mask: Any = None, adam_b1: float = _ADAM["adam_b1"],
+          adam_b2: float = _ADAM["adam_b2"], adam_eps: float = _ADAM["adam_eps"],
+          adam_weight_decay: float = _ADAM["adam_weight_decay"], adam_learning_rate: Any = None,
           weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """DASGO for matrix leaves, AdamW for the rest; options as asgo and scale_by_dasgo."""
-    return _with_adamw(scale_by_dasgo, dict(locals()))
+    return _with_adamw("dasgo", dict(locals()))
 
 
 # ----------------------------------------------------------------------------- numerics health
@@ -580,23 +488,17 @@ def portable_state(opt_state, params, config, *, adamw=None, names=None,
     layout = _Layout(params, config, adamw, weight_dimension_numbers)
     matrix_state = _only(opt_state, (ScaleByASGOState, ScaleByDASGOState))
     adam_state = _only(opt_state, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
-    arrays = {}
+    arrays = [None] * len(layout.views)
     if matrix_state is not None:
-        fields = layout.matrix_fields(matrix_state)
-        for stack in layout.plan:
-            core_state = stack.gather_state(fields, matrix_state.count)
-            per_leaf = stacked_state_entries(core_state, layout.matrices_per_leaf(stack), np.asarray)
-            arrays.update(zip(layout.stack_leaf_indices(stack), per_leaf))
+        for index, core_state in layout.core_states(matrix_state):
+            count = layout.views[index].stack_shape[0]
+            arrays[index], = stacked_state_entries(core_state, [count], np.asarray)
     if adam_state is not None:
         for index, mu, nu in zip(layout.adamw_indices, jax.tree.leaves(adam_state.mu),
                                  jax.tree.leaves(adam_state.nu)):
-            arrays[index] = {"exp_avg": np.asarray(mu), "exp_avg_sq": np.asarray(nu)}
-    step = int((matrix_state if matrix_state is not None else adam_state).count)
-    entries = [{"name": name, "algorithm": algorithm, "shape": list(np.shape(leaf)), "step": step,
-                "batch_dims": batch_dims, "config": entry_config, "arrays": arrays[index]}
-               for index, (leaf, name, (algorithm, entry_config), batch_dims)
-               in enumerate(zip(layout.leaves, layout.names(names), layout.identities, layout.batch_dims))]
-    return portable_dict(entries)
+            arrays[index] = {"exp_avg": mu, "exp_avg_sq": nu}
+    step = (matrix_state if matrix_state is not None else adam_state).count
+    return export_portable(layout.identities, arrays, int(step), names, per="leaf")
 
 
 def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
@@ -605,88 +507,64 @@ def state_from_portable(portable, params, tx, config, *, adamw=None, names=None,
     is checked before the state is built; a mismatch raises asgo_core.CheckpointError. Arrays
     take the dtypes of tx.init(params) (float32 unless JAX x64 is enabled)."""
     layout = _Layout(params, config, adamw, weight_dimension_numbers)
-    entries = entries_in_order(portable, layout.names(names))
-    for leaf, entry, (algorithm, entry_config), batch_dims in zip(layout.leaves, entries, layout.identities,
-                                                                  layout.batch_dims):
-        check_entry_matches(entry, name=entry["name"], algorithm=algorithm, shape=np.shape(leaf),
-                            config=entry_config, batch_dims=batch_dims)
+    entries = import_entries(portable, layout.identities, names, per="leaf")
     template = tx.init(params)
-    step = jnp.asarray(common_step(entries), jnp.int32)
     replacements = {}
     matrix_state = _only(template, (ScaleByASGOState, ScaleByDASGOState))
     if matrix_state is not None:
-        fields = layout.matrix_fields(matrix_state)
-        filled = {field: list(values) for field, values in fields.items()}
-        for stack in layout.plan:
-            stack_entries = [entries[i] for i in layout.stack_leaf_indices(stack)]
-            template_core = stack.gather_state(fields, matrix_state.count)
-            core_state = stacked_state_from_entries(template_core, stack_entries,
-                                                    layout.matrices_per_leaf(stack), _jax_like)
-            stack.scatter_state(core_state, filled)
-        replacements[type(matrix_state)] = matrix_state._replace(
-            **{field: jax.tree.unflatten(layout.matrix_treedef, values) for field, values in filled.items()})
+        filled = []
+        for index, like in layout.core_states(matrix_state):
+            view = layout.views[index]
+            core_state = stacked_state_from_entries(like, [entries[index]], [view.stack_shape[0]], _jax_like)
+            filled += member_named(core_state, [view], jnp)
+        replacements[type(matrix_state)] = _state_of(type(matrix_state), filled, layout.matrix_treedef,
+                                                     matrix_state.count)
     adam_state = _only(template, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
     if adam_state is not None:
-        adamw_entries = [entries[i] for i in layout.adamw_indices]
+        moments = [arrays_from_entry(entries[index], {"exp_avg": mu, "exp_avg_sq": nu}, _jax_like)
+                   for index, mu, nu in zip(layout.adamw_indices, jax.tree.leaves(adam_state.mu),
+                                            jax.tree.leaves(adam_state.nu))]
+        treedef = jax.tree.structure(adam_state.mu)  # MaskedNode where the matrix leaves are
         replacements[optax.ScaleByAdamState] = adam_state._replace(
-            mu=_filled_like(adam_state.mu, adamw_entries, "exp_avg"),
-            nu=_filled_like(adam_state.nu, adamw_entries, "exp_avg_sq"))
+            mu=jax.tree.unflatten(treedef, [moment["exp_avg"] for moment in moments]),
+            nu=jax.tree.unflatten(treedef, [moment["exp_avg_sq"] for moment in moments]))
     is_replaced = lambda node: type(node) in replacements  # noqa: E731
     state = jax.tree.map(lambda node: replacements.get(type(node), node), template, is_leaf=is_replaced)
+    step = jnp.asarray(common_step(entries), jnp.int32)
     return optax.tree_utils.tree_set(state, count=step)  # every step counter, schedules' included
 
 
 class _Layout:
-    """Which leaves are matrices (and in which core stack) and which are AdamW's."""
+    """Which leaves are matrices (and their matrix views) and which are AdamW's, and the
+    identity (asgo_core.checkpoint.ParamIdentity) of each leaf."""
 
     def __init__(self, params, config, adamw, weight_dimension_numbers):
         paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-        self.paths = [path for path, _ in paths_and_leaves]
-        self.leaves = [leaf for _, leaf in paths_and_leaves]
+        leaves = [leaf for _, leaf in paths_and_leaves]
         numbers = _dimension_numbers_per_leaf(weight_dimension_numbers, params)
-        self.matrix_indices = [i for i, n in enumerate(numbers) if n is not None]
-        self.adamw_indices = [i for i, n in enumerate(numbers) if n is None]
+        self.views = [None if n is None else _matrix_view(jax.tree_util.keystr(path), np.shape(leaf), n)
+                      for (path, leaf), n in zip(paths_and_leaves, numbers)]
+        self.adamw_indices = [i for i, view in enumerate(self.views) if view is None]
         # the matrix transformation's trees: asgo()/dasgo() mask the AdamW leaves (optax.partition)
-        masked = [leaf if n is not None else optax.MaskedNode() for leaf, n in zip(self.leaves, numbers)]
+        masked = [optax.MaskedNode() if view is None else leaf for leaf, view in zip(leaves, self.views)]
         self.matrix_treedef = jax.tree.structure(jax.tree.unflatten(treedef, masked))
-        self.batch_dims = [0 if n is None else _batch_axes(leaf, n) for leaf, n in zip(self.leaves, numbers)]
-        paths = _leaf_paths(params)
-        matrices = self.matrix_indices
-        self.plan = _plan([paths[i] for i in matrices], [self.leaves[i] for i in matrices],
-                          [numbers[i] for i in matrices], "portable_state")
         algorithm = "asgo" if isinstance(config, ASGOConfig) else "dasgo"
         adamw_config = {key: list(value) if key == "betas" else value
                         for key, value in {**ADAMW_DEFAULTS, **(adamw or {})}.items()}
-        matrix_identity = (algorithm, dataclasses.asdict(config))
-        self.identities = [matrix_identity if n is not None else ("adamw", adamw_config) for n in numbers]
+        self.identities = []
+        for (path, leaf), view in zip(paths_and_leaves, self.views):
+            name, shape = jax.tree_util.keystr(path, simple=True, separator="."), tuple(np.shape(leaf))
+            self.identities.append(ParamIdentity(name, "adamw", shape, adamw_config) if view is None else
+                                   ParamIdentity(name, algorithm, shape, dataclasses.asdict(config),
+                                                 view.batch_dims))
 
-    def matrix_fields(self, matrix_state) -> dict:
-        """The state's per-leaf arrays, field by field, in the order of the matrix leaves."""
-        return {field: self.matrix_treedef.flatten_up_to(getattr(matrix_state, field))
-                for field in matrix_state._fields[1:]}
-
-    def stack_leaf_indices(self, stack) -> list:
-        """Positions in the full leaf list of one stack's leaves."""
-        return [self.matrix_indices[i] for i in stack.leaf_indices]
-
-    def matrices_per_leaf(self, stack) -> list:
-        return [view.stack_shape[0] for view in stack.views]
-
-    def names(self, names) -> list:
-        if names is None:
-            return [jax.tree_util.keystr(path, simple=True, separator=".") for path in self.paths]
-        names = [str(name) for name in names]
-        if len(names) != len(self.leaves):
-            fail("names", f"{len(names)} names", f"one per leaf ({len(self.leaves)})")
-        return names
-
-
-def _batch_axes(leaf, dimension_numbers) -> int:
-    """How many axes of the leaf index matrices: those neither reduction nor output axes."""
-    ndim = np.ndim(leaf)
-    matrix_axes = (set(_as_axes(dimension_numbers.reduction_axis, ndim))
-                   | set(_as_axes(dimension_numbers.output_axis, ndim)))
-    return ndim - len(matrix_axes)
+    def core_states(self, matrix_state) -> list:
+        """(leaf index, the core state of the leaf's matrices) for every matrix leaf."""
+        indices = [i for i, view in enumerate(self.views) if view is not None]
+        leaf_states = _leaf_states(matrix_state, self.matrix_treedef)
+        core_type = _CORE_TYPES[type(matrix_state)]
+        return [(i, state_from_member_named(core_type, [named], [self.views[i]], matrix_state.count, jnp))
+                for i, named in zip(indices, leaf_states)]
 
 
 def _only(opt_state, types, *, required=False):
@@ -701,19 +579,6 @@ def _only(opt_state, types, *, required=False):
 
 def _jax_like(array, like):
     return jnp.asarray(array, dtype=like.dtype)
-
-
-def _filled_like(tree, entries, key: str):
-    """tree (with MaskedNode for the matrix leaves) with its array leaves from the entries."""
-    leaves, treedef = jax.tree.flatten(tree)
-    filled = []
-    for like, entry in zip(leaves, entries):
-        value = np.asarray(entry["arrays"][key])
-        if value.shape != like.shape:
-            raise CheckpointError(f"checkpoint parameter {entry['name']!r}: {key} has shape "
-                                  f"{value.shape}, expected {like.shape}")
-        filled.append(_jax_like(value, like))
-    return jax.tree.unflatten(treedef, filled)
 
 
 def apply_updates_stochastic(params, updates, key):
@@ -737,8 +602,4 @@ def apply_updates_stochastic(params, updates, key):
 def _rounded_sum(param, update, key):
     if param is None or update is None:
         return param
-    if jnp.finfo(param.dtype).bits >= 32:
-        return jnp.asarray(param + update).astype(param.dtype)
-    value = param.astype(jnp.float32) + update.astype(jnp.float32)
-    uniform = jax.random.uniform(key, value.shape, jnp.float32)
-    return stochastic_round(value, param.dtype, uniform, jnp)
+    return rounded_sum(param, update, lambda shape: jax.random.uniform(key, shape, jnp.float32), jnp)

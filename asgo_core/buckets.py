@@ -45,6 +45,10 @@ class Bucket:
     def handles(self) -> list:
         return [member.handle for member in self.members]
 
+    @property
+    def views(self) -> list:
+        return [member.view for member in self.members]
+
     def gather(self, arrays, ops):
         """The (matrices, m, n) stack of one array per member (in member order)."""
         return concat([member.view.to_stack(array, ops) for member, array in zip(self.members, arrays)], ops)

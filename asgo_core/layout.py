@@ -60,11 +60,34 @@ class PermutedStack:
     permutation: tuple
     permuted_shape: tuple
     stack_shape: tuple
+    batch_dims: int = 0             # how many leading axes of the permuted array index matrices
 
     @classmethod
     def outputs_first(cls, shape, batch_dims: int = 0) -> "PermutedStack":
         """The torch layout: batch dims, then the output dim, then the rest (a plain reshape)."""
-        return cls(tuple(range(len(shape))), tuple(shape), matrix_stack_shape(shape, batch_dims))
+        stack_shape = matrix_stack_shape(shape, batch_dims)
+        return cls(tuple(range(len(shape))), tuple(shape), stack_shape, batch_dims)
+
+    @classmethod
+    def from_axes(cls, shape, input_axes, output_axes) -> "PermutedStack":
+        """Any layout, named by its axes: `input_axes` and `output_axes` (an int or a tuple each;
+        negative ones count from the end) are the matrices' inputs and outputs, every other axis
+        indexes matrices, in order. ValueError for fewer than 2 axes, empty or overlapping axis
+        sets, or a zero-size stack."""
+        shape, ndim = tuple(shape), len(shape)
+        if ndim < 2:
+            raise ValueError(f"an array of shape {shape} cannot be a matrix (it has fewer than 2 axes)")
+        inputs, outputs = _normalized_axes(input_axes, ndim), _normalized_axes(output_axes, ndim)
+        if set(inputs) & set(outputs) or not inputs or not outputs:
+            raise ValueError(f"input axes {inputs} and output axes {outputs} of shape {shape} are invalid; "
+                             "accepted: disjoint, non-empty sets of axes")
+        batch = tuple(axis for axis in range(ndim) if axis not in inputs + outputs)
+        stack_shape = tuple(math.prod(shape[axis] for axis in axes) for axes in (batch, outputs, inputs))
+        if 0 in stack_shape:
+            raise ValueError(f"shape {shape} has a zero-size matrix stack {stack_shape} (matrices, outputs, "
+                             "inputs); ASGO/DASGO need each >= 1")
+        permutation = batch + outputs + inputs
+        return cls(permutation, tuple(shape[axis] for axis in permutation), stack_shape, len(batch))
 
     @classmethod
     def outputs_last(cls, shape, batch_dims: int = 0) -> "PermutedStack":
@@ -74,7 +97,7 @@ class PermutedStack:
         last = len(shape) - 1
         permutation = (*range(batch_dims), last, *range(batch_dims, last))
         permuted = tuple(shape[axis] for axis in permutation)
-        return cls(permutation, permuted, matrix_stack_shape(permuted, batch_dims))
+        return cls(permutation, permuted, matrix_stack_shape(permuted, batch_dims), batch_dims)
 
     def to_stack(self, x, ops):
         return ops.reshape(self._permuted(x, self.permutation, ops), self.stack_shape)
@@ -89,6 +112,11 @@ class PermutedStack:
             return x
         permute = getattr(ops, "permute_dims", None) or ops.transpose
         return permute(x, axes)
+
+
+def _normalized_axes(axes, ndim: int) -> tuple:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(axis % ndim for axis in axes)
 
 
 def resolve_side(m: int, n: int, config: ASGOConfig) -> str:

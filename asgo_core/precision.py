@@ -75,3 +75,13 @@ def stochastic_round(value, dtype, uniform, xp):
     distance = value - nearest_wide
     probability = xp.where(distance != 0, distance / gap, xp.zeros_like(distance))
     return xp.where(uniform < probability, far, nearest)
+
+
+def rounded_sum(param, update, draw_uniform, xp):
+    """param + update written into param's dtype: computed in float32 for a dtype narrower than
+    float32 and rounded stochastically with the numbers draw_uniform(shape) gives (an adapter's
+    own generator); otherwise as param + update in param's dtype."""
+    if not is_narrow(param.dtype, xp):
+        return xp.astype(param + update, param.dtype)
+    value = xp.astype(param, xp.float32) + xp.astype(update, xp.float32)
+    return stochastic_round(value, param.dtype, draw_uniform(value.shape), xp)

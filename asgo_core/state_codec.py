@@ -5,7 +5,10 @@ The names are the portable checkpoint's (asgo_core.checkpoint): one per field, a
 (adapters count steps their own way). Every named array has the stack's matrices on its leading
 axis (r rows per matrix), so the state of a bucket splits into its members' states and joins
 back by their matrix counts. A framework that keeps its state in variables makes one variable
-per name of `flat_spec`.
+per name of `flat_spec`. A parameter-shaped state (optax) keeps one set of named arrays per
+parameter with the momentum in the parameter's own shape, seen through its matrix view
+(`member_named`, `state_from_member_named`); the torch adapter keeps fields per parameter with
+its batch shape in front (`member_states`, `stacked_state`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,22 @@ def split_named(named: dict, counts) -> list:
 def concat_named(parts: list, ops) -> dict:
     """The inverse of split_named."""
     return {name: concat([part[name] for part in parts], ops) for name in parts[0]}
+
+
+def state_from_member_named(state_type, members: list, views: list, count, ops):
+    """A `state_type` of the stack of `views` (asgo_core.layout.PermutedStack, one per member)
+    from each member's named arrays, whose momentum is in the member's own shape."""
+    stacked = [dict(named, momentum=view.to_stack(named["momentum"], ops))
+               for view, named in zip(views, members)]
+    return state_from_named(state_type, concat_named(stacked, ops), count)
+
+
+def member_named(state, views: list, ops) -> list:
+    """The inverse of state_from_member_named: each member's named arrays, momentum in its own
+    shape."""
+    parts = split_named(named_arrays(state), [view.stack_shape[0] for view in views])
+    return [dict(named, momentum=view.from_stack(named["momentum"], ops))
+            for view, named in zip(views, parts)]
 
 
 def member_states(state, counts, batch_shapes, reshape) -> list:

@@ -15,7 +15,8 @@ from asgo_core import ASGOConfig, DASGOConfig, adamw, init_state
 from asgo_core.buckets import Member, plan_buckets
 from asgo_core.layout import PermutedStack
 from asgo_core.options import OPTIONS, defaults, group_from, layout_options, spelled, static_args
-from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
+from asgo_core.state_codec import (concat_named, flat_spec, member_named, named_arrays, split_named,
+                                  state_from_member_named, state_from_named)
 
 
 # ---- the options table ------------------------------------------------------------------------
@@ -78,6 +79,29 @@ def test_buckets_group_by_matrix_shape_and_key_and_round_trip():
     np.testing.assert_array_equal(buckets[1].gather([arrays["b"]], xp), arrays["b"])
 
 
+def test_permuted_stack_from_axes_reads_any_layout():
+    x = np.arange(3 * 5 * 7 * 2, dtype=float).reshape(3, 5, 7, 2)
+    view = PermutedStack.from_axes(x.shape, input_axes=(1, -1), output_axes=2)  # batch axis 0
+    assert view.stack_shape == (3, 7, 10) and view.batch_dims == 1
+    stack = view.to_stack(x, xp)
+    for matrix in range(3):
+        for out in range(7):
+            np.testing.assert_array_equal(stack[matrix, out], x[matrix, :, out, :].reshape(-1))
+    np.testing.assert_array_equal(view.from_stack(stack, xp), x)
+    assert PermutedStack.from_axes((4, 6), 0, 1) == PermutedStack.outputs_last((4, 6))
+
+
+@pytest.mark.parametrize("shape, inputs, outputs, message", [
+    ((8,), 0, 0, "fewer than 2 axes"),
+    ((4, 6), 0, (0, 1), "disjoint, non-empty"),
+    ((4, 6), (), 1, "disjoint, non-empty"),
+    ((0, 4, 6), 1, 2, r"zero-size matrix stack \(0, 6, 4\)"),
+])
+def test_permuted_stack_from_axes_refuses_what_is_no_matrix_stack(shape, inputs, outputs, message):
+    with pytest.raises(ValueError, match=message):
+        PermutedStack.from_axes(shape, inputs, outputs)
+
+
 # ---- state codec ----------------------------------------------------------------------------------
 def test_state_codec_round_trips_and_splits_by_matrix_counts():
     config = ASGOConfig(max_precond_dim=4)
@@ -97,6 +121,24 @@ def test_state_codec_round_trips_and_splits_by_matrix_counts():
     assert all(np.array_equal(joined[name], named[name]) for name in named)
 
 
+def test_member_named_keeps_each_momentum_in_its_members_shape():
+    """A parameter-shaped state (optax): members' named arrays ↔ the stack's core state."""
+    views = [PermutedStack.from_axes((6, 4), 0, 1), PermutedStack.from_axes((2, 6, 4), 1, 2)]
+    rng = np.random.default_rng(3)
+    state = init_state(np.zeros((3, 4, 6)), ASGOConfig())
+    state = state_from_named(type(state), {name: rng.standard_normal(a.shape).astype(a.dtype)
+                                           for name, a in named_arrays(state).items()}, state.count)
+    members = member_named(state, views, xp)
+    momentum = named_arrays(state)["momentum"]
+    np.testing.assert_array_equal(members[0]["momentum"], momentum[0].T)
+    np.testing.assert_array_equal(members[1]["momentum"], np.swapaxes(momentum[1:], 1, 2))
+    np.testing.assert_array_equal(members[1]["gram/0"], named_arrays(state)["gram/0"][1:])
+    rebuilt = state_from_member_named(type(state), members, views, state.count, xp)
+    assert all(np.array_equal(a, b)
+               for a, b in zip(named_arrays(rebuilt).values(), named_arrays(state).values()))
+
+
+# ---- AdamW ----------------------------------------------------------------------------------------
 # ---- AdamW ----------------------------------------------------------------------------------------
 def test_adamw_step_is_torch_adamw_and_skips_a_non_finite_gradient():
     rng = np.random.default_rng(2)

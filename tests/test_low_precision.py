@@ -25,7 +25,7 @@ from asgo_core import load_state, save_state
 from asgo_core.adapters.cupy import ASGO as ArrayASGO
 from asgo_core.adapters.cupy import DASGO as ArrayDASGO
 from asgo_core.adapters.torch import ASGO, DASGO
-from asgo_core.precision import stochastic_round
+from asgo_core.precision import rounded_sum, stochastic_round
 
 COPIES = 4000
 Z = 5.0  # standard errors a mean may miss by (a false alarm about once in 3·10^6 per element)
@@ -84,6 +84,19 @@ def test_stochastic_round_keeps_exact_and_special_values():
         assert torch.equal(result, expected)
     nan = torch.tensor([float("nan")])
     assert torch.isnan(stochastic_round(nan, torch.bfloat16, torch.zeros(1), torch_xp)).all()
+
+
+def test_rounded_sum_rounds_only_a_narrow_parameter_and_with_the_given_draws():
+    import array_api_compat.numpy as np_xp
+    param = np.ones(3, ml_dtypes.bfloat16)
+    update = np.full(3, 2.0**-10, np.float32)  # a quarter of bfloat16's spacing above 1
+    above_one = float(np.nextafter(param[0], np.array(np.inf, ml_dtypes.bfloat16)))
+    low_draws = lambda shape: np.zeros(shape, np.float32)  # noqa: E731
+    high_draws = lambda shape: np.full(shape, 0.99, np.float32)  # noqa: E731
+    assert np.all(rounded_sum(param, update, low_draws, np_xp).astype(np.float64) == above_one)
+    assert np.all(rounded_sum(param, update, high_draws, np_xp).astype(np.float64) == 1.0)
+    wide = rounded_sum(np.ones(3, np.float32), update, None, np_xp)  # no draws for a float32 parameter
+    assert wide.dtype == np.float32 and np.all(wide == np.float32(1 + 2.0**-10))
 
 
 # ---- the adapters' writes ----------------------------------------------------------------
