@@ -54,7 +54,7 @@ from asgo_core.keyed import check_finite, check_param, keyed_grads, nonfinite_ke
 from asgo_core.layout import PermutedStack
 from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, defaults, group_settings,
                                layout_of, signature)
-from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
+from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
 
@@ -258,7 +258,7 @@ class _ArrayOptimizer:
     def _rounds(self, group_index: int, param) -> bool:
         """Whether writes to param (or an array of its dtype) are rounded stochastically."""
         xp = array_api_compat.array_namespace(param)
-        return self.param_groups[group_index]["param_rounding"] == "stochastic" and is_narrow(param.dtype, xp)
+        return rounds_stochastically(self.param_groups[group_index]["param_rounding"], param.dtype, xp)
 
     def _uniform(self, like, stream: int):
         """Uniform numbers in [0, 1) shaped and typed like `like`, from a NumPy (CuPy) generator

@@ -47,7 +47,7 @@ from asgo_core.config import fail
 from asgo_core.layout import check_batch_dims_value
 from asgo_core.options import (algorithm_of, bound_options, check_group_options, check_learning_rate,
                                check_param_shape, defaults, group_config, loaded_groups, signature)
-from asgo_core.precision import is_narrow, rounding_seed, stochastic_round
+from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
 
@@ -217,7 +217,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         for state in states:
             state["step"] = step_count + 1
         weight_decay = group_config(group, bucket.algorithm).weight_decay
-        if _rounds_stochastically(group, bucket.params[0]):
+        if rounds_stochastically(group["param_rounding"], bucket.params[0].dtype, torch_xp):
             generator = self._rounding_generator(bucket.params[0], step_count)
             _write_rounded_update(bucket, direction, scale, group["lr"], weight_decay, generator)
         else:
@@ -234,13 +234,14 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                   if self.algorithm_of(p, group) == "adamw"]
         if not params:
             return
-        nearest = [p for p in params if not _rounds_stochastically(group, p)]
+        rounding = group["param_rounding"]
+        nearest = [p for p in params if not rounds_stochastically(rounding, p.dtype, torch_xp)]
         if nearest:
             states = [self._adamw_state(p) for p in nearest]
             _adamw(nearest, [p.grad for p in nearest], [s["exp_avg"] for s in states],
                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states], group)
         for param in params:
-            if _rounds_stochastically(group, param):
+            if rounds_stochastically(rounding, param.dtype, torch_xp):
                 self._rounded_adamw_step(param, group)
 
     def _rounded_adamw_step(self, param, group: dict) -> None:
@@ -447,10 +448,6 @@ def _write_update(bucket: Bucket, direction, scale, lr, weight_decay: float) -> 
         torch._foreach_mul_(params, per_param(1.0 - (lr * weight_decay) * (scale != 0).to(scale.dtype)))
     directions = [part.reshape(p.shape) for part, p in zip(direction.split(counts), params)]
     torch._foreach_addcmul_(params, directions, per_param(scale * -lr))
-
-
-def _rounds_stochastically(group: dict, param) -> bool:
-    return group["param_rounding"] == "stochastic" and is_narrow(param.dtype, torch_xp)
 
 
 def _write_rounded_update(bucket: Bucket, direction, scale, lr, weight_decay: float, generator) -> None:
