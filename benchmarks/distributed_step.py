@@ -144,11 +144,6 @@ def _all_gather_received(output, input, group=None, **_):
     return _bytes(output) - _bytes(input)
 
 
-def random_grads(shapes, step: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(step)
-    return [torch.randn(shape, generator=generator) for shape in shapes]
-
-
 def step_with(optimizer_type, shapes):
     """A step function of optimizer_type on full (replicated) parameters."""
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
