@@ -9,9 +9,9 @@ Pure arithmetic (no torch), see docs/cost_model.md for every assumption. For eac
   root    root FLOPs (ASGO) or Newton–Schulz FLOPs (Muon) on the most loaded rank per refresh
   comm    bytes one rank sends per step in the optimizer's own collectives (mean over ranks)
 Methods: "ddp_owner" (DistributedASGO), "fsdp_split_roots" (FSDPASGO: each sharded-Gram root
-solved on one rank, shared by one all-to-all per bucket and refresh), "fsdp_today" (FSDPASGO
-with every rank solving every sharded-Gram root, the baseline of
-benchmarks/distributed_step.py's fsdp_replicated_roots), "adamw" and "muon" (sharded state;
+solved on one rank, shared by one all-to-all per bucket and refresh), "fsdp_replicated_roots"
+(FSDPASGO with every rank solving every sharded-Gram root, the baseline mode of the same name
+in benchmarks/distributed_step.py), "adamw" and "muon" (sharded state;
 Muon's Newton–Schulz on whole matrices, one owner rank each). Owner splits mirror
 `parameter_cost` / `root_cost` / `assign_owners` of adapters/torch_distributed.py, restated here
 so the script runs without torch.
@@ -30,7 +30,7 @@ import harness  # benchmarks/, the script's own directory
 FLOAT_BYTES = 4
 RANKS = (8, 64, 256, 1024)
 TAUS = (1, 10)
-METHODS = ("ddp_owner", "fsdp_today", "fsdp_split_roots", "adamw", "muon")
+METHODS = ("ddp_owner", "fsdp_replicated_roots", "fsdp_split_roots", "adamw", "muon")
 FLAG_BYTES = 4                        # FSDPASGO's int32 flags: has-gradient, momentum nonzero
 ADAMW_FLOPS_PER_ELEMENT = 12          # as adapters/torch_distributed.py balances owners
 EIGH_FLOPS_PER_K3 = 9                 # symmetric eigendecomposition with eigenvectors
@@ -321,7 +321,7 @@ def method_cost(method: str, params, world: int, tau: int, root_method="polar_ex
                 root_steps=10) -> Cost:
     if method == "ddp_owner":
         return ddp_owner(params, world, tau, root_method, root_steps)
-    if method in ("fsdp_today", "fsdp_split_roots"):
+    if method in ("fsdp_replicated_roots", "fsdp_split_roots"):
         return fsdp_asgo(params, world, tau, root_method, root_steps, method == "fsdp_split_roots")
     return {"adamw": adamw, "muon": muon}[method](params, world)
 
@@ -366,7 +366,8 @@ BENCHMARK_MATRICES = {  # benchmarks/distributed_step.py --matrices
     "transformer": [(128, 128)] * 4 * 4 + [(512, 128), (128, 512)] * 4,
     "roots": [(384, 384)] * 4 + [(256, 256)] * 4,
 }
-BENCHMARK_MODES = {"owner": "ddp_owner", "fsdp": "fsdp_split_roots", "fsdp_replicated_roots": "fsdp_today"}
+BENCHMARK_MODES = {"owner": "ddp_owner", "fsdp": "fsdp_split_roots",
+                   "fsdp_replicated_roots": "fsdp_replicated_roots"}
 
 
 def benchmark_check(ranks=(2, 4)) -> str:

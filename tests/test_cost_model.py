@@ -24,8 +24,8 @@ def tiny_cost(method: str, tau: int = 1) -> cost_model.Cost:
     return cost_model.method_cost(method, cost_model.model_params(TINY), WORLD, tau)
 
 
-def test_fsdp_today_counts():
-    cost = tiny_cost("fsdp_today")
+def test_fsdp_replicated_roots_counts():
+    cost = tiny_cost("fsdp_replicated_roots")
     # Every rank: the 10 sharded-Gram roots, plus the one fc2 it owns (two equal fc2s, two ranks).
     assert max(cost.root) == 10 * ROOT + ROOT
     # All-reduces (a ring sends 2·(1/2) of the buffer at 2 ranks): the flags, and for each of the
