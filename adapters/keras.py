@@ -1,44 +1,11 @@
-"""ASGO and DASGO as Keras 3 optimizers, for the JAX and PyTorch Keras backends.
+"""ASGO and DASGO as Keras 3 optimizers (JAX and torch backends); the user guide is docs/keras.md.
 
-    from asgo_core.adapters.keras import ASGO
-    model.compile(optimizer=ASGO(learning_rate=1e-2), loss="sparse_categorical_crossentropy")
-
-Names follow Keras (keras.optimizers.AdamW and Muon): learning_rate, beta_1, beta_2, epsilon,
-weight_decay for the matrix algorithm; adam_beta_1, adam_beta_2, adam_epsilon,
-adam_weight_decay and adam_lr_ratio for the built-in AdamW; exclude_layers and
-exclude_embeddings as Muon's. They map one to one onto the core's options (the torch names lr,
-betas, eps, adamw_*), with the same defaults; the other options (precondition_frequency,
-update_rms, side, num_heads, ...) keep the core's names. The base keyword arguments (clipnorm,
-clipvalue, global_clipnorm, use_ema, loss_scale_factor, gradient_accumulation_steps) and
-keras.optimizers.schedules work as for any Keras optimizer.
-
-Which variables are matrices. Variables with two or more dims get the matrix algorithm; the
-others, variables whose path contains "embedding" (exclude_embeddings=True) and those whose
-path matches a regex of exclude_layers go to the built-in AdamW (torch.optim.AdamW's
-arithmetic, as in the other adapters). A Keras kernel keeps its outputs on the last axis
-(Dense: (in, out); Conv2D: (kh, kw, in, out)), so its matrix is (out, rest) after moving that
-axis first: the same matrix as the torch (out, in) weight of the same layer, hence the same
-preconditioned side. batch_dims={path regex: k} marks the first k dims of the matching
-variables as indexing independent matrices (stacked experts or layers).
-
-Batching and state. Matrices with the same (m, n) view, dtype and weight-decay setting are
-stacked and stepped by one asgo_core.step call. The state lives in Keras variables, one set per
-model variable (the core's momentum, Gram and root blocks, counters), so model.save /
-keras.models.load_model restore it; the step count is the optimizer's `iterations`.
-
-Portable checkpoints: portable_state() / load_portable_state() (asgo_core.checkpoint), entries
-named by variable path in the order the optimizer was built with. A matrix variable's entry
-has the torch layout (its output axis moved after the batch axes: a Dense kernel (in, out) is
-written as (out, in), the shape of the nn.Linear weight of the same layer), so a run moves
-between a Keras Dense model and a torch nn.Linear model; AdamW variables keep their shape.
-
-Weight decay is part of the core's update (weight_decay·W, none for a matrix skipped for a
-non-finite gradient); exclude_from_weight_decay(...) is honoured. Non-finite gradients of
-AdamW variables skip that variable's step too, counted in its `skipped` variable.
-
-Keras' own here: the keras.optimizers.Optimizer subclass (build, _backend_update_step,
-get_config), the state as Keras variables, the backend checks and the rounding seeds. The
-options, buckets, state codec, AdamW, gradient checks and portable format are asgo_core's.
+Keras' own here: the keras.optimizers.Optimizer subclass (build, _backend_update_step, which
+writes every variable only after all new values are computed, and get_config), the state as
+Keras variables (a _Slot per model variable, one variable per state_codec name), the choice of
+matrix variables by path (exclude_layers, exclude_embeddings, batch_dims), the backend checks and
+the rounding seeds. The options, buckets, state codec, AdamW, gradient checks and portable format
+are asgo_core's.
 """
 
 from __future__ import annotations
@@ -164,7 +131,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
 
     # ---- one step -------------------------------------------------------------------------
     def _apply_weight_decay(self, variables):
-        """Nothing here: the decay is part of each step's update (see the module docstring)."""
+        """Nothing here: the decay is part of each step's update (weight_decay·W; none for a
+        matrix skipped for a non-finite gradient)."""
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         lr = ops.convert_to_tensor(learning_rate)
@@ -319,15 +287,8 @@ class ASGO(_MatrixOptimizer):
     """ASGO (asgo_core.ASGOConfig) for matrix variables, AdamW for the others.
 
     learning_rate: a float, a keras.optimizers.schedules.LearningRateSchedule or a callable.
-    beta_1, beta_2, epsilon, weight_decay: the core's beta1, beta2, eps, weight_decay.
-    precondition_frequency, update_rms, damping, accumulate, side, root_method, root_steps,
-    root_tolerance, residual_tolerance, max_precond_dim, num_heads, nonfinite, matmul_dtype:
-    as in ASGOConfig. adam_beta_1, adam_beta_2, adam_epsilon, adam_weight_decay: the built-in
-    AdamW's (the other adapters' adamw_betas, adamw_eps, adamw_weight_decay); its learning rate
-    is learning_rate × adam_lr_ratio. exclude_layers, exclude_embeddings: as
-    keras.optimizers.Muon's. batch_dims: {variable-path regex: leading dims that index
-    matrices}. The Keras base options (clipnorm, gradient_accumulation_steps, use_ema, ...) too.
-    Names and defaults: asgo_core.options.
+    The other options: the core's under Keras' names (inspect.signature(ASGO); their meanings
+    and torch names: docs/keras.md) and the Keras base options (clipnorm, use_ema, ...).
     """
 
     matrix_algorithm = "asgo"

@@ -1,43 +1,11 @@
-"""ASGO and DASGO as optax gradient transformations, and their portable checkpoints.
+"""ASGO and DASGO as optax gradient transformations; the user guide is docs/optax.md.
 
-    from asgo_core.adapters.optax import asgo
-    tx = asgo(learning_rate=1e-2)            # a drop-in for optax.adamw / optax.contrib.muon
-
-`scale_by_asgo` / `scale_by_dasgo` turn the gradients of matrix leaves into the core's update
-U + weight_decay·W; `asgo` / `dasgo` partition a parameter tree as optax.contrib.muon does:
-matrix leaves through scale_by_* and the learning rate, the others through optax.adamw (adam_*).
-
-Matrix view. `weight_dimension_numbers` are optax.contrib.MuonDimensionNumbers (reduction axes
-= inputs, output axes = outputs, other axes index matrices), so one tree serves muon and asgo.
-The core sees (outputs × inputs), the torch (out, in) convention, so `side`, `num_heads` and
-DASGO's per-column statistics mean the same in every adapter. By default a 2-D leaf is an
-`x @ W` weight (in, out) and any other leaf goes to AdamW; a `None` entry sends a leaf to AdamW.
-
-State. As in optax's own transformations, every field but `count` is a tree shaped like the
-parameters, one array per matrix leaf (None where a leaf has none), so optax.tree.map_params and
-sharding rules written for the parameters apply to it. `update` (under jit) stacks the leaves
-whose matrix views share (m, n) and dtype and steps them by one core call. Under an
-explicit-sharding mesh (AxisType.Explicit) it gathers what it stacks and gives every update and
-state array back its sharding, so the state's types stay the same (a lax.scan loop runs).
-
-Weight decay is applied inside scale_by_* so that a matrix whose gradient is not finite is
-skipped entirely, as in the core: zero update, no decay, state untouched, counted in `skipped`
-(`numerics_counters`). scale_by_*'s weight_decay defaults to 0, asgo/dasgo's to the core's 0.1.
-init refuses a matrix leaf that is not real floating point or has a zero-size matrix stack;
-update refuses, at trace time, a gradient of another dtype kind or shape. Errors name the leaf.
-
-jit. The root refresh every `precondition_frequency` steps is a `lax.cond`, so a training loop
-compiles once; `nonfinite="raise"` (a host read) is refused. With optax.inject_hyperparams pass
-`static_args=ASGO_STATIC_ARGS` (asgo) or `DASGO_STATIC_ARGS` (dasgo).
-
-Portable checkpoints (asgo_core.checkpoint). The options live in closures, so
-`portable_state(opt_state, params, config)` and `state_from_portable(portable, params, tx,
-config)` take the core config the transformation was built with (core names, asgo()'s
-weight_decay), `adamw` = {"betas", "eps", "weight_decay"} (ADAMW_DEFAULTS unless given) and its
-weight_dimension_numbers. Entries are per leaf, named by the key path joined by "." ("fc.w")
-unless `names` lists one per leaf; batch_dims counts the leaf's batch axes. To move a run to or
-from torch, give the leaves torch's layout and dimension numbers that read it, batch axes first:
-MuonDimensionNumbers(reduction_axis=1, output_axis=0) for (out, in), (2, 1) for (E, out, in).
+optax's own here: the transformations (scale_by_asgo / scale_by_dasgo, and asgo / dasgo, which
+partition a tree between them and optax.adamw) and their public signatures; the state types,
+whose fields are trees shaped like the parameters; the prefix-tree options (weight_decay_mask,
+weight_dimension_numbers); explicit sharding; the tree walks of numerics_counters, the portable
+functions and apply_updates_stochastic. The options, buckets, matrix views, state codec, step
+and checkpoint format are asgo_core's.
 """
 
 from __future__ import annotations
@@ -91,11 +59,8 @@ STATIC_ARGS = ASGO_STATIC_ARGS
 
 
 class ScaleByASGOState(NamedTuple):
-    """count: steps taken (int32). The other fields are trees shaped like the parameters, per
-    matrix leaf: momentum, in the leaf's shape; gram and root, (matrices·blocks, size, size), the
-    statistics and inverse roots of the leaf's full-size blocks (asgo_core.layout), and
-    remainder_gram and remainder_root those of its remainder blocks (None when max_precond_dim
-    leaves none); skipped, (matrices,); fallbacks, (matrices, 4)."""
+    """count: steps taken (int32). The other fields are trees shaped like the parameters, one
+    array per matrix leaf (their shapes: docs/optax.md); remainder_* hold the remainder blocks."""
     count: Any
     momentum: Any
     gram: Any
@@ -107,8 +72,7 @@ class ScaleByASGOState(NamedTuple):
 
 
 class ScaleByDASGOState(NamedTuple):
-    """count: steps taken (int32). Trees shaped like the parameters, per matrix leaf: momentum,
-    in the leaf's shape; second_moment, (matrices, inputs); skipped, (matrices,)."""
+    """count: steps taken (int32); the other fields as in ScaleByASGOState."""
     count: Any
     momentum: Any
     second_moment: Any
@@ -386,11 +350,8 @@ def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: 
                   weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO's update U (+ weight_decay·W) for every leaf of the tree, each seen as a matrix.
 
-    Options mean what asgo_core.ASGOConfig's do (b1, b2 = beta1, beta2), with the same
-    defaults, except weight_decay (0 here; see the module docstring). weight_decay_mask: a
-    prefix tree of bools (or a callable returning one), True where the decay applies.
-    weight_dimension_numbers: a MuonDimensionNumbers prefix tree or callable; None treats every
-    leaf as a 2-D (in, out) matrix. Bad options raise ValueError here, naming the option.
+    Options: asgo_core.ASGOConfig's (b1, b2: beta1, beta2; weight_decay 0 here), and the
+    prefix trees weight_decay_mask and weight_dimension_numbers (docs/optax.md).
     """
     return _scale_by_core("asgo", dict(locals()))
 
@@ -446,11 +407,8 @@ def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
          weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
     """ASGO for matrix leaves, AdamW for the rest: W ← W − lr·(U + weight_decay·W).
 
-    learning_rate: a number or an optax schedule. ASGO options as scale_by_asgo (defaults are
-    the core's, weight_decay 0.1 included). adam_*: the AdamW of non-matrix leaves (defaults:
-    the reference recipe's betas (0.9, 0.95), eps 1e-8, no decay; adam_learning_rate=None uses
-    learning_rate). weight_dimension_numbers: as optax.contrib.muon's; None makes 2-D leaves
-    matrices and sends the rest to AdamW, a None entry sends that leaf to AdamW.
+    learning_rate: a number or an optax schedule; ASGO options as scale_by_asgo's, weight_decay
+    0.1 (the core's); adam_*: the AdamW of the other leaves (docs/optax.md).
     """
     return _with_adamw("asgo", dict(locals()))
 
@@ -483,8 +441,8 @@ def numerics_counters(opt_state) -> dict:
 
 def portable_state(opt_state, params, config, *, adamw=None, names=None,
                    weight_dimension_numbers=None) -> dict:
-    """The state of an asgo()/dasgo()/scale_by_asgo()/scale_by_dasgo() optimizer as a portable
-    dict (for asgo_core.save_state). A host read of every state array."""
+    """The state of an asgo()/dasgo()/scale_by_*() optimizer as a portable dict (for
+    asgo_core.save_state; the arguments: docs/optax.md). A host read of every state array."""
     layout = _Layout(params, config, adamw, weight_dimension_numbers)
     matrix_state = _only(opt_state, (ScaleByASGOState, ScaleByDASGOState))
     adam_state = _only(opt_state, (optax.ScaleByAdamState,), required=bool(layout.adamw_indices))
@@ -582,16 +540,9 @@ def _jax_like(array, like):
 
 
 def apply_updates_stochastic(params, updates, key):
-    """optax.apply_updates with the sum rounded stochastically into 16-bit (bfloat16, float16)
-    parameters: each param + update is computed in float32 and rounded up with probability
-    equal to its fractional distance to the upper neighbour (asgo_core.precision), so small
-    updates are kept in expectation instead of being rounded away. Wider parameters and None
-    leaves are treated as optax.apply_updates treats them. key: a jax.random key, a new one each
-    step (e.g. jax.random.fold_in(key, step)) so a resumed run draws the same numbers.
-
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = apply_updates_stochastic(params, updates, jax.random.fold_in(key, step))
-    """
+    """optax.apply_updates with the sum rounded stochastically into bfloat16/float16 parameters
+    (asgo_core.precision; docs/optax.md). key: a jax.random key, a new one each step (e.g.
+    jax.random.fold_in(key, step)) so a resumed run draws the same numbers."""
     leaves, structure = jax.tree.flatten(params, is_leaf=lambda x: x is None)
     keys = jax.random.split(key, len(leaves))
     update_leaves = structure.flatten_up_to(updates)
