@@ -29,6 +29,7 @@ from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, chec
                                 defaults, group_config, matches_path, signature)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
+from asgo_core.step import traced_root_refresh
 
 __all__ = ["ASGO", "DASGO"]
 
@@ -170,12 +171,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
                                           update_dtype=update_dtype)
             return update, named_arrays(new_state)
 
-        frequency = getattr(config, "precondition_frequency", 1)
-        if frequency == 1:
-            update, new_named = run(True)
-        else:
-            update, new_named = ops.cond(ops.equal(ops.mod(self.iterations, frequency), 0),
-                                         lambda: run(True), lambda: run(False))
+        update, new_named = traced_root_refresh(config, self.iterations, ops.cond, lambda: run(True),
+                                                lambda: run(False))
         new_params = ops.cast(params, update.dtype) - ops.cast(lr, update.dtype) * update
         if rounds:
             uniform = self._uniform(new_params, self._get_variable_index(variables[0]))

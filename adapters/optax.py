@@ -23,11 +23,12 @@ import asgo_core
 from asgo_core.buckets import Bucket, Member, plan_buckets
 from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step, export_portable,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
-from asgo_core.config import ASGOConfig
+from asgo_core.config import ASGOConfig, fail
 from asgo_core.layout import PermutedStack
 from asgo_core.options import check_rate_or_schedule, checked_group, defaults, static_args
 from asgo_core.precision import rounded_sum
 from asgo_core.state_codec import member_named, state_from_member_named
+from asgo_core.step import traced_root_refresh
 
 __all__ = ["ADAMW_DEFAULTS", "ASGO_STATIC_ARGS", "DASGO_STATIC_ARGS", "STATIC_ARGS", "MuonDimensionNumbers",
            "ScaleByASGOState", "ScaleByDASGOState", "apply_updates_stochastic", "asgo", "dasgo",
@@ -102,7 +103,6 @@ def _state_of(state_type, leaf_states: list, treedef, count):
 
 
 # ----------------------------------------------------------------------------- matrix views
-
 def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> PermutedStack:
     """The leaf at `path` as a stack of matrices; errors name the leaf and the way out."""
     try:
@@ -114,7 +114,6 @@ def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> P
 
 
 # ----------------------------------------------------------------------------- per-leaf options
-
 class _Box:
     """An unregistered (hence leaf) holder, so None and NamedTuples survive tree mapping."""
     def __init__(self, value):
@@ -150,7 +149,6 @@ def _decay_mask_per_leaf(weight_decay_mask, tree) -> list:
 
 
 # ----------------------------------------------------------------------------- stacking plan
-
 def _leaf_paths(tree) -> list:
     """Each leaf's path as jax.tree_util.keystr writes it (e.g. "['layer']['w']"), in leaves order."""
     return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -177,7 +175,6 @@ def _plan(tree, kind: str, weight_dimension_numbers, transformation: str) -> tup
 
 
 # ----------------------------------------------------------------------------- explicit sharding
-
 def _explicit_spec(x):
     """x's PartitionSpec when it lives on an explicit-sharding mesh, else None."""
     if x is None or not hasattr(jax, "typeof"):
@@ -199,7 +196,6 @@ def _sharded_like(x, like):
 
 
 # ----------------------------------------------------------------------------- the transformation
-
 def _core_config(algorithm: str, arguments: dict):
     """The core config of scale_by_*()'s or asgo()/dasgo()'s options, checked by the options
     table's checks (errors in optax's names). An array is an injected hyperparameter
@@ -209,9 +205,8 @@ def _core_config(algorithm: str, arguments: dict):
         if not (hasattr(value, "shape") and not isinstance(value, (int, float))):
             options[name] = value
         elif name not in _INJECTABLE:
-            raise ValueError(f"{name}={value!r} is invalid; accepted: a Python value (it shapes the "
-                             "traced program). With optax.inject_hyperparams pass static_args="
-                             f"asgo_core.adapters.optax.{algorithm.upper()}_STATIC_ARGS")
+            fail(name, value, "a Python value (it shapes the traced program). With optax.inject_hyperparams "
+                 f"pass static_args=asgo_core.adapters.optax.{algorithm.upper()}_STATIC_ARGS")
     return checked_group(options, "optax", algorithm, check_lr=check_rate_or_schedule)[1]
 
 
@@ -226,8 +221,6 @@ def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformat
                          "('raise' needs a host read, which jax.jit does not allow)")
     state_type = ScaleByASGOState if algorithm == "asgo" else ScaleByDASGOState
     core_type = _CORE_TYPES[state_type]
-    has_root = algorithm == "asgo"
-    refresh_every = config.precondition_frequency if has_root else 1
 
     def plan_for(tree, kind: str):
         return _plan(tree, kind, weight_dimension_numbers, f"scale_by_{algorithm}")
@@ -277,13 +270,8 @@ def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformat
         # Stacking pays where the roots are refreshed (batched solves); elsewhere each leaf's own
         # core call spares copying its statistics into and out of a stack.
         singles = [Bucket(bucket.key, [member]) for bucket in plan for member in bucket.members]
-        if not has_root:
-            out, new = step(singles, False)
-        elif refresh_every == 1:
-            out, new = step(plan, True)
-        else:
-            out, new = jax.lax.cond(state.count % refresh_every == 0, lambda: step(plan, True),
-                                    lambda: step(singles, False))
+        out, new = traced_root_refresh(config, state.count, jax.lax.cond, lambda: step(plan, True),
+                                       lambda: step(singles, False))
         out = [_sharded_like(update, grad) for update, grad in zip(out, leaves)]
         new = [{name: _sharded_like(value, before[name]) for name, value in named.items()}
                for named, before in zip(new, old)]
@@ -366,7 +354,6 @@ def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
 
 
 # ----------------------------------------------------------------------------- full optimizers
-
 # The options of the AdamW leaves, and the ones optax.inject_hyperparams may inject as arrays
 _ADAMW_ARGS = ("learning_rate", "adam_b1", "adam_b2", "adam_eps", "adam_weight_decay", "adam_learning_rate")
 _INJECTABLE = _ADAMW_ARGS + ("weight_decay",)
@@ -425,7 +412,6 @@ def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
 
 
 # ----------------------------------------------------------------------------- numerics health
-
 def numerics_counters(opt_state) -> dict:
     """Totals over every ASGO/DASGO state inside opt_state (any wrapping): matrices skipped for
     a non-finite gradient, and root fallbacks per asgo_core.FALLBACK_LEVELS. A host read."""
@@ -438,7 +424,6 @@ def numerics_counters(opt_state) -> dict:
 
 
 # ----------------------------------------------------------------------------- portable checkpoints
-
 def portable_state(opt_state, params, config, *, adamw=None, names=None,
                    weight_dimension_numbers=None) -> dict:
     """The state of an asgo()/dasgo()/scale_by_*() optimizer as a portable dict (for

@@ -113,6 +113,19 @@ def needs_root_refresh(step_count: int, config: ASGOConfig) -> bool:
     return step_count % config.precondition_frequency == 0
 
 
+def traced_root_refresh(config, count, cond, refreshed, kept):
+    """A step under a traced step count (a jitted step): refreshed() when step number `count`
+    recomputes ASGO's root (as needs_root_refresh), kept() on the other steps and for DASGO,
+    which has no root; cond(predicate, refreshed, kept) (jax.lax.cond, keras.ops.cond) picks
+    between them when precondition_frequency > 1."""
+    frequency = getattr(config, "precondition_frequency", None)
+    if frequency is None:
+        return kept()
+    if frequency == 1:
+        return refreshed()
+    return cond(count % frequency == 0, refreshed, kept)
+
+
 def step(grad, state, param, config, *, refresh_root: bool | None = None,
          overwrite_state: bool = False, update_dtype=None):
     """One optimizer step for a stack of matrices; returns (update, new_state).

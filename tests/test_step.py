@@ -501,3 +501,22 @@ def test_row_shards_are_refused_where_the_gram_is_not_a_sum_over_rows(config):
     grad = np.ones((1, 8, 4))
     with pytest.raises(ValueError, match="row_shards"):
         step_terms(grad, init_state(grad, config), config, row_shards=shards)
+
+
+def test_traced_root_refresh_picks_the_refresh_steps():
+    from asgo_core.step import traced_root_refresh
+
+    def cond(predicate, if_true, if_false):
+        return if_true() if predicate else if_false()
+
+    def no_cond(*_):
+        raise AssertionError("cond is only needed when precondition_frequency > 1")
+
+    def picks(config, count, choose=cond):
+        return traced_root_refresh(config, count, choose, lambda: "refreshed", lambda: "kept")
+
+    every_third = ASGOConfig(precondition_frequency=3)
+    expected = ["refreshed", "kept", "kept"] * 2 + ["refreshed"]
+    assert [picks(every_third, count) for count in range(7)] == expected
+    assert [picks(ASGOConfig(), count, no_cond) for count in range(3)] == ["refreshed"] * 3
+    assert [picks(DASGOConfig(), count, no_cond) for count in range(3)] == ["kept"] * 3
