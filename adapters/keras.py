@@ -25,8 +25,8 @@ from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portabl
 from asgo_core.config import fail
 from asgo_core.gradients import check_gradient
 from asgo_core.layout import PermutedStack
-from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, checked_group, checkpoint_config,
-                                defaults, group_config, matches_path, signature)
+from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, check_traceable, checked_group,
+                                checkpoint_config, defaults, group_config, matches_path, signature)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 from asgo_core.step import traced_root_refresh
@@ -68,9 +68,8 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         ours = {name: options.pop(name, default) for name, default in table.items()}
         ours["learning_rate"] = learning_rate
         group, config = checked_group(ours, "keras", self.matrix_algorithm, check_lr=check_rate_or_schedule)
-        if config.nonfinite == "raise" and keras.backend.backend() == "jax":
-            fail("nonfinite", "raise", "'skip' under the JAX backend ('raise' reads the gradients' "
-                 "finiteness on the host, which a jitted train step cannot)")
+        if keras.backend.backend() == "jax":
+            check_traceable(config, "under the JAX backend ")
         super().__init__(learning_rate=learning_rate, weight_decay=group["weight_decay"], **options)
         self._options = {name: ours[name] for name in table if name != "learning_rate"}
         self._group = group

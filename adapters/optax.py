@@ -25,7 +25,7 @@ from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import ASGOConfig, fail
 from asgo_core.layout import PermutedStack
-from asgo_core.options import check_rate_or_schedule, checked_group, defaults, static_args
+from asgo_core.options import check_rate_or_schedule, check_traceable, checked_group, defaults, static_args
 from asgo_core.precision import rounded_sum
 from asgo_core.state_codec import member_named, state_from_member_named
 from asgo_core.step import traced_root_refresh
@@ -216,9 +216,7 @@ def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformat
     weight_decay = arguments["weight_decay"]
     # the decay is applied here (a mask, an injected weight_decay), not by the core
     config = dataclasses.replace(_core_config(algorithm, arguments), weight_decay=0.0)
-    if config.nonfinite != "skip":
-        raise ValueError(f"nonfinite={config.nonfinite!r} is invalid here; accepted: 'skip' "
-                         "('raise' needs a host read, which jax.jit does not allow)")
+    check_traceable(config, "")
     state_type = ScaleByASGOState if algorithm == "asgo" else ScaleByDASGOState
     core_type = _CORE_TYPES[state_type]
 

@@ -294,12 +294,11 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
 
 
 def checked_group(options: dict, framework: str, algorithm: str, check_lr=check_non_negative) -> tuple:
-    """(group, config) of options spelled the `framework`'s way (group_from), checked by the
-    shared checks; an error names the options as the framework spells them."""
+    """(group, config) of options spelled the `framework`'s way (group_from), checked as
+    group_settings checks a group; an error names the options as the framework spells them."""
     try:
         group = group_from(options, framework, algorithm)
-        check_group_options(group, check_lr=check_lr)
-        return group, group_config(group, algorithm)
+        return group, group_settings(group, (algorithm,), check_lr)["configs"][algorithm]
     except ValueError as error:
         raise ValueError(spelled(str(error), framework)) from None
 
@@ -314,6 +313,14 @@ def group_settings(group: dict, algorithms, check_lr=check_non_negative) -> dict
     check_batch_dims_value(group["batch_dims"])
     return {"configs": {algorithm: group_config(group, algorithm) for algorithm in algorithms},
             "adamw": adamw_options(group)}
+
+
+def check_traceable(config, where: str) -> None:
+    """A config a traced (jitted) step can run: nonfinite="raise" reads the gradients'
+    finiteness on the host, which a traced step cannot."""
+    if config.nonfinite == "raise":
+        fail("nonfinite", "raise", f"'skip' {where}('raise' reads the gradients' finiteness on the "
+             "host, which a jitted step cannot)")
 
 
 def adamw_options(group: dict) -> dict:
