@@ -114,20 +114,15 @@ def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> P
 
 
 # ----------------------------------------------------------------------------- per-leaf options
-class _Box:
-    """An unregistered (hence leaf) holder, so None and NamedTuples survive tree mapping."""
-    def __init__(self, value):
-        self.value = value
-
-
 def _per_leaf(prefix, tree, is_value) -> list:
     """The value `prefix` (a prefix tree of `tree`, or a callable returning one) assigns to each
-    leaf of `tree`, in jax.tree.leaves order."""
+    leaf of `tree`, in jax.tree.leaves order; is_value(x): whether x is a value (None and
+    MuonDimensionNumbers are pytrees to JAX)."""
     if callable(prefix):
         prefix = prefix(tree)
-    boxed = jax.tree.map(lambda value, subtree: jax.tree.map(lambda _: _Box(value), subtree),
-                         prefix, tree, is_leaf=is_value)
-    return [box.value for box in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, _Box))]
+    values, structure = jax.tree.flatten(prefix, is_leaf=is_value)
+    return [value for value, subtree in zip(values, structure.flatten_up_to(tree))
+            for _ in jax.tree.leaves(subtree)]
 
 
 def _is_dimension_numbers(x) -> bool:
