@@ -136,7 +136,7 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         lr = ops.convert_to_tensor(learning_rate)
-        members, grad_of, writes = [], {}, []
+        members, writes = [], []
         for grad, variable in zip(grads, trainable_variables):
             where = f"gradient of variable {variable.path!r}"
             check_gradient(where, grad, variable.shape, self._config.nonfinite)
@@ -145,18 +145,17 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             if slot.view is None:
                 writes += self._adamw_step(grad, variable, slot, lr)
             else:
-                members.append(Member((variable, slot), slot.view))
-                grad_of[id(variable)] = grad
+                members.append(Member((variable, slot, grad), slot.view))
         buckets = plan_buckets(members, lambda member: (member.handle[0].dtype, self._use_weight_decay(
             member.handle[0])))
         for bucket in buckets:
-            writes += self._matrix_step(bucket, [grad_of[id(variable)] for variable, _ in bucket.handles], lr)
+            writes += self._matrix_step(bucket, lr)
         for target, value in writes:  # every value is computed before anything is written
             target.assign(value)
 
-    def _matrix_step(self, bucket, grads: list, lr) -> list:
-        """One core step on the bucket's stack; returns (variable, new value) pairs."""
-        variables, slots = zip(*bucket.handles)
+    def _matrix_step(self, bucket, lr) -> list:
+        """One core step on a bucket of (variable, slot, gradient) handles → (variable, value) pairs."""
+        variables, slots, grads = zip(*bucket.handles)
         config = group_config(self._group_of(variables[0]), self.matrix_algorithm)
         params = bucket.gather([variable.value for variable in variables], ops)
         named = concat_named([slot.values() for slot in slots], ops)
