@@ -1,32 +1,9 @@
-"""ASGO and DASGO as torch.optim optimizers.
+"""ASGO and DASGO as torch.optim optimizers; the math and the plumbing are asgo_core's.
 
-    from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
-    opt = ASGO(model.parameters(), lr=1e-2)          # <2-D parameters → built-in AdamW
-    opt = ASGO(asgo_param_groups(model), lr=1e-2)    # embeddings and tied heads → AdamW too
-
-Parameters with two or more dims are matrices (N-D kernels are viewed as (out, rest); with
-batch_dims = b, the first b dims index a stack of such matrices). Matrices with the same group,
-algorithm, matrix shape, dtype, device and step count form a `Bucket`: each step stacks a
-bucket's gradients and state into new tensors, runs `asgo_core.step_terms` once on the stack
-and copies the results back into the state tensors, which stay the same objects from step to
-step (what torch.compile wants). State stays per parameter in `self.state`, so
-`state_dict()` / `load_state_dict()` work with plain torch.save / torch.load.
-
-A step is all or nothing: every gradient is checked (dense, real, the parameter's shape, dtype
-and device) before anything changes; with nonfinite="raise" in some group, every bucket is
-computed before any is written (the state is computed on stacked copies), and the group's
-AdamW gradients are checked too. With nonfinite="skip" (default) a matrix with a non-finite
-gradient is skipped and counted, while AdamW parameters follow torch.optim.AdamW exactly,
-which does not look at gradient values (a NaN gradient there reaches the parameter, as it
-does with torch.optim.AdamW; torch.amp.GradScaler skips such steps before they happen).
-
-Matrix state keys: "step" (a Python int, so choosing a root-refresh step reads no device
-value), "momentum" ((m, n), or (*batch, m, n) with batch_dims; float32 or wider), ASGO: "gram"
-and "root" (one (matrices·blocks, size, size) tensor per block group of `asgo_core.layout`),
-"skipped" (steps skipped for a non-finite gradient) and "fallbacks" (root solves that needed
-each `asgo_core.FALLBACK_LEVELS` entry); DASGO: "second_moment" ((n,)) instead of gram/root.
-Every state tensor lives on its parameter's device. AdamW parameters carry
-torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
+Framework-specific here: the torch.optim.Optimizer subclass with its param groups, closures and
+an all-or-nothing step; load_state_dict in torch.optim's hook order; buckets whose state tensors
+are reused from step to step (torch.compile) and written with _foreach ops; AdamW through
+torch's functional adamw; asgo_param_groups. User guide: docs/torch.md.
 """
 
 from __future__ import annotations
@@ -266,17 +243,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     # ---- state_dict ------------------------------------------------------------------------
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim.Optimizer's, in its order: the load_state_dict pre-hooks get a
-        shallow copy of state_dict and may return a replacement; what they leave is checked
-        whole before anything changes (the group and parameter counts, every saved group
-        option with the constructor's checks, each parameter's state: its algorithm's fields,
-        their shapes and kinds), a mismatch raising ValueError naming the parameter and the
-        field and leaving the optimizer as it was; then the state is loaded and the post-hooks
-        run. Entries of "state" that belong to no parameter are kept as they are, as torch.optim
-        keeps them; an option an older file lacks keeps this group's value. Matrix statistics
-        keep the statistics dtype (float32 for bf16 parameters) and move to the parameter's
-        device; AdamW state follows torch.optim.AdamW (moments in the parameter's dtype and
-        device, "step" a CPU tensor, also when saved as a number)."""
+        """As torch.optim.Optimizer's, in its order: pre-hooks (which may return a
+        replacement), a check of the whole dict that changes nothing when it fails (ValueError
+        naming the parameter and field), the load, post-hooks. Details: docs/torch.md."""
         if not isinstance(state_dict, dict):
             fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         state_dict = state_dict.copy()
@@ -324,18 +293,15 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
         """This optimizer's state in the framework-neutral format of asgo_core.checkpoint.
-
-        names: one string per parameter, in param-group order (e.g. the names of
-        model.named_parameters()); None names them "<group>.<index>"."""
+        names: one per parameter in param-group order; None: "<group>.<index>"."""
         pairs = self._params_and_groups()
         steps, arrays = zip(*(self._portable_arrays(param, group) for param, group in pairs))
         return export_portable(self._identities(), list(arrays), list(steps), names)
 
     def load_portable_state(self, portable: dict, names=None) -> None:
-        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
-        Every entry is checked (algorithm, shape, math-changing options, array shapes) before
-        anything changes; a mismatch raises asgo_core.CheckpointError. Statistics keep this
-        optimizer's dtype and device. names: as in portable_state."""
+        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export),
+        every entry checked before anything changes (asgo_core.CheckpointError); names: as in
+        portable_state."""
         pairs = self._params_and_groups()
         entries = import_entries(portable, self._identities(), names)
         new_states = [self._state_from_entry(*pair, entry) for pair, entry in zip(pairs, entries)]
@@ -572,19 +538,8 @@ def _checked_adamw_state(param, entry: dict, label: str) -> dict:
 
 
 class ASGO(_MatrixOptimizer):
-    """ASGO (one-sided Shampoo) for matrices, built-in AdamW for everything else.
-
-    Update of a matrix W: W ← W − lr·(U + weight_decay·W), U the RMS-normalised
-    preconditioned momentum; the options mean what they mean in asgo_core.ASGOConfig (same
-    names, same defaults; betas = (beta1, beta2)). Parameters with fewer than 2 dims — and any
-    group with algorithm="adamw" — take a step identical to torch.optim.AdamW with the adamw_*
-    options (adamw_lr=None: the group's lr). A group may set algorithm="asgo" | "dasgo" |
-    "adamw". maximize negates every gradient. batch_dims (a group option, default 0): the
-    first batch_dims dims of a parameter index independent matrices (mixture-of-experts
-    weights (E, out, in), scan-stacked layers (L, out, in)), each stepped exactly as a
-    separate parameter of the remaining shape would be; stacks of the same matrix shape share
-    one batched root.
-    """
+    """ASGO (one-sided Shampoo, asgo_core.ASGOConfig) for matrices, torch.optim.AdamW's step
+    for everything else; options: docs/options.md, routing and batch_dims: docs/torch.md."""
 
     matrix_algorithm = "asgo"
 
@@ -601,18 +556,10 @@ DASGO.__signature__ = _SIGNATURES["dasgo"]
 
 def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,
                       qk_names=("q_proj", "k_proj", "query", "key", "wq", "wk"), stacked=None, **overrides):
-    """Param groups in the reference training recipe's split.
-
-    AdamW: parameters with fewer than 2 dims and nn.Embedding weights (an output head tied to
-    an embedding is the same parameter, so it follows). With num_heads, the weights of modules
-    named in qk_names (the last component of the module path) get head-wise preconditioning
-    (SPEC §4); a fused nn.MultiheadAttention in_proj_weight gets 3·num_heads blocks (its Q, K
-    and V heads). stacked: {name pattern: batch_dims} for stacked weights, e.g.
-    {"*.experts.*": 1} for mixture-of-experts weights (E, out, in); patterns are
-    fnmatch-style and matched against the names of model.named_parameters(), the first match
-    wins; everything else has batch_dims 0 (a 3-D convolution kernel stays one matrix).
-    overrides (lr, weight_decay, ...) are set on every group.
-    """
+    """Param groups in the reference training recipe's split: AdamW for parameters with fewer
+    than 2 dims and nn.Embedding weights, head-wise blocks for the Q/K weights named in qk_names
+    (with num_heads), batch_dims by fnmatch pattern (stacked), overrides on every group.
+    Details: docs/torch.md."""
     embedding_ids = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
     matrices, heads, fused_heads, others = [], [], [], []
     by_batch_dims: dict[int, list] = {}
