@@ -21,6 +21,7 @@ from asgo_core import ASGOState, DASGOState, init_state, matrix_stack_shape, nee
 from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_from_group, import_entries,
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
+from asgo_core.keyed import nonfinite_keys
 from asgo_core.layout import check_batch_dims_value
 from asgo_core.options import (algorithm_of, bound_options, check_group_options, check_learning_rate,
                                check_param_shape, defaults, group_config, loaded_groups, signature)
@@ -105,10 +106,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; closure (optional) re-evaluates the model and returns the loss.
-
-        All or nothing: every gradient is checked first, and where a group asks for
-        nonfinite="raise" every matrix update is computed before anything is written, so an
-        error leaves parameters and state as they were."""
+        All or nothing: gradients are checked first, and with nonfinite="raise" in some group
+        every matrix update is computed before anything is written."""
         loss = evaluate_closure(closure)
         self._check_gradients()
         buckets = self.plan_buckets()
@@ -173,15 +172,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         try:
             return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
         except FloatingPointError:  # nonfinite="raise"; reading the gradients again is fine now
-            raise _nonfinite_error(self._nonfinite_labels(bucket)) from None
-
-    def _nonfinite_labels(self, bucket: Bucket) -> str:
-        """The parameters of a bucket whose gradients are not finite (all of them, when only
-        their squares overflowed the statistics dtype)."""
-        labels = {param: _param_label(g, i, param) for g, group in enumerate(self.param_groups)
-                  for i, param in enumerate(group["params"])}
-        bad = [p for p in bucket.params if not bool(torch.isfinite(p.grad).all())] or bucket.params
-        return ", ".join(labels[p] for p in bad)
+            bad = nonfinite_keys(bucket.params, {param: param.grad for param in bucket.params})
+            labels = {param: _param_label(g, i, param) for g, group in enumerate(self.param_groups)
+                      for i, param in enumerate(group["params"])}
+            raise _nonfinite_error(", ".join(labels[param] for param in bad)) from None
 
     def _commit_bucket(self, bucket: Bucket, terms) -> None:
         """Write a bucket's new state (in place, into the tensors the state already holds) and
@@ -278,12 +272,16 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return new_states, groups
 
     def _checked_state(self, param, group: dict, entry: dict, label: str) -> dict:
-        algorithm = self.algorithm_of(param, group)
+        """A saved state checked and converted; AdamW's "step" (a number in older files, else a
+        tensor) becomes the CPU tensor torch.optim.AdamW keeps."""
+        algorithm, convert = self.algorithm_of(param, group), _converter_to(param.device)
         if algorithm == "adamw":
-            return _checked_adamw_state(param, entry, label)
-        template = self._state_template(param, group, algorithm)
-        return loaded_state(entry, template, algorithm, label, array_type=torch.Tensor,
-                            convert=_converter_to(param.device))
+            template = _fresh_adamw_state(param)
+            state = loaded_state(entry, _moments(template), algorithm, label, array_type=torch.Tensor,
+                                 convert=convert, integer_step=False)
+            return _adamw_state_from(state, state["step"], template)
+        return loaded_state(entry, self._state_template(param, group, algorithm), algorithm, label,
+                            array_type=torch.Tensor, convert=convert)
 
     def _state_template(self, param, group: dict, algorithm: str) -> dict:
         """The matrix state a parameter holds, as meta tensors (shapes and dtypes only)."""
@@ -335,18 +333,14 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return init_state(stack, group_config(group, algorithm))
 
     def _state_from_entry(self, param, group, entry) -> dict:
+        convert = _converter_to(param.device)
         if entry["algorithm"] == "adamw":
             template = self.state[param] or _fresh_adamw_state(param)
-            moments = {key: template[key] for key in _ADAMW_MOMENTS}
-            state = arrays_from_entry(entry, moments, _tensor_from_numpy)
-            state["step"] = torch.tensor(float(entry["step"]), dtype=template["step"].dtype)
-            return state
+            return _adamw_state_from(arrays_from_entry(entry, _moments(template), convert), entry["step"],
+                                     template)
         template = self._fresh_core_state(param, group, entry["algorithm"])
-        counts = [_matrix_count(param, group)]
-        core_state = stacked_state_from_entries(template, [entry], counts, _tensor_from_numpy)
-        state = _split_state(core_state, (param,), group["batch_dims"])[0]
-        state["step"] = int(entry["step"])
-        return state
+        core_state = stacked_state_from_entries(template, [entry], [_matrix_count(param, group)], convert)
+        return {**_split_state(core_state, (param,), group["batch_dims"])[0], "step": int(entry["step"])}
 
 
 def _matrix_count(param, group: dict) -> int:
@@ -365,10 +359,6 @@ def _numpy(tensor: torch.Tensor):
     written as float32 (exactly) and cast back to the optimizer's dtype on load."""
     tensor = tensor.detach().cpu()
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-
-
-def _tensor_from_numpy(array, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(array).to(dtype=like.dtype, device=like.device).clone()
 
 
 def evaluate_closure(closure):
@@ -522,19 +512,18 @@ def _cloned(value):
 
 
 def _converter_to(device):
-    """convert(saved tensor, template) for loaded_state: a copy in the template's dtype on device."""
-    return lambda value, like: value.to(device=device, dtype=like.dtype, copy=True)
+    """convert(saved tensor or NumPy array, template) of a load: a copy in the template's dtype
+    on device (the templates of a state_dict's checks are meta tensors)."""
+    return lambda value, like: torch.as_tensor(value).to(device=device, dtype=like.dtype, copy=True)
 
 
-def _checked_adamw_state(param, entry: dict, label: str) -> dict:
-    """torch.optim.AdamW's state for `param`: "step" (a number in older files, else a tensor)
-    becomes a CPU tensor, as torch keeps it; the moments take the parameter's dtype and device."""
-    template = _fresh_adamw_state(param)
-    moments = {key: template[key] for key in _ADAMW_MOMENTS}
-    state = loaded_state(entry, moments, "adamw", label, array_type=torch.Tensor,
-                         convert=_converter_to(param.device), integer_step=False)
-    state["step"] = torch.tensor(float(state["step"]), dtype=template["step"].dtype)
-    return state
+def _moments(adamw_state: dict) -> dict:
+    return {key: adamw_state[key] for key in _ADAMW_MOMENTS}
+
+
+def _adamw_state_from(moments: dict, step, template: dict) -> dict:
+    """torch.optim.AdamW's state of loaded moments: "step" a CPU tensor of the template's dtype."""
+    return {**_moments(moments), "step": torch.tensor(float(step), dtype=template["step"].dtype)}
 
 
 class ASGO(_MatrixOptimizer):
