@@ -22,8 +22,8 @@ from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portabl
 from asgo_core.config import fail
 from asgo_core.keyed import check_finite, check_param, keyed_grads, nonfinite_keys, split_groups
 from asgo_core.layout import PermutedStack
-from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, defaults, group_settings,
-                               layout_of, signature)
+from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, defaults, group_config,
+                               group_settings, layout_of, signature)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
@@ -66,10 +66,11 @@ class _ArrayOptimizer:
     def step(self, grads) -> None:
         """One step: grads (dict by key or list by position, like params) updates in place."""
         grads = keyed_grads(grads, self._params)
-        settings = [self._with_group_context(i, self._group_settings, g)
+        settings = [self._with_group_context(i, group_settings, g, self.matrix_algorithms)
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
-        self._check_adamw_finite(grads)
+        check_finite([slot.key for slot in self._adamw_slots
+                      if self.param_groups[slot.group_index]["nonfinite"] == "raise"], grads)
         for stream, (bucket, (update, new_state)) in enumerate(zip(self._buckets, planned)):
             self._apply_matrix_update(bucket, update, self.param_groups[bucket.key[1]]["lr"], stream)
             bucket.state = new_state
@@ -144,9 +145,10 @@ class _ArrayOptimizer:
         self._step_count = step_count
 
     # ---- construction -----------------------------------------------------------------
-    def _with_group_context(self, index, function, group):
+    def _with_group_context(self, index, function, group, *args):
+        """function(group, *args), a ValueError naming the group where there are several."""
         try:
-            return function(group)
+            return function(group, *args)
         except ValueError as error:
             if len(self.param_groups) == 1:
                 raise
@@ -156,17 +158,13 @@ class _ArrayOptimizer:
         unknown = set(group) - set(self.defaults) - {"params"}
         if unknown:
             fail("param_groups", sorted(unknown), "option names of " + type(self).__name__)
-        self._group_settings(group)
+        group_settings(group, self.matrix_algorithms)
         for key, array in group["params"].items():
             check_param(key, array)
             try:
                 check_param_shape(array.shape, group, algorithm_of(array.ndim, group, self.matrix_algorithm))
             except ValueError as error:
                 raise ValueError(f"params[{key!r}]: {error}") from None
-
-    def _group_settings(self, group: dict) -> dict:
-        """The checked options of one group: configs per matrix algorithm, AdamW options."""
-        return group_settings(group, self.matrix_algorithms)
 
     def _build_state(self):
         members, slots, placement = [], [], {}
@@ -181,7 +179,7 @@ class _ArrayOptimizer:
                 members.append(Member(key, PermutedStack.outputs_first(array.shape, group["batch_dims"])))
         buckets = plan_buckets(members, lambda member: placement[member.handle])
         for bucket in buckets:
-            config = self._group_settings(self.param_groups[bucket.key[1]])["configs"][bucket.key[2]]
+            config = group_config(self.param_groups[bucket.key[1]], bucket.key[2])
             bucket.state = init_state(self._stacked(bucket, self._params), config)
         return buckets, slots
 
@@ -213,11 +211,6 @@ class _ArrayOptimizer:
         except FloatingPointError:
             raise FloatingPointError(f"non-finite gradient for {nonfinite_keys(bucket.handles, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
-
-    def _check_adamw_finite(self, grads) -> None:
-        checked = [slot.key for slot in self._adamw_slots
-                   if self.param_groups[slot.group_index]["nonfinite"] == "raise"]
-        check_finite(checked, grads)
 
     def _rounds(self, group_index: int, param) -> bool:
         """Whether writes to param (or an array of its dtype) are rounded stochastically."""
@@ -271,7 +264,7 @@ class _ArrayOptimizer:
                 fail("state_dict", f"param_groups[{index}] keys {saved_keys}", "the optimizer's keys")
             options = {name: _to_python(saved.get(name, _ABSENT_OPTIONS.get(name))) for name in self.defaults}
             candidate = dict(group, **options)
-            self._with_group_context(index, self._group_settings, candidate)
+            self._with_group_context(index, group_settings, candidate, self.matrix_algorithms)
             if layout_of(candidate) != self._layouts[index]:
                 fail("state_dict", f"param_groups[{index}] layout options", "the optimizer's")
             loaded.append(options)

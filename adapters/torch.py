@@ -8,7 +8,6 @@ torch's functional adamw; asgo_param_groups. User guide: docs/torch.md.
 
 from __future__ import annotations
 
-import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -23,8 +22,9 @@ from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_f
 from asgo_core.config import fail
 from asgo_core.keyed import nonfinite_keys
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import (algorithm_of, bound_options, check_group_options, check_learning_rate,
-                               check_param_shape, defaults, group_config, loaded_groups, signature)
+from asgo_core.options import (algorithm_of, batch_dims_for_path, bound_options, check_group_options,
+                               check_learning_rate, check_param_shape, defaults, group_config, loaded_groups,
+                               signature)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
@@ -554,7 +554,8 @@ def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,
     by_batch_dims: dict[int, list] = {}
     for name, param in model.named_parameters():
         module_name = name.rsplit(".", 2)[-2] if name.count(".") else ""
-        batch_dims = _stacked_batch_dims(name, stacked or {})
+        batch_dims = batch_dims_for_path(stacked, name, glob=True)
+        check_batch_dims_value(batch_dims)
         if param.ndim < 2 or id(param) in embedding_ids:
             others.append(param)
         elif batch_dims:
@@ -570,11 +571,3 @@ def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,
               *({"params": params, "batch_dims": dims} for dims, params in by_batch_dims.items()),
               {"params": others, "algorithm": "adamw"}]
     return [{**group, **overrides} for group in groups if group["params"]]
-
-
-def _stacked_batch_dims(name: str, patterns: dict) -> int:
-    for pattern, batch_dims in patterns.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            check_batch_dims_value(batch_dims)
-            return batch_dims
-    return 0
