@@ -34,7 +34,6 @@ __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 # The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
 _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
                for algorithm in ("asgo", "dasgo")}
-_ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True, eq=False)
@@ -319,7 +318,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         algorithm, state = self.algorithm_of(param, group), self.state[param]
         if algorithm == "adamw":
             state = state or _fresh_adamw_state(param)
-            return state["step"], {key: _numpy(state[key]) for key in _ADAMW_MOMENTS}
+            return state["step"], {key: _numpy(value) for key, value in _moments(state).items()}
         step = state.get("step", 0)
         core_state = (_stack_state([state], group["batch_dims"], step, reuse_storage=False) if step
                       else self._fresh_core_state(param, group, algorithm))
@@ -518,7 +517,7 @@ def _converter_to(device):
 
 
 def _moments(adamw_state: dict) -> dict:
-    return {key: adamw_state[key] for key in _ADAMW_MOMENTS}
+    return {key: adamw_state[key] for key in ("exp_avg", "exp_avg_sq")}
 
 
 def _adamw_state_from(moments: dict, step, template: dict) -> dict:
