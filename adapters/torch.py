@@ -422,12 +422,25 @@ def _stochastically_rounded(value: torch.Tensor, dtype, generator) -> torch.Tens
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
-    """torch.optim.AdamW's functional step with a group's adamw_* options."""
+    """torch.optim.AdamW's functional step with a group's adamw_* options.
+
+    Compiled for an accelerator it takes torch's capturable path, as torch.compile makes
+    torch.optim.AdamW do: the other path feeds CPU step counts to the accelerator's foreach
+    kernels, which inductor cannot compile. The counts stay on the CPU (the state_dict
+    format): the kernels get copies on the device, and the counts are advanced here."""
     beta1, beta2 = group["adamw_betas"]
     lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
-    adamw_functional(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1,
+    capturable = _takes_capturable_path(params)
+    kernel_steps = [s.to(p.device, copy=True) for s, p in zip(steps, params)] if capturable else steps
+    adamw_functional(params, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, amsgrad=False, beta1=beta1,
                      beta2=beta2, lr=lr, weight_decay=group["adamw_weight_decay"], eps=group["adamw_eps"],
-                     maximize=group["maximize"])
+                     maximize=group["maximize"], capturable=capturable)
+    if capturable:
+        torch._foreach_add_(steps, 1)
+
+
+def _takes_capturable_path(params) -> bool:
+    return torch.compiler.is_compiling() and bool(params) and params[0].device.type != "cpu"
 
 
 def _add_to_run(runs: list, step_count: int, param) -> None:
