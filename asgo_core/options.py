@@ -297,12 +297,11 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
 
 
 def checked_group(options: dict, framework: str, algorithm: str, check_lr=check_non_negative) -> tuple:
-    """(group, config) of options spelled the `framework`'s way (group_from), checked by the
-    shared checks; an error names the options as the framework spells them."""
+    """(group, config) of options spelled the `framework`'s way (group_from), checked by
+    group_settings; an error names the options as the framework spells them."""
     try:
         group = group_from(options, framework, algorithm)
-        check_group_options(group, check_lr=check_lr)
-        return group, group_config(group, algorithm)
+        return group, group_settings(group, (algorithm,), check_lr)["configs"][algorithm]
     except ValueError as error:
         raise ValueError(spelled(str(error), framework)) from None
 
