@@ -1,39 +1,9 @@
-"""ASGO and DASGO for training loops written directly on arrays: CuPy on a GPU, NumPy on a CPU.
+"""ASGO and DASGO stepping NumPy (CPU) or CuPy (GPU) arrays in place; the plumbing is asgo_core's
+(keyed params and grads, options, buckets, checkpoint).
 
-    from asgo_core.adapters.cupy import ASGO, DASGO
-    params = {"W1": W1, "b1": b1, "W2": W2}          # or a list [W1, b1, W2]
-    opt = ASGO(params, lr=1e-2)
-    opt.step({"W1": dW1, "b1": db1, "W2": dW2})      # updates the arrays in place
-
-Arrays: NumPy, CuPy, or any array-API array that supports in-place updates (JAX arrays are
-rejected: they are immutable; use asgo_core.adapters.optax). CuPy is imported only when
-CuPy arrays arrive, through the namespace of the arrays (array_api_compat.array_namespace).
-
-Keys: every array has a key, its name (dict params) or its position in the order the arrays
-were given (list params; groups concatenated). `step(grads)` takes a dict by key or a list by
-position. Arrays with two or more dims are matrices (N-D kernels viewed as (out, rest)) and get
-the matrix algorithm; the others get the built-in AdamW (torch.optim.AdamW's arithmetic).
-Stacked weights: with the option batch_dims = b, the first b dims of a matrix array index
-independent matrices (mixture-of-experts (E, out, in), scan-stacked layers (L, out, in)), each
-viewed as (out, rest) of the remaining dims: an (E, m, n) array steps exactly as E (m, n) arrays.
-
-Param groups: a list of dicts {"params": dict-or-list, "<option>": value, ...} overrides the
-constructor's options for those arrays, e.g. a smaller lr for some matrices, num_heads for
-attention Q/K, or algorithm="adamw" for an embedding. Every option can be changed between steps
-through `opt.param_groups[i][name] = value` (a learning-rate schedule is just that, once per
-step) except the layout options side, max_precond_dim, num_heads and batch_dims, which shape
-the state.
-
-Batching: matrices with the same group, algorithm, (m, n) view, dtype, device and namespace form
-a bucket stepped by one `asgo_core.step` call; a stacked array adds its count matrices to the
-bucket of its (m, n), so E experts cost one batched root, not E. The step counter is a Python
-int, so choosing a root-refresh step reads no device value; `step` never copies device values
-to the host unless nonfinite="raise" asks it to check. A step is atomic: every bucket is
-computed before any array is written, so an error leaves params and state as they were.
-
-This adapter's own: in-place writes (CuPy's fused kernels, asgo_core.backends), stochastic
-rounding from NumPy/CuPy generators, host/device conversion and the state_dict format; the
-plumbing is asgo_core's (keyed: params and grads, options, buckets, checkpoint).
+Framework-specific here: in-place writes (CuPy's fused kernels, asgo_core.backends), stochastic
+rounding from NumPy/CuPy generators, host/device moves and the state_dict format of array
+stores. User guide: docs/cupy.md.
 """
 
 from __future__ import annotations
@@ -52,8 +22,8 @@ from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portabl
 from asgo_core.config import fail
 from asgo_core.keyed import check_finite, check_param, keyed_grads, nonfinite_keys, split_groups
 from asgo_core.layout import PermutedStack
-from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, defaults, group_settings,
-                               layout_of, signature)
+from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, defaults, group_config,
+                               group_settings, layout_of, signature)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
@@ -96,10 +66,11 @@ class _ArrayOptimizer:
     def step(self, grads) -> None:
         """One step: grads (dict by key or list by position, like params) updates in place."""
         grads = keyed_grads(grads, self._params)
-        settings = [self._with_group_context(i, self._group_settings, g)
+        settings = [self._with_group_context(i, group_settings, g, self.matrix_algorithms)
                     for i, g in enumerate(self.param_groups)]
         planned = [self._plan_bucket(bucket, grads, settings) for bucket in self._buckets]
-        self._check_adamw_finite(grads)
+        check_finite([slot.key for slot in self._adamw_slots
+                      if self.param_groups[slot.group_index]["nonfinite"] == "raise"], grads)
         for stream, (bucket, (update, new_state)) in enumerate(zip(self._buckets, planned)):
             self._apply_matrix_update(bucket, update, self.param_groups[bucket.key[1]]["lr"], stream)
             bucket.state = new_state
@@ -108,13 +79,8 @@ class _ArrayOptimizer:
         self._step_count += 1
 
     def state_dict(self) -> dict:
-        """{"step": int, "param_groups": [options + "params": keys], "state": {str(key): {...}}}.
-
-        Arrays are copies in the arrays' own namespace; options whose value is None are left
-        out (array stores cannot hold None) and read back as None. A matrix's state has the
-        arrays of a portable checkpoint entry (asgo_core.checkpoint, "gram_<g>" for "gram/<g>",
-        a leading count axis for a stack of count > 1 matrices) and its step "count".
-        """
+        """{"step": int, "param_groups": [options + "params": keys], "state": {str(key): {...}}}
+        of copies of the arrays, options whose value is None left out (format: docs/cupy.md)."""
         state = {}
         for bucket in self._buckets:
             per_key = stacked_state_entries(bucket.state, bucket.counts, _copy)
@@ -138,7 +104,7 @@ class _ArrayOptimizer:
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
         """This optimizer's state in the framework-neutral format of asgo_core.checkpoint.
-        names: one string per array in key order; None uses str(key)."""
+        names: one per array in key order; None: str(key)."""
         arrays = {}
         for bucket in self._buckets:
             arrays.update(zip(bucket.handles, stacked_state_entries(bucket.state, bucket.counts, _to_numpy)))
@@ -148,10 +114,9 @@ class _ArrayOptimizer:
                                names, per="array")
 
     def load_portable_state(self, portable_state: dict, names=None) -> None:
-        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
-        Every entry is checked (algorithm, shape, math-changing options, array shapes) before
-        anything changes; a mismatch raises asgo_core.CheckpointError. Arrays keep this
-        optimizer's namespace, dtype and device. names: as in portable_state."""
+        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export),
+        every entry checked before anything changes (asgo_core.CheckpointError); names: as in
+        portable_state."""
         entries = import_entries(portable_state, self._identities(), names, per="array")
         bucket_states, slot_states = self._states_from(dict(zip(self._params, entries)))
         self._set_states(bucket_states, slot_states, common_step(entries))
@@ -180,9 +145,10 @@ class _ArrayOptimizer:
         self._step_count = step_count
 
     # ---- construction -----------------------------------------------------------------
-    def _with_group_context(self, index, function, group):
+    def _with_group_context(self, index, function, group, *args):
+        """function(group, *args), a ValueError naming the group where there are several."""
         try:
-            return function(group)
+            return function(group, *args)
         except ValueError as error:
             if len(self.param_groups) == 1:
                 raise
@@ -192,17 +158,13 @@ class _ArrayOptimizer:
         unknown = set(group) - set(self.defaults) - {"params"}
         if unknown:
             fail("param_groups", sorted(unknown), "option names of " + type(self).__name__)
-        self._group_settings(group)
+        group_settings(group, self.matrix_algorithms)
         for key, array in group["params"].items():
             check_param(key, array)
             try:
                 check_param_shape(array.shape, group, algorithm_of(array.ndim, group, self.matrix_algorithm))
             except ValueError as error:
                 raise ValueError(f"params[{key!r}]: {error}") from None
-
-    def _group_settings(self, group: dict) -> dict:
-        """The checked options of one group: configs per matrix algorithm, AdamW options."""
-        return group_settings(group, self.matrix_algorithms)
 
     def _build_state(self):
         members, slots, placement = [], [], {}
@@ -217,7 +179,7 @@ class _ArrayOptimizer:
                 members.append(Member(key, PermutedStack.outputs_first(array.shape, group["batch_dims"])))
         buckets = plan_buckets(members, lambda member: placement[member.handle])
         for bucket in buckets:
-            config = self._group_settings(self.param_groups[bucket.key[1]])["configs"][bucket.key[2]]
+            config = group_config(self.param_groups[bucket.key[1]], bucket.key[2])
             bucket.state = init_state(self._stacked(bucket, self._params), config)
         return buckets, slots
 
@@ -249,11 +211,6 @@ class _ArrayOptimizer:
         except FloatingPointError:
             raise FloatingPointError(f"non-finite gradient for {nonfinite_keys(bucket.handles, grads)} "
                                      "(nonfinite='raise'); no state was changed") from None
-
-    def _check_adamw_finite(self, grads) -> None:
-        checked = [slot.key for slot in self._adamw_slots
-                   if self.param_groups[slot.group_index]["nonfinite"] == "raise"]
-        check_finite(checked, grads)
 
     def _rounds(self, group_index: int, param) -> bool:
         """Whether writes to param (or an array of its dtype) are rounded stochastically."""
@@ -307,7 +264,7 @@ class _ArrayOptimizer:
                 fail("state_dict", f"param_groups[{index}] keys {saved_keys}", "the optimizer's keys")
             options = {name: _to_python(saved.get(name, _ABSENT_OPTIONS.get(name))) for name in self.defaults}
             candidate = dict(group, **options)
-            self._with_group_context(index, self._group_settings, candidate)
+            self._with_group_context(index, group_settings, candidate, self.matrix_algorithms)
             if layout_of(candidate) != self._layouts[index]:
                 fail("state_dict", f"param_groups[{index}] layout options", "the optimizer's")
             loaded.append(options)
@@ -334,21 +291,14 @@ class _ArrayOptimizer:
 
 class ASGO(_ArrayOptimizer):
     """ASGO (asgo_core.ASGOConfig) on arrays, updated in place; <2-D arrays → built-in AdamW.
-
-    Options: ASGO's rows of asgo_core.options under the torch adapter's names and defaults
-    (inspect.signature(ASGO) lists them): the ASGOConfig fields, with betas = (beta1, beta2);
-    adamw_lr (None: lr), adamw_betas, adamw_eps, adamw_weight_decay for the AdamW arrays;
-    maximize; param_rounding; per group algorithm (None: by dims, or "asgo" | "dasgo" |
-    "adamw") and batch_dims (leading dims of a matrix array that index its matrices).
-    """
+    Options: the torch adapter's names and defaults (docs/options.md)."""
 
     matrix_algorithm = "asgo"
     matrix_algorithms = ("asgo", "dasgo")
 
 
 class DASGO(_ArrayOptimizer):
-    """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing and
-    batch_dims as ASGO; a group's algorithm is None, "dasgo" or "adamw"."""
+    """DASGO, the diagonal variant (asgo_core.DASGOConfig), with ASGO's AdamW routing."""
 
     matrix_algorithm = "dasgo"
     matrix_algorithms = ("dasgo",)

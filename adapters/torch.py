@@ -1,37 +1,13 @@
-"""ASGO and DASGO as torch.optim optimizers.
+"""ASGO and DASGO as torch.optim optimizers; the math and the plumbing are asgo_core's.
 
-    from asgo_core.adapters.torch import ASGO, DASGO, asgo_param_groups
-    opt = ASGO(model.parameters(), lr=1e-2)          # <2-D parameters → built-in AdamW
-    opt = ASGO(asgo_param_groups(model), lr=1e-2)    # embeddings and tied heads → AdamW too
-
-Parameters with two or more dims are matrices (N-D kernels are viewed as (out, rest); with
-batch_dims = b, the first b dims index a stack of such matrices). Matrices with the same group,
-algorithm, matrix shape, dtype, device and step count form a `Bucket`: each step stacks a
-bucket's gradients and state into new tensors, runs `asgo_core.step_terms` once on the stack
-and copies the results back into the state tensors, which stay the same objects from step to
-step (what torch.compile wants). State stays per parameter in `self.state`, so
-`state_dict()` / `load_state_dict()` work with plain torch.save / torch.load.
-
-A step is all or nothing: every gradient is checked (dense, real, the parameter's shape, dtype
-and device) before anything changes; with nonfinite="raise" in some group, every bucket is
-computed before any is written (the state is computed on stacked copies), and the group's
-AdamW gradients are checked too. With nonfinite="skip" (default) a matrix with a non-finite
-gradient is skipped and counted, while AdamW parameters follow torch.optim.AdamW exactly,
-which does not look at gradient values (a NaN gradient there reaches the parameter, as it
-does with torch.optim.AdamW; torch.amp.GradScaler skips such steps before they happen).
-
-Matrix state keys: "step" (a Python int, so choosing a root-refresh step reads no device
-value), "momentum" ((m, n), or (*batch, m, n) with batch_dims; float32 or wider), ASGO: "gram"
-and "root" (one (matrices·blocks, size, size) tensor per block group of `asgo_core.layout`),
-"skipped" (steps skipped for a non-finite gradient) and "fallbacks" (root solves that needed
-each `asgo_core.FALLBACK_LEVELS` entry); DASGO: "second_moment" ((n,)) instead of gram/root.
-Every state tensor lives on its parameter's device. AdamW parameters carry
-torch.optim.AdamW's own state ("step", a CPU tensor, "exp_avg", "exp_avg_sq").
+Framework-specific here: the torch.optim.Optimizer subclass with its param groups, closures and
+an all-or-nothing step; load_state_dict in torch.optim's hook order; buckets whose state tensors
+are reused from step to step (torch.compile) and written with _foreach ops; AdamW through
+torch's functional adamw; asgo_param_groups. User guide: docs/torch.md.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -44,9 +20,11 @@ from asgo_core import ASGOState, DASGOState, init_state, matrix_stack_shape, nee
 from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_from_group, import_entries,
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
+from asgo_core.keyed import nonfinite_keys
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import (algorithm_of, bound_options, check_group_options, check_learning_rate,
-                               check_param_shape, defaults, group_config, loaded_groups, signature)
+from asgo_core.options import (algorithm_of, batch_dims_for_path, bound_options, check_group_options,
+                               check_learning_rate, check_param_shape, defaults, group_config, loaded_groups,
+                               signature)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
@@ -56,7 +34,6 @@ __all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
 # The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
 _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
                for algorithm in ("asgo", "dasgo")}
-_ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,10 +105,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; closure (optional) re-evaluates the model and returns the loss.
-
-        All or nothing: every gradient is checked first, and where a group asks for
-        nonfinite="raise" every matrix update is computed before anything is written, so an
-        error leaves parameters and state as they were."""
+        All or nothing: gradients are checked first, and with nonfinite="raise" in some group
+        every matrix update is computed before anything is written."""
         loss = evaluate_closure(closure)
         self._check_gradients()
         buckets = self.plan_buckets()
@@ -196,15 +171,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         try:
             return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
         except FloatingPointError:  # nonfinite="raise"; reading the gradients again is fine now
-            raise _nonfinite_error(self._nonfinite_labels(bucket)) from None
-
-    def _nonfinite_labels(self, bucket: Bucket) -> str:
-        """The parameters of a bucket whose gradients are not finite (all of them, when only
-        their squares overflowed the statistics dtype)."""
-        labels = {param: _param_label(g, i, param) for g, group in enumerate(self.param_groups)
-                  for i, param in enumerate(group["params"])}
-        bad = [p for p in bucket.params if not bool(torch.isfinite(p.grad).all())] or bucket.params
-        return ", ".join(labels[p] for p in bad)
+            bad = nonfinite_keys(bucket.params, {param: param.grad for param in bucket.params})
+            labels = {param: _param_label(g, i, param) for g, group in enumerate(self.param_groups)
+                      for i, param in enumerate(group["params"])}
+            raise _nonfinite_error(", ".join(labels[param] for param in bad)) from None
 
     def _commit_bucket(self, bucket: Bucket, terms) -> None:
         """Write a bucket's new state (in place, into the tensors the state already holds) and
@@ -266,17 +236,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     # ---- state_dict ------------------------------------------------------------------------
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim.Optimizer's, in its order: the load_state_dict pre-hooks get a
-        shallow copy of state_dict and may return a replacement; what they leave is checked
-        whole before anything changes (the group and parameter counts, every saved group
-        option with the constructor's checks, each parameter's state: its algorithm's fields,
-        their shapes and kinds), a mismatch raising ValueError naming the parameter and the
-        field and leaving the optimizer as it was; then the state is loaded and the post-hooks
-        run. Entries of "state" that belong to no parameter are kept as they are, as torch.optim
-        keeps them; an option an older file lacks keeps this group's value. Matrix statistics
-        keep the statistics dtype (float32 for bf16 parameters) and move to the parameter's
-        device; AdamW state follows torch.optim.AdamW (moments in the parameter's dtype and
-        device, "step" a CPU tensor, also when saved as a number)."""
+        """As torch.optim.Optimizer's, in its order: pre-hooks (which may return a
+        replacement), a check of the whole dict that changes nothing when it fails (ValueError
+        naming the parameter and field), the load, post-hooks. Details: docs/torch.md."""
         if not isinstance(state_dict, dict):
             fail("state_dict", type(state_dict).__name__, "a dict with 'state' and 'param_groups'")
         state_dict = state_dict.copy()
@@ -309,12 +271,16 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return new_states, groups
 
     def _checked_state(self, param, group: dict, entry: dict, label: str) -> dict:
-        algorithm = self.algorithm_of(param, group)
+        """A saved state checked and converted; AdamW's "step" (a number in older files, else a
+        tensor) becomes the CPU tensor torch.optim.AdamW keeps."""
+        algorithm, convert = self.algorithm_of(param, group), _converter_to(param.device)
         if algorithm == "adamw":
-            return _checked_adamw_state(param, entry, label)
-        template = self._state_template(param, group, algorithm)
-        return loaded_state(entry, template, algorithm, label, array_type=torch.Tensor,
-                            convert=_converter_to(param.device))
+            template = _fresh_adamw_state(param)
+            state = loaded_state(entry, _moments(template), algorithm, label, array_type=torch.Tensor,
+                                 convert=convert, integer_step=False)
+            return _adamw_state_from(state, state["step"], template)
+        return loaded_state(entry, self._state_template(param, group, algorithm), algorithm, label,
+                            array_type=torch.Tensor, convert=convert)
 
     def _state_template(self, param, group: dict, algorithm: str) -> dict:
         """The matrix state a parameter holds, as meta tensors (shapes and dtypes only)."""
@@ -324,18 +290,15 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
     def portable_state(self, names=None) -> dict:
         """This optimizer's state in the framework-neutral format of asgo_core.checkpoint.
-
-        names: one string per parameter, in param-group order (e.g. the names of
-        model.named_parameters()); None names them "<group>.<index>"."""
+        names: one per parameter in param-group order; None: "<group>.<index>"."""
         pairs = self._params_and_groups()
         steps, arrays = zip(*(self._portable_arrays(param, group) for param, group in pairs))
         return export_portable(self._identities(), list(arrays), list(steps), names)
 
     def load_portable_state(self, portable: dict, names=None) -> None:
-        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export).
-        Every entry is checked (algorithm, shape, math-changing options, array shapes) before
-        anything changes; a mismatch raises asgo_core.CheckpointError. Statistics keep this
-        optimizer's dtype and device. names: as in portable_state."""
+        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export),
+        every entry checked before anything changes (asgo_core.CheckpointError); names: as in
+        portable_state."""
         pairs = self._params_and_groups()
         entries = import_entries(portable, self._identities(), names)
         new_states = [self._state_from_entry(*pair, entry) for pair, entry in zip(pairs, entries)]
@@ -355,7 +318,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         algorithm, state = self.algorithm_of(param, group), self.state[param]
         if algorithm == "adamw":
             state = state or _fresh_adamw_state(param)
-            return state["step"], {key: _numpy(state[key]) for key in _ADAMW_MOMENTS}
+            return state["step"], {key: _numpy(value) for key, value in _moments(state).items()}
         step = state.get("step", 0)
         core_state = (_stack_state([state], group["batch_dims"], step, reuse_storage=False) if step
                       else self._fresh_core_state(param, group, algorithm))
@@ -369,18 +332,14 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return init_state(stack, group_config(group, algorithm))
 
     def _state_from_entry(self, param, group, entry) -> dict:
+        convert = _converter_to(param.device)
         if entry["algorithm"] == "adamw":
             template = self.state[param] or _fresh_adamw_state(param)
-            moments = {key: template[key] for key in _ADAMW_MOMENTS}
-            state = arrays_from_entry(entry, moments, _tensor_from_numpy)
-            state["step"] = torch.tensor(float(entry["step"]), dtype=template["step"].dtype)
-            return state
+            return _adamw_state_from(arrays_from_entry(entry, _moments(template), convert), entry["step"],
+                                     template)
         template = self._fresh_core_state(param, group, entry["algorithm"])
-        counts = [_matrix_count(param, group)]
-        core_state = stacked_state_from_entries(template, [entry], counts, _tensor_from_numpy)
-        state = _split_state(core_state, (param,), group["batch_dims"])[0]
-        state["step"] = int(entry["step"])
-        return state
+        core_state = stacked_state_from_entries(template, [entry], [_matrix_count(param, group)], convert)
+        return {**_split_state(core_state, (param,), group["batch_dims"])[0], "step": int(entry["step"])}
 
 
 def _matrix_count(param, group: dict) -> int:
@@ -399,10 +358,6 @@ def _numpy(tensor: torch.Tensor):
     written as float32 (exactly) and cast back to the optimizer's dtype on load."""
     tensor = tensor.detach().cpu()
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-
-
-def _tensor_from_numpy(array, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(array).to(dtype=like.dtype, device=like.device).clone()
 
 
 def evaluate_closure(closure):
@@ -467,12 +422,25 @@ def _stochastically_rounded(value: torch.Tensor, dtype, generator) -> torch.Tens
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
-    """torch.optim.AdamW's functional step with a group's adamw_* options."""
+    """torch.optim.AdamW's functional step with a group's adamw_* options.
+
+    Compiled for an accelerator it takes torch's capturable path, as torch.compile makes
+    torch.optim.AdamW do: the other path feeds CPU step counts to the accelerator's foreach
+    kernels, which inductor cannot compile. The counts stay on the CPU (the state_dict
+    format): the kernels get copies on the device, and the counts are advanced here."""
     beta1, beta2 = group["adamw_betas"]
     lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
-    adamw_functional(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1,
+    capturable = _takes_capturable_path(params)
+    kernel_steps = [s.to(p.device, copy=True) for s, p in zip(steps, params)] if capturable else steps
+    adamw_functional(params, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, amsgrad=False, beta1=beta1,
                      beta2=beta2, lr=lr, weight_decay=group["adamw_weight_decay"], eps=group["adamw_eps"],
-                     maximize=group["maximize"])
+                     maximize=group["maximize"], capturable=capturable)
+    if capturable:
+        torch._foreach_add_(steps, 1)
+
+
+def _takes_capturable_path(params) -> bool:
+    return torch.compiler.is_compiling() and bool(params) and params[0].device.type != "cpu"
 
 
 def _add_to_run(runs: list, step_count: int, param) -> None:
@@ -556,35 +524,23 @@ def _cloned(value):
 
 
 def _converter_to(device):
-    """convert(saved tensor, template) for loaded_state: a copy in the template's dtype on device."""
-    return lambda value, like: value.to(device=device, dtype=like.dtype, copy=True)
+    """convert(saved tensor or NumPy array, template) of a load: a copy in the template's dtype
+    on device (the templates of a state_dict's checks are meta tensors)."""
+    return lambda value, like: torch.as_tensor(value).to(device=device, dtype=like.dtype, copy=True)
 
 
-def _checked_adamw_state(param, entry: dict, label: str) -> dict:
-    """torch.optim.AdamW's state for `param`: "step" (a number in older files, else a tensor)
-    becomes a CPU tensor, as torch keeps it; the moments take the parameter's dtype and device."""
-    template = _fresh_adamw_state(param)
-    moments = {key: template[key] for key in _ADAMW_MOMENTS}
-    state = loaded_state(entry, moments, "adamw", label, array_type=torch.Tensor,
-                         convert=_converter_to(param.device), integer_step=False)
-    state["step"] = torch.tensor(float(state["step"]), dtype=template["step"].dtype)
-    return state
+def _moments(adamw_state: dict) -> dict:
+    return {key: adamw_state[key] for key in ("exp_avg", "exp_avg_sq")}
+
+
+def _adamw_state_from(moments: dict, step, template: dict) -> dict:
+    """torch.optim.AdamW's state of loaded moments: "step" a CPU tensor of the template's dtype."""
+    return {**_moments(moments), "step": torch.tensor(float(step), dtype=template["step"].dtype)}
 
 
 class ASGO(_MatrixOptimizer):
-    """ASGO (one-sided Shampoo) for matrices, built-in AdamW for everything else.
-
-    Update of a matrix W: W ← W − lr·(U + weight_decay·W), U the RMS-normalised
-    preconditioned momentum; the options mean what they mean in asgo_core.ASGOConfig (same
-    names, same defaults; betas = (beta1, beta2)). Parameters with fewer than 2 dims — and any
-    group with algorithm="adamw" — take a step identical to torch.optim.AdamW with the adamw_*
-    options (adamw_lr=None: the group's lr). A group may set algorithm="asgo" | "dasgo" |
-    "adamw". maximize negates every gradient. batch_dims (a group option, default 0): the
-    first batch_dims dims of a parameter index independent matrices (mixture-of-experts
-    weights (E, out, in), scan-stacked layers (L, out, in)), each stepped exactly as a
-    separate parameter of the remaining shape would be; stacks of the same matrix shape share
-    one batched root.
-    """
+    """ASGO (one-sided Shampoo, asgo_core.ASGOConfig) for matrices, torch.optim.AdamW's step
+    for everything else; options: docs/options.md, routing and batch_dims: docs/torch.md."""
 
     matrix_algorithm = "asgo"
 
@@ -601,24 +557,17 @@ DASGO.__signature__ = _SIGNATURES["dasgo"]
 
 def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,
                       qk_names=("q_proj", "k_proj", "query", "key", "wq", "wk"), stacked=None, **overrides):
-    """Param groups in the reference training recipe's split.
-
-    AdamW: parameters with fewer than 2 dims and nn.Embedding weights (an output head tied to
-    an embedding is the same parameter, so it follows). With num_heads, the weights of modules
-    named in qk_names (the last component of the module path) get head-wise preconditioning
-    (SPEC §4); a fused nn.MultiheadAttention in_proj_weight gets 3·num_heads blocks (its Q, K
-    and V heads). stacked: {name pattern: batch_dims} for stacked weights, e.g.
-    {"*.experts.*": 1} for mixture-of-experts weights (E, out, in); patterns are
-    fnmatch-style and matched against the names of model.named_parameters(), the first match
-    wins; everything else has batch_dims 0 (a 3-D convolution kernel stays one matrix).
-    overrides (lr, weight_decay, ...) are set on every group.
-    """
+    """Param groups in the reference training recipe's split: AdamW for parameters with fewer
+    than 2 dims and nn.Embedding weights, head-wise blocks for the Q/K weights named in qk_names
+    (with num_heads), batch_dims by fnmatch pattern (stacked), overrides on every group.
+    Details: docs/torch.md."""
     embedding_ids = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
     matrices, heads, fused_heads, others = [], [], [], []
     by_batch_dims: dict[int, list] = {}
     for name, param in model.named_parameters():
         module_name = name.rsplit(".", 2)[-2] if name.count(".") else ""
-        batch_dims = _stacked_batch_dims(name, stacked or {})
+        batch_dims = batch_dims_for_path(stacked, name, glob=True)
+        check_batch_dims_value(batch_dims)
         if param.ndim < 2 or id(param) in embedding_ids:
             others.append(param)
         elif batch_dims:
@@ -634,11 +583,3 @@ def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,
               *({"params": params, "batch_dims": dims} for dims, params in by_batch_dims.items()),
               {"params": others, "algorithm": "adamw"}]
     return [{**group, **overrides} for group in groups if group["params"]]
-
-
-def _stacked_batch_dims(name: str, patterns: dict) -> int:
-    for pattern, batch_dims in patterns.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            check_batch_dims_value(batch_dims)
-            return batch_dims
-    return 0

@@ -8,7 +8,7 @@ preconditioner is wasted work. Here each parameter has one *owner* rank, chosen 
 greedy longest-processing-time split of the estimated step cost (`parameter_cost`: Gram + apply
 ≈ 4·m·n·k, root ≈ k³/τ, AdamW and DASGO elementwise). Each rank steps only the parameters it owns
 — through the unchanged `ASGO` / `DASGO` machinery, so an owner runs exactly the single-process
-arithmetic on its matrices — and then one `all_gather_single` per (dtype, device) per step hands
+arithmetic on its matrices — and then one `all_gather_into_tensor` per (dtype, device) per step hands
 every rank the new values of all parameters. The gathered layout is fixed at construction, so
 every rank calls the same collectives with the same sizes every step, whatever gradients it has:
 a parameter without a gradient on its owner is sent unchanged, and a rank that owns nothing
@@ -199,7 +199,7 @@ class _OwnerSplit:
         if mine:
             torch.cat([p.reshape(-1) for p in mine], out=chunk[:_numel(mine)])
         gathered = torch.empty(self.world_size * slot.chunk_numel, dtype=slot.dtype, device=slot.device)
-        dist.all_gather_single(gathered, chunk, group=self.process_group)
+        dist.all_gather_into_tensor(gathered, chunk, group=self.process_group)
         for rank, (owned, received) in enumerate(zip(slot.params_by_rank,
                                                      gathered.split(slot.chunk_numel))):
             if rank == self.rank or not owned:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import functools
 import inspect
 import math
@@ -101,10 +102,12 @@ def matches_path(patterns, path: str) -> bool:
     return any(re.search(pattern, path) for pattern in patterns or ())
 
 
-def batch_dims_for_path(batch_dims_by_path, path: str) -> int:
-    """The batch_dims of the first regex of `batch_dims_by_path` that matches `path`; 0 if none."""
+def batch_dims_for_path(batch_dims_by_path, path: str, glob: bool = False) -> int:
+    """The batch_dims of the first pattern of `batch_dims_by_path` that matches `path`: a regex
+    found somewhere in it (Keras), or with glob an fnmatch pattern of the whole path (torch's
+    parameter names); 0 if none."""
     for pattern, dims in (batch_dims_by_path or {}).items():
-        if re.search(pattern, path):
+        if fnmatch.fnmatchcase(path, pattern) if glob else re.search(pattern, path):
             return dims
     return 0
 
@@ -294,8 +297,8 @@ def check_group_options(group: dict, check_lr=check_non_negative) -> None:
 
 
 def checked_group(options: dict, framework: str, algorithm: str, check_lr=check_non_negative) -> tuple:
-    """(group, config) of options spelled the `framework`'s way (group_from), checked as
-    group_settings checks a group; an error names the options as the framework spells them."""
+    """(group, config) of options spelled the `framework`'s way (group_from), checked by
+    group_settings; an error names the options as the framework spells them."""
     try:
         group = group_from(options, framework, algorithm)
         return group, group_settings(group, (algorithm,), check_lr)["configs"][algorithm]

@@ -23,13 +23,18 @@ _CPU_LOOP_EIGH_MIN_K = 64
 # and out-of-memory are other types and propagate.
 EIGH_ERRORS = (torch.linalg.LinAlgError,)
 
-# root_method="auto" on CUDA picks the faster of eigh and polar_express at the measured size
-# nearest to k (on a log scale), from benchmarks/gpu_check.py's "auto_table": median ms of one
-# float32 inverse root of a batch, per k and method. Until a GPU run fills it, the rule of
-# _CUDA_ITERATION_MIN_K applies: above k = 32 torch leaves batched Jacobi for one syevd call
-# per matrix, measured 100× slower than CuPy's batched eigh on a 500×100×100 batch (pytorch
-# issue 174674), while the iteration is a few batched GEMMs.
-CUDA_ROOT_TIMINGS_MS: dict[int, dict[str, float]] = {}
+# root_method="auto" on CUDA: eigh up to k = 32, where torch's eigh is batched Jacobi; above,
+# the faster of eigh and polar_express at the measured size nearest to k (on a log scale) in
+# CUDA_ROOT_TIMINGS_MS, benchmarks/gpu_check.py's "auto_table": median ms of one float32
+# inverse root of a batch (k 384 × 6, 100 × 500, 1024 × 2, 4096 × 1), measured on an NVIDIA H100
+# 80GB HBM3 (torch 2.11.0+cu130, driver 580.159.04). Above k = 32 torch's eigh is one syevd call
+# per matrix, hence 973 ms for the 500 matrices of 100 × 100; the iteration is batched GEMMs.
+CUDA_ROOT_TIMINGS_MS: dict[int, dict[str, float]] = {
+    100: {"eigh": 972.754, "polar_express": 3.568},
+    384: {"eigh": 69.836, "polar_express": 4.805},
+    1024: {"eigh": 21.922, "polar_express": 4.61},
+    4096: {"eigh": 94.854, "polar_express": 111.569},
+}
 _CUDA_ITERATION_MIN_K = 33
 
 
@@ -107,7 +112,7 @@ def wide_gram(G, dtype):
 
 
 def choose_root_method(k, dtype, device):
-    if getattr(device, "type", str(device)) != "cuda":
+    if getattr(device, "type", str(device)) != "cuda" or k < _CUDA_ITERATION_MIN_K:
         return "eigh"
     if CUDA_ROOT_TIMINGS_MS:
         return fastest_root_method(k, CUDA_ROOT_TIMINGS_MS)

@@ -81,7 +81,7 @@ class Meter:
         core.robust_root = self._timed_root(core.robust_root)
         rank_share = {"all_reduce": lambda tensor, *_, **__: _bytes(tensor),
                       "all_to_all_single": _all_to_all_received,
-                      "all_gather_single": _all_gather_received}
+                      "all_gather_into_tensor": _all_gather_received}
         for name, received in rank_share.items():
             setattr(dist, name, self._counted(name, getattr(dist, name), received))
 
@@ -211,7 +211,7 @@ def gather(shapes):
     def step_fn(step):
         grad_shards = [g.chunk(world)[rank] for g in random_grads(shapes, step)]
         gathered = torch.empty(numel)
-        dist.all_gather_single(gathered, torch.cat([g.reshape(-1) for g in grad_shards]))
+        dist.all_gather_into_tensor(gathered, torch.cat([g.reshape(-1) for g in grad_shards]))
         per_rank = [part.split([g.numel() for g in grad_shards]) for part in gathered.chunk(world)]
         for index, param in enumerate(full):
             param.grad = torch.cat([parts[index].view(-1, *param.shape[1:]) for parts in per_rank])

@@ -362,7 +362,7 @@ def spd_batch(k, batch):
     return G @ np.swapaxes(G, -1, -2)   # rank k/2: the rank-deficient case of early training
 
 
-def root_timings(targets, plan, report):
+def root_timings(targets, plan, report, save):
     print("\n== inverse_root, float32, ms (compile + warm-up s in brackets)")
     print(f"  {'target':10s} {'k':>5s} {'B':>3s} " + " ".join(f"{m:>21s}" for m in ROOT_METHODS))
     for target in targets:
@@ -376,6 +376,7 @@ def root_timings(targets, plan, report):
                                                                            method=method),
                                               lambda: timed(target, solve, A)))
                 print(f"  {target.name:10s} {k:5d} {size:3d} " + " ".join(f"{c:>21s}" for c in cells))
+                save()
 
 
 def _timing_cell(records, key, measure):
@@ -399,7 +400,7 @@ def cupy_root_of_torch(tensor):
     return torch.from_dlpack(inverse_root(cupy.from_dlpack(tensor.detach()), method="eigh"))
 
 
-def eigh_comparison(targets, plan, report):
+def eigh_comparison(targets, plan, report, save):
     torch_target = next((t for t in targets if t.name.startswith("torch")), None)
     if torch_target is None:
         print("\n== eigh vs iteration: skipped (no torch target)")
@@ -422,12 +423,13 @@ def eigh_comparison(targets, plan, report):
             if name != "cupy_eigh" and figures.get("repeats"):
                 table.setdefault(k, {})[name] = figures["median_ms"]
         print(f"  k {k:5d} batch {batch:4d}  " + "  ".join(cells))
+        save()
     if torch_target.on_gpu:
         print(f"  CUDA_ROOT_TIMINGS_MS = {table!r}  (for asgo_core/backends/torch.py)")
 
 
 # ---- 6. GPT-2-style step timings -----------------------------------------------------------
-def gpt2_step_timings(targets, plan, report):
+def gpt2_step_timings(targets, plan, report, save):
     stacks = gpt2_stacks(plan)
     count = sum(b * m * n for b, m, n in stacks)
     print(f"\n== one ASGO step, root refreshed, float32, ms (compile + warm-up s): GPT-2-style d_model "
@@ -451,6 +453,7 @@ def gpt2_step_timings(targets, plan, report):
                                 lambda: timed(target, target.compiled(one_step), weights, grads, states))
             cells.append(f"{method}={cell}")
         print(f"  {target.name:10s} " + "  ".join(cells))
+        save()
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -479,26 +482,30 @@ def main(argv=None) -> int:
     if plan is CPU_PLAN:
         print("  no GPU target: CPU targets only, reduced sizes (checks the script, not a GPU)")
     report["section_s"] = {}
+    path = json_path(arguments.json)
+
+    def save():  # after each section and each timing row: a run stopped by its budget keeps its figures
+        checks = report["parity"] + report["fallback"] + report["adapters"]
+        report["passed"] = all(record["passed"] for record in checks)
+        report["total_s"] = round(whole.elapsed().wall_s, 1)
+        harness.write_json(path, report)
+
     sections = (("parity", lambda: parity(targets, plan, report)), ("fallback", lambda: fallbacks(targets, report)),
                 ("adapters", lambda: adapters(targets, report)),
-                ("inverse_root", lambda: root_timings(targets, plan, report)),
-                ("eigh_comparison", lambda: eigh_comparison(targets, plan, report)),
-                ("gpt2_step", lambda: gpt2_step_timings(targets, plan, report)))
-    path = json_path(arguments.json)
+                ("inverse_root", lambda: root_timings(targets, plan, report, save)),
+                ("eigh_comparison", lambda: eigh_comparison(targets, plan, report, save)),
+                ("gpt2_step", lambda: gpt2_step_timings(targets, plan, report, save)))
     if not targets:
         print("\nno framework target (torch, JAX, CuPy): nothing checked")
         report.update(passed=False, total_s=round(whole.elapsed().wall_s, 1))
         harness.write_json(path, report)
         return 1
-    checks = []
-    for name, run in sections:  # the JSON is rewritten after each section: a killed run keeps its figures
+    for name, run in sections:
         with harness.Stopwatch() as section:
             run()
         report["section_s"][name] = round(section.wall_s, 1)
-        checks = report["parity"] + report["fallback"] + report["adapters"]
-        report["passed"] = all(record["passed"] for record in checks)
-        report["total_s"] = round(whole.elapsed().wall_s, 1)
-        harness.write_json(path, report)
+        save()
+    checks = report["parity"] + report["fallback"] + report["adapters"]
     failed = sum(not record["passed"] for record in checks)
     print(f"\nchecks {'passed' if report['passed'] else f'FAILED ({failed} of {len(checks)})'}; "
           f"total {report['total_s']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["section_s"].items())

@@ -10,7 +10,7 @@
 #    torch, jax and cupy are used as they are, never replaced.
 # 2. gpu_check: benchmarks/gpu_check.py (its JSON and log).
 # 3. pytest: python -m pytest -m gpu (its log and JUnit XML), stopping itself within its budget.
-# Each section runs under its share of the budget (GPU_RUN_BUDGET_S, default 480 s) and prints
+# Each section runs under its share of the budget (GPU_RUN_BUDGET_S, default 560 s) and prints
 # it with the time used; gpu_run.json sums it up. Without an NVIDIA GPU, gpu_check runs its CPU
 # reduced plan and every GPU test case skips: that checks this script and the install, not a GPU.
 set -u
@@ -39,7 +39,7 @@ if [ -z "$OUT_DIR" ]; then
 fi
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-BUDGET_S=${GPU_RUN_BUDGET_S:-480}
+BUDGET_S=${GPU_RUN_BUDGET_S:-560}
 STARTED=$SECONDS
 SECTIONS=()
 
@@ -118,7 +118,7 @@ export -f install_offline run_gpu_check run_pytest
 section install 15 bash -c install_offline
 installed=$?
 if [ $installed -eq 0 ]; then
-    section gpu_check 45 bash -c run_gpu_check
+    section gpu_check 55 bash -c run_gpu_check
     section pytest_gpu 100 bash -c run_pytest
 fi
 

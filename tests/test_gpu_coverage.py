@@ -224,7 +224,10 @@ def test_cupy_eigh_decomposes_a_batch_in_one_call_and_passes_its_residual_check(
     values, vectors = values.get(), vectors.get()
     assert np.isfinite(vectors).all()
     expected = np.linalg.eigvalsh(A.astype(np.float64))
-    assert np.max(np.abs(values - expected)) <= 1e-4 * np.max(np.abs(expected))
+    # a backward-stable eigensolver: |δλ| ≤ c·k·eps·‖A‖₂, here c = 10 (batched Jacobi at
+    # k = 384 measured 0.45 of it on an H100; a failed solve is off by far more, or NaN)
+    bound = 10 * k * float(np.finfo(np.float32).eps) * np.max(np.abs(expected))
+    assert np.max(np.abs(values - expected)) <= bound
 
 
 def test_torch_and_cupy_share_the_gpu_through_dlpack():

@@ -18,6 +18,13 @@ METHODS = ("eigh", "newton_schulz", "polar_express", "coupled_newton")
 SOLVER_TOLERANCE = {"float64": 1e-6, "float32": 1e-3}
 
 
+def solver_tolerance(dtype: str, condition: float) -> float:
+    """The acceptance bound, or 2·κ·eps where that is larger: a backward-stable solver's root
+    of a condition-κ matrix is only that accurate (float32 at κ = 1e4: 2.4e-3; cuSOLVER's
+    eigh, through JAX and CuPy, measured 1.12e-3 on an H100 where LAPACK's gives less)."""
+    return max(SOLVER_TOLERANCE[dtype], 2 * condition * float(np.finfo(dtype).eps))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("k, condition", [(8, 1e2), (64, 1e4)])
@@ -27,7 +34,7 @@ def test_inverse_root_matches_float64_eigh(backend, method, dtype, k, condition)
     expected = inverse_sqrt(A, 0.0)
     root = inverse_root(backend.asarray(A, dtype), method=method, eps=0.0)
     assert str(root.dtype).endswith(dtype)
-    assert relative_error(backend.to_numpy(root), expected) < SOLVER_TOLERANCE[dtype]
+    assert relative_error(backend.to_numpy(root), expected) < solver_tolerance(dtype, condition)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -514,3 +514,28 @@ def test_torch_compile_matches_eager():
             step_fn()
     for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
         assert relative_error(actual.detach().numpy(), expected.detach().numpy()) < tolerance("float64")
+
+
+@pytest.mark.usefixtures("float64_default")
+def test_compiled_adamw_route_on_the_capturable_path_matches_eager(monkeypatch):
+    """What a compiled step on an accelerator runs (torch's capturable AdamW with device copies
+    of the step counts), forced here on the CPU: same values as eager, counts on the CPU."""
+    from asgo_core.adapters import torch as torch_adapter
+    monkeypatch.setattr(torch_adapter, "_takes_capturable_path",
+                        lambda params: torch.compiler.is_compiling() and bool(params))
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    eager_model, compiled_model = _conv_net(), _conv_net()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager = ASGO([{"params": list(eager_model.parameters()), "algorithm": "adamw"}], lr=1e-2)
+    compiled = ASGO([{"params": list(compiled_model.parameters()), "algorithm": "adamw"}], lr=1e-2)
+    compiled_step = torch.compile(compiled.step, backend="eager")
+    for _ in range(3):
+        for model, step_fn in ((eager_model, eager.step), (compiled_model, compiled_step)):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            step_fn()
+    for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
+    assert all(state["step"].device.type == "cpu" and state["step"].item() == 3
+               for state in compiled.state.values())

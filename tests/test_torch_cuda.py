@@ -118,9 +118,13 @@ def test_grad_scaler_on_cuda_steps_on_unscaled_grads_and_skips_infs(cuda):
 
 
 def test_a_cuda_tensor_lr_gives_the_float_lr_step(cuda):
+    # One step: the two writes round differently in the last bit (1 − lr·λ is formed in double
+    # from a float lr, in float32 from a float32 tensor), and over several steps
+    # the inverse root amplifies that last-bit difference (2e-4 relative after 3 steps on an
+    # H100). A step at lr 0.2 instead of 0.1 would differ by ~1e-2.
     as_float, as_tensor = _copies(cuda)
-    _train(as_float, ASGO(as_float.parameters(), lr=0.1), _batch(cuda), 3)
-    _train(as_tensor, ASGO(as_tensor.parameters(), lr=torch.tensor(0.1, device=cuda)), _batch(cuda), 3)
+    _train(as_float, ASGO(as_float.parameters(), lr=0.1), _batch(cuda), 1)
+    _train(as_tensor, ASGO(as_tensor.parameters(), lr=torch.tensor(0.1, device=cuda)), _batch(cuda), 1)
     for expected, actual in zip(as_float.parameters(), as_tensor.parameters()):
         torch.testing.assert_close(actual, expected, **FLOAT32)
 
