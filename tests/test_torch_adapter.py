@@ -500,18 +500,8 @@ def float64_default():
 def test_torch_compile_matches_eager():
     """float64, so that a real difference is not hidden in float32 roundoff (which ASGO's
     normalised steps amplify to ~1e-4 in four steps)."""
-    torch.manual_seed(0)
-    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-    eager_model, compiled_model = _conv_net(), _conv_net()
-    compiled_model.load_state_dict(eager_model.state_dict())
-    eager = ASGO(eager_model.parameters(), precondition_frequency=2)
-    compiled = ASGO(compiled_model.parameters(), precondition_frequency=2)
-    compiled_step = torch.compile(compiled.step, backend="eager")
-    for _ in range(4):
-        for model, step_fn in ((eager_model, eager.step), (compiled_model, compiled_step)):
-            model.zero_grad()
-            nn.functional.cross_entropy(model(inputs), targets).backward()
-            step_fn()
+    eager_model, compiled_model, _ = _eager_and_compiled_runs(
+        lambda model: ASGO(model.parameters(), precondition_frequency=2), steps=4)
     for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
         assert relative_error(actual.detach().numpy(), expected.detach().numpy()) < tolerance("float64")
 
@@ -523,19 +513,26 @@ def test_compiled_adamw_route_on_the_capturable_path_matches_eager(monkeypatch):
     from asgo_core.adapters import torch as torch_adapter
     monkeypatch.setattr(torch_adapter, "_takes_capturable_path",
                         lambda params: torch.compiler.is_compiling() and bool(params))
-    torch.manual_seed(0)
-    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-    eager_model, compiled_model = _conv_net(), _conv_net()
-    compiled_model.load_state_dict(eager_model.state_dict())
-    eager = ASGO([{"params": list(eager_model.parameters()), "algorithm": "adamw"}], lr=1e-2)
-    compiled = ASGO([{"params": list(compiled_model.parameters()), "algorithm": "adamw"}], lr=1e-2)
-    compiled_step = torch.compile(compiled.step, backend="eager")
-    for _ in range(3):
-        for model, step_fn in ((eager_model, eager.step), (compiled_model, compiled_step)):
-            model.zero_grad()
-            nn.functional.cross_entropy(model(inputs), targets).backward()
-            step_fn()
+    eager_model, compiled_model, compiled = _eager_and_compiled_runs(
+        lambda model: ASGO([{"params": list(model.parameters()), "algorithm": "adamw"}], lr=1e-2), steps=3)
     for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
     assert all(state["step"].device.type == "cpu" and state["step"].item() == 3
                for state in compiled.state.values())
+
+
+def _eager_and_compiled_runs(make_optimizer, steps: int):
+    """Two copies of a conv net trained side by side, one with the eager step and one with
+    torch.compile(step, backend="eager"): (eager model, compiled model, compiled optimizer)."""
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    eager_model, compiled_model = _conv_net(), _conv_net()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager, compiled = make_optimizer(eager_model), make_optimizer(compiled_model)
+    compiled_step = torch.compile(compiled.step, backend="eager")
+    for _ in range(steps):
+        for model, step_fn in ((eager_model, eager.step), (compiled_model, compiled_step)):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            step_fn()
+    return eager_model, compiled_model, compiled
