@@ -116,7 +116,7 @@ def choose_root_method(k, dtype, device):
         return "eigh"
     if CUDA_ROOT_TIMINGS_MS:
         return fastest_root_method(k, CUDA_ROOT_TIMINGS_MS)
-    return "polar_express" if k >= _CUDA_ITERATION_MIN_K else "eigh"
+    return "polar_express"
 
 
 def fastest_root_method(k: int, timings: dict[int, dict[str, float]]) -> str:
