@@ -22,9 +22,9 @@ from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_f
 from asgo_core.config import fail
 from asgo_core.keyed import nonfinite_keys
 from asgo_core.layout import check_batch_dims_value
-from asgo_core.options import (algorithm_of, batch_dims_for_path, bound_options, check_group_options,
-                               check_learning_rate, check_param_shape, defaults, group_config, loaded_groups,
-                               signature)
+from asgo_core.options import (adamw_options, algorithm_of, batch_dims_for_path, bound_options,
+                               check_group_options, check_learning_rate, check_param_shape, defaults,
+                               group_config, loaded_groups, signature)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
@@ -426,14 +426,14 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
 
     Compiled for an accelerator it takes torch's capturable path, as torch.compile makes
     torch.optim.AdamW do: the other path feeds CPU step counts to the accelerator's foreach
-    kernels, which inductor cannot compile. The counts stay on the CPU (the state_dict
+    kernels, which torch.compile fails to trace. The counts stay on the CPU (the state_dict
     format): the kernels get copies on the device, and the counts are advanced here."""
-    beta1, beta2 = group["adamw_betas"]
-    lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
+    options = adamw_options(group)
+    beta1, beta2 = options["betas"]
     capturable = _takes_capturable_path(params)
     kernel_steps = [s.to(p.device, copy=True) for s, p in zip(steps, params)] if capturable else steps
     adamw_functional(params, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, amsgrad=False, beta1=beta1,
-                     beta2=beta2, lr=lr, weight_decay=group["adamw_weight_decay"], eps=group["adamw_eps"],
+                     beta2=beta2, lr=options["lr"], weight_decay=options["weight_decay"], eps=options["eps"],
                      maximize=group["maximize"], capturable=capturable)
     if capturable:
         torch._foreach_add_(steps, 1)
