@@ -11,7 +11,9 @@ and checkpoint format are asgo_core's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional
+import functools
+import inspect
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,8 @@ from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import ASGOConfig, fail
 from asgo_core.layout import PermutedStack
-from asgo_core.options import check_rate_or_schedule, check_traceable, checked_group, defaults, static_args
+from asgo_core.options import (bound_options, check_rate_or_schedule, check_traceable, checked_group, defaults,
+                               signature, static_args)
 from asgo_core.precision import rounded_sum
 from asgo_core.state_codec import member_named, state_from_member_named
 from asgo_core.step import traced_root_refresh
@@ -43,6 +46,9 @@ ADAMW_DEFAULTS = {"betas": (_ADAM["adam_b1"], _ADAM["adam_b2"]), "eps": _ADAM["a
 
 # The options that select leaves (prefix trees or callables), which the options table does not hold
 _LEAF_SELECTIONS = ("weight_decay_mask", "weight_dimension_numbers")
+# The options of the AdamW leaves, and the ones optax.inject_hyperparams may inject as arrays
+_ADAMW_ARGS = ("learning_rate", "adam_b1", "adam_b2", "adam_eps", "adam_weight_decay", "adam_learning_rate")
+_INJECTABLE = _ADAMW_ARGS + ("weight_decay",)
 
 
 def _static_args(algorithm: str) -> tuple:
@@ -319,37 +325,44 @@ def _with_weight_decay(direction, bucket: Bucket, params, weight_decay, decay_ma
     return (direction.astype(wide) + decay[:, None, None] * weights.astype(wide)).astype(direction.dtype)
 
 
-def scale_by_asgo(b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6, damping: str = "relative",
-                  precondition_frequency: int = 1, update_rms: Optional[float] = 0.2,
-                  accumulate: str = "ema", side: str = "auto", root_method: str = "auto",
-                  root_steps: Optional[int] = None, root_tolerance: Optional[float] = None,
-                  residual_tolerance: float = 0.1, max_precond_dim: Optional[int] = None,
-                  num_heads: Optional[int] = None, nonfinite: str = "skip",
-                  matmul_dtype: Optional[str] = None, mu_dtype: Optional[str] = None,
-                  precond_dtype: Optional[str] = None, weight_decay: float = 0.0,
-                  weight_decay_mask: Any = None,
-                  weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
+def _taking_options(algorithm: str, with_adamw: bool):
+    """Makes function(options) take the options table's optax options positionally, in the
+    table's order (asgo_core.options): asgo()/dasgo() with learning_rate required, scale_by_*()
+    without learning_rate and adam_* and with weight_decay 0; weight_decay_mask follows
+    weight_decay, weight_dimension_numbers comes last."""
+    table = {name: default for name, default in defaults(algorithm, "optax").items()
+             if with_adamw or name not in _ADAMW_ARGS}
+    names = [*table, "weight_dimension_numbers"]
+    names.insert(names.index("weight_decay") + 1, "weight_decay_mask")
+    accepted = signature(names, {**table, "weight_decay_mask": None, "weight_dimension_numbers": None,
+                                 **({"learning_rate": inspect.Parameter.empty} if with_adamw else
+                                    {"weight_decay": 0.0})})
+
+    def decorate(function):
+        def with_options(*args, **kwargs):
+            return function(bound_options(accepted, function.__name__, args, kwargs))
+        with_options.__signature__ = accepted
+        return functools.update_wrapper(with_options, function)
+    return decorate
+
+
+@_taking_options("asgo", with_adamw=False)
+def scale_by_asgo(options: dict) -> optax.GradientTransformation:
     """ASGO's update U (+ weight_decay·W) for every leaf of the tree, each seen as a matrix.
 
     Options: asgo_core.ASGOConfig's (b1, b2: beta1, beta2; weight_decay 0 here), and the
     prefix trees weight_decay_mask and weight_dimension_numbers (docs/optax.md).
     """
-    return _scale_by_core("asgo", dict(locals()))
+    return _scale_by_core("asgo", options)
 
 
-def scale_by_dasgo(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                   update_rms: Optional[float] = 0.2, accumulate: str = "ema",
-                   nonfinite: str = "skip", mu_dtype: Optional[str] = None,
-                   weight_decay: float = 0.0, weight_decay_mask: Any = None,
-                   weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
+@_taking_options("dasgo", with_adamw=False)
+def scale_by_dasgo(options: dict) -> optax.GradientTransformation:
     """DASGO's update (diagonal statistics over each matrix's inputs); see scale_by_asgo."""
-    return _scale_by_core("dasgo", dict(locals()))
+    return _scale_by_core("dasgo", options)
 
 
 # ----------------------------------------------------------------------------- full optimizers
-# The options of the AdamW leaves, and the ones optax.inject_hyperparams may inject as arrays
-_ADAMW_ARGS = ("learning_rate", "adam_b1", "adam_b2", "adam_eps", "adam_weight_decay", "adam_learning_rate")
-_INJECTABLE = _ADAMW_ARGS + ("weight_decay",)
 
 
 def _with_adamw(algorithm: str, arguments: dict) -> optax.GradientTransformation:
@@ -373,35 +386,20 @@ def _with_adamw(algorithm: str, arguments: dict) -> optax.GradientTransformation
     return optax.partition({"matrix": matrices, "adamw": adamw}, labels)
 
 
-def asgo(learning_rate, b1: float = 0.9, b2: float = 0.8, eps: float = 1e-6,
-         damping: str = "relative", precondition_frequency: int = 1,
-         update_rms: Optional[float] = 0.2, accumulate: str = "ema", side: str = "auto",
-         root_method: str = "auto", root_steps: Optional[int] = None,
-         root_tolerance: Optional[float] = None, residual_tolerance: float = 0.1,
-         max_precond_dim: Optional[int] = None, num_heads: Optional[int] = None,
-         nonfinite: str = "skip", matmul_dtype: Optional[str] = None,
-         mu_dtype: Optional[str] = None, precond_dtype: Optional[str] = None, weight_decay: float = 0.1,
-         weight_decay_mask: Any = None, adam_b1: float = _ADAM["adam_b1"],
-         adam_b2: float = _ADAM["adam_b2"], adam_eps: float = _ADAM["adam_eps"],
-         adam_weight_decay: float = _ADAM["adam_weight_decay"], adam_learning_rate: Any = None,
-         weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
+@_taking_options("asgo", with_adamw=True)
+def asgo(options: dict) -> optax.GradientTransformation:
     """ASGO for matrix leaves, AdamW for the rest: W ← W − lr·(U + weight_decay·W).
 
     learning_rate: a number or an optax schedule; ASGO options as scale_by_asgo's, weight_decay
     0.1 (the core's); adam_*: the AdamW of the other leaves (docs/optax.md).
     """
-    return _with_adamw("asgo", dict(locals()))
+    return _with_adamw("asgo", options)
 
 
-def dasgo(learning_rate, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-          update_rms: Optional[float] = 0.2, accumulate: str = "ema", nonfinite: str = "skip",
-          mu_dtype: Optional[str] = None, weight_decay: float = 0.1,
-          weight_decay_mask: Any = None, adam_b1: float = _ADAM["adam_b1"],
-          adam_b2: float = _ADAM["adam_b2"], adam_eps: float = _ADAM["adam_eps"],
-          adam_weight_decay: float = _ADAM["adam_weight_decay"], adam_learning_rate: Any = None,
-          weight_dimension_numbers: Any = None) -> optax.GradientTransformation:
+@_taking_options("dasgo", with_adamw=True)
+def dasgo(options: dict) -> optax.GradientTransformation:
     """DASGO for matrix leaves, AdamW for the rest; options as asgo and scale_by_dasgo."""
-    return _with_adamw("dasgo", dict(locals()))
+    return _with_adamw("dasgo", options)
 
 
 # ----------------------------------------------------------------------------- numerics health

@@ -115,16 +115,16 @@ def batch_dims_for_path(batch_dims_by_path, path: str, glob: bool = False) -> in
 _SEPARATE = {"torch": None}  # torch.optim spells the two betas as one pair
 _PAIRED = {"keras": None, "optax": None}
 _KERAS_ONLY = {"torch": None, "optax": None}
+# The rows' order is every generated signature's order (the optax functions take them positionally)
 OPTIONS = (
     Option("lr", default=1e-2, spellings={"keras": "learning_rate", "optax": "learning_rate"}),
     Option("betas", pair=("beta1", "beta2"), spellings=_PAIRED),
     Option("beta1", static=True, spellings=_SEPARATE | {"keras": "beta_1", "optax": "b1"}),
     Option("beta2", static=True, spellings=_SEPARATE | {"keras": "beta_2", "optax": "b2"}),
     Option("eps", static=True, spellings={"keras": "epsilon"}),
-    Option("weight_decay"),
+    Option("damping", ("asgo",)),
     Option("precondition_frequency", ("asgo",), static=True),
     Option("update_rms", static=True),
-    Option("damping", ("asgo",)),
     Option("accumulate"),
     Option("side", ("asgo",), layout=True),
     Option("root_method", ("asgo",)),
@@ -137,14 +137,15 @@ OPTIONS = (
     Option("matmul_dtype", ("asgo",), static=True),
     Option("mu_dtype", static=True),
     Option("precond_dtype", ("asgo",), static=True),
+    Option("weight_decay"),
     Option("param_rounding", default="nearest", spellings={"optax": None}),  # optax: apply_updates_stochastic
-    Option("adamw_lr", default=None, spellings={"keras": None, "optax": "adam_learning_rate"}),
     Option("adamw_betas", pair=("adamw_beta1", "adamw_beta2"), spellings=_PAIRED),
     Option("adamw_beta1", default=0.9, spellings=_SEPARATE | {"keras": "adam_beta_1", "optax": "adam_b1"}),
     Option("adamw_beta2", default=0.95, spellings=_SEPARATE | {"keras": "adam_beta_2", "optax": "adam_b2"}),
     Option("adamw_eps", default=1e-8, spellings={"keras": "adam_epsilon", "optax": "adam_eps"}),
     Option("adamw_weight_decay", default=0.0, spellings={"keras": "adam_weight_decay",
                                                          "optax": "adam_weight_decay"}),
+    Option("adamw_lr", default=None, spellings={"keras": None, "optax": "adam_learning_rate"}),
     Option("maximize", default=False, spellings=_PAIRED),
     Option("algorithm", default=None, spellings=_PAIRED),
     Option("batch_dims", default=0, layout=True, spellings=_PAIRED),

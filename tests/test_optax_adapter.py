@@ -409,3 +409,20 @@ def test_signature_defaults_are_the_options_tables(make, algorithm):
     shared = (set(table) & set(signature)) - {"learning_rate"}  # asgo()/dasgo() require it
     assert {"b1", "b2", "eps", "weight_decay", "adam_b1", "adam_eps"} <= shared
     assert {name: signature[name] for name in shared} == {name: table[name] for name in shared}
+
+
+def test_options_bind_positionally_in_the_documented_order():
+    """optax's functions take every option positionally: a positional call reaches the option at
+    its place in the docs (docs/optax.md), and an error names it."""
+    names = list(inspect.signature(asgo).parameters)
+    assert names[:5] == ["learning_rate", "b1", "b2", "eps", "damping"]
+    assert names[names.index("weight_decay") + 1] == "weight_decay_mask"
+    assert names[-1] == "weight_dimension_numbers"
+    with pytest.raises(ValueError, match="damping"):
+        scale_by_asgo(0.9, 0.8, 1e-6, "bogus")
+    with pytest.raises(ValueError, match="update_rms"):
+        dasgo(LR, 0.9, 0.95, 1e-8, -1.0)
+    with pytest.raises(TypeError, match="scale_by_dasgo.*accepted: b1, b2"):
+        scale_by_dasgo(learning_rate=LR)
+    assert inspect.signature(asgo).parameters["learning_rate"].default is inspect.Parameter.empty
+    assert inspect.signature(scale_by_asgo).parameters["weight_decay"].default == 0.0
