@@ -27,8 +27,8 @@ from asgo_core.checkpoint import (ParamIdentity, arrays_from_entry, common_step,
                                   import_entries, stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import ASGOConfig, fail
 from asgo_core.layout import PermutedStack
-from asgo_core.options import (bound_options, check_rate_or_schedule, check_traceable, checked_group, defaults,
-                               signature, static_args)
+from asgo_core.options import (bound_options, check_rate_or_schedule, check_traceable, checked_group,
+                               checkpoint_config, defaults, group_from, signature, static_args)
 from asgo_core.precision import rounded_sum
 from asgo_core.state_codec import member_named, state_from_member_named
 from asgo_core.step import traced_root_refresh
@@ -37,12 +37,9 @@ __all__ = ["ADAMW_DEFAULTS", "ASGO_STATIC_ARGS", "DASGO_STATIC_ARGS", "STATIC_AR
            "ScaleByASGOState", "ScaleByDASGOState", "apply_updates_stochastic", "asgo", "dasgo",
            "numerics_counters", "portable_state", "scale_by_asgo", "scale_by_dasgo", "state_from_portable"]
 
-# The AdamW of non-matrix leaves: the options table's adam_* defaults (the reference recipe's betas,
-# eps and no decay), and what the portable functions assume unless given `adamw`.
-_ADAM = {name: value for name, value in defaults("asgo", "optax").items() if name.startswith("adam_")}
-ADAMW_DEFAULTS = {"betas": (_ADAM["adam_b1"], _ADAM["adam_b2"]), "eps": _ADAM["adam_eps"],
-                  "weight_decay": _ADAM["adam_weight_decay"]}
-
+# The AdamW of non-matrix leaves (the options table's adam_* defaults): what the portable functions
+# assume unless given `adamw`.
+ADAMW_DEFAULTS = checkpoint_config(group_from({}, "optax", "asgo"), "adamw")
 
 # The options that select leaves (prefix trees or callables), which the options table does not hold
 _LEAF_SELECTIONS = ("weight_decay_mask", "weight_dimension_numbers")
@@ -51,17 +48,12 @@ _ADAMW_ARGS = ("learning_rate", "adam_b1", "adam_b2", "adam_eps", "adam_weight_d
 _INJECTABLE = _ADAMW_ARGS + ("weight_decay",)
 
 
-def _static_args(algorithm: str) -> tuple:
-    """What optax.inject_hyperparams must not inject (it injects every number and calls every
-    callable as a schedule): the options that shape the traced program (asgo_core.options), and
-    the leaf selections. The learning rates, weight_decay and adam_* may be."""
-    return static_args(algorithm, "optax") + _LEAF_SELECTIONS
-
-
-# optax.inject_hyperparams(asgo, static_args=ASGO_STATIC_ARGS)(learning_rate=...), and the same
-# with dasgo and DASGO_STATIC_ARGS; STATIC_ARGS is asgo's.
-ASGO_STATIC_ARGS = _static_args("asgo")
-DASGO_STATIC_ARGS = _static_args("dasgo")
+# optax.inject_hyperparams(asgo, static_args=ASGO_STATIC_ARGS)(learning_rate=...), and the same with
+# dasgo and DASGO_STATIC_ARGS (STATIC_ARGS is asgo's): what it must not inject (it injects every number
+# and calls every callable as a schedule), the options that shape the traced program and the leaf
+# selections. The learning rates, weight_decay and adam_* may be injected.
+ASGO_STATIC_ARGS = static_args("asgo", "optax") + _LEAF_SELECTIONS
+DASGO_STATIC_ARGS = static_args("dasgo", "optax") + _LEAF_SELECTIONS
 STATIC_ARGS = ASGO_STATIC_ARGS
 
 
@@ -131,16 +123,13 @@ def _per_leaf(prefix, tree, is_value) -> list:
             for _ in jax.tree.leaves(subtree)]
 
 
-def _is_dimension_numbers(x) -> bool:
-    return x is None or isinstance(x, MuonDimensionNumbers)
-
-
 def _dimension_numbers_per_leaf(weight_dimension_numbers, tree) -> list:
     """MuonDimensionNumbers or None per leaf; by default 2-D leaves are (in, out) matrices."""
     if weight_dimension_numbers is None:
         return [MuonDimensionNumbers() if jnp.ndim(leaf) == 2 else None
                 for leaf in jax.tree.leaves(tree)]
-    return _per_leaf(weight_dimension_numbers, tree, _is_dimension_numbers)
+    return _per_leaf(weight_dimension_numbers, tree,
+                     lambda x: x is None or isinstance(x, MuonDimensionNumbers))
 
 
 def _decay_mask_per_leaf(weight_decay_mask, tree) -> list:

@@ -9,7 +9,6 @@ torch's functional adamw; asgo_param_groups. User guide: docs/torch.md.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import array_api_compat.torch as torch_xp
 import torch
@@ -17,11 +16,12 @@ from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 
 from asgo_core import ASGOState, DASGOState, init_state, matrix_stack_shape, needs_root_refresh, step_terms
+from asgo_core.buckets import Bucket, Member, plan_buckets
 from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_from_group, import_entries,
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.keyed import nonfinite_keys
-from asgo_core.layout import check_batch_dims_value
+from asgo_core.layout import PermutedStack, check_batch_dims_value
 from asgo_core.options import (adamw_options, algorithm_of, batch_dims_for_path, bound_options,
                                check_group_options, check_learning_rate, check_param_shape, defaults,
                                group_config, loaded_groups, signature)
@@ -29,32 +29,11 @@ from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
 
-__all__ = ["ASGO", "DASGO", "Bucket", "asgo_param_groups"]
+__all__ = ["ASGO", "DASGO", "asgo_param_groups"]
 
 # The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
 _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
                for algorithm in ("asgo", "dasgo")}
-
-
-@dataclass(frozen=True, eq=False)
-class Bucket:
-    """Matrices stepped as one batch: same group, algorithm, matrix shape, dtype, device and
-    step count. A parameter with batch_dims > 0 contributes all its matrices (an expert stack
-    (E, m, n) gives E). Buckets are independent units of work in a fixed order (the order of
-    first appearance in the param groups), so a distributed version can assign them to ranks."""
-    group_index: int
-    algorithm: str
-    params: tuple
-    batch_dims: int = 0
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return matrix_stack_shape(self.params[0].shape, self.batch_dims)[1:]
-
-    @property
-    def matrix_counts(self) -> tuple[int, ...]:
-        """Matrices of each parameter."""
-        return tuple(matrix_stack_shape(p.shape, self.batch_dims)[0] for p in self.params)
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
@@ -110,7 +89,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         loss = evaluate_closure(closure)
         self._check_gradients()
         buckets = self.plan_buckets()
-        deferred = any(self.param_groups[b.group_index]["nonfinite"] == "raise" for b in buckets)
+        deferred = any(self._bucket_group(bucket)[0]["nonfinite"] == "raise" for bucket in buckets)
         computed = []
         for bucket in buckets:
             computed.append((bucket, self._bucket_terms(bucket, in_place=not deferred)))
@@ -137,41 +116,46 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                     raise _nonfinite_error(label)
 
     def plan_buckets(self) -> list[Bucket]:
-        """This step's buckets: every matrix with a gradient, grouped (see Bucket)."""
-        runs_by_kind: dict[tuple, list] = {}
+        """This step's buckets (asgo_core.buckets, parameters as the members' handles): the
+        matrices with a gradient, by matrix shape, group, algorithm, dtype, device and step
+        count, in order of first appearance in the param groups (docs/torch.md)."""
+        members, kinds, step_counts = [], {}, []
         for group_index, group in enumerate(self.param_groups):
             for param in _params_with_grad(group):
                 algorithm = self.algorithm_of(param, group)
-                if algorithm == "adamw":
-                    continue
-                matrix_shape = matrix_stack_shape(param.shape, group["batch_dims"])[1:]
-                kind = (group_index, algorithm, matrix_shape, param.dtype, param.device)
-                _add_to_run(runs_by_kind.setdefault(kind, []), self.state[param].get("step", 0), param)
-        return [Bucket(kind[0], kind[1], tuple(params), self.param_groups[kind[0]]["batch_dims"])
-                for kind, runs in runs_by_kind.items() for _, params in runs]
+                if algorithm != "adamw":
+                    view = PermutedStack.outputs_first(param.shape, group["batch_dims"])
+                    members.append(Member(param, view))
+                    kinds[param] = (group_index, algorithm, param.dtype, param.device,
+                                    _index_in(step_counts, self.state[param].get("step", 0)))
+        return plan_buckets(members, lambda member: kinds[member.handle])
+
+    def _bucket_group(self, bucket: Bucket) -> tuple[dict, str]:
+        """(param group, algorithm) of a bucket of plan_buckets."""
+        return self.param_groups[bucket.key[1]], bucket.key[2]
 
     def _bucket_terms(self, bucket: Bucket, in_place: bool):
         """The core's (direction, scale, new_state) of a bucket. in_place=False computes on
         stacked copies of the state, so nothing the optimizer holds changes here; in_place=True
         lets the core update the state where it lies, when its tensors are still the
         back-to-back views of one stack (eager mode: no copy in, less to copy back)."""
-        group = self.param_groups[bucket.group_index]
-        config = group_config(group, bucket.algorithm)
-        grads = _stacked([p.grad for p in bucket.params], bucket.matrix_shape, reuse_storage=False)
+        group, algorithm = self._bucket_group(bucket)
+        config = group_config(group, algorithm)
+        grads = _stacked([p.grad for p in bucket.handles], bucket.matrix_shape, reuse_storage=False)
         if group["maximize"]:
             grads = grads.neg_()
-        step_count = self.state[bucket.params[0]].get("step", 0)
+        step_count = self.state[bucket.handles[0]].get("step", 0)
         if step_count == 0:
             core_state = init_state(grads, config)
         else:
-            states = [self.state[p] for p in bucket.params]
+            states = [self.state[p] for p in bucket.handles]
             reuse = in_place and not torch.compiler.is_compiling()
-            core_state = _stack_state(states, bucket.batch_dims, step_count, reuse_storage=reuse)
-        refresh = bucket.algorithm == "asgo" and needs_root_refresh(step_count, config)
+            core_state = _stack_state(states, group["batch_dims"], step_count, reuse_storage=reuse)
+        refresh = algorithm == "asgo" and needs_root_refresh(step_count, config)
         try:
             return step_terms(grads, core_state, config, refresh_root=refresh, overwrite_state=True)
         except FloatingPointError:  # nonfinite="raise"; reading the gradients again is fine now
-            bad = nonfinite_keys(bucket.params, {param: param.grad for param in bucket.params})
+            bad = nonfinite_keys(bucket.handles, {param: param.grad for param in bucket.handles})
             labels = {param: _param_label(g, i, param) for g, group in enumerate(self.param_groups)
                       for i, param in enumerate(group["params"])}
             raise _nonfinite_error(", ".join(labels[param] for param in bad)) from None
@@ -180,18 +164,19 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         """Write a bucket's new state (in place, into the tensors the state already holds) and
         its parameter update."""
         direction, scale, new_state = terms
-        group = self.param_groups[bucket.group_index]
-        states = [self.state[p] for p in bucket.params]
+        group, algorithm = self._bucket_group(bucket)
+        params, states = bucket.handles, [self.state[p] for p in bucket.handles]
         step_count = states[0].get("step", 0)
-        _store_state(states, _split_state(new_state, bucket.params, bucket.batch_dims))
+        _store_state(states, _split_state(new_state, params, group["batch_dims"]))
         for state in states:
             state["step"] = step_count + 1
-        weight_decay = group_config(group, bucket.algorithm).weight_decay
-        if rounds_stochastically(group["param_rounding"], bucket.params[0].dtype, torch_xp):
-            generator = self._rounding_generator(bucket.params[0], step_count)
-            _write_rounded_update(bucket, direction, scale, group["lr"], weight_decay, generator)
+        weight_decay = group_config(group, algorithm).weight_decay
+        if rounds_stochastically(group["param_rounding"], params[0].dtype, torch_xp):
+            generator = self._rounding_generator(params[0], step_count)
+            _write_rounded_update(params, group["batch_dims"], direction, scale, group["lr"], weight_decay,
+                                  generator)
         else:
-            _write_update(bucket, direction, scale, group["lr"], weight_decay)
+            _write_update(params, group["batch_dims"], direction, scale, group["lr"], weight_decay)
 
     def _rounding_generator(self, param, step_count: int) -> torch.Generator:
         """The seeded generator of a stochastically rounded write to param (and the parameters
@@ -322,7 +307,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         step = state.get("step", 0)
         core_state = (_stack_state([state], group["batch_dims"], step, reuse_storage=False) if step
                       else self._fresh_core_state(param, group, algorithm))
-        return step, stacked_state_entries(core_state, [_matrix_count(param, group)], _numpy)[0]
+        counts = _matrix_counts([param], group["batch_dims"])
+        return step, stacked_state_entries(core_state, counts, _numpy)[0]
 
     def _fresh_core_state(self, param, group, algorithm, device=None):
         """The core's zero state of the parameter's (matrices, m, n) stack, on `device` (default:
@@ -338,12 +324,15 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             return _adamw_state_from(arrays_from_entry(entry, _moments(template), convert), entry["step"],
                                      template)
         template = self._fresh_core_state(param, group, entry["algorithm"])
-        core_state = stacked_state_from_entries(template, [entry], [_matrix_count(param, group)], convert)
+        counts = _matrix_counts([param], group["batch_dims"])
+        core_state = stacked_state_from_entries(template, [entry], counts, convert)
         return {**_split_state(core_state, (param,), group["batch_dims"])[0], "step": int(entry["step"])}
 
 
-def _matrix_count(param, group: dict) -> int:
-    return matrix_stack_shape(param.shape, group["batch_dims"])[0]
+def _matrix_counts(params, batch_dims: int) -> list:
+    """Matrices of each parameter, read from its shape (DistributedASGO steps a rank's part of a
+    stack in its place)."""
+    return [matrix_stack_shape(param.shape, batch_dims)[0] for param in params]
 
 
 def _fresh_adamw_state(param: torch.Tensor) -> dict:
@@ -388,12 +377,12 @@ def _check_grad(param: torch.Tensor, label: str) -> None:
                            f"device {param.device}")
 
 
-def _write_update(bucket: Bucket, direction, scale, lr, weight_decay: float) -> None:
+def _write_update(params, batch_dims: int, direction, scale, lr, weight_decay: float) -> None:
     """W ← W·(1 − lr·weight_decay) − lr·scale·D for each matrix: two passes over W, no
     update-sized temporary. A skipped matrix (scale 0) is neither moved nor decayed. The
     factors are in the statistics dtype (float64 for float64 params); a tensor lr (e.g. a
     scheduler's) works as a float does."""
-    params, counts, batch_dims = list(bucket.params), bucket.matrix_counts, bucket.batch_dims
+    counts = _matrix_counts(params, batch_dims)
 
     def per_param(values):  # (matrices, 1, 1) → one tensor per parameter, broadcastable to it
         return [part.view(p.shape[:batch_dims] + (1,) * (p.ndim - batch_dims))
@@ -405,11 +394,12 @@ def _write_update(bucket: Bucket, direction, scale, lr, weight_decay: float) -> 
     torch._foreach_addcmul_(params, directions, per_param(scale * -lr))
 
 
-def _write_rounded_update(bucket: Bucket, direction, scale, lr, weight_decay: float, generator) -> None:
+def _write_rounded_update(params, batch_dims: int, direction, scale, lr, weight_decay: float,
+                          generator) -> None:
     """_write_update's W·(1 − lr·weight_decay) − lr·scale·D computed in the statistics dtype and
     rounded stochastically into each 16-bit parameter."""
-    counts, batch_dims = bucket.matrix_counts, bucket.batch_dims
-    for param, part, factor in zip(bucket.params, direction.split(counts), scale.split(counts)):
+    counts = _matrix_counts(params, batch_dims)
+    for param, part, factor in zip(params, direction.split(counts), scale.split(counts)):
         factor = factor.view(param.shape[:batch_dims] + (1,) * (param.ndim - batch_dims))
         decay = 1.0 - (lr * weight_decay) * (factor != 0).to(factor.dtype)
         value = param.to(factor.dtype) * decay - (lr * factor) * part.reshape(param.shape)
@@ -443,15 +433,15 @@ def _takes_capturable_path(params) -> bool:
     return torch.compiler.is_compiling() and bool(params) and params[0].device.type != "cpu"
 
 
-def _add_to_run(runs: list, step_count: int, param) -> None:
-    """Append param to the run of parameters at the same step count (a new run if none).
-    The count is compared, never hashed: under torch.compile it is a symbolic int, which
-    hashing would turn into a constant (and so a recompilation at every step)."""
-    for run_step, params in runs:
-        if run_step == step_count:
-            params.append(param)
-            return
-    runs.append((step_count, [param]))
+def _index_in(values: list, value) -> int:
+    """value's index in values (appended if new). Compared, never hashed: under torch.compile a
+    step count is a symbolic int, which hashing would turn into a constant (and so a
+    recompilation at every step)."""
+    for index, known in enumerate(values):
+        if known == value:
+            return index
+    values.append(value)
+    return len(values) - 1
 
 
 def _params_with_grad(group: dict):
@@ -493,8 +483,8 @@ def _reassembled_base(tensors: list, item_shape) -> torch.Tensor | None:
 
 def _split_state(core_state, params, batch_dims: int) -> list[dict]:
     """The core's stacked state → one state dict per parameter (views of the stacks)."""
-    counts = [matrix_stack_shape(p.shape, batch_dims)[0] for p in params]
-    return member_states(core_state, counts, [p.shape[:batch_dims] for p in params], torch.Tensor.view)
+    batch_shapes = [p.shape[:batch_dims] for p in params]
+    return member_states(core_state, _matrix_counts(params, batch_dims), batch_shapes, torch.Tensor.view)
 
 
 def _store_state(states: list[dict], new_states: list[dict]) -> None:

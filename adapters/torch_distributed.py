@@ -37,11 +37,12 @@ import torch.distributed as dist
 
 from asgo_core import (FALLBACK_LEVELS, ASGOState, RowShards, block_layout, init_state, matrix_stack_shape,
                        matrix_view_shape, needs_root_refresh, step_terms)
+from asgo_core.buckets import Bucket
 from asgo_core.config import fail
 from asgo_core.layout import resolve_side
 from asgo_core.options import group_config
 
-from .torch import ASGO, DASGO, Bucket, evaluate_closure
+from .torch import ASGO, DASGO, evaluate_closure
 
 __all__ = ["DistributedASGO", "DistributedDASGO", "FSDPASGO", "parameter_cost", "root_cost", "assign_owners"]
 
@@ -185,9 +186,9 @@ class _OwnerSplit:
         of the single-process run when one rank owns a whole bucket)."""
         owned_buckets = []
         for bucket in super().plan_buckets():
-            owned = tuple(p for p in bucket.params if self.owns(p))
-            if owned:
-                owned_buckets.append(dataclasses.replace(bucket, params=owned))
+            owned = bucket.mapped({p: p for p in bucket.handles if self.owns(p)})
+            if owned.members:
+                owned_buckets.append(owned)
         return owned_buckets
 
     def _adamw_step(self, group: dict) -> None:
@@ -256,7 +257,6 @@ class DistributedASGO(_OwnerSplit, ASGO):
 
 class DistributedDASGO(_OwnerSplit, DASGO):
     """`DASGO` with each parameter stepped on one owner rank (see the module docstring)."""
-
 
 
 SHARDED_SIDE_POLICIES = ("owner", "other_side")
@@ -462,11 +462,11 @@ class FSDPASGO(ASGO):
             self._adamw_step(group)
         owner_buckets = []
         for bucket in self.plan_buckets():
-            if bucket.batch_dims:
+            group, _ = self._bucket_group(bucket)
+            if group["batch_dims"]:
                 self._step_own_matrices(bucket)
                 continue
-            group = self.param_groups[bucket.group_index]
-            config = self._column_gram_config(bucket.params[0], group)
+            config = self._column_gram_config(bucket.handles[0], group)
             if config is None:
                 owner_buckets.append(bucket)
             else:
@@ -491,15 +491,15 @@ class FSDPASGO(ASGO):
         exchanges go in parameter order, one per dtype."""
         index = {param: i for i, param in enumerate(self._params_in_order())}
         by_dtype: dict[torch.dtype, list] = {}
-        for param in sorted((p for bucket in buckets for p in bucket.params), key=index.__getitem__):
+        for param in sorted((p for bucket in buckets for p in bucket.handles), key=index.__getitem__):
             by_dtype.setdefault(param.dtype, []).append(param)
         full_params = {}
         for params in by_dtype.values():
             full_params.update(self._gather_on_owners(params))
         for bucket in buckets:
-            mine = tuple(p for p in bucket.params if p in full_params)
-            if mine:
-                self._step_on(dataclasses.replace(bucket, params=mine), full_params)
+            mine = bucket.mapped({p: p for p in bucket.handles if p in full_params})
+            if mine.members:
+                self._step_on(mine, full_params)
         for params in by_dtype.values():
             self._return_rows(params, full_params)
 
@@ -526,24 +526,24 @@ class FSDPASGO(ASGO):
     def _step_on(self, bucket: Bucket, stand_ins: dict) -> None:
         """The single-process step of the bucket's matrices on stand-ins (an owner's full matrices,
         a rank's own matrices of a stack): {param: nn.Parameter with .grad} holding its state."""
-        replaced = tuple(stand_ins[p] for p in bucket.params)
-        for param, stand_in in zip(bucket.params, replaced):
+        replaced = [stand_ins[p] for p in bucket.handles]
+        for param, stand_in in zip(bucket.handles, replaced):
             self.state[stand_in] = self.state.pop(param, {})
-        stand_in_bucket = dataclasses.replace(bucket, params=replaced)
+        stand_in_bucket = bucket.mapped(stand_ins)
         self._commit_bucket(stand_in_bucket, self._bucket_terms(stand_in_bucket, in_place=True))
-        for param, stand_in in zip(bucket.params, replaced):
+        for param, stand_in in zip(bucket.handles, replaced):
             self.state[param] = self.state.pop(stand_in)
 
     def _step_own_matrices(self, bucket: Bucket) -> None:
         """Stacks sharded on a batch dim: each rank steps the whole matrices it holds with the
         single-process code, no communication; a rank holding none of a stack counts the step."""
-        held = tuple(p for p in bucket.params if _rows_on(p, self._mesh_rank))
+        held = [p for p in bucket.handles if _rows_on(p, self._mesh_rank)]
         if held:
-            self._step_on(dataclasses.replace(bucket, params=held), {p: _local_parameter(p) for p in held})
-        group = self.param_groups[bucket.group_index]
-        for param in bucket.params:
+            self._step_on(bucket.mapped({p: p for p in held}), {p: _local_parameter(p) for p in held})
+        group, algorithm = self._bucket_group(bucket)
+        for param in bucket.handles:
             if not _rows_on(param, self._mesh_rank):
-                state = self.state[param] or self._zero_state(param, group, bucket.algorithm)
+                state = self.state[param] or self._zero_state(param, group, algorithm)
                 self.state[param] = {**state, "step": state["step"] + 1}
 
     def _return_rows(self, params: list, full_params: dict) -> None:
@@ -575,7 +575,7 @@ class FSDPASGO(ASGO):
     def _sharded_gram_step(self, bucket: Bucket, group: dict, config) -> None:
         """The core step on this rank's rows (asgo_core.RowShards): the column Grams, the
         squared norms and the momentum flags are all-reduced over the mesh."""
-        params, (m, n) = bucket.params, bucket.matrix_shape
+        params, (m, n) = bucket.handles, bucket.matrix_shape
         config = _with_right_side(config)
         grads = torch.stack([p.grad.to_local().reshape(-1, n) for p in params])
         if group["maximize"]:

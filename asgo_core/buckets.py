@@ -49,6 +49,12 @@ class Bucket:
     def views(self) -> list:
         return [member.view for member in self.members]
 
+    def mapped(self, handles: dict) -> "Bucket":
+        """A bucket of the same key with the members whose handle `handles` maps, each under its
+        new handle handles[old] with its old view (the state is not carried)."""
+        return Bucket(self.key, [Member(handles[member.handle], member.view) for member in self.members
+                                 if member.handle in handles])
+
     def gather(self, arrays, ops):
         """The (matrices, m, n) stack of one array per member (in member order)."""
         return concat([member.view.to_stack(array, ops) for member, array in zip(self.members, arrays)], ops)

@@ -216,7 +216,7 @@ def test_torch_stacks_of_the_same_matrix_shape_share_one_bucket():
     for param in (layer_a, layer_b, plain):
         param.grad = torch.randn_like(param)
     buckets = optimizer.plan_buckets()
-    assert [(b.params, b.matrix_counts) for b in buckets] == [((layer_a, layer_b), (3, 2)), ((plain,), (1,))]
+    assert [(b.handles, b.counts) for b in buckets] == [([layer_a, layer_b], [3, 2]), ([plain], [1])]
 
 
 # ---- bad values -----------------------------------------------------------------------------
@@ -576,3 +576,16 @@ def test_a_checkpoint_with_an_impossible_batch_dims_is_refused_on_load(tmp_path,
         target.load_portable_state(portable)
     assert target.portable_state()["params"][0]["step"] == 0
     assert not np.any(target.portable_state()["params"][0]["arrays"]["momentum"])
+
+
+def test_torch_matrices_at_different_step_counts_are_stepped_in_separate_buckets():
+    """A matrix that missed a step (no gradient) is one step behind its twin: same shape and
+    group, but its own bucket, so each is stepped at its own count."""
+    first, second = nn.Parameter(torch.randn(6, 9)), nn.Parameter(torch.randn(6, 9))
+    optimizer = TorchASGO([first, second])
+    first.grad = torch.randn_like(first)
+    optimizer.step()
+    second.grad = torch.randn_like(second)
+    assert [b.handles for b in optimizer.plan_buckets()] == [[first], [second]]
+    optimizer.step()
+    assert (optimizer.state[first]["step"], optimizer.state[second]["step"]) == (2, 1)
