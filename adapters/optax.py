@@ -352,8 +352,6 @@ def scale_by_dasgo(options: dict) -> optax.GradientTransformation:
 
 
 # ----------------------------------------------------------------------------- full optimizers
-
-
 def _with_adamw(algorithm: str, arguments: dict) -> optax.GradientTransformation:
     """Partition: matrix leaves → scale_by_*(the matrix arguments) then the learning rate; the
     others → AdamW. `arguments`: asgo()/dasgo()'s, by name."""
