@@ -17,8 +17,8 @@ from asgo_core import adamw, init_state, needs_root_refresh, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.backends import backend_for
 from asgo_core.buckets import Member, plan_buckets
-from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
-                                  import_entries, stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import (PortableCheckpoint, arrays_from_entry, common_step, identity_from_group,
+                                  stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.keyed import check_finite, check_param, keyed_grads, nonfinite_keys, split_groups
 from asgo_core.layout import PermutedStack
@@ -42,11 +42,12 @@ class _AdamWSlot:
     state: dict
 
 
-class _ArrayOptimizer:
+class _ArrayOptimizer(PortableCheckpoint):
     """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
     matrix_algorithms: tuple  # what a group's algorithm option may name besides "adamw"
+    portable_entry = "array"
 
     def __init__(self, params, lr=defaults("asgo")["lr"], **options):
         self.defaults = defaults(self.matrix_algorithm)
@@ -101,28 +102,21 @@ class _ArrayOptimizer:
             group.update(options)
         self._set_states(bucket_states, slot_states, int(_to_python(state_dict["step"])))
 
-    # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
-    def portable_state(self, names=None) -> dict:
-        """This optimizer's state in the framework-neutral format of asgo_core.checkpoint.
-        names: one per array in key order; None: str(key)."""
+    # ---- portable checkpoints (asgo_core.checkpoint.PortableCheckpoint) ----------------------
+    def _portable_arrays(self) -> tuple:
         arrays = {}
         for bucket in self._buckets:
             arrays.update(zip(bucket.handles, stacked_state_entries(bucket.state, bucket.counts, _to_numpy)))
         for slot in self._adamw_slots:
             arrays[slot.key] = {name: _to_numpy(value) for name, value in slot.state.items()}
-        return export_portable(self._identities(), [arrays[key] for key in self._params], self._step_count,
-                               names, per="array")
+        return [arrays[key] for key in self._params], self._step_count
 
-    def load_portable_state(self, portable_state: dict, names=None) -> None:
-        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export),
-        every entry checked before anything changes (asgo_core.CheckpointError); names: as in
-        portable_state."""
-        entries = import_entries(portable_state, self._identities(), names, per="array")
+    def _load_entries(self, entries: list) -> None:
         bucket_states, slot_states = self._states_from(dict(zip(self._params, entries)))
         self._set_states(bucket_states, slot_states, common_step(entries))
 
     def _identities(self) -> list:
-        """Each array's checkpoint identity, in key order."""
+        """Each array's checkpoint identity, named str(key), in key order."""
         return [identity_from_group(str(key), group, algorithm_of(array.ndim, group, self.matrix_algorithm),
                                     array.shape)
                 for group in self.param_groups for key, array in group["params"].items()]

@@ -20,8 +20,8 @@ from keras import ops
 from asgo_core import adamw, init_state, statistics_dtype
 from asgo_core import step as core_step
 from asgo_core.buckets import Member, plan_buckets
-from asgo_core.checkpoint import (arrays_from_entry, common_step, export_portable, identity_from_group,
-                                  import_entries, stacked_state_entries, stacked_state_from_entries)
+from asgo_core.checkpoint import (PortableCheckpoint, arrays_from_entry, common_step, identity_from_group,
+                                  stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.gradients import check_gradient
 from asgo_core.layout import PermutedStack
@@ -34,7 +34,6 @@ from asgo_core.step import traced_root_refresh
 __all__ = ["ASGO", "DASGO"]
 
 SUPPORTED_BACKENDS = ("jax", "torch")
-_PER_ENTRY = "variable with optimizer state"  # what a portable entry stands for, in messages
 
 
 def _check_backend() -> None:
@@ -57,10 +56,11 @@ class _Slot:
         return {name: variable.value for name, variable in self.variables.items()}
 
 
-class _MatrixOptimizer(keras.optimizers.Optimizer):
+class _MatrixOptimizer(PortableCheckpoint, keras.optimizers.Optimizer):
     """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
+    portable_entry = "variable with optimizer state"
 
     def __init__(self, learning_rate=defaults("asgo", "keras")["learning_rate"], **options):
         _check_backend()
@@ -214,23 +214,12 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
             seed = rounding_seed(int(self.iterations), stream)
         return keras.random.uniform(tuple(like.shape), dtype=like.dtype, seed=seed)
 
-    # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
-    def portable_state(self, names=None) -> dict:
-        """The state in the framework-neutral format of asgo_core.checkpoint, one entry per
-        variable with optimizer state in build order; names: one per such variable (None: the
-        variables' paths). A host read of every state array."""
+    # ---- portable checkpoints (asgo_core.checkpoint.PortableCheckpoint) ----------------------
+    def _portable_arrays(self) -> tuple:
         arrays = [self._slot_arrays(slot) for _, slot in self._stateful()]
-        return export_portable(self._identities(), arrays, int(ops.convert_to_numpy(self.iterations)),
-                               names, per=_PER_ENTRY)
+        return arrays, int(ops.convert_to_numpy(self.iterations))
 
-    def load_portable_state(self, portable_state: dict, names=None) -> None:
-        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export) into
-        a built optimizer. Every entry is checked (algorithm, shape, math-changing options,
-        array shapes) before any variable changes; a mismatch raises asgo_core.CheckpointError."""
-        if not self.built:
-            fail("load_portable_state", "an optimizer that is not built",
-                 "a built optimizer: call optimizer.build(model.trainable_variables) first")
-        entries = import_entries(portable_state, self._identities(), names, per=_PER_ENTRY)
+    def _load_entries(self, entries: list) -> None:
         writes = [(self.iterations, common_step(entries))]
         for (_, slot), entry in zip(self._stateful(), entries):
             writes += self._slot_writes(slot, entry)
@@ -258,8 +247,11 @@ class _MatrixOptimizer(keras.optimizers.Optimizer):
         return [(v, slot) for v, slot in zip(self._trainable_variables, self._slots) if slot is not None]
 
     def _identities(self) -> list:
-        """Each variable with optimizer state as its checkpoint entry records it: a matrix in the
-        torch layout (outputs first)."""
+        """Each variable with optimizer state (in build order) as its checkpoint entry records it,
+        named by its path: a matrix in the torch layout (outputs first)."""
+        if not self.built:
+            fail("optimizer", "an optimizer that is not built",
+                 "a built optimizer: call optimizer.build(model.trainable_variables) first")
         return [identity_from_group(variable.path, self._group_of(variable),
                                     "adamw" if slot.view is None else self.matrix_algorithm,
                                     variable.shape if slot.view is None else slot.view.permuted_shape)

@@ -17,7 +17,7 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from asgo_core import ASGOState, DASGOState, init_state, matrix_stack_shape, needs_root_refresh, step_terms
 from asgo_core.buckets import Bucket, Member, plan_buckets
-from asgo_core.checkpoint import (arrays_from_entry, export_portable, identity_from_group, import_entries,
+from asgo_core.checkpoint import (PortableCheckpoint, arrays_from_entry, identity_from_group,
                                   stacked_state_entries, stacked_state_from_entries)
 from asgo_core.config import fail
 from asgo_core.keyed import nonfinite_keys
@@ -36,7 +36,7 @@ _SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorith
                for algorithm in ("asgo", "dasgo")}
 
 
-class _MatrixOptimizer(torch.optim.Optimizer):
+class _MatrixOptimizer(PortableCheckpoint, torch.optim.Optimizer):
     """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
@@ -272,20 +272,13 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         core_state = self._fresh_core_state(param, group, algorithm, device="meta")
         return _split_state(core_state, (param,), group["batch_dims"])[0]
 
-    # ---- portable checkpoints (asgo_core.checkpoint) ----------------------------------------
-    def portable_state(self, names=None) -> dict:
-        """This optimizer's state in the framework-neutral format of asgo_core.checkpoint.
-        names: one per parameter in param-group order; None: "<group>.<index>"."""
-        pairs = self._params_and_groups()
-        steps, arrays = zip(*(self._portable_arrays(param, group) for param, group in pairs))
-        return export_portable(self._identities(), list(arrays), list(steps), names)
+    # ---- portable checkpoints (asgo_core.checkpoint.PortableCheckpoint) ----------------------
+    def _portable_arrays(self) -> tuple:
+        steps, arrays = zip(*(self._entry_arrays(param, group) for param, group in self._params_and_groups()))
+        return list(arrays), list(steps)
 
-    def load_portable_state(self, portable: dict, names=None) -> None:
-        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export),
-        every entry checked before anything changes (asgo_core.CheckpointError); names: as in
-        portable_state."""
+    def _load_entries(self, entries: list) -> None:
         pairs = self._params_and_groups()
-        entries = import_entries(portable, self._identities(), names)
         new_states = [self._state_from_entry(*pair, entry) for pair, entry in zip(pairs, entries)]
         for (param, _), state in zip(pairs, new_states):
             self.state[param] = state
@@ -298,7 +291,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return [identity_from_group(f"{g}.{i}", group, self.algorithm_of(param, group), param.shape)
                 for g, group in enumerate(self.param_groups) for i, param in enumerate(group["params"])]
 
-    def _portable_arrays(self, param, group) -> tuple:
+    def _entry_arrays(self, param, group) -> tuple:
         """(step, {key: NumPy array}) of a parameter's state, for its checkpoint entry."""
         algorithm, state = self.algorithm_of(param, group), self.state[param]
         if algorithm == "adamw":

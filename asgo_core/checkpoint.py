@@ -390,6 +390,30 @@ def arrays_from_entry(entry: dict, templates: dict, convert, optional=()) -> dic
     return values
 
 
+class PortableCheckpoint:
+    """portable_state / load_portable_state of an optimizer object (the torch, NumPy/CuPy and
+    Keras adapters), written once. The adapter supplies _identities() (a ParamIdentity per
+    entry, in its order), _portable_arrays() ((arrays, steps) as export_portable takes them),
+    _load_entries(entries) (convert every entry, which checks its arrays, then write) and
+    portable_entry (what one entry stands for, in messages)."""
+
+    portable_entry = "parameter"
+
+    def portable_state(self, names=None) -> dict:
+        """This optimizer's state in the framework-neutral format of asgo_core.checkpoint (a host
+        read of every state array). names: one entry name per entry, in the optimizer's order;
+        None: the adapter's own names (docs/checkpoints.md)."""
+        identities = self._identities()
+        arrays, steps = self._portable_arrays()
+        return export_portable(identities, arrays, steps, names, per=self.portable_entry)
+
+    def load_portable_state(self, portable: dict, names=None) -> None:
+        """Resume from a portable state (asgo_core.load_state(path) or any adapter's export);
+        names as in portable_state. Every entry (algorithm, shape, options, arrays) is checked
+        before anything changes; a mismatch raises CheckpointError."""
+        self._load_entries(import_entries(portable, self._identities(), names, per=self.portable_entry))
+
+
 def _names_of(params: list, names, per: str) -> list:
     return entry_names(names, [param.name for param in params], per)
 

@@ -334,6 +334,8 @@ def test_load_portable_state_checks_everything_before_any_variable_changes():
         optimizer.load_portable_state(other, names=["fc.weight", "fc.bias"])
     with pytest.raises(ValueError, match="build"):
         ASGO().load_portable_state(portable)
+    with pytest.raises(ValueError, match="build"):
+        ASGO().portable_state()
     for old, new in zip(before, [keras.ops.convert_to_numpy(v) for v in optimizer.variables]):
         np.testing.assert_array_equal(old, new)
 
