@@ -119,7 +119,7 @@ class _MatrixOptimizer(PortableCheckpoint, torch.optim.Optimizer):
         """This step's buckets (asgo_core.buckets, parameters as the members' handles): the
         matrices with a gradient, by matrix shape, group, algorithm, dtype, device and step
         count, in order of first appearance in the param groups (docs/torch.md)."""
-        members, kinds, step_counts = [], {}, []
+        members, kinds = [], {}
         for group_index, group in enumerate(self.param_groups):
             for param in _params_with_grad(group):
                 algorithm = self.algorithm_of(param, group)
@@ -127,7 +127,7 @@ class _MatrixOptimizer(PortableCheckpoint, torch.optim.Optimizer):
                     view = PermutedStack.outputs_first(param.shape, group["batch_dims"])
                     members.append(Member(param, view))
                     kinds[param] = (group_index, algorithm, param.dtype, param.device,
-                                    _index_in(step_counts, self.state[param].get("step", 0)))
+                                    self.state[param].get("step", 0))
         return plan_buckets(members, lambda member: kinds[member.handle])
 
     def _bucket_group(self, bucket: Bucket) -> tuple[dict, str]:
@@ -424,17 +424,6 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict) -> None:
 
 def _takes_capturable_path(params) -> bool:
     return torch.compiler.is_compiling() and bool(params) and params[0].device.type != "cpu"
-
-
-def _index_in(values: list, value) -> int:
-    """value's index in values (appended if new). Compared, never hashed: under torch.compile a
-    step count is a symbolic int, which hashing would turn into a constant (and so a
-    recompilation at every step)."""
-    for index, known in enumerate(values):
-        if known == value:
-            return index
-    values.append(value)
-    return len(values) - 1
 
 
 def _params_with_grad(group: dict):

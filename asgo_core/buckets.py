@@ -66,12 +66,18 @@ class Bucket:
 
 
 def plan_buckets(members, adapter_key=lambda member: ()) -> list:
-    """Buckets of `members` (in first-seen order) by (matrix shape, adapter_key(member))."""
-    buckets: dict = {}
+    """Buckets of `members` (in first-seen order) by (matrix shape, adapter_key(member)). Keys
+    are compared, never hashed: under torch.compile a step count in a key is a symbolic int,
+    which hashing would turn into a constant (and so a recompilation at every step)."""
+    buckets: list[Bucket] = []
     for member in members:
         key = (member.view.stack_shape[1:], *adapter_key(member))
-        buckets.setdefault(key, Bucket(key)).members.append(member)
-    return list(buckets.values())
+        bucket = next((bucket for bucket in buckets if bucket.key == key), None)
+        if bucket is None:
+            bucket = Bucket(key)
+            buckets.append(bucket)
+        bucket.members.append(member)
+    return buckets
 
 
 def split_rows(array, counts) -> list:
