@@ -243,9 +243,7 @@ class _ArrayOptimizer(PortableCheckpoint):
             fused(param, grad, state, **hyper)
             return
         uniform = self._uniform(state["exp_avg"], stream) if rounds else None
-        param[...], state["exp_avg"], state["exp_avg_sq"], finite = adamw.adamw_step(
-            param, grad, state["exp_avg"], state["exp_avg_sq"], xp, uniform=uniform, **hyper)
-        state["skipped"] = state["skipped"] + xp.astype(~finite, xp.int32)
+        param[...], slot.state = adamw.adamw_step(param, grad, state, xp, uniform=uniform, **hyper)
 
     # ---- loading --------------------------------------------------------------------------
     def _loaded_groups(self, saved_groups) -> list:

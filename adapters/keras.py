@@ -193,11 +193,9 @@ class _MatrixOptimizer(PortableCheckpoint, keras.optimizers.Optimizer):
         xp = array_namespace(variable.value)
         stream = self._get_variable_index(variable)
         uniform = self._uniform(state["exp_avg"], stream) if self._rounds(variable.value) else None
-        new_param, exp_avg, exp_avg_sq, finite = adamw.adamw_step(
-            variable.value, grad, state["exp_avg"].value, state["exp_avg_sq"].value, xp, uniform=uniform,
-            **hyper)
-        return [(variable, new_param), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq),
-                (state["skipped"], state["skipped"].value + ops.cast(ops.logical_not(finite), "int32"))]
+        new_param, new_state = adamw.adamw_step(variable.value, grad, slot.values(), xp, uniform=uniform,
+                                                **hyper)
+        return [(variable, new_param), *((state[name], value) for name, value in new_state.items())]
 
     def _rounds(self, like) -> bool:
         """Whether writes to variables of like's dtype are rounded stochastically."""

@@ -1,6 +1,6 @@
 """The built-in AdamW of the non-matrix parameters, torch.optim.AdamW's arithmetic, on arrays.
 
-`adamw_step` is pure: it returns the new parameter and moments, and which it keeps is decided
+`adamw_step` is pure: it returns the new parameter and state, and which it keeps is decided
 on the device (a non-finite gradient keeps everything as it was), so it serves the in-place
 NumPy/CuPy adapter and Keras' assignments alike. The moments are float32 or wider.
 """
@@ -35,11 +35,13 @@ def hyperparameters(*, lr, betas, eps, weight_decay, step) -> dict:
                 step_size=lr / (1 - beta1 ** step), bias_correction2_sqrt=correction2_sqrt)
 
 
-def adamw_step(param, grad, exp_avg, exp_avg_sq, xp, *, lr, beta1, beta2, eps, weight_decay, step_size,
+def adamw_step(param, grad, state: dict, xp, *, lr, beta1, beta2, eps, weight_decay, step_size,
                bias_correction2_sqrt, uniform=None) -> tuple:
-    """(new param, exp_avg, exp_avg_sq, finite): one step, or the inputs unchanged where the
-    gradient is not finite (finite is the 0-d boolean that chose). uniform: numbers in [0, 1)
-    shaped like param for a stochastically rounded new param (None: rounded to nearest)."""
+    """(new param, new state) of one step; state: zero_state's arrays. A non-finite gradient
+    keeps the param and moments as they were (decided on the device) and adds one to skipped.
+    uniform: numbers in [0, 1) shaped like param for a stochastically rounded new param (None:
+    rounded to nearest)."""
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     dtype = exp_avg.dtype
     g = xp.astype(grad, dtype)
     finite = xp.all(xp.isfinite(g))
@@ -51,5 +53,6 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, xp, *, lr, beta1, beta2, eps, w
     new_param = xp.where(finite, old * (1 - lr * weight_decay) - step_size * (new_exp_avg / denom), old)
     new_param = (xp.astype(new_param, param.dtype) if uniform is None
                  else stochastic_round(new_param, param.dtype, uniform, xp))
-    return (new_param, xp.where(finite, new_exp_avg, exp_avg),
-            xp.where(finite, new_exp_avg_sq, exp_avg_sq), finite)
+    return new_param, {"exp_avg": xp.where(finite, new_exp_avg, exp_avg),
+                       "exp_avg_sq": xp.where(finite, new_exp_avg_sq, exp_avg_sq),
+                       "skipped": state["skipped"] + xp.astype(~finite, xp.int32)}
