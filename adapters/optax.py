@@ -112,10 +112,12 @@ def _matrix_view(path: str, shape, dimension_numbers: MuonDimensionNumbers) -> P
 
 
 # ----------------------------------------------------------------------------- per-leaf options
-def _per_leaf(prefix, tree, is_value) -> list:
+def _per_leaf(prefix, tree, is_value, default) -> list:
     """The value `prefix` (a prefix tree of `tree`, or a callable returning one) assigns to each
-    leaf of `tree`, in jax.tree.leaves order; is_value(x): whether x is a value (None and
-    MuonDimensionNumbers are pytrees to JAX)."""
+    leaf of `tree`, in jax.tree.leaves order; default(leaf) for each where prefix is None.
+    is_value(x): whether x is a value (None and MuonDimensionNumbers are pytrees to JAX)."""
+    if prefix is None:
+        return [default(leaf) for leaf in jax.tree.leaves(tree)]
     if callable(prefix):
         prefix = prefix(tree)
     values, structure = jax.tree.flatten(prefix, is_leaf=is_value)
@@ -125,17 +127,9 @@ def _per_leaf(prefix, tree, is_value) -> list:
 
 def _dimension_numbers_per_leaf(weight_dimension_numbers, tree) -> list:
     """MuonDimensionNumbers or None per leaf; by default 2-D leaves are (in, out) matrices."""
-    if weight_dimension_numbers is None:
-        return [MuonDimensionNumbers() if jnp.ndim(leaf) == 2 else None
-                for leaf in jax.tree.leaves(tree)]
-    return _per_leaf(weight_dimension_numbers, tree,
-                     lambda x: x is None or isinstance(x, MuonDimensionNumbers))
-
-
-def _decay_mask_per_leaf(weight_decay_mask, tree) -> list:
-    if weight_decay_mask is None:
-        return [True] * len(jax.tree.leaves(tree))
-    return [bool(value) for value in _per_leaf(weight_decay_mask, tree, lambda x: isinstance(x, bool))]
+    is_value = lambda x: x is None or isinstance(x, MuonDimensionNumbers)  # noqa: E731
+    return _per_leaf(weight_dimension_numbers, tree, is_value,
+                     lambda leaf: MuonDimensionNumbers() if jnp.ndim(leaf) == 2 else None)
 
 
 # ----------------------------------------------------------------------------- stacking plan
@@ -237,7 +231,9 @@ def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformat
         _check_state_matches(plan, old, leaves, _leaf_paths(updates))
         grads = [_gathered(g) for g in leaves]
         gathered = [{name: _gathered(value) for name, value in named.items()} for named in old]
-        decay_mask = _decay_mask_per_leaf(weight_decay_mask, updates if params is None else params)
+        decay_tree = updates if params is None else params
+        decay_mask = [bool(value) for value in _per_leaf(weight_decay_mask, decay_tree,
+                                                         lambda x: isinstance(x, bool), lambda leaf: True)]
 
         def step(buckets, refresh_root: bool):
             """(update per leaf, new state per leaf): one core call per bucket."""
