@@ -22,8 +22,8 @@ from asgo_core.checkpoint import (PortableCheckpoint, arrays_from_entry, common_
 from asgo_core.config import fail
 from asgo_core.keyed import check_finite, check_param, keyed_grads, nonfinite_keys, split_groups
 from asgo_core.layout import PermutedStack
-from asgo_core.options import (algorithm_of, check_keywords, check_param_shape, defaults, group_config,
-                               group_settings, layout_of, signature)
+from asgo_core.options import (OptionsSignature, algorithm_of, check_keywords, check_param_shape, defaults,
+                               group_config, group_settings, layout_of)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 
 __all__ = ["ASGO", "DASGO"]
@@ -42,11 +42,12 @@ class _AdamWSlot:
     state: dict
 
 
-class _ArrayOptimizer(PortableCheckpoint):
+class _ArrayOptimizer(PortableCheckpoint, OptionsSignature):
     """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
     matrix_algorithms: tuple  # what a group's algorithm option may name besides "adamw"
+    positional_options = ("params", "lr")
     portable_entry = "array"
 
     def __init__(self, params, lr=defaults("asgo")["lr"], **options):
@@ -294,10 +295,6 @@ class DASGO(_ArrayOptimizer):
 
     matrix_algorithm = "dasgo"
     matrix_algorithms = ("dasgo",)
-
-
-ASGO.__signature__ = signature(("params", "lr"), defaults("asgo"))
-DASGO.__signature__ = signature(("params", "lr"), defaults("dasgo"))
 
 
 def _array_identity(array) -> tuple:

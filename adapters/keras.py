@@ -25,8 +25,8 @@ from asgo_core.checkpoint import (PortableCheckpoint, arrays_from_entry, common_
 from asgo_core.config import fail
 from asgo_core.gradients import check_gradient
 from asgo_core.layout import PermutedStack
-from asgo_core.options import (batch_dims_for_path, check_rate_or_schedule, check_traceable, checked_group,
-                                checkpoint_config, defaults, group_config, matches_path, signature)
+from asgo_core.options import (OptionsSignature, batch_dims_for_path, check_rate_or_schedule, check_traceable,
+                                checked_group, checkpoint_config, defaults, group_config, matches_path)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.state_codec import concat_named, flat_spec, named_arrays, split_named, state_from_named
 from asgo_core.step import traced_root_refresh
@@ -56,10 +56,12 @@ class _Slot:
         return {name: variable.value for name, variable in self.variables.items()}
 
 
-class _MatrixOptimizer(PortableCheckpoint, keras.optimizers.Optimizer):
+class _MatrixOptimizer(PortableCheckpoint, OptionsSignature, keras.optimizers.Optimizer):
     """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
+    positional_options = ("learning_rate",)
+    options_framework = "keras"
     portable_entry = "variable with optimizer state"
 
     def __init__(self, learning_rate=defaults("asgo", "keras")["learning_rate"], **options):
@@ -284,7 +286,3 @@ class DASGO(_MatrixOptimizer):
     """DASGO, the diagonal variant (asgo_core.DASGOConfig); options as ASGO's that DASGO has."""
 
     matrix_algorithm = "dasgo"
-
-
-ASGO.__signature__ = signature(("learning_rate",), defaults("asgo", "keras"))
-DASGO.__signature__ = signature(("learning_rate",), defaults("dasgo", "keras"))

@@ -22,35 +22,26 @@ from asgo_core.checkpoint import (PortableCheckpoint, arrays_from_entry, identit
 from asgo_core.config import fail
 from asgo_core.keyed import nonfinite_keys
 from asgo_core.layout import PermutedStack, check_batch_dims_value
-from asgo_core.options import (adamw_options, algorithm_of, batch_dims_for_path, bound_options,
-                               check_group_options, check_learning_rate, check_param_shape, defaults,
-                               group_config, loaded_groups, signature)
+from asgo_core.options import (OptionsSignature, adamw_options, algorithm_of, batch_dims_for_path,
+                               bound_options, check_group_options, check_learning_rate, check_param_shape,
+                               group_config, loaded_groups)
 from asgo_core.precision import rounding_seed, rounds_stochastically, stochastic_round
 from asgo_core.saved_state import loaded_state
 from asgo_core.state_codec import member_states, stacked_state
 
 __all__ = ["ASGO", "DASGO", "asgo_param_groups"]
 
-# The constructors' signatures: every option of the algorithm with its default (asgo_core.options).
-_SIGNATURES = {algorithm: signature(("params", "lr", "betas"), defaults(algorithm))
-               for algorithm in ("asgo", "dasgo")}
 
-
-class _MatrixOptimizer(PortableCheckpoint, torch.optim.Optimizer):
+class _MatrixOptimizer(PortableCheckpoint, OptionsSignature, torch.optim.Optimizer):
     """Shared machinery of ASGO and DASGO; subclasses set the matrix algorithm."""
 
     matrix_algorithm: str
+    positional_options = ("params", "lr", "betas")
 
     def __init__(self, *args, **kwargs):
-        """(params, lr, betas, *, every other option of the class's signature)."""
-        options = bound_options(_SIGNATURES[self.matrix_algorithm], type(self).__name__, args, kwargs)
+        """(params, lr, betas, *, every other option of the algorithm: options_signature())."""
+        options = bound_options(self.options_signature(), type(self).__name__, args, kwargs)
         super().__init__(options.pop("params"), options)
-
-    def __init_subclass__(cls, **kwargs):
-        """A subclass with its own __init__ shows that signature, not the inherited option list."""
-        super().__init_subclass__(**kwargs)
-        if cls.__init__ is not _MatrixOptimizer.__init__:
-            cls.__signature__ = None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -521,10 +512,6 @@ class DASGO(_MatrixOptimizer):
     """DASGO, the diagonal variant (asgo_core.DASGOConfig), with the same AdamW routing as ASGO."""
 
     matrix_algorithm = "dasgo"
-
-
-ASGO.__signature__ = _SIGNATURES["asgo"]
-DASGO.__signature__ = _SIGNATURES["dasgo"]
 
 
 def asgo_param_groups(model: nn.Module, *, num_heads: int | None = None,

@@ -231,6 +231,27 @@ def signature(positional: tuple, keywords: dict) -> inspect.Signature:
     return inspect.Signature(parameters)
 
 
+class OptionsSignature:
+    """Mixin of an adapter's optimizer base class, whose __init__ takes the options table's
+    options: a subclass that sets matrix_algorithm and keeps that __init__ shows (help,
+    inspect.signature) positional_options, then every other option of its algorithm with the
+    `options_framework`'s defaults; a subclass with another __init__ shows that one's."""
+
+    positional_options: tuple
+    options_framework = "torch"
+
+    @classmethod
+    def options_signature(cls) -> inspect.Signature:
+        return signature(cls.positional_options, defaults(cls.matrix_algorithm, cls.options_framework))
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "positional_options" in vars(cls):  # the adapter's base class: its __init__ takes the options
+            cls._options_init = cls.__init__
+        takes_options = cls.__init__ is cls._options_init and hasattr(cls, "matrix_algorithm")
+        cls.__signature__ = cls.options_signature() if takes_options else None
+
+
 def bound_options(accepted: inspect.Signature, caller: str, args: tuple, kwargs: dict) -> dict:
     """{name: value} of a call (args, kwargs) to `caller`, whose signature is `accepted`, with
     the defaults filled in; a TypeError naming the caller and the accepted names otherwise."""

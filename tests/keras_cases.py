@@ -441,6 +441,17 @@ def test_defaults_are_the_torch_adapters():
         assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
 
 
+def test_a_subclass_with_its_own_init_shows_its_own_signature():
+    import inspect
+
+    class Scaled(ASGO):
+        def __init__(self, scale=2.0, **kwargs):
+            super().__init__(learning_rate=0.1 * scale, **kwargs)
+
+    assert list(inspect.signature(Scaled).parameters) == ["scale", "kwargs"]
+    assert list(inspect.signature(ASGO).parameters)[:2] == ["learning_rate", "beta_1"]
+
+
 @pytest.mark.parametrize("optimizer_class", [ASGO, DASGO])
 def test_get_config_round_trip(optimizer_class):
     schedule = keras.optimizers.schedules.CosineDecay(0.03, decay_steps=100)

@@ -45,6 +45,28 @@ def test_layout_options():
     assert layout_options("dasgo") == ("batch_dims",)
 
 
+@pytest.mark.parametrize("adapter", ["asgo_core.adapters.torch", "asgo_core.adapters.cupy"])
+def test_an_optimizer_shows_its_options_and_a_subclass_with_its_own_init_shows_that(adapter):
+    import importlib
+    import inspect
+    module = importlib.import_module(adapter)
+    positional = ["params", "lr", "betas"] if adapter.endswith("torch") else ["params", "lr"]
+    for optimizer_class, algorithm in ((module.ASGO, "asgo"), (module.DASGO, "dasgo")):
+        parameters = inspect.signature(optimizer_class).parameters
+        assert list(parameters) == positional + [name for name in defaults(algorithm) if name not in positional]
+        assert {name: parameters[name].default for name in defaults(algorithm)} == defaults(algorithm)
+
+    class Scaled(module.ASGO):
+        def __init__(self, params, scale=2.0):
+            super().__init__(params, lr=0.1 * scale)
+
+    class Renamed(module.DASGO):
+        pass
+
+    assert list(inspect.signature(Scaled).parameters) == ["params", "scale"]
+    assert inspect.signature(Renamed) == inspect.signature(module.DASGO)
+
+
 def test_messages_are_spelled_in_the_callers_names():
     message = "betas=(1.5, 0.9) is invalid; adamw_betas=(0.9, 1.0) too; beta2=1.0; lr=-1; eps=-1"
     assert spelled(message, "keras") == ("(beta_1, beta_2)=(1.5, 0.9) is invalid; (adam_beta_1, adam_beta_2)="
