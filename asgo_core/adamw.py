@@ -1,8 +1,8 @@
 """The built-in AdamW of the non-matrix parameters, torch.optim.AdamW's arithmetic, on arrays.
 
 `adamw_step` is pure: it returns the new parameter and state, and which it keeps is decided
-on the device (a non-finite gradient keeps everything as it was), so it serves the in-place
-NumPy/CuPy adapter and Keras' assignments alike. The moments are float32 or wider.
+on the device (a non-finite gradient keeps the parameter and moments as they were and is
+counted), so it serves the in-place NumPy/CuPy adapter and Keras' assignments alike. The moments are float32 or wider.
 """
 
 from __future__ import annotations
