@@ -186,7 +186,7 @@ class _OwnerSplit:
         of the single-process run when one rank owns a whole bucket)."""
         owned_buckets = []
         for bucket in super().plan_buckets():
-            owned = bucket.mapped({p: p for p in bucket.handles if self.owns(p)})
+            owned = bucket.only(self.owns)
             if owned.members:
                 owned_buckets.append(owned)
         return owned_buckets
@@ -497,7 +497,7 @@ class FSDPASGO(ASGO):
         for params in by_dtype.values():
             full_params.update(self._gather_on_owners(params))
         for bucket in buckets:
-            mine = bucket.mapped({p: p for p in bucket.handles if p in full_params})
+            mine = bucket.only(full_params.__contains__)
             if mine.members:
                 self._step_on(mine, full_params)
         for params in by_dtype.values():
@@ -537,9 +537,9 @@ class FSDPASGO(ASGO):
     def _step_own_matrices(self, bucket: Bucket) -> None:
         """Stacks sharded on a batch dim: each rank steps the whole matrices it holds with the
         single-process code, no communication; a rank holding none of a stack counts the step."""
-        held = [p for p in bucket.handles if _rows_on(p, self._mesh_rank)]
-        if held:
-            self._step_on(bucket.mapped({p: p for p in held}), {p: _local_parameter(p) for p in held})
+        held = bucket.only(lambda param: _rows_on(param, self._mesh_rank))
+        if held.members:
+            self._step_on(held, {p: _local_parameter(p) for p in held.handles})
         group, algorithm = self._bucket_group(bucket)
         for param in bucket.handles:
             if not _rows_on(param, self._mesh_rank):

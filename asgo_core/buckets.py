@@ -49,6 +49,11 @@ class Bucket:
     def views(self) -> list:
         return [member.view for member in self.members]
 
+    def only(self, keep) -> "Bucket":
+        """A bucket of the same key with the members whose handle keep(handle) accepts (the state
+        is not carried)."""
+        return Bucket(self.key, [member for member in self.members if keep(member.handle)])
+
     def mapped(self, handles: dict) -> "Bucket":
         """A bucket of the same key with the members whose handle `handles` maps, each under its
         new handle handles[old] with its old view (the state is not carried)."""

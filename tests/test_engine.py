@@ -101,6 +101,8 @@ def test_buckets_group_by_matrix_shape_and_key_and_round_trip():
     np.testing.assert_array_equal(buckets[1].gather([arrays["b"]], xp), arrays["b"])
     renamed = buckets[0].mapped({"c": "c2"})
     assert renamed.key == buckets[0].key and renamed.handles == ["c2"] and renamed.views == [members[2].view]
+    kept = buckets[0].only(lambda handle: handle != "a")
+    assert kept.key == buckets[0].key and kept.handles == ["c"] and kept.views == [members[2].view]
 
 
 def test_permuted_stack_from_axes_reads_any_layout():
