@@ -200,7 +200,7 @@ def _scale_by_core(algorithm: str, arguments: dict) -> optax.GradientTransformat
     weight_decay = arguments["weight_decay"]
     # the decay is applied here (a mask, an injected weight_decay), not by the core
     config = dataclasses.replace(_core_config(algorithm, arguments), weight_decay=0.0)
-    check_traceable(config, "")
+    check_traceable(config)
     state_type = ScaleByASGOState if algorithm == "asgo" else ScaleByDASGOState
     core_type = _CORE_TYPES[state_type]
 

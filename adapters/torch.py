@@ -367,15 +367,17 @@ def _write_update(params, batch_dims: int, direction, scale, lr, weight_decay: f
     factors are in the statistics dtype (float64 for float64 params); a tensor lr (e.g. a
     scheduler's) works as a float does."""
     counts = _matrix_counts(params, batch_dims)
-
-    def per_param(values):  # (matrices, 1, 1) → one tensor per parameter, broadcastable to it
-        return [part.view(p.shape[:batch_dims] + (1,) * (p.ndim - batch_dims))
-                for part, p in zip(values.split(counts), params)]
-
     if weight_decay != 0.0:
-        torch._foreach_mul_(params, per_param(1.0 - (lr * weight_decay) * (scale != 0).to(scale.dtype)))
+        decay = 1.0 - (lr * weight_decay) * (scale != 0).to(scale.dtype)
+        torch._foreach_mul_(params, _per_param_factors(decay, params, counts, batch_dims))
     directions = [part.reshape(p.shape) for part, p in zip(direction.split(counts), params)]
-    torch._foreach_addcmul_(params, directions, per_param(scale * -lr))
+    torch._foreach_addcmul_(params, directions, _per_param_factors(scale * -lr, params, counts, batch_dims))
+
+
+def _per_param_factors(values, params, counts, batch_dims: int) -> list:
+    """(matrices, 1, 1) factors → one tensor per parameter (counts[i] matrices), broadcastable to it."""
+    return [part.view(p.shape[:batch_dims] + (1,) * (p.ndim - batch_dims))
+            for part, p in zip(values.split(counts), params)]
 
 
 def _write_rounded_update(params, batch_dims: int, direction, scale, lr, weight_decay: float,
@@ -383,8 +385,8 @@ def _write_rounded_update(params, batch_dims: int, direction, scale, lr, weight_
     """_write_update's W·(1 − lr·weight_decay) − lr·scale·D computed in the statistics dtype and
     rounded stochastically into each 16-bit parameter."""
     counts = _matrix_counts(params, batch_dims)
-    for param, part, factor in zip(params, direction.split(counts), scale.split(counts)):
-        factor = factor.view(param.shape[:batch_dims] + (1,) * (param.ndim - batch_dims))
+    factors = _per_param_factors(scale, params, counts, batch_dims)
+    for param, part, factor in zip(params, direction.split(counts), factors):
         decay = 1.0 - (lr * weight_decay) * (factor != 0).to(factor.dtype)
         value = param.to(factor.dtype) * decay - (lr * factor) * part.reshape(param.shape)
         param.copy_(_stochastically_rounded(value, param.dtype, generator))

@@ -340,7 +340,7 @@ def group_settings(group: dict, algorithms, check_lr=check_non_negative) -> dict
             "adamw": adamw_options(group)}
 
 
-def check_traceable(config, where: str) -> None:
+def check_traceable(config, where: str = "") -> None:
     """A config a traced (jitted) step can run: nonfinite="raise" reads the gradients'
     finiteness on the host, which a traced step cannot."""
     if config.nonfinite == "raise":
